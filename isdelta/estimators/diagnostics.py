@@ -1,0 +1,181 @@
+"""SNIS diagnostics (ESS, k̂, KL, mean ratio, lengths) and the warnings they trigger.
+
+Each warning says what was measured, why it matters for the entropy estimate, and what to do.
+
+References
+----------
+Vehtari, A. et al. (2024). Pareto smoothed importance sampling. JMLR 25(72). (k̂, S_min)
+Chatterjee, S., Diaconis, P. (2018). The sample size required in importance sampling.
+Ann. Appl. Probab. 28(2):1099-1135. https://doi.org/10.1214/17-AAP1326 (S ≈ exp(KL))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from isdelta.estimators.groups import Groups
+from isdelta.estimators.inputs import Rows
+from isdelta.estimators.weights import Weights, khat_threshold, min_sample_size, pooled_ess
+
+__all__ = ["RATIO_RANGE", "ESS_FRAC_MIN", "diagnose", "collect_warnings"]
+
+RATIO_RANGE = (0.5, 2.0)  # mean r per prompt outside this: missed mass / different support
+ESS_FRAC_MIN = 0.1  # pooled ESS / N below this: a handful of rows carry the estimate
+
+
+def _ratio_mean(x: np.ndarray, w: np.ndarray, keep: np.ndarray, groups: Groups) -> float:
+    """(1/P') Σ_p Σ_{i∈p, keep} w_i x_i / Σ_{i∈p, keep} w_i over the P' prompts with mass."""
+    wk = np.where(keep, w, 0.0)
+    mass = groups.sum(wk)
+    ok = mass > 0
+    if not ok.any():
+        return float("nan")
+    return float(np.mean(groups.sum(wk * np.where(keep, x, 0.0))[ok] / mass[ok]))
+
+
+def _kl_per_prompt(rows: Rows, wts: Weights) -> np.ndarray:
+    """KL_p(p1‖p0) ≈ Σ_{i∈p} w̄_i ℓ_i, [P]."""
+    return rows.groups.sum(wts.w * rows.log_r)
+
+
+def _mean_ratio(rows: Rows) -> np.ndarray:
+    """mean_{i∈p} r_i of the raw ratios, [P] (log-space mean, then exp)."""
+    g = rows.groups
+    return np.exp(g.logsumexp(rows.log_r) - np.log(g.sizes))
+
+
+def diagnose(rows: Rows, wts: Weights) -> dict:
+    """The diagnostic fields of :class:`EntropyDelta` (floats and ints)."""
+    g = rows.groups
+    u = 1.0 / g.expand(g.sizes.astype(float))  # uniform within-prompt weights under p0
+    kl_p = _kl_per_prompt(rows, wts)
+    mean_ratio = _mean_ratio(rows)
+    finite = np.isfinite(wts.khat)
+    worst = float(np.max(wts.khat[finite])) if finite.any() else float("nan")
+    nonempty = rows.length > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_row0 = -rows.s0 / rows.length
+        per_row1 = -rows.s1 / rows.length
+    ess = pooled_ess(wts.ess)
+    return {
+        "kl": float(kl_p.mean()),
+        "ess": ess,
+        "ess_min": float(wts.ess.min()),
+        "ess_mean": float(wts.ess.mean()),
+        "ess_frac": ess / g.n_rows,
+        "khat": worst,
+        "khat_threshold": float(khat_threshold(wts.fit_sizes.min())),
+        "s_min": min_sample_size(worst),
+        "mean_ratio_min": float(mean_ratio.min()),
+        "mean_ratio_max": float(mean_ratio.max()),
+        "mean_length": float(g.sum(u * rows.length).mean()),
+        "nll0_tok": _ratio_mean(per_row0, u, nonempty, g),
+        "nll1_tok": _ratio_mean(per_row1, wts.w, nonempty, g),
+        "no_stop_frac": None
+        if rows.stopped is None
+        else float(g.sum(u * ~rows.stopped).mean()),
+        "n_rows": g.n_rows,
+        "n_prompts": g.n_prompts,
+        "n_empty": int(np.sum(~nonempty)),
+    }
+
+
+def _khat_warnings(wts: Weights) -> list[str]:
+    where = "per prompt" if wts.per_prompt else "pooled over all rows"
+    n_fits = wts.khat.shape[0]
+    out = []
+    thr = khat_threshold(wts.fit_sizes.astype(float))
+    finite = np.isfinite(wts.khat)
+    bad = finite & (wts.khat > thr)
+    if bad.any():
+        worst = float(wts.khat[finite].max())
+        s_min = min_sample_size(worst)
+        if worst > 1.0:
+            what = (
+                f"k̂ = {worst:.2f} > 1 (very bad): the ratio r = p1/p0 looks like it has no "
+                "finite mean under p0, so SNIS estimates of H1 and ΔH are unreliable at any "
+                "sample size: p1 puts mass where p0 almost never samples"
+            )
+        else:
+            what = (
+                f"k̂ = {worst:.2f} is above the sample-size threshold min(1 − 1/log10 S, 0.7) "
+                f"(= {float(thr[finite & bad].min()):.2f} for S = {int(wts.fit_sizes.min())}): the "
+                "weights' tail is too heavy for the estimate and its SE to be trusted; about "
+                f"S_min = 10^(1/(1−k̂)) ≈ {s_min:.3g} samples per fit would be needed"
+            )
+        out.append(
+            f"{what} ({int(bad.sum())} of {n_fits} tail fits, {where}). Fix: a smaller update "
+            "step, more samples per prompt, or compare weights='truncate'."
+        )
+    unknown = ~finite & ~wts.constant
+    if unknown.any():
+        out.append(
+            f"k̂ not estimable for {int(unknown.sum())} of {n_fits} tail fits ({where}; a fit "
+            f"needs ≥ 25 rows and ≥ 5 distinct values in the largest log-ratios): the weights' "
+            "tail is unchecked, which is not the same as good. Rely on ESS, and sample ≥ 25 "
+            "completions per prompt for a per-prompt k̂."
+        )
+    return out
+
+
+def _ess_warning(d: dict) -> list[str]:
+    if not d["ess_frac"] < ESS_FRAC_MIN:
+        return []
+    return [
+        f"ESS/S = {d['ess_frac']:.3f} < {ESS_FRAC_MIN} (pooled ESS {d['ess']:.1f} of "
+        f"{d['n_rows']} rows; smallest per-prompt ESS {d['ess_min']:.1f}): a few rows carry most "
+        "of the weight, so H1 and ΔH rest on them and the SE is itself unreliable. Fix: a "
+        "smaller update step or more samples per prompt."
+    ]
+
+
+def _kl_warning(rows: Rows, wts: Weights) -> list[str]:
+    kl_p = _kl_per_prompt(rows, wts)
+    short = rows.groups.sizes < np.exp(np.minimum(kl_p, 700.0))
+    if not short.any():
+        return []
+    return [
+        f"S < exp(KL): {int(short.sum())} of {rows.groups.n_prompts} prompts have fewer samples "
+        f"than exp(KL(p1‖p0)) (largest per-prompt KL {kl_p.max():.3g} nats, "
+        f"exp = {np.exp(min(kl_p.max(), 700.0)):.3g}); importance sampling needs about exp(KL) "
+        "samples to reach where p1 puts its mass (Chatterjee & Diaconis 2018), so H1 is "
+        "likely biased. Fix: a smaller update step or more samples per prompt."
+    ]
+
+
+def _ratio_warning(rows: Rows) -> list[str]:
+    ratio = _mean_ratio(rows)
+    lo, hi = RATIO_RANGE
+    off = (ratio < lo) | (ratio > hi)
+    if not off.any():
+        return []
+    return [
+        f"mean ratio r = p1/p0 outside [{lo:g}, {hi:g}] for {int(off.sum())} of "
+        f"{rows.groups.n_prompts} prompts (range [{ratio.min():.3g}, {ratio.max():.3g}]). Under "
+        "p0's samples E[r] = 1 when both models are normalised on the same support: far below "
+        "1 means p1 has mass p0's samples missed (a different support, e.g. differing top-k/"
+        "top-p kept sets, or a tail too heavy for this sample size); far above 1 means log_p1 "
+        "is not a normalised log-prob (different temperature or truncation). H1 on those "
+        "prompts is biased. Fix: score both models with the same transform; take a smaller step."
+    ]
+
+
+def _empty_warning(d: dict) -> list[str]:
+    if d["n_empty"] == 0:
+        return []
+    return [
+        f"{d['n_empty']} of {d['n_rows']} rows have L = 0 (no counted tokens, e.g. an "
+        "immediate EOS with include='no_eos'): they add 0 to S and L, so they count as zero "
+        "entropy; check the completion mask if this is unexpected."
+    ]
+
+
+def collect_warnings(rows: Rows, wts: Weights, d: dict) -> list[str]:
+    """Every diagnostic warning for one estimate, in a fixed order."""
+    return [
+        *_khat_warnings(wts),
+        *_ess_warning(d),
+        *_kl_warning(rows, wts),
+        *_ratio_warning(rows),
+        *_empty_warning(d),
+    ]

@@ -1,0 +1,322 @@
+"""Input checking for the estimators: shapes, finiteness, signs, options, groups.
+
+Every error names the argument, the expected shape or value, what arrived, and a fix, because
+these arrays usually come from a long scoring run and a silent broadcast or a NaN would
+otherwise surface as a plausible-looking wrong entropy.
+
+Layouts accepted: 1-D [N] rows with an optional ``group`` [N], or 2-D [P, G] (row p = prompt,
+equal G). Everything is flattened to [N] float64 in prompt-sorted order for the estimators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from isdelta.estimators.groups import Groups, make_groups
+
+__all__ = [
+    "INCLUDES",
+    "PROMPTS",
+    "Rows",
+    "as_rows",
+    "check_group_sizes",
+    "check_options",
+    "group_codes",
+    "prepare",
+]
+
+INCLUDES = ("all", "no_eos")
+PROMPTS = ("fixed", "sampled")
+# Per-token log-probs are float32 in the engine; a sum of 10^4 of them that should be ≤ 0 can
+# round slightly above 0. Anything above this is a sign error (NLL passed for log-prob).
+LOGP_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Validated rows in prompt-sorted order, float64, shape [N] each.
+
+    ``log_r`` = log_p1 − log_p0 of the full sequences (the weights always use every sampled
+    token, EOS included: the proposal is the distribution of complete sequences).
+    ``s0``, ``s1``, ``length``, ``ent0``, ``ent1`` are the *counted* quantities: with
+    ``include="no_eos"`` the stop position is already subtracted from them.
+    """
+
+    groups: Groups
+    log_r: np.ndarray
+    s0: np.ndarray
+    s1: np.ndarray
+    length: np.ndarray
+    ent0: np.ndarray | None
+    ent1: np.ndarray | None
+    stopped: np.ndarray | None
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def as_rows(name: str, x, n: int | None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """``x`` as float64 of exactly ``shape`` (or any 1-D / 2-D shape when None), raveled."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected a numeric array, got {type(x).__name__}.") from e
+    if shape is None and arr.ndim not in (1, 2):
+        raise ValueError(
+            f"{name}: expected a 1-D array [N] (with `group`) or a 2-D array [P, G], got shape "
+            f"{_shape_str(arr.shape)}; pass per-row totals, not per-token values."
+        )
+    if shape is not None and arr.shape != shape:
+        raise ValueError(
+            f"{name}: expected shape {_shape_str(shape)} like log_p0, got "
+            f"{_shape_str(arr.shape)}; every per-row array must have one entry per sampled row."
+        )
+    if arr.size == 0:
+        raise ValueError(f"{name}: expected at least 2 rows, got an empty array.")
+    if n is not None and arr.size != n:
+        raise ValueError(f"{name}: expected {n} rows, got {arr.size}.")
+    return arr.reshape(-1)
+
+
+def check_finite(name: str, x: np.ndarray, hint: str = "") -> None:
+    """Raise if any entry of ``x`` is nan or ±inf, listing the first offending rows."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        kinds = sorted({"nan" if np.isnan(v) else ("inf" if v > 0 else "-inf") for v in x[rows]})
+        raise ValueError(
+            f"{name}: expected finite values, got {rows.size} non-finite ({'/'.join(kinds)}) at "
+            f"rows {rows[:5].tolist()}{' ...' if rows.size > 5 else ''}. {hint}".rstrip()
+        )
+
+
+def _check_logp(name: str, x: np.ndarray) -> None:
+    check_finite(
+        name,
+        x,
+        "A -inf log-prob means the model gives a sampled sequence zero probability (top-k/top-p "
+        "truncation of one model only?): score both models with the same sampling transform, "
+        "or without truncation; nan usually comes from a masked position that was summed.",
+    )
+    if x.max() > LOGP_TOL:
+        raise ValueError(
+            f"{name}: expected log-probabilities (≤ 0), got a maximum of {x.max():.4g}; did you "
+            "pass negative log-likelihoods? Negate them."
+        )
+
+
+def group_codes(group, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes in [0, P) and sorted labels for a ``group`` array of length n (None: 1)."""
+    if group is None:
+        return np.zeros(n, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    g = np.asarray(group)
+    if g.shape != (n,):
+        raise ValueError(
+            f"group: expected shape {_shape_str((n,))} (one prompt id per row, like log_p0), got "
+            f"{_shape_str(g.shape)}; for a [P, G] layout pass 2-D arrays and group=None."
+        )
+    if g.dtype.kind == "f" and np.isnan(g).any():
+        raise ValueError("group: expected a prompt id for every row, got nan ids.")
+    try:
+        labels, codes = np.unique(g, return_inverse=True)
+    except TypeError as e:
+        raise ValueError(
+            f"group: expected sortable prompt ids (ints or strings), got dtype {g.dtype}."
+        ) from e
+    return codes.reshape(-1).astype(np.int64), labels
+
+
+def check_group_sizes(groups: Groups) -> None:
+    """Every prompt needs ≥ 2 rows: one row has no within-prompt variance and w̄ = 1."""
+    small = groups.sizes < 2
+    if small.any():
+        ids = groups.labels[small][:5].tolist()
+        raise ValueError(
+            f"group: expected at least 2 rows per prompt, got {int(small.sum())} prompt(s) with "
+            f"one row (ids {ids}{' ...' if small.sum() > 5 else ''}); sample G ≥ 2 completions "
+            "per prompt or drop those rows."
+        )
+
+
+def check_options(
+    *,
+    weights: str = "none",
+    include: str = "all",
+    prompts: str = "fixed",
+    level: float = 0.95,
+    clip: float | None = None,
+    scheme: str | None = None,
+) -> None:
+    """Validate the string options, ``level`` and ``clip``."""
+    from isdelta.estimators.weights import SCHEMES
+
+    weights = scheme if scheme is not None else weights
+    arg = "scheme" if scheme is not None else "weights"
+    for name, value, valid in (
+        (arg, weights, SCHEMES),
+        ("include", include, INCLUDES),
+        ("prompts", prompts, PROMPTS),
+    ):
+        if value not in valid:
+            raise ValueError(f"{name}: expected one of {list(valid)}, got {value!r}.")
+    if not isinstance(level, (int, float, np.floating)) or not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level: expected a coverage probability in (0, 1), got {level!r}.")
+    if weights == "clip":
+        if clip is None or not np.isfinite(clip) or clip <= 0:
+            raise ValueError(f"clip: {arg}='clip' needs a finite cap c > 0 on r, got {clip!r}.")
+    elif clip is not None:
+        raise ValueError(
+            f"clip: only used with {arg}='clip', got clip={clip!r} with {arg}={weights!r}; "
+            f"drop clip or set {arg}='clip'."
+        )
+
+
+def _layout(log_p0, group) -> tuple[tuple[int, ...], np.ndarray, Groups]:
+    """Shape of the inputs, log_p0 as [N], and the prompt groups ([P, G] or 1-D + group)."""
+    s0 = as_rows("log_p0", log_p0, None)
+    shape = np.shape(log_p0)
+    if len(shape) == 2:
+        if group is not None:
+            raise ValueError(
+                f"group: expected None with 2-D inputs of shape {_shape_str(shape)} (row p is "
+                "prompt p), got an array; pass 1-D arrays [N] to group rows yourself."
+            )
+        n_prompts, g = shape
+        codes, labels = np.repeat(np.arange(n_prompts), g), np.arange(n_prompts)
+    else:
+        codes, labels = group_codes(group, s0.size)
+    groups = make_groups(codes, labels)
+    check_group_sizes(groups)
+    return shape, s0, groups
+
+
+def _entropy_sums(entropy_sum0, entropy_sum1, shape) -> tuple[np.ndarray | None, ...]:
+    if (entropy_sum0 is None) != (entropy_sum1 is None):
+        raise ValueError(
+            "entropy_sum0, entropy_sum1: expected both (Rao–Blackwellised estimates need the "
+            "next-token entropies under p0 and p1) or neither, got only one."
+        )
+    if entropy_sum0 is None:
+        return None, None
+    out = []
+    for name, x in (("entropy_sum0", entropy_sum0), ("entropy_sum1", entropy_sum1)):
+        arr = as_rows(name, x, None, shape)
+        check_finite(name, arr)
+        if arr.min() < -LOGP_TOL:
+            raise ValueError(
+                f"{name}: expected sums of entropies (≥ 0), got a minimum of {arr.min():.4g}."
+            )
+        out.append(arr)
+    return tuple(out)
+
+
+def _stopped(stopped, shape) -> np.ndarray | None:
+    if stopped is None:
+        return None
+    arr = np.asarray(stopped)
+    if arr.shape != shape:
+        raise ValueError(
+            f"stopped: expected shape {_shape_str(shape)} like log_p0 (True where the row ends "
+            f"with a stop token), got {_shape_str(arr.shape)}."
+        )
+    if arr.dtype != bool:
+        if not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"stopped: expected booleans (or 0/1), got dtype {arr.dtype}.")
+        arr = arr.astype(bool)
+    return arr.reshape(-1)
+
+
+def _eos_term(name: str, x, shape, stopped: np.ndarray, upper: float | None) -> np.ndarray:
+    """Per-row stop-token term, zero where ``stopped`` is False (those entries are ignored)."""
+    arr = as_rows(name, x, None, shape)
+    check_finite(name, arr[stopped], "(only rows with stopped=True are checked and used)")
+    if upper is not None and stopped.any() and arr[stopped].max() > upper:
+        raise ValueError(f"{name}: expected log-probabilities (≤ 0), got {arr[stopped].max():.4g}.")
+    return np.where(stopped, arr, 0.0)
+
+
+def _exclude_eos(
+    s: list[np.ndarray], length: np.ndarray, ent: list, stopped, eos: dict, shape
+) -> tuple[list[np.ndarray], np.ndarray, list]:
+    """Subtract the stop position from S0, S1, L (and the entropy sums): ``include='no_eos'``."""
+    missing = [k for k in ("eos_logp0", "eos_logp1") if eos[k] is None]
+    if stopped is None:
+        missing.insert(0, "stopped")
+    if ent[0] is not None:
+        missing += [k for k in ("eos_entropy0", "eos_entropy1") if eos[k] is None]
+    if missing:
+        raise ValueError(
+            f"include: 'no_eos' needs {', '.join(missing)} (shape {_shape_str(shape)}): which "
+            "rows end with a stop token, and that token's log-prob (and next-token entropy, "
+            "when entropy sums are given) under each model; got None."
+        )
+    if (length[stopped] < 1).any():
+        rows = np.flatnonzero(stopped & (length < 1))[:5].tolist()
+        raise ValueError(
+            f"length: rows with stopped=True must count their stop token (L ≥ 1), got L = 0 at "
+            f"rows {rows}; pass lengths computed with the EOS included."
+        )
+    for k in (0, 1):
+        s[k] = s[k] - _eos_term(f"eos_logp{k}", eos[f"eos_logp{k}"], shape, stopped, LOGP_TOL)
+        if s[k].max() > LOGP_TOL:
+            raise ValueError(
+                f"eos_logp{k}: the stop token's log-prob is below the row's total log_p{k} "
+                "(it must be one of the summed terms); check that log_p includes the EOS."
+            )
+        if ent[k] is not None:
+            ent[k] = ent[k] - _eos_term(
+                f"eos_entropy{k}", eos[f"eos_entropy{k}"], shape, stopped, None
+            )
+    return s, length - stopped, ent
+
+
+def prepare(
+    log_p0,
+    log_p1,
+    length,
+    group,
+    *,
+    entropy_sum0=None,
+    entropy_sum1=None,
+    include: str = "all",
+    stopped=None,
+    eos: dict | None = None,
+) -> Rows:
+    """Validate and flatten the estimator inputs into :class:`Rows` (prompt-sorted order)."""
+    shape, s0, groups = _layout(log_p0, group)
+    s1 = as_rows("log_p1", log_p1, None, shape)
+    _check_logp("log_p0", s0)
+    _check_logp("log_p1", s1)
+    length = as_rows("length", length, None, shape)
+    check_finite("length", length)
+    if length.min() < 0:
+        rows = np.flatnonzero(length < 0)[:5].tolist()
+        raise ValueError(
+            f"length: expected counted tokens per row (≥ 0), got negative values at rows {rows}."
+        )
+    ent = list(_entropy_sums(entropy_sum0, entropy_sum1, shape))
+    stop = _stopped(stopped, shape)
+    eos = eos or {}
+    log_r = s1 - s0  # full sequences, EOS included: this is what the proposal p0 sampled
+    s = [s0, s1]
+    if include == "no_eos":
+        s, length, ent = _exclude_eos(s, length, ent, stop, eos, shape)
+    elif any(v is not None for v in eos.values()):
+        given = [k for k, v in eos.items() if v is not None]
+        raise ValueError(
+            f"{', '.join(given)}: only used with include='no_eos', got include={include!r}."
+        )
+    sort = groups.sort
+    return Rows(
+        groups=groups,
+        log_r=sort(log_r),
+        s0=sort(s[0]),
+        s1=sort(s[1]),
+        length=sort(length),
+        ent0=None if ent[0] is None else sort(ent[0]),
+        ent1=None if ent[1] is None else sort(ent[1]),
+        stopped=None if stop is None else sort(stop),
+    )

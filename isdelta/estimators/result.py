@@ -1,0 +1,257 @@
+"""Result types: ``Estimate`` (value, SE, CI) and ``EntropyDelta`` (everything ``estimate`` finds).
+
+All values are stored in nats; ``.bits`` converts (bits = nats / ln 2). ``to_dict()`` gives
+both units and is JSON-serialisable with ``allow_nan=False`` (non-finite numbers become None).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+__all__ = ["EntropyDelta", "Estimate", "EstimatorWarning"]
+
+LN2 = math.log(2.0)
+
+
+class EstimatorWarning(UserWarning):
+    """A diagnostic says an estimate may be unreliable (k̂, ESS, KL, mean ratio, empty rows)."""
+
+
+def _num(x: float | None) -> float | None:
+    """A JSON-safe float: nan and ±inf become None."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with standard error and a normal confidence interval.
+
+    Attributes
+    ----------
+    value, se, ci_low, ci_high : float
+        The estimate, its standard error and the interval value ∓ z·se, in ``unit``.
+    level : float
+        Coverage of the interval (e.g. 0.95); z = norm.ppf((1 + level) / 2).
+    unit : {"nats", "bits"}
+    """
+
+    value: float
+    se: float
+    ci_low: float
+    ci_high: float
+    level: float
+    unit: Literal["nats", "bits"] = "nats"
+
+    @classmethod
+    def normal(cls, value: float, se: float, level: float, z: float) -> Estimate:
+        """value ± z·se in nats."""
+        return cls(float(value), float(se), value - z * se, value + z * se, float(level))
+
+    def _scaled(self, factor: float, unit: Literal["nats", "bits"]) -> Estimate:
+        return Estimate(
+            self.value * factor,
+            self.se * factor,
+            self.ci_low * factor,
+            self.ci_high * factor,
+            self.level,
+            unit,
+        )
+
+    @property
+    def bits(self) -> Estimate:
+        """The same estimate in bits."""
+        return self if self.unit == "bits" else self._scaled(1.0 / LN2, "bits")
+
+    @property
+    def nats(self) -> Estimate:
+        """The same estimate in nats."""
+        return self if self.unit == "nats" else self._scaled(LN2, "nats")
+
+    def covers(self, truth: float) -> bool:
+        """Whether ``truth`` (same unit) lies in [ci_low, ci_high]."""
+        return self.ci_low <= truth <= self.ci_high
+
+    def to_dict(self) -> dict:
+        """{value, se, ci_low, ci_high} in nats, the same with a ``_bits`` suffix, level."""
+        n, b = self.nats, self.bits
+        out = {k: _num(getattr(n, k)) for k in ("value", "se", "ci_low", "ci_high")}
+        out.update({f"{k}_bits": _num(getattr(b, k)) for k in ("value", "se", "ci_low", "ci_high")})
+        out["level"] = self.level
+        return out
+
+    def __str__(self) -> str:
+        return (
+            f"{self.value:+.5g} ± {self.se:.2g} {self.unit} "
+            f"[{self.ci_low:+.5g}, {self.ci_high:+.5g}] ({self.level:.0%})"
+        )
+
+
+ESTIMATES = ("h0", "h1", "delta", "h0_tok", "h1_tok", "delta_tok")
+RB_ESTIMATES = tuple(f"{name}_rb" for name in ESTIMATES)
+_LABELS = {
+    "h0": "H0        (sequence)",
+    "h1": "H1        (sequence)",
+    "delta": "ΔH        (sequence)",
+    "h0_tok": "H0 / token",
+    "h1_tok": "H1 / token",
+    "delta_tok": "ΔH / token",
+    "delta1": "ΔH₁       (1st order)",
+}
+
+
+@dataclass(frozen=True)
+class EntropyDelta:
+    """H(p0), H(p1), ΔH with uncertainty, ΔH₁ and SNIS diagnostics (see ``estimate``).
+
+    Entropies are in nats (``.bits`` on each Estimate converts). Sequence-level quantities
+    are per completion; ``*_tok`` are entropy rates E[−log p]/E[L] (ratios of means);
+    ``*_rb`` are the Rao–Blackwellised versions (None without entropy sums).
+
+    Attributes (diagnostics)
+    ------------------------
+    delta1 : Estimate
+        Function-space first-order prediction ΔH₁ = −Cov_p0(S0, δ), δ = S1 − S0.
+    cov_term, kl_term : float
+        ΔĤ = cov_term + kl_term exactly: −mean_p((r̃ − 1)(S0 − S̄0)) and −Σ w̄ δ, with the
+        weights used.
+    kl : float
+        KL(p1‖p0) ≈ (1/P) Σ_p Σ_{i∈p} w̄_i ℓ_i (nats).
+    ess, ess_frac : float
+        Pooled ESS = P² / Σ_p 1/ESS_p, and ESS / N.
+    ess_min, ess_mean : float
+        Per-prompt ESS_p = 1/Σ w̄², minimum and mean over prompts.
+    khat, khat_threshold, s_min : float
+        Worst Pareto k̂ over tail fits (nan: not estimable), the threshold
+        min(1 − 1/log10 S, 0.7) at the smallest fit size, and S_min = 10^{1/(1−k̂)}.
+    mean_ratio_min, mean_ratio_max : float
+        Range over prompts of mean_{i∈p} r_i (≈ 1 when p1 and p0 share a support).
+    mean_length : float
+        E_p0[L] (counted tokens, equal mass per prompt).
+    nll0_tok, nll1_tok : float
+        Mean over rows of −S/L (per-row per-token NLL, as training logs report it) under p0,
+        and SNIS-weighted under p1; rows with L = 0 are skipped.
+    no_stop_frac : float or None
+        Fraction of rows without a stop token (None when ``stopped`` was not given).
+    n_rows, n_prompts, n_empty : int
+        N, P, and rows with L = 0.
+    weights_used, prompts, include : str
+        The weighting scheme (per prompt or pooled), the SE mode and the counted positions.
+    warnings : tuple of str
+        Every diagnostic warning that ``estimate`` issued.
+    """
+
+    h0: Estimate
+    h1: Estimate
+    delta: Estimate
+    h0_tok: Estimate
+    h1_tok: Estimate
+    delta_tok: Estimate
+    h0_rb: Estimate | None
+    h1_rb: Estimate | None
+    delta_rb: Estimate | None
+    h0_tok_rb: Estimate | None
+    h1_tok_rb: Estimate | None
+    delta_tok_rb: Estimate | None
+    delta1: Estimate
+    cov_term: float
+    kl_term: float
+    kl: float
+    ess: float
+    ess_min: float
+    ess_mean: float
+    ess_frac: float
+    khat: float
+    khat_threshold: float
+    s_min: float
+    mean_ratio_min: float
+    mean_ratio_max: float
+    mean_length: float
+    nll0_tok: float
+    nll1_tok: float
+    no_stop_frac: float | None
+    n_rows: int
+    n_prompts: int
+    n_empty: int
+    weights_used: str
+    prompts: str
+    include: str
+    warnings: tuple[str, ...]
+
+    @property
+    def khat_status(self) -> str:
+        """"good", "bad" (above threshold), "very bad" (k̂ > 1) or "not estimable" (nan)."""
+        if math.isnan(self.khat):
+            return "not estimable"
+        if self.khat > 1.0:
+            return "very bad"
+        return "bad" if self.khat > self.khat_threshold else "good"
+
+    def to_dict(self) -> dict:
+        """All fields, Estimates as nested dicts (nats and ``_bits``); JSON-safe."""
+        out: dict = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Estimate):
+                out[f.name] = v.to_dict()
+            elif isinstance(v, float):
+                out[f.name] = _num(v)
+            elif isinstance(v, tuple):
+                out[f.name] = list(v)
+            else:
+                out[f.name] = v
+        out["khat_status"] = self.khat_status
+        for name in ("kl", "cov_term", "kl_term", "nll0_tok", "nll1_tok"):
+            out[f"{name}_bits"] = _num(getattr(self, name) / LN2)
+        return out
+
+    def summary(self) -> str:
+        """A readable table: estimates in nats and bits, then diagnostics and warnings."""
+        level = f"{self.delta.level:.0%} CI"
+        head = f"{'quantity':<22}{'nats: value ± se':>22}  {level:<24}{'bits: value ± se':>20}  {level}"
+        lines = [
+            f"isdelta estimate: {self.n_prompts} prompts, {self.n_rows} rows; "
+            f"weights: {self.weights_used}; SE: prompts={self.prompts}; include={self.include}",
+            head,
+            "-" * len(head),
+        ]
+        for name in (*ESTIMATES, *RB_ESTIMATES, "delta1"):
+            est = getattr(self, name)
+            if est is not None:
+                label = _LABELS.get(name) or _LABELS[name[:-3]] + " RB"
+                lines.append(_row(label, est))
+        lines += [
+            f"{'  covariance term':<22}{self.cov_term:>+22.5g}  {'':<24}{self.cov_term / LN2:>+20.5g}",
+            f"{'  KL term':<22}{self.kl_term:>+22.5g}  {'':<24}{self.kl_term / LN2:>+20.5g}",
+            "",
+            *self._diagnostic_lines(),
+        ]
+        if self.warnings:
+            lines += ["", "warnings:", *(f"  - {w}" for w in self.warnings)]
+        return "\n".join(lines)
+
+    def _diagnostic_lines(self) -> list[str]:
+        stop = "n/a" if self.no_stop_frac is None else f"{self.no_stop_frac:.1%}"
+        return [
+            f"ESS {self.ess:.1f} of {self.n_rows} (ESS/S {self.ess_frac:.3f}); per prompt "
+            f"min {self.ess_min:.1f}, mean {self.ess_mean:.1f}",
+            f"k̂ {self.khat:.3f} ({self.khat_status}; threshold {self.khat_threshold:.3f}); "
+            f"S_min {self.s_min:.4g}",
+            f"KL(p1‖p0) {self.kl:.4g} nats ({self.kl / LN2:.4g} bits); mean r per prompt in "
+            f"[{self.mean_ratio_min:.4g}, {self.mean_ratio_max:.4g}]",
+            f"mean length {self.mean_length:.2f} tokens; NLL/token p0 {self.nll0_tok:.4g} nats "
+            f"({self.nll0_tok / LN2:.4g} bits), p1 {self.nll1_tok:.4g} nats "
+            f"({self.nll1_tok / LN2:.4g} bits)",
+            f"rows without a stop token {stop}; rows with L = 0: {self.n_empty}",
+        ]
+
+
+def _row(label: str, est: Estimate) -> str:
+    n, b = est.nats, est.bits
+    return (
+        f"{label:<22}{n.value:>+13.5g} ± {n.se:<6.2g}  [{n.ci_low:+.5g}, {n.ci_high:+.5g}]".ljust(70)
+        + f"{b.value:>+11.5g} ± {b.se:<6.2g}  [{b.ci_low:+.5g}, {b.ci_high:+.5g}]"
+    )

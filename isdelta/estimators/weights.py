@@ -1,0 +1,459 @@
+"""Importance weights for SNIS: normalisation, ESS, PSIS, truncation, clipping, k̂.
+
+x_i ~ p0, log-ratio ℓ_i = S1_i − S0_i = log p1(x_i) − log p0(x_i), r_i = exp(ℓ_i).
+Within each prompt p the self-normalised weights are w̄_i = r_i / Σ_{j∈p} r_j, computed in
+log space (``log_w``) so that sequence-level ratios of e^{±500} never overflow.
+
+Schemes (``scheme``):
+
+- ``"none"``: raw SNIS weights.
+- ``"psis"``: Pareto-smoothed (Vehtari et al. 2024) through arviz: the largest ratios are
+  replaced by the expected order statistics of a generalised Pareto fit to the tail.
+- ``"truncate"``: Ionides (2008) truncation r ≤ mean(r)·√S.
+- ``"clip"``: r ≤ c for a caller-chosen c (on the raw, unnormalised ratio).
+
+PSIS and truncation are applied to each prompt's log-ratios when every prompt has at least
+``MIN_TAIL_FIT`` = 25 rows (arviz ≥ 1.0 refuses a tail fit on fewer, and arviz 0.x returns
+k̂ = inf there), otherwise once to all rows pooled; the per-prompt normalisation is applied after
+smoothing either way. k̂ is always computed (with the same per-prompt / pooled rule) because it
+diagnoses the raw ratios, whatever scheme is then used.
+
+arviz API, both versions (checked against the sources of arviz 0.23 and arviz-stats 1.3):
+
+- arviz 0.x: ``arviz.psislw(ℓ)`` takes the log-ratios themselves; returns (smoothed log
+  weights normalised over the last axis, k̂), batching over leading axes.
+- arviz ≥ 1.0: ``arviz_stats.base.array.array_stats.psislw(−ℓ, r_eff=1)`` takes the *negated*
+  log-ratios (its input is a log-likelihood, and LOO weights are 1/p(y|θ)); same returns.
+
+A wrong sign would smooth the smallest weights and report a light tail for a heavy one, so the
+backend is checked once per process on a sample with a known heavy right tail.
+
+References
+----------
+Vehtari, A., Simpson, D., Gelman, A., Yao, Y., Gabry, J. (2024). Pareto smoothed importance
+sampling. JMLR 25(72):1-58. https://jmlr.org/papers/v25/19-556.html
+Ionides, E. L. (2008). Truncated importance sampling. JCGS 17(2):295-311.
+https://doi.org/10.1198/106186008X320456
+Kong, A. (1992). A note on importance sampling using standardized weights. Tech. rep. 348,
+University of Chicago (ESS = 1/Σ w̄²).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from isdelta.estimators.groups import Groups, make_groups
+
+__all__ = [
+    "MIN_TAIL_FIT",
+    "Scheme",
+    "Weights",
+    "clip",
+    "ess_per_prompt",
+    "importance_weights",
+    "khat_threshold",
+    "min_sample_size",
+    "normalize",
+    "pareto_smooth",
+    "pooled_ess",
+    "psis_backend",
+    "truncate",
+    "weigh",
+]
+
+Scheme = Literal["none", "psis", "truncate", "clip"]
+SCHEMES: tuple[str, ...] = ("none", "psis", "truncate", "clip")
+MIN_TAIL_FIT = 25  # rows needed per tail fit (arviz ≥ 1.0 raises below; 0.x gives k̂ = inf)
+
+# Backend: log_r [B, S] -> (log_w [B, S] normalised over S, khat [B]).
+PsisFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Self-normalised weights and their diagnostics (rows in prompt-sorted order).
+
+    Attributes
+    ----------
+    w : ndarray, float64, shape [N]
+        w̄_i, normalised within each prompt (Σ_{i∈p} w̄_i = 1).
+    log_w : ndarray, float64, shape [N]
+        log w̄_i.
+    ess : ndarray, float64, shape [P]
+        ESS_p = 1 / Σ_{i∈p} w̄_i² of the weights actually used.
+    khat : ndarray, float64, shape [F]
+        Pareto k̂ of each tail fit of the raw ratios (F = P per prompt, F = 1 pooled);
+        nan where not estimable (fewer than 25 rows, or tied / constant ratios).
+    fit_sizes : ndarray of int, shape [F]
+        S, the number of rows in each tail fit (sets the k̂ threshold).
+    constant : ndarray of bool, shape [F]
+        Fits whose log-ratios are all equal: weights exactly uniform, no tail to diagnose.
+    per_prompt : bool
+        True when tail fits (and truncation) were done per prompt, False when pooled.
+    scheme : str
+        The weighting scheme used.
+    description : str
+        One line for reports, e.g. ``"psis, per prompt (100 fits of G=25..40)"``.
+    """
+
+    w: np.ndarray
+    log_w: np.ndarray
+    ess: np.ndarray
+    khat: np.ndarray
+    fit_sizes: np.ndarray
+    constant: np.ndarray
+    per_prompt: bool
+    scheme: str
+    description: str
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (per-prompt arrays as lists; nan as None)."""
+        return {
+            "scheme": self.scheme,
+            "per_prompt": self.per_prompt,
+            "description": self.description,
+            "ess": _json_list(self.ess),
+            "khat": _json_list(self.khat),
+            "fit_sizes": [int(s) for s in self.fit_sizes],
+            "constant": [bool(c) for c in self.constant],
+        }
+
+
+def _json_list(x: np.ndarray) -> list:
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(x, dtype=float)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementary pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize(log_r: np.ndarray, groups: Groups) -> np.ndarray:
+    """log w̄_i = ℓ_i − log Σ_{j∈p} exp(ℓ_j), per prompt; [N] sorted -> [N] sorted."""
+    return _normalized(log_r, groups)[1]
+
+
+def _normalized(log_r: np.ndarray, groups: Groups) -> tuple[np.ndarray, np.ndarray]:
+    """(w̄, log w̄) per prompt, with w̄ = r / Σ r and r = exp(ℓ − max_p ℓ) ≤ 1.
+
+    Shifting by the prompt maximum is the logsumexp trick; dividing in linear space (rather
+    than exponentiating ℓ − logsumexp) gives w̄ = 1/G bit for bit when all ratios of a prompt
+    are equal, so p1 = p0 yields ΔH = 0 exactly rather than a rounding residue. A weight that
+    underflows here is below 1e-308 of the prompt's largest, i.e. zero in any representation.
+    """
+    r = np.exp(log_r - groups.expand(groups.max(log_r)))
+    w = r / groups.expand(groups.sum(r))
+    with np.errstate(divide="ignore"):
+        return w, np.log(w)
+
+
+def ess_per_prompt(w: np.ndarray, groups: Groups) -> np.ndarray:
+    """ESS_p = 1 / Σ_{i∈p} w̄_i² (Kong 1992) from normalised weights, [N] -> [P]."""
+    return 1.0 / groups.sum(w * w)
+
+
+def pooled_ess(ess: np.ndarray) -> float:
+    """ESS of the whole estimate, 1 / Σ_i (w̄_i / P)² = P² / Σ_p (1 / ESS_p).
+
+    Each prompt has mass 1/P, so row i's weight in the pooled average is w̄_i / P. With
+    uniform weights and equal G this is N; with ragged G it is below N because unequal
+    per-row masses cost efficiency.
+    """
+    n_prompts = ess.shape[0]
+    return float(n_prompts**2 / np.sum(1.0 / ess))
+
+
+def khat_threshold(n_samples: float | np.ndarray) -> float | np.ndarray:
+    """Sample-size dependent k̂ threshold min(1 − 1/log10 S, 0.7) (Vehtari et al. 2024, §3.2).
+
+    Below S ≈ 100 the threshold drops under 0.5: a small sample cannot vouch for a tail.
+    """
+    s = np.asarray(n_samples, dtype=float)
+    out = np.minimum(1.0 - 1.0 / np.log10(s), 0.7)
+    return float(out) if out.ndim == 0 else out
+
+
+def min_sample_size(khat: float) -> float:
+    """S_min = 10^{1/(1−k̂)}: samples needed for a reliable PSIS estimate (k̂<0 counts as 0).
+
+    inf for k̂ ≥ 1 (no finite sample suffices: the ratio has no finite mean), nan for nan.
+    """
+    if not np.isfinite(khat):
+        return float("nan") if np.isnan(khat) else float("inf")
+    if khat >= 1.0:
+        return float("inf")
+    return float(10.0 ** (1.0 / (1.0 - max(khat, 0.0))))
+
+
+def truncate(log_r: np.ndarray, groups: Groups, per_prompt: bool) -> np.ndarray:
+    """Ionides truncation, log r ≤ log(mean(r)·√S), per prompt or pooled; [N] -> [N].
+
+    Invariant to a constant shift of ℓ (the cap moves with the mean), unlike ``clip``.
+    """
+    if per_prompt:
+        log_g = np.log(groups.sizes.astype(float))
+        log_cap = groups.expand(groups.logsumexp(log_r) - 0.5 * log_g)  # log mean + ½ log G
+    else:
+        from scipy.special import logsumexp
+
+        n = log_r.shape[0]
+        log_cap = logsumexp(log_r) - 0.5 * np.log(n)
+    return np.minimum(log_r, log_cap)
+
+
+def clip(log_r: np.ndarray, c: float) -> np.ndarray:
+    """Clip the raw ratio, r ≤ c, i.e. ℓ ≤ log c; [N] -> [N].
+
+    Acts on the unnormalised r = p1/p0 (whose mean is 1 when both models cover the same
+    support), like PPO's ratio clip; so unlike PSIS and truncation it is not invariant to a
+    constant shift of log_p1.
+    """
+    return np.minimum(log_r, np.log(c))
+
+
+# ---------------------------------------------------------------------------------------------
+# PSIS through arviz
+# ---------------------------------------------------------------------------------------------
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def _guarded(batch_fn: PsisFn) -> PsisFn:
+    """Run a batched PSIS call; if one slice makes arviz raise, redo slices one by one.
+
+    arviz ≥ 1.0 raises for a whole batch when one slice's tail values are all equal (ties are
+    common in short or repeated completions). A failed slice keeps its raw weights, k̂ = nan.
+    """
+
+    def call(log_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return batch_fn(log_r)
+        except (ValueError, FloatingPointError, ZeroDivisionError):
+            pass
+        from scipy.special import logsumexp
+
+        log_w = log_r - logsumexp(log_r, axis=-1, keepdims=True)
+        khat = np.full(log_r.shape[0], np.nan)
+        for b in range(log_r.shape[0]):
+            try:
+                lw, k = batch_fn(log_r[b : b + 1])
+            except (ValueError, FloatingPointError, ZeroDivisionError):
+                continue
+            log_w[b], khat[b] = lw[0], k[0]
+        return log_w, khat
+
+    return call
+
+
+def _arviz0(psislw: Callable) -> PsisFn:
+    def batch(log_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with warnings.catch_warnings():
+            # isdelta issues its own k̂ warnings with a hint; arviz's would duplicate them.
+            warnings.simplefilter("ignore")
+            log_w, khat = psislw(log_r)  # 0.x: takes ℓ itself, smooths the right tail of r
+        return np.asarray(log_w, dtype=np.float64), np.asarray(khat, dtype=np.float64).ravel()
+
+    return _guarded(batch)
+
+
+def _arviz1(psislw: Callable) -> PsisFn:
+    def batch(log_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # ≥ 1.0: the input is a log-likelihood and the weights are exp(−input), so pass −ℓ.
+            log_w, khat = psislw(-log_r, r_eff=1)
+        return np.asarray(log_w, dtype=np.float64), np.asarray(khat, dtype=np.float64).ravel()
+
+    return _guarded(batch)
+
+
+def _check_sign(fn: PsisFn, name: str) -> None:
+    """Smoothed weights must rise with raw weights, and a Pareto(k=0.8) tail must look heavy."""
+    u = (np.arange(200) + 0.5) / 200
+    log_r = -0.8 * np.log1p(-u)  # r = (1−u)^(−0.8): exact Pareto quantiles with shape k = 0.8
+    log_w, khat = fn(log_r[None, :])
+    rising = bool(np.all(np.diff(log_w[0]) >= -1e-9))
+    if not (rising and khat[0] > 0.5):
+        raise RuntimeError(
+            f"PSIS backend {name} failed the sign check (smoothed weights rising with raw: "
+            f"{rising}; k̂ on a Pareto(0.8) tail: {khat[0]:.3f}, expected > 0.5). Its sign "
+            "convention differs from arviz 0.x / arviz-stats 1.x; pin arviz and report this."
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def psis_backend() -> tuple[str, PsisFn]:
+    """The installed arviz's PSIS, as ``(name, fn)`` with ``fn(log_r[B, S]) -> (log_w, khat)``.
+
+    arviz is imported here, not at module import: ``import isdelta`` must work without it.
+    """
+    version = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # arviz 0.2x announces its refactor on import
+        try:
+            import arviz
+
+            version = arviz.__version__
+        except ImportError:
+            pass
+    if version is not None and _major(version) < 1:
+        name, fn = f"arviz {version}", _arviz0(arviz.psislw)
+    else:
+        try:
+            import arviz_stats
+            from arviz_stats.base.array import array_stats
+        except ImportError as e:
+            raise ImportError(
+                "weights='psis' and the k̂ diagnostic need arviz; install it with "
+                "`pip install arviz` (or use isdelta's `make setup`)."
+            ) from e
+        name, fn = f"arviz-stats {arviz_stats.__version__}", _arviz1(array_stats.psislw)
+    _check_sign(fn, name)
+    return name, fn
+
+
+def pareto_smooth(
+    log_r: np.ndarray, groups: Groups, per_prompt: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """PSIS per prompt or pooled: ``(log_r_smoothed [N], khat [F], fit_sizes [F], constant [F])``.
+
+    Per prompt, prompts of equal size go to arviz as one [n, G] batch (one call per distinct
+    G), so 10^4 prompts cost 10^4 kernel calls inside arviz but no Python loop here. Prompts
+    whose ratios are all equal need no smoothing and have no tail: k̂ = nan, ratios kept.
+    The smoothed values are shifted by a constant per fit; normalise afterwards.
+    """
+    spread = groups.max(log_r) - groups.min(log_r)
+    out = log_r.copy()
+    if per_prompt:
+        khat = np.full(groups.n_prompts, np.nan)
+        fit = spread > 0
+        if fit.any():
+            fn = psis_backend()[1]
+            for g in np.unique(groups.sizes[fit]):
+                sel = np.flatnonzero(fit & (groups.sizes == g))
+                idx = groups.starts[sel][:, None] + np.arange(g)  # [n_sel, G] row indices
+                log_w, khat[sel] = fn(log_r[idx])
+                out[idx] = log_w
+        fit_sizes, constant = groups.sizes.copy(), ~fit
+    else:
+        khat = np.full(1, np.nan)
+        if log_r.shape[0] >= MIN_TAIL_FIT and np.ptp(log_r) > 0:
+            log_w, khat = psis_backend()[1](log_r[None, :])
+            out = log_w[0]
+        fit_sizes, constant = np.array([log_r.shape[0]]), np.array([np.ptp(log_r) == 0])
+    # arviz 0.x returns k̂ = inf when ≤ 4 distinct values lie above the tail cutoff (ties):
+    # that is "not estimable", not "infinitely bad".
+    khat = np.where(np.isfinite(khat), khat, np.nan)
+    return out, khat, fit_sizes, constant
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights used by the estimators
+# ---------------------------------------------------------------------------------------------
+
+
+def weigh(log_r: np.ndarray, groups: Groups, scheme: str, clip_at: float | None) -> Weights:
+    """Normalised weights of one scheme plus ESS and k̂; rows in prompt-sorted order.
+
+    The same per-prompt / pooled rule (every G_p ≥ 25) decides where PSIS, truncation and the
+    k̂ fits are done. Normalisation is always per prompt, after any smoothing.
+    """
+    per_prompt = bool(groups.sizes.min() >= MIN_TAIL_FIT)
+    smoothed, khat, fit_sizes, constant = pareto_smooth(log_r, groups, per_prompt)
+    if scheme == "psis":
+        used = smoothed
+    elif scheme == "truncate":
+        used = truncate(log_r, groups, per_prompt)
+    elif scheme == "clip":
+        if clip_at is None:
+            raise ValueError("weights='clip' needs clip=c > 0 (the cap on r = p1/p0).")
+        used = clip(log_r, clip_at)
+    else:
+        used = log_r
+    w, log_w = _normalized(used, groups)
+    return Weights(
+        w=w,
+        log_w=log_w,
+        ess=ess_per_prompt(w, groups),
+        khat=khat,
+        fit_sizes=fit_sizes,
+        constant=constant,
+        per_prompt=per_prompt,
+        scheme=scheme,
+        description=_describe(scheme, groups, per_prompt, clip_at),
+    )
+
+
+def _describe(scheme: str, groups: Groups, per_prompt: bool, clip_at: float | None) -> str:
+    g_lo, g_hi = int(groups.sizes.min()), int(groups.sizes.max())
+    g = f"G={g_lo}" if g_lo == g_hi else f"G={g_lo}..{g_hi}"
+    n, p = groups.n_rows, groups.n_prompts
+    where = (
+        f"per prompt ({p} prompts, {g})"
+        if per_prompt
+        else f"pooled over all {n} rows (smallest prompt G={g_lo} < {MIN_TAIL_FIT})"
+    )
+    if scheme == "psis":
+        if not per_prompt and n < MIN_TAIL_FIT:
+            return (
+                f"psis NOT applied: {n} rows < {MIN_TAIL_FIT} needed for a tail fit; raw SNIS "
+                "weights, normalised per prompt"
+            )
+        return f"psis, tail fit {where}, then normalised per prompt"
+    if scheme == "truncate":
+        cap = "mean(r)·√G per prompt" if per_prompt else "mean(r)·√N pooled"
+        return f"truncate (r ≤ {cap}), {where}, then normalised per prompt"
+    if scheme == "clip":
+        return f"clip (r ≤ {clip_at:g}), normalised per prompt; k̂ {where}"
+    return f"none (raw SNIS), normalised per prompt; k̂ {where}"
+
+
+def importance_weights(
+    log_r: np.ndarray,
+    group: np.ndarray | None = None,
+    *,
+    scheme: Scheme = "psis",
+    clip: float | None = None,
+) -> Weights:
+    """Self-normalised importance weights of log-ratios grouped by prompt.
+
+    Parameters
+    ----------
+    log_r : array_like, float, shape [N]
+        ℓ_i = log p1(x_i) − log p0(x_i), x_i ~ p0.
+    group : array_like, shape [N], optional
+        Prompt id of each row (any sortable ids; ragged groups allowed). None: one prompt.
+    scheme : {"none", "psis", "truncate", "clip"}
+        Weighting scheme (module docstring).
+    clip : float, optional
+        The cap c on r for ``scheme="clip"``.
+
+    Returns
+    -------
+    Weights
+        ``log_w`` in the caller's row order, normalised within each prompt; ``ess`` per
+        prompt in sorted-id order; k̂ per tail fit.
+
+    Notes
+    -----
+    w̄_i = r_i / Σ_{j∈p} r_j, ESS_p = 1/Σ_{i∈p} w̄_i² (Kong 1992); PSIS (Vehtari et al. 2024);
+    truncation r ≤ mean(r)·√S (Ionides 2008).
+    """
+    from isdelta.estimators import inputs
+
+    log_r = inputs.as_rows("log_r", log_r, n=None)
+    codes, labels = inputs.group_codes(group, log_r.shape[0])
+    inputs.check_options(scheme=scheme, clip=clip)
+    groups = make_groups(codes, labels)
+    inputs.check_group_sizes(groups)
+    w = weigh(groups.sort(log_r), groups, scheme, clip)
+    return dataclasses.replace(w, w=groups.unsort(w.w), log_w=groups.unsort(w.log_w))

@@ -1,0 +1,52 @@
+"""Shared fixtures: seeded rng and tiny random models built once per test run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261123)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 2-layer RoPE model (Llama architecture), V = 96, random weights, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    # Sharpen the head so distributions are far from uniform (entropy differences are visible).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """A 2-layer absolute-position model (GPT-2 architecture), V = 96, random weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        # Large position embeddings: a wrong position visibly changes every score.
+        model.transformer.wpe.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded real model (slow: ~20 s to load). Only for tests marked slow."""
+    from isdelta.engine import load_model
+
+    return load_model("smollm2-135m-instruct")

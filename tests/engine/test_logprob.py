@@ -1,0 +1,233 @@
+"""LogProbEngine against naive references: one-by-one unpadded rows, full logits, HF generate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import isdelta.engine.logprob as logprob_mod
+from isdelta.engine import EngineConfig, LogitTransform, LogProbEngine, Rollouts, completion_mask
+
+TOL = 1e-5  # fp32
+TRANSFORMS = [LogitTransform(), LogitTransform(temperature=0.7), LogitTransform(top_k=7),
+              LogitTransform(top_p=0.8), LogitTransform(temperature=1.3, top_k=20, top_p=0.9)]
+
+
+def random_rollouts(rng, P=3, G=3, V=96, eos=(2,), max_prompt=6, max_comp=7, stop_frac=0.6):
+    """Ragged prompts (1..max_prompt tokens) and completions, some stopping early, pad == eos."""
+    prompts = [rng.integers(3, V, size=rng.integers(1, max_prompt + 1)).tolist() for _ in range(P)]
+    comps = []
+    for _ in range(P * G):
+        c = rng.integers(3, V, size=rng.integers(1, max_comp + 1)).tolist()
+        if rng.random() < stop_frac:
+            c[rng.integers(0, len(c))] = int(rng.choice(eos))
+        comps.append(c)
+    return prompts, comps, Rollouts.from_token_lists(prompts, comps, eos_token_ids=eos, pad_token_id=2)
+
+
+def sampled_rollouts(model, transform, P=3, G=3, max_new_tokens=7, seed=0):
+    """Completions drawn from `model` under `transform` (so every token is inside its kept set)."""
+    torch.manual_seed(seed)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]][:P]
+    comps = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, num_return_sequences=G,
+                                 pad_token_id=2, eos_token_id=2, **transform.generate_kwargs())
+        for row in out[:, len(p):].tolist():
+            comps.append(row[: row.index(2) + 1] if 2 in row else row)
+    return prompts, comps, Rollouts.from_token_lists(prompts, comps, eos_token_ids=2, pad_token_id=2)
+
+
+def naive_scores(model, prompt, comp, transform=LogitTransform(), eos=(2,), include_eos=True):
+    """Per-row reference: unpadded forward, full logits, log_softmax, gather, entropy."""
+    mask = completion_mask(torch.tensor([comp]), eos, include_eos=include_eos)[0]
+    ids = torch.tensor([list(prompt) + list(comp)])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()  # [C, V]
+    logp = torch.log_softmax(transform(logits), -1)
+    p = logp.exp()
+    ent = -torch.nan_to_num(p * logp).sum(-1)
+    var = torch.nan_to_num(p * (logp + ent[:, None]) ** 2).sum(-1)
+    tok = logp[torch.arange(len(comp)), torch.tensor(comp)]
+    return tok[mask], ent[mask], var[mask]
+
+
+def assert_matches_naive(model, prompts, comps, ro, scores, transform=LogitTransform(), include_eos=True):
+    G = len(comps) // len(prompts)
+    for r, comp in enumerate(comps):
+        tok, ent, var = naive_scores(model, prompts[r // G], comp, transform, include_eos=include_eos)
+        L = int(scores.length[r])
+        assert L == len(tok)
+        m = scores.mask[r]
+        torch.testing.assert_close(scores.token_logp[r][m], tok, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(scores.token_entropy[r][m], ent, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(scores.token_varentropy[r][m], var, atol=10 * TOL, rtol=TOL)
+        torch.testing.assert_close(scores.logp[r], tok.double().sum(), atol=10 * TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_batched_left_padded_equals_one_by_one(arch, request, rng):
+    model = request.getfixturevalue(arch)
+    prompts, comps, ro = random_rollouts(rng)
+    scores = LogProbEngine(progress=False).score(model, ro)
+    assert_matches_naive(model, prompts, comps, ro, scores)
+
+
+def test_gpt2_needs_explicit_position_ids(tiny_gpt2, rng, monkeypatch):
+    """The same comparison fails for an absolute-position model when positions are left implicit."""
+    prompts, comps, ro = random_rollouts(rng, max_prompt=8)
+    monkeypatch.setattr(logprob_mod, "_position_ids", lambda att: None)
+    scores = LogProbEngine(progress=False, check_head=False).score(tiny_gpt2, ro)
+    with pytest.raises(AssertionError):
+        assert_matches_naive(tiny_gpt2, prompts, comps, ro, scores)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=str)
+@pytest.mark.parametrize("include_eos", [True, False])
+def test_engine_equals_full_logits_reference(tiny_llama, rng, transform, include_eos):
+    # random tokens fall outside a top-k/top-p set (log p = -inf), so sample those from the model
+    prompts, comps, ro = (sampled_rollouts(tiny_llama, transform) if transform.truncates
+                          else random_rollouts(rng))
+    cfg = EngineConfig.from_transform(transform, include_eos=include_eos, progress=False)
+    scores = LogProbEngine(cfg).score(tiny_llama, ro)
+    assert_matches_naive(tiny_llama, prompts, comps, ro, scores, transform, include_eos)
+
+
+def test_transform_equals_hf_warpers(rng):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    logits = torch.tensor(rng.normal(size=(16, 300)) * 3, dtype=torch.float32)
+    t = LogitTransform(temperature=0.8, top_k=40, top_p=0.7)
+    ref = TopPLogitsWarper(0.7)(None, TopKLogitsWarper(40)(None, TemperatureLogitsWarper(0.8)(None, logits)))
+    torch.testing.assert_close(t(logits), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(temperature=0.9, top_k=12, top_p=0.85),
+                                       LogitTransform(temperature=1.2)], ids=str)
+def test_scores_equal_hf_generate_processed_scores(tiny_llama, transform):
+    """The log-probs of sampled tokens equal log_softmax of the scores HF generate sampled from."""
+    torch.manual_seed(3)
+    prompt_ids = torch.tensor([[2, 2, 5, 6, 7], [8, 9, 10, 11, 12], [2, 2, 2, 13, 14]])
+    prompt_mask = (torch.arange(5)[None] >= torch.tensor([[2], [0], [3]])).long()
+    with torch.no_grad():
+        out = tiny_llama.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=8,
+                                  output_scores=True, return_dict_in_generate=True, pad_token_id=2,
+                                  eos_token_id=2, **transform.generate_kwargs())
+    comp = out.sequences[:, 5:]
+    ro = Rollouts.from_tensors(prompt_ids, prompt_mask, comp, completion_mask(comp, 2),
+                               eos_token_ids=2, num_generations=1)
+    scores = LogProbEngine(EngineConfig.from_transform(transform, progress=False)).score(tiny_llama, ro)
+    hf = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # [N, C, V]
+    hf_tok = hf.gather(-1, comp[..., None]).squeeze(-1)
+    m = scores.mask
+    torch.testing.assert_close(scores.token_logp[m], hf_tok[m], atol=TOL, rtol=TOL)
+
+
+def test_token_budget_does_not_change_scores(tiny_llama, rng):
+    """Batch invariance in fp32: one row per micro-batch vs everything at once."""
+    _, _, ro = random_rollouts(rng, P=4, G=4)
+    results = [LogProbEngine(token_budget=b, progress=False).score(tiny_llama, ro) for b in (1, 17, 10**6)]
+    assert len(LogProbEngine(token_budget=1).micro_batches(ro, ro.completion_mask)) == ro.n_rows
+    for s in results[1:]:
+        torch.testing.assert_close(s.logp, results[0].logp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(s.entropy_sum, results[0].entropy_sum, atol=1e-5, rtol=0)
+    # the same configuration twice is bit-identical: ΔH = 0 exactly when p1 = p0
+    again = LogProbEngine(token_budget=17, progress=False).score(tiny_llama, ro)
+    assert torch.equal(again.logp, results[1].logp)
+
+
+def test_small_head_chunks_equal_one_chunk(tiny_llama, rng):
+    _, _, ro = random_rollouts(rng)
+    a = LogProbEngine(chunk_elems=96 * 3, progress=False).score(tiny_llama, ro)
+    b = LogProbEngine(progress=False).score(tiny_llama, ro)
+    torch.testing.assert_close(a.token_logp, b.token_logp, atol=1e-6, rtol=0)
+
+
+def test_row_fields_and_empty_rows(tiny_llama):
+    ro = Rollouts.from_token_lists([[5, 6]], [[2], [7, 8, 2], [9, 10]], eos_token_ids=2)
+    s = LogProbEngine(include_eos=False, progress=False).score(tiny_llama, ro)
+    assert s.length.tolist() == [0, 2, 2] and s.empty.tolist() == [True, False, False]
+    assert s.logp[0].item() == 0.0 and np.isnan(s.mean_logp[0].item())
+    assert s.mean_logp[1].item() == pytest.approx(s.logp[1].item() / 2)
+    full = LogProbEngine(progress=False).score(tiny_llama, ro)
+    # excluding EOS = subtracting the stop position (what the estimators' include="no_eos" does)
+    torch.testing.assert_close(full.logp - full.stop_logp, s.logp, atol=1e-6, rtol=0)
+    assert full.stopped.tolist() == [True, True, False]
+    arrays = full.to_numpy()
+    assert arrays["logp"].dtype == np.float64 and arrays["token_logp"].shape == (3, 3)
+
+
+def test_requires_grad_gives_the_gradient_of_the_reference(tiny_llama, rng):
+    prompts, comps, ro = random_rollouts(rng, P=2, G=2)
+    s = LogProbEngine(requires_grad=True, progress=False).score(tiny_llama, ro)
+    tiny_llama.zero_grad()
+    s.logp.sum().backward()
+    g_engine = tiny_llama.model.layers[0].mlp.up_proj.weight.grad.clone()
+    tiny_llama.zero_grad()
+    total = 0.0
+    for r, comp in enumerate(comps):
+        p = prompts[r // 2]
+        ids = torch.tensor([p + comp])
+        logp = torch.log_softmax(tiny_llama(ids).logits[0, len(p) - 1:-1].float(), -1)
+        m = completion_mask(torch.tensor([comp]), 2)[0]
+        total = total + logp[torch.arange(len(comp)), torch.tensor(comp)][m].sum()
+    total.backward()
+    g_ref = tiny_llama.model.layers[0].mlp.up_proj.weight.grad.clone()
+    tiny_llama.zero_grad()
+    torch.testing.assert_close(g_engine, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_train_mode_is_restored_and_dropout_off(tiny_gpt2, rng):
+    _, _, ro = random_rollouts(rng)
+    tiny_gpt2.train()
+    try:
+        a = LogProbEngine(progress=False).score(tiny_gpt2, ro)
+        b = LogProbEngine(progress=False).score(tiny_gpt2, ro)
+        assert tiny_gpt2.training
+    finally:
+        tiny_gpt2.eval()
+    assert torch.equal(a.logp, b.logp)
+
+
+def test_non_finite_logits_name_the_rows(tiny_llama, rng):
+    import copy
+
+    broken = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        broken.lm_head.weight[5] = float("nan")
+    _, _, ro = random_rollouts(rng)
+    with pytest.raises(FloatingPointError, match="non-finite logits for rows"):
+        LogProbEngine(progress=False, check_head=False).score(broken, ro)
+
+
+def test_a_model_without_separate_head_is_refused(tiny_llama, rng):
+    _, _, ro = random_rollouts(rng)
+    with pytest.raises(TypeError, match="ForCausalLM"):
+        LogProbEngine(progress=False).score(tiny_llama.model, ro)
+
+
+def test_unknown_logit_transformation_fails_the_head_check(tiny_llama, rng):
+    import copy
+
+    odd = copy.deepcopy(tiny_llama)
+    original = type(odd).forward
+
+    def forward(self, *a, **kw):  # an architecture that scales logits in its forward
+        out = original(self, *a, **kw)
+        out.logits = out.logits * 0.5
+        return out
+
+    odd.forward = forward.__get__(odd)
+    _, _, ro = random_rollouts(rng)
+    with pytest.raises(TypeError, match="does not know"):
+        LogProbEngine(progress=False).score(odd, ro)
+
+
+def test_tokens_outside_top_k_warn(tiny_llama, rng):
+    _, _, ro = random_rollouts(rng)
+    with pytest.warns(UserWarning, match="outside this transform"):
+        s = LogProbEngine(top_k=1, progress=False).score(tiny_llama, ro)
+    assert torch.isneginf(s.logp).any()
