@@ -198,6 +198,40 @@ class Rollouts:
 
     # ---------------------------------------------------------------- builders
     @classmethod
+    def concat(cls, parts: Sequence[Rollouts], pad_token_id: int = 0) -> Rollouts:
+        """Stack batches row-wise (re-padding both blocks); each part's prompts stay distinct.
+
+        Group ids of part k are shifted past those of parts < k, so two parts never share a
+        prompt (sampling the prompts of a run in chunks, then merging, keeps one group each).
+        """
+        if not parts:
+            raise ValueError("concat needs at least one Rollouts.")
+        eos = parts[0].eos_token_ids
+        if any(p.eos_token_ids != eos for p in parts):
+            raise ValueError("cannot concat rollouts with different eos_token_ids.")
+        P = max(p.prompt_len for p in parts)
+        C = max(p.input_ids.shape[1] - p.prompt_len for p in parts)
+        ids, att, cmask, groups, offset = [], [], [], [], 0
+        for p in parts:
+            n, c = p.n_rows, p.input_ids.shape[1] - p.prompt_len
+            left = p.input_ids.new_full((n, P - p.prompt_len), pad_token_id)
+            right = p.input_ids.new_full((n, C - c), pad_token_id)
+            ids.append(torch.cat([left, p.prompt_ids, p.completion_ids, right], 1))
+            zl, zr = torch.zeros_like(left), torch.zeros_like(right)
+            att.append(torch.cat([zl, p.attention_mask[:, : p.prompt_len], p.attention_mask[:, p.prompt_len:], zr], 1))
+            cmask.append(torch.cat([p.completion_mask, zr.bool()], 1))
+            _, codes = torch.unique(p.group, return_inverse=True)
+            groups.append(codes + offset)
+            offset += int(codes.max()) + 1
+        return cls(torch.cat(ids), torch.cat(att), P, torch.cat(cmask), torch.cat(groups), eos)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Rollouts:
+        """The batch restricted to `rows` (same layout and widths)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Rollouts(self.input_ids[rows], self.attention_mask[rows], self.prompt_len,
+                        self.completion_mask[rows], self.group[rows], self.eos_token_ids)
+
+    @classmethod
     def from_token_lists(
         cls,
         prompts: Sequence[Sequence[int]],

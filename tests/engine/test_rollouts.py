@@ -70,3 +70,18 @@ def test_empty_prompt_and_missing_eos_are_refused():
 def test_prompt_count_must_divide_rows():
     with pytest.raises(ValueError, match="multiple"):
         Rollouts.from_token_lists([[5], [6]], [[3], [4], [5]], eos_token_ids=2)
+
+
+def test_concat_repads_and_keeps_prompts_distinct():
+    a = Rollouts.from_token_lists([[5, 6, 7]], [[11, 2], [12]], eos_token_ids=2)
+    b = Rollouts.from_token_lists([[8]], [[13, 14, 15], [2]], eos_token_ids=2)
+    c = Rollouts.concat([a, b])
+    assert c.prompt_len == 3 and c.input_ids.shape == (4, 6)
+    assert c.group.tolist() == [0, 0, 1, 1]
+    assert c.lengths.tolist() == [2, 1, 3, 1]
+    assert c.prompt_lengths.tolist() == [3, 3, 1, 1]
+    # the same rows built in one go give the same real tokens in the same places
+    d = Rollouts.from_token_lists([[5, 6, 7], [8]], [[11, 2], [12], [13, 14, 15], [2]], eos_token_ids=2)
+    assert torch.equal(c.attention_mask, d.attention_mask)
+    assert torch.equal(c.input_ids * c.attention_mask, d.input_ids * d.attention_mask)
+    assert c.select([2, 3]).lengths.tolist() == [3, 1]

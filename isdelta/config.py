@@ -1,0 +1,181 @@
+"""cfg.yaml as frozen pydantic models: unknown keys rejected, errors that name the key path.
+
+A run is fully described by one YAML file plus ``--set a.b=value`` overrides; the resolved
+config is saved beside the outputs and its hash guards them (a changed config never mixes with
+an old run's samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["RunConfig", "ConfigError", "load_config", "apply_overrides", "config_hash"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="builtin name, .gguf file, local HF folder, or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False  # run code shipped with a checkpoint: only when said in so many words
+    allow_download: bool = False  # a hub id may be fetched from the network
+
+
+class UpdateConfig(_Section):
+    loss: Literal["sft", "reinforce"] = "reinforce"
+    reward: Literal["boxed_match", "answer_match"] = "answer_match"  # reinforce only
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(1, ge=1)
+
+
+class DataConfig(_Section):
+    path: str = Field(description="jsonl file, or builtin:math for the prompts shipped in isdelta/data")
+    prompt_field: str = "prompt"  # a string prompt ...
+    messages_field: str = "messages"  # ... or a chat message list (used first when present)
+    answer_field: str = "answer"
+    response_field: str = "response"  # reference responses, for update.loss = sft
+    chat_template: bool = True  # wrap string prompts as one user message
+    limit: int | None = Field(None, ge=1)
+
+
+class SamplingConfig(_Section):
+    num_samples: int = Field(8, ge=2, description="G: samples per prompt (SNIS needs >= 2)")
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop_strings: tuple[str, ...] = ()
+    prompts_per_batch: int = Field(8, ge=1)
+
+
+class EngineSection(_Section):
+    include_eos: bool = True
+    token_budget: int = Field(16384, ge=1)
+
+
+class EstimatorConfig(_Section):
+    weights: Literal["psis", "none", "truncate", "clip"] = "psis"
+    prompts: Literal["fixed", "sampled"] = "fixed"
+    level: float = Field(0.95, gt=0, lt=1)
+    clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _clip_needs_value(self) -> EstimatorConfig:
+        if self.weights == "clip" and self.clip is None:
+            raise ValueError("weights: clip needs estimator.clip (the largest allowed ratio, e.g. 10)")
+        return self
+
+
+class OutputConfig(_Section):
+    dir: str = "runs/demo"
+    plots: bool = True
+    n_trace_samples: int = Field(4, ge=0)  # completions shown in the per-token entropy plot
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    model: ModelConfig
+    updated: ModelConfig | None = None
+    update: UpdateConfig | None = None
+    data: DataConfig
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineSection = EngineSection()
+    estimator: EstimatorConfig = EstimatorConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _one_way_to_p1(self) -> RunConfig:
+        if (self.updated is None) == (self.update is None):
+            raise ValueError("give exactly one of `updated` (a second checkpoint: {path: ...}) or "
+                             "`update` (an in-process step: {loss: reinforce, lr: ...})")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message lists every problem."""
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (a pydantic error location) inside `model`."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        sub = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not sub:
+            break
+        model = sub[0]
+    return sorted(model.model_fields)
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(RunConfig, loc[:-1])
+            lines.append(f"{path}: unknown key. Valid keys here: {', '.join(valid)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{path}: {msg}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b=value`` strings (values parsed as YAML: ``1e-4``, ``true``, ``[a, b]``)."""
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set update.lr=1e-4")
+        _set_path(raw, key.strip(), yaml.safe_load(value))
+    return raw
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config; raises ConfigError naming each bad key path."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of everything that changes the results (the output section excluded)."""
+    data = cfg.model_dump(mode="json", exclude={"output"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,179 @@
+"""The run's outputs: report.json, sequences.csv, summary.md and PNG plots.
+
+Everything here reads plain arrays (the engine's ``SequenceScores.to_numpy()`` dicts) and the
+estimator's ``EntropyDelta``; matplotlib is imported only when plots are drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_report", "per_prompt_estimates", "versions", "atomic_write"]
+
+LN2 = math.log(2.0)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so an interrupted run never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("isdelta", "torch", "transformers", "numpy", "scipy", "arviz"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def per_prompt_estimates(s0: dict, s1: dict, estimator_kw: dict) -> list[dict]:
+    """ΔH with its CI within each prompt (the within-prompt SE), for the per-prompt plot/table."""
+    from isdelta.estimators import estimate
+
+    rows = []
+    for p in np.unique(s0["group"]):
+        idx = np.flatnonzero(s0["group"] == p)
+        if len(idx) < 2:
+            continue
+        import warnings
+
+        with warnings.catch_warnings():  # per-prompt diagnostics repeat the pooled ones
+            warnings.simplefilter("ignore")
+            kw = dict(estimator_kw, weights="none" if estimator_kw.get("weights") == "psis" else
+                      estimator_kw.get("weights", "none"))
+            r = estimate(s0["logp"][idx], s1["logp"][idx], s0["length"][idx], **kw)
+        rows.append({"prompt": int(p), "delta": r.delta.to_dict(), "delta_tok": r.delta_tok.to_dict(),
+                     "ess": r.ess, "n": len(idx)})
+    return rows
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _estimate_table(res) -> list[str]:
+    lines = ["| quantity | nats | ± SE | CI (nats) | bits | CI (bits) |", "|---|---|---|---|---|---|"]
+    names = [("H(p0) per sequence", "h0"), ("H(p1) per sequence", "h1"), ("**ΔH per sequence**", "delta"),
+             ("H(p0) per token", "h0_tok"), ("H(p1) per token", "h1_tok"), ("**ΔH per token**", "delta_tok"),
+             ("ΔH, Rao–Blackwellised", "delta_rb"), ("ΔH per token, Rao–Blackwellised", "delta_tok_rb"),
+             ("ΔH₁ (first order)", "delta1")]
+    for label, key in names:
+        e = getattr(res, key, None)
+        if e is None:
+            continue
+        b = e.bits
+        lines.append(f"| {label} | {e.value:+.4f} | {e.se:.4f} | [{e.ci_low:+.4f}, {e.ci_high:+.4f}] | "
+                     f"{b.value:+.4f} | [{b.ci_low:+.4f}, {b.ci_high:+.4f}] |")
+    return lines
+
+
+def _diagnostics_table(res) -> list[str]:
+    d = [("ESS (pooled)", f"{res.ess:.1f} of {res.n_rows} ({res.ess_frac:.0%})"),
+         ("ESS per prompt (min / mean)", f"{res.ess_min:.1f} / {res.ess_mean:.1f}"),
+         ("Pareto k̂ (threshold)", f"{res.khat:.3f} ({res.khat_threshold:.2f}) — {res.khat_status}"),
+         ("S_min for this k̂", f"{res.s_min:.3g}"),
+         ("KL(p1‖p0), nats", f"{res.kl:.4g}"),
+         ("mean ratio per prompt (min / max)", f"{res.mean_ratio_min:.3f} / {res.mean_ratio_max:.3f}"),
+         ("weights", res.weights_used), ("uncertainty", f"prompts = {res.prompts}"),
+         ("first-order gap terms (cov, KL)", f"{res.cov_term:+.4f}, {res.kl_term:+.4f}")]
+    return ["| diagnostic | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in d]
+
+
+def _sanity_table(res) -> list[str]:
+    d = [("prompts × samples", f"{res.n_prompts} prompts, {res.n_rows} rows"),
+         ("mean generated length (tokens)", f"{res.mean_length:.1f}"),
+         ("per-token NLL under p0", f"{res.nll0_tok:.4f} nats = {res.nll0_tok / LN2:.4f} bits"),
+         ("per-token NLL under p1 (SNIS)", f"{res.nll1_tok:.4f} nats = {res.nll1_tok / LN2:.4f} bits"),
+         ("rows without a stop token", "n/a" if res.no_stop_frac is None else f"{res.no_stop_frac:.0%}"),
+         ("rows with L = 0", str(res.n_empty))]
+    return ["| sanity figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in d]
+
+
+def summary_markdown(res, meta: dict[str, Any]) -> str:
+    """summary.md: estimates, diagnostics, sanity figures, update, warnings, timings."""
+    out = [f"# isdelta run — {meta.get('name', '')}", "",
+           f"p0: `{meta['p0']}`; p1: {meta['p1']}. Entropies of the sampling distribution "
+           f"({meta['transform']}), nats (bits = nats / ln 2).", "", "## Estimates", ""]
+    out += _estimate_table(res) + ["", "## Diagnostics", ""] + _diagnostics_table(res)
+    out += ["", "## Sanity figures", ""] + _sanity_table(res)
+    if meta.get("update"):
+        u = meta["update"]
+        out += ["", "## Update", "", "| field | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in u.items() if not isinstance(v, (list, dict))]
+    out += ["", "## Warnings", ""]
+    out += [f"- {w}" for w in res.warnings] or ["- none"]
+    out += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    out += [f"| {k} | {v:.1f} |" for k, v in meta.get("timings", {}).items()]
+    if meta.get("plots"):
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in meta["plots"]]
+    return "\n".join(out) + "\n"
+
+
+def _log_weights(log_r: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Per-prompt normalised log weights log w̄ (logsumexp within each group)."""
+    from scipy.special import logsumexp
+
+    out = np.empty_like(log_r)
+    for p in np.unique(group):
+        idx = group == p
+        out[idx] = log_r[idx] - logsumexp(log_r[idx])
+    return out
+
+
+def write_sequences_csv(path: Path, s0: dict, s1: dict, texts: list[str], smoothed: np.ndarray | None) -> None:
+    """One row per sample: ids, length, stop, S0, S1, log-ratio, weights, entropy sums, text."""
+    log_r = s1["logp"] - s0["logp"]
+    w = np.exp(_log_weights(log_r, s0["group"]))
+    group = s0["group"]
+    sample_id = np.zeros(len(group), dtype=int)
+    for p in np.unique(group):
+        sample_id[group == p] = np.arange((group == p).sum())
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["prompt_id", "sample_id", "length", "stopped", "S0", "S1", "log_ratio", "weight",
+                     "weight_smoothed", "entropy_sum0", "entropy_sum1", "text"])
+        for i in range(len(group)):
+            ws = "" if smoothed is None else f"{smoothed[i]:.6g}"
+            wr.writerow([int(group[i]), int(sample_id[i]), int(s0["length"][i]), bool(s0["stopped"][i]),
+                         f"{s0['logp'][i]:.6f}", f"{s1['logp'][i]:.6f}", f"{log_r[i]:.6g}", f"{w[i]:.6g}",
+                         ws, f"{s0['entropy_sum'][i]:.6f}", f"{s1['entropy_sum'][i]:.6f}", texts[i]])
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, res, s0: dict, s1: dict, texts: list[str], meta: dict[str, Any],
+                 smoothed: np.ndarray | None = None, plots: bool = True, n_trace: int = 4) -> dict:
+    """Write report.json, sequences.csv, summary.md and (optionally) plots; return report dict."""
+    out = Path(out)
+    per_prompt = per_prompt_estimates(s0, s1, meta.get("estimator_kw", {}))
+    plot_files = []
+    if plots:
+        from isdelta import plots as plotting
+
+        plot_files = plotting.draw_all(out, res, s0, s1, per_prompt, smoothed, n_trace)
+    meta = dict(meta, plots=plot_files)
+    report = {"config": meta.get("config"), "config_hash": meta.get("config_hash"),
+              "versions": versions(), "device": meta.get("device"), "timings": meta.get("timings"),
+              "update": meta.get("update"), "transform": meta.get("transform"),
+              "estimate": res.to_dict(), "per_prompt": per_prompt, "plots": plot_files}
+    atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
+    write_sequences_csv(out / "sequences.csv", s0, s1, texts, smoothed)
+    atomic_write(out / "summary.md", summary_markdown(res, meta))
+    return report
