@@ -54,8 +54,10 @@ def per_prompt_estimates(s0: dict, s1: dict, estimator_kw: dict) -> list[dict]:
 
         with warnings.catch_warnings():  # per-prompt diagnostics repeat the pooled ones
             warnings.simplefilter("ignore")
-            kw = dict(estimator_kw, weights="none" if estimator_kw.get("weights") == "psis" else
-                      estimator_kw.get("weights", "none"))
+            # one prompt: the within-prompt SE (a between-prompt SE needs >= 2 prompts); raw
+            # weights, since G samples are too few for a per-prompt Pareto tail fit
+            kw = dict(estimator_kw, prompts="fixed",
+                      weights="none" if estimator_kw.get("weights") == "psis" else estimator_kw.get("weights", "none"))
             r = estimate(s0["logp"][idx], s1["logp"][idx], s0["length"][idx], **kw)
         rows.append({"prompt": int(p), "delta": r.delta.to_dict(), "delta_tok": r.delta_tok.to_dict(),
                      "ess": r.ess, "n": len(idx)})

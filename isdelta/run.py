@@ -124,8 +124,9 @@ def score_stage(cfg: RunConfig, model, rollouts, transform, path: Path) -> dict:
             return dict(z)
     from isdelta.engine import EngineConfig, LogProbEngine
 
-    ecfg = EngineConfig.from_transform(transform, include_eos=cfg.engine.include_eos,
-                                       token_budget=cfg.engine.token_budget)
+    # Always score whole sequences: the importance weights need the full ratio (p0 sampled the
+    # stop token too); engine.include_eos=false is applied in the estimator (include="no_eos").
+    ecfg = EngineConfig.from_transform(transform, include_eos=True, token_budget=cfg.engine.token_budget)
     arrays = LogProbEngine(ecfg).score(model, rollouts).to_numpy()
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
@@ -225,7 +226,7 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     est_kw = dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip)
     with stage("estimate", timings):
         res = estimate(s0["logp"], s1["logp"], s0["length"], s0["group"], entropy_sum0=s0["entropy_sum"],
-                       entropy_sum1=s1["entropy_sum"], stopped=stopped, **est_kw)
+                       entropy_sum1=s1["entropy_sum"], stopped=stopped, **est_kw, **eos_terms(cfg, s0, s1))
     with stage("report", timings):
         meta = {"name": out.name, "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
                 "device": str(next(model.parameters()).device), "timings": timings, "update": update_info,
@@ -238,6 +239,14 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     print(res.summary())
     print(f"\nreport: {out / 'summary.md'}  (report.json, sequences.csv, plots)")
     return report
+
+
+def eos_terms(cfg: RunConfig, s0: dict, s1: dict) -> dict:
+    """Estimator arguments that drop the stop token from S, L and the entropy sums."""
+    if cfg.engine.include_eos:
+        return {"include": "all"}
+    return {"include": "no_eos", "eos_logp0": s0["stop_logp"], "eos_logp1": s1["stop_logp"],
+            "eos_entropy_sum0": s0["stop_entropy_sum"], "eos_entropy_sum1": s1["stop_entropy_sum"]}
 
 
 def smoothed_weights(s0: dict, s1: dict, est_kw: dict) -> np.ndarray | None:
@@ -254,12 +263,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config value, e.g. --set update.lr=1e-4 (repeatable)")
     ap.add_argument("--out", help="output folder (default: output.dir of the config)")
     args = ap.parse_args(argv)
+    from isdelta.training import ZeroUpdateError
+
     try:
         cfg = load_config(args.config, args.set)
         run(cfg, Path(args.out) if args.out else None)
     except (ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ZeroUpdateError as e:
+        # never reported as a measured ΔH = 0: the update did not move the model at all
+        print(f"error: the update did not change the model, so there is no ΔH to measure: {e}",
+              file=sys.stderr)
+        return 3
     return 0
 
 

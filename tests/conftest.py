@@ -50,3 +50,22 @@ def smollm2():
     from isdelta.engine import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def char_tok():
+    """A char-level tokenizer with V = 96 ids matching tiny_llama: 0 unk, 1 bos, 2 eos = pad."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in map(chr, range(32, 127)) if c not in "`~|"] + ["\n"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    assert len(vocab) == 96
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one id per char
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                pad_token="</s>", unk_token="<unk>")
+    t.chat_template = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}<a>{% endif %}")
+    return t

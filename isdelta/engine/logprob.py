@@ -91,6 +91,8 @@ class SequenceScores:
     entropy_sum : DoubleTensor [N]  Σ_t token_entropy (the Rao–Blackwellised term).
     group : LongTensor [N]  prompt of each row.
     stopped : BoolTensor [N]  the row ends with a stop token.
+    stop_entropy_sum : DoubleTensor [N]  Σ_t Σ_{e ∈ eos} −p_t(e) log p_t(e): the stop tokens' share
+        of ``entropy_sum`` (subtract it for the entropy of non-stop tokens, ``include="no_eos"``).
     """
 
     token_logp: torch.Tensor
@@ -102,6 +104,7 @@ class SequenceScores:
     entropy_sum: torch.Tensor
     group: torch.Tensor
     stopped: torch.Tensor
+    stop_entropy_sum: torch.Tensor
 
     @property
     def mean_logp(self) -> torch.Tensor:
@@ -114,27 +117,18 @@ class SequenceScores:
         """Rows [N] with no counted token (an immediate stop with include_eos=False)."""
         return self.length == 0
 
-    def _at_stop(self, values: torch.Tensor) -> torch.Tensor:
-        """values[i, L_i − 1] for stopped rows whose stop token is counted, else 0; [N] float64."""
-        last = (self.length - 1).clamp(min=0)
-        v = values.gather(1, last[:, None]).squeeze(1).double()
-        counted = self.stopped & (self.length > 0) & self.mask.gather(1, last[:, None]).squeeze(1)
-        return torch.where(counted, v, torch.zeros_like(v))
-
     @property
     def stop_logp(self) -> torch.Tensor:
         """log p of the counted stop token per row [N] (0 when none): subtract it to exclude EOS."""
-        return self._at_stop(self.token_logp)
-
-    @property
-    def stop_entropy(self) -> torch.Tensor:
-        """Next-token entropy at the counted stop position per row [N] (0 when none)."""
-        return self._at_stop(self.token_entropy)
+        last = (self.length - 1).clamp(min=0)
+        v = self.token_logp.gather(1, last[:, None]).squeeze(1).double()
+        counted = self.stopped & (self.length > 0) & self.mask.gather(1, last[:, None]).squeeze(1)
+        return torch.where(counted, v, torch.zeros_like(v))
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Every field and derived array as numpy (detached, on CPU)."""
         names = ["token_logp", "token_entropy", "token_varentropy", "mask", "logp", "length",
-                 "entropy_sum", "group", "stopped", "mean_logp", "empty", "stop_logp", "stop_entropy"]
+                 "entropy_sum", "group", "stopped", "stop_entropy_sum", "mean_logp", "empty", "stop_logp"]
         return {n: getattr(self, n).detach().cpu().numpy() for n in names}
 
 
@@ -187,6 +181,7 @@ class _Chunk:
     logp: torch.Tensor
     entropy: torch.Tensor
     varentropy: torch.Tensor
+    stop_term: torch.Tensor
 
 
 class LogProbEngine:
@@ -296,26 +291,29 @@ class LogProbEngine:
         V = head.weight.shape[0]
         step = max(1, self.config.chunk_elems // V)
         M = h.shape[0]
+        eos = torch.tensor(rollouts.eos_token_ids, dtype=torch.long, device=device)
         # Without a graph the results go into one preallocated buffer: small per-chunk tensors
         # kept alive between large freed ones fragment the CPU heap (RSS grew ~60 MiB a chunk).
-        out = None if self.config.requires_grad else torch.empty(3, M, dtype=torch.float32, device=device)
+        out = None if self.config.requires_grad else torch.empty(4, M, dtype=torch.float32, device=device)
         parts = []
         for s in range(0, M, step):
             # no local name for the [m, V] logits: _token_stats frees them after log_softmax
             stats = self._token_stats(final(head(h[s: s + step])).float(), targets[s: s + step],
-                                      r_idx[s: s + step])
+                                      r_idx[s: s + step], eos)
             if out is None:
                 parts.append(stats)
             else:
-                for k in range(3):
+                for k in range(4):
                     out[k, s: s + step] = stats[k]
             del stats
         if out is None:
-            out = [torch.cat(x) for x in zip(*parts)] if parts else [h.new_zeros(0).float()] * 3
-        return _Chunk(r_idx, cols, out[0], out[1], out[2])
+            out = [torch.cat(x) for x in zip(*parts)] if parts else [h.new_zeros(0).float()] * 4
+        return _Chunk(r_idx, cols, *out)
 
-    def _token_stats(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor):
-        """log p(target), entropy and varentropy [m] of fp32 logits [m, V] after the transform."""
+    def _token_stats(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                     eos: torch.Tensor):
+        """log p(target), entropy, varentropy and the stop ids' entropy share [m] of fp32 logits
+        [m, V] after the transform."""
         bad = ~torch.isfinite(logits).all(-1)
         if bad.any():
             raise FloatingPointError(
@@ -343,23 +341,24 @@ class LogProbEngine:
             token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
             p = logp.exp()
         entropy = -torch.einsum("mv,mv->m", p, logp)  # [m], no [m, V] temporary
+        stop_term = -(p[:, eos] * logp[:, eos]).sum(-1)  # [m]; logp is finite wherever p > 0
         # Var[−log p] = Σ p (log p + H)², centred (E[(log p)²] − H² loses digits when H is small).
         dev = logp + entropy[:, None] if grad else logp.add_(entropy[:, None])
         varentropy = torch.einsum("mv,mv->m", p, dev.square() if grad else dev.square_())
-        return token_logp, entropy, varentropy
+        return token_logp, entropy, varentropy, stop_term
 
     # ------------------------------------------------------------------ assembly
     def _assemble(self, chunks, rollouts, mask, device) -> SequenceScores:
         N, C = mask.shape
         mask = mask.to(device)
         fields = []
-        for name in ("logp", "entropy", "varentropy"):
+        for name in ("logp", "entropy", "varentropy", "stop_term"):
             full = torch.zeros(N, C, dtype=torch.float32, device=device)
             if chunks:
                 idx = (torch.cat([c.rows for c in chunks]), torch.cat([c.cols for c in chunks]))
                 full = full.index_put(idx, torch.cat([getattr(c, name) for c in chunks]))
             fields.append(full)
-        token_logp, token_entropy, token_varentropy = fields
+        token_logp, token_entropy, token_varentropy, stop_term = fields
         inf_rows = torch.isneginf(token_logp).any(-1)
         if inf_rows.any():
             warnings.warn(
@@ -370,7 +369,7 @@ class LogProbEngine:
             token_logp=token_logp, token_entropy=token_entropy, token_varentropy=token_varentropy,
             mask=mask, logp=token_logp.double().sum(-1), length=mask.sum(-1),
             entropy_sum=token_entropy.double().sum(-1), group=rollouts.group.to(device),
-            stopped=rollouts.stopped.to(device),
+            stopped=rollouts.stopped.to(device), stop_entropy_sum=stop_term.double().sum(-1),
         )
 
     # ------------------------------------------------------------------ safety check

@@ -227,7 +227,7 @@ class Rollouts:
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> Rollouts:
         """The batch restricted to `rows` (same layout and widths)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+        rows = torch.as_tensor(rows, dtype=torch.long).to(self.input_ids.device)
         return Rollouts(self.input_ids[rows], self.attention_mask[rows], self.prompt_len,
                         self.completion_mask[rows], self.group[rows], self.eos_token_ids)
 

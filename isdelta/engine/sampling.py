@@ -70,7 +70,8 @@ class Samples:
     rollouts : Rollouts
         Prompt-major rows (r = p·G + g, ``group[r] = p``); the counted tokens follow DESIGN.md §3.
     texts : tuple of str [N]
-        Decoded kept completions, special tokens removed.
+        Decoded kept completions, special tokens removed (a stop string that ended a row stays in
+        its text, as does the rest of the token that completed it).
     prompt_texts : tuple of str [P]
         Each prompt as the model saw it (chat prompts rendered by the chat template).
     stop_reason : tuple of str [N]

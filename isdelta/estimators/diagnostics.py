@@ -17,7 +17,7 @@ from isdelta.estimators.groups import Groups
 from isdelta.estimators.inputs import Rows
 from isdelta.estimators.weights import Weights, khat_threshold, min_sample_size, pooled_ess
 
-__all__ = ["RATIO_RANGE", "ESS_FRAC_MIN", "diagnose", "collect_warnings"]
+__all__ = ["ESS_FRAC_MIN", "RATIO_RANGE", "collect_warnings", "diagnose"]
 
 RATIO_RANGE = (0.5, 2.0)  # mean r per prompt outside this: missed mass / different support
 ESS_FRAC_MIN = 0.1  # pooled ESS / N below this: a handful of rows carry the estimate
@@ -71,9 +71,7 @@ def diagnose(rows: Rows, wts: Weights) -> dict:
         "mean_length": float(g.sum(u * rows.length).mean()),
         "nll0_tok": _ratio_mean(per_row0, u, nonempty, g),
         "nll1_tok": _ratio_mean(per_row1, wts.w, nonempty, g),
-        "no_stop_frac": None
-        if rows.stopped is None
-        else float(g.sum(u * ~rows.stopped).mean()),
+        "no_stop_frac": None if rows.stopped is None else float(g.sum(u * ~rows.stopped).mean()),
         "n_rows": g.n_rows,
         "n_prompts": g.n_prompts,
         "n_empty": int(np.sum(~nonempty)),

@@ -24,6 +24,7 @@ __all__ = [
     "check_group_sizes",
     "check_options",
     "group_codes",
+    "layout",
     "prepare",
 ]
 
@@ -58,7 +59,7 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def as_rows(name: str, x, n: int | None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+def as_rows(name: str, x, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """``x`` as float64 of exactly ``shape`` (or any 1-D / 2-D shape when None), raveled."""
     try:
         arr = np.asarray(x, dtype=np.float64)
@@ -76,8 +77,6 @@ def as_rows(name: str, x, n: int | None, shape: tuple[int, ...] | None = None) -
         )
     if arr.size == 0:
         raise ValueError(f"{name}: expected at least 2 rows, got an empty array.")
-    if n is not None and arr.size != n:
-        raise ValueError(f"{name}: expected {n} rows, got {arr.size}.")
     return arr.reshape(-1)
 
 
@@ -174,9 +173,9 @@ def check_options(
         )
 
 
-def _layout(log_p0, group) -> tuple[tuple[int, ...], np.ndarray, Groups]:
-    """Shape of the inputs, log_p0 as [N], and the prompt groups ([P, G] or 1-D + group)."""
-    s0 = as_rows("log_p0", log_p0, None)
+def layout(log_p0, group, name: str = "log_p0") -> tuple[tuple[int, ...], np.ndarray, Groups]:
+    """Shape of the inputs, ``log_p0`` as [N], and the prompt groups ([P, G] or 1-D + group)."""
+    s0 = as_rows(name, log_p0)
     shape = np.shape(log_p0)
     if len(shape) == 2:
         if group is not None:
@@ -203,7 +202,7 @@ def _entropy_sums(entropy_sum0, entropy_sum1, shape) -> tuple[np.ndarray | None,
         return None, None
     out = []
     for name, x in (("entropy_sum0", entropy_sum0), ("entropy_sum1", entropy_sum1)):
-        arr = as_rows(name, x, None, shape)
+        arr = as_rows(name, x, shape)
         check_finite(name, arr)
         if arr.min() < -LOGP_TOL:
             raise ValueError(
@@ -231,11 +230,23 @@ def _stopped(stopped, shape) -> np.ndarray | None:
 
 def _eos_term(name: str, x, shape, stopped: np.ndarray, upper: float | None) -> np.ndarray:
     """Per-row stop-token term, zero where ``stopped`` is False (those entries are ignored)."""
-    arr = as_rows(name, x, None, shape)
+    arr = as_rows(name, x, shape)
     check_finite(name, arr[stopped], "(only rows with stopped=True are checked and used)")
     if upper is not None and stopped.any() and arr[stopped].max() > upper:
         raise ValueError(f"{name}: expected log-probabilities (≤ 0), got {arr[stopped].max():.4g}.")
     return np.where(stopped, arr, 0.0)
+
+
+def _stop_entropy(name: str, eos: dict, ent: np.ndarray, shape) -> np.ndarray:
+    """Σ_t −p_stop log p_stop along each row (every row: STOP could follow any prefix)."""
+    arr = as_rows(name, eos[name], shape)
+    check_finite(name, arr)
+    if arr.min() < -LOGP_TOL or (arr - ent).max() > LOGP_TOL:
+        raise ValueError(
+            f"{name}: expected the stop tokens' share of the entropy sum, between 0 and "
+            f"entropy_sum{name[-1]} on every row, got values in [{arr.min():.4g}, {arr.max():.4g}]."
+        )
+    return arr
 
 
 def _exclude_eos(
@@ -246,12 +257,12 @@ def _exclude_eos(
     if stopped is None:
         missing.insert(0, "stopped")
     if ent[0] is not None:
-        missing += [k for k in ("eos_entropy0", "eos_entropy1") if eos[k] is None]
+        missing += [k for k in ("eos_entropy_sum0", "eos_entropy_sum1") if eos[k] is None]
     if missing:
         raise ValueError(
             f"include: 'no_eos' needs {', '.join(missing)} (shape {_shape_str(shape)}): which "
-            "rows end with a stop token, and that token's log-prob (and next-token entropy, "
-            "when entropy sums are given) under each model; got None."
+            "rows end with a stop token, that token's log-prob under each model and, with "
+            "entropy sums, the stop tokens' share of them; got None."
         )
     if (length[stopped] < 1).any():
         rows = np.flatnonzero(stopped & (length < 1))[:5].tolist()
@@ -267,9 +278,7 @@ def _exclude_eos(
                 "(it must be one of the summed terms); check that log_p includes the EOS."
             )
         if ent[k] is not None:
-            ent[k] = ent[k] - _eos_term(
-                f"eos_entropy{k}", eos[f"eos_entropy{k}"], shape, stopped, None
-            )
+            ent[k] = ent[k] - _stop_entropy(f"eos_entropy_sum{k}", eos, ent[k], shape)
     return s, length - stopped, ent
 
 
@@ -286,11 +295,11 @@ def prepare(
     eos: dict | None = None,
 ) -> Rows:
     """Validate and flatten the estimator inputs into :class:`Rows` (prompt-sorted order)."""
-    shape, s0, groups = _layout(log_p0, group)
-    s1 = as_rows("log_p1", log_p1, None, shape)
+    shape, s0, groups = layout(log_p0, group)
+    s1 = as_rows("log_p1", log_p1, shape)
     _check_logp("log_p0", s0)
     _check_logp("log_p1", s1)
-    length = as_rows("length", length, None, shape)
+    length = as_rows("length", length, shape)
     check_finite("length", length)
     if length.min() < 0:
         rows = np.flatnonzero(length < 0)[:5].tolist()

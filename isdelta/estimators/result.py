@@ -93,13 +93,13 @@ class Estimate:
 ESTIMATES = ("h0", "h1", "delta", "h0_tok", "h1_tok", "delta_tok")
 RB_ESTIMATES = tuple(f"{name}_rb" for name in ESTIMATES)
 _LABELS = {
-    "h0": "H0        (sequence)",
-    "h1": "H1        (sequence)",
-    "delta": "ΔH        (sequence)",
+    "h0": "H0 (sequence)",
+    "h1": "H1 (sequence)",
+    "delta": "ΔH (sequence)",
     "h0_tok": "H0 / token",
     "h1_tok": "H1 / token",
     "delta_tok": "ΔH / token",
-    "delta1": "ΔH₁       (1st order)",
+    "delta1": "ΔH₁ (first order)",
 }
 
 
@@ -183,7 +183,7 @@ class EntropyDelta:
 
     @property
     def khat_status(self) -> str:
-        """"good", "bad" (above threshold), "very bad" (k̂ > 1) or "not estimable" (nan)."""
+        """Verdict on k̂: good, bad (above threshold), very bad (> 1) or not estimable (nan)."""
         if math.isnan(self.khat):
             return "not estimable"
         if self.khat > 1.0:
@@ -210,25 +210,24 @@ class EntropyDelta:
 
     def summary(self) -> str:
         """A readable table: estimates in nats and bits, then diagnostics and warnings."""
-        level = f"{self.delta.level:.0%} CI"
-        head = f"{'quantity':<22}{'nats: value ± se':>22}  {level:<24}{'bits: value ± se':>20}  {level}"
+        ci = f"{self.delta.level:.0%} CI"
+        head = f"{'':<22}{'nats':>12}{'± se':>9}  {ci:<26}{'bits':>12}{'± se':>9}  {ci}"
         lines = [
-            f"isdelta estimate: {self.n_prompts} prompts, {self.n_rows} rows; "
-            f"weights: {self.weights_used}; SE: prompts={self.prompts}; include={self.include}",
+            f"isdelta: {self.n_prompts} prompts, {self.n_rows} rows; prompts={self.prompts}; "
+            f"include={self.include}",
+            f"weights: {self.weights_used}",
+            "",
             head,
-            "-" * len(head),
+            "-" * (len(head) + 14),
         ]
         for name in (*ESTIMATES, *RB_ESTIMATES, "delta1"):
             est = getattr(self, name)
             if est is not None:
                 label = _LABELS.get(name) or _LABELS[name[:-3]] + " RB"
                 lines.append(_row(label, est))
-        lines += [
-            f"{'  covariance term':<22}{self.cov_term:>+22.5g}  {'':<24}{self.cov_term / LN2:>+20.5g}",
-            f"{'  KL term':<22}{self.kl_term:>+22.5g}  {'':<24}{self.kl_term / LN2:>+20.5g}",
-            "",
-            *self._diagnostic_lines(),
-        ]
+        for label, v in (("  covariance term", self.cov_term), ("  KL term", self.kl_term)):
+            lines.append(f"{label:<22}{v:>+12.5g}{'':>9}  {'':<26}{v / LN2:>+12.5g}")
+        lines += ["", *self._diagnostic_lines()]
         if self.warnings:
             lines += ["", "warnings:", *(f"  - {w}" for w in self.warnings)]
         return "\n".join(lines)
@@ -250,8 +249,8 @@ class EntropyDelta:
 
 
 def _row(label: str, est: Estimate) -> str:
-    n, b = est.nats, est.bits
-    return (
-        f"{label:<22}{n.value:>+13.5g} ± {n.se:<6.2g}  [{n.ci_low:+.5g}, {n.ci_high:+.5g}]".ljust(70)
-        + f"{b.value:>+11.5g} ± {b.se:<6.2g}  [{b.ci_low:+.5g}, {b.ci_high:+.5g}]"
-    )
+    cells = []
+    for e in (est.nats, est.bits):
+        interval = f"[{e.ci_low:+.4g}, {e.ci_high:+.4g}]"
+        cells.append(f"{e.value:>+12.5g}{'± ' + format(e.se, '.2g'):>9}  {interval:<26}")
+    return f"{label:<22}" + "".join(cells).rstrip()

@@ -57,9 +57,7 @@ class Linear:
         return Linear(self.value + other.value, self.psi + other.psi, self.z + other.z)
 
 
-def weighted_ratio(
-    w: np.ndarray, f: np.ndarray, g: np.ndarray | None, groups: Groups
-) -> Linear:
+def weighted_ratio(w: np.ndarray, f: np.ndarray, g: np.ndarray | None, groups: Groups) -> Linear:
     """R = Σ_p Σ_{i∈p} w_i f_i / Σ_p Σ_{i∈p} w_i g_i and its linearisation (module docstring).
 
     ``w`` must sum to 1 within each prompt; ``g=None`` means g ≡ 1 (a prompt-average).

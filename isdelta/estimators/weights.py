@@ -49,7 +49,7 @@ from typing import Literal
 
 import numpy as np
 
-from isdelta.estimators.groups import Groups, make_groups
+from isdelta.estimators.groups import Groups
 
 __all__ = [
     "MIN_TAIL_FIT",
@@ -64,6 +64,7 @@ __all__ = [
     "pareto_smooth",
     "pooled_ess",
     "psis_backend",
+    "row_weights",
     "truncate",
     "weigh",
 ]
@@ -78,7 +79,10 @@ PsisFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 @dataclass(frozen=True)
 class Weights:
-    """Self-normalised weights and their diagnostics (rows in prompt-sorted order).
+    """Self-normalised weights and their diagnostics.
+
+    Row arrays are in prompt-sorted order from :func:`weigh` (what the estimators use) and in
+    the caller's order and shape from :func:`importance_weights`.
 
     Attributes
     ----------
@@ -100,7 +104,8 @@ class Weights:
     scheme : str
         The weighting scheme used.
     description : str
-        One line for reports, e.g. ``"psis, per prompt (100 fits of G=25..40)"``.
+        One line for reports, e.g.
+        ``"psis, tail fit per prompt (100 prompts, G=25..40), then normalised per prompt"``.
     """
 
     w: np.ndarray
@@ -171,7 +176,7 @@ def pooled_ess(ess: np.ndarray) -> float:
 
 
 def khat_threshold(n_samples: float | np.ndarray) -> float | np.ndarray:
-    """Sample-size dependent k̂ threshold min(1 − 1/log10 S, 0.7) (Vehtari et al. 2024, §3.2).
+    """Sample-size dependent k̂ threshold min(1 − 1/log10 S, 0.7) (Vehtari et al. 2024).
 
     Below S ≈ 100 the threshold drops under 0.5: a small sample cannot vouch for a tail.
     """
@@ -187,9 +192,8 @@ def min_sample_size(khat: float) -> float:
     """
     if not np.isfinite(khat):
         return float("nan") if np.isnan(khat) else float("inf")
-    if khat >= 1.0:
-        return float("inf")
-    return float(10.0 ** (1.0 / (1.0 - max(khat, 0.0))))
+    exponent = 1.0 / (1.0 - max(khat, 0.0)) if khat < 1.0 else np.inf
+    return float(10.0**exponent) if exponent < 308 else float("inf")  # beyond float64: inf
 
 
 def truncate(log_r: np.ndarray, groups: Groups, per_prompt: bool) -> np.ndarray:
@@ -228,28 +232,24 @@ def _major(version: str) -> int:
 
 
 def _guarded(batch_fn: PsisFn) -> PsisFn:
-    """Run a batched PSIS call; if one slice makes arviz raise, redo slices one by one.
+    """Run a batched PSIS call; if arviz raises, bisect the batch to isolate the bad slices.
 
     arviz ≥ 1.0 raises for a whole batch when one slice's tail values are all equal (ties are
-    common in short or repeated completions). A failed slice keeps its raw weights, k̂ = nan.
+    common: identical short completions have identical ratios). Bisection costs O(k log B)
+    calls for k bad slices instead of B. A failed slice keeps its raw weights and k̂ = nan.
     """
 
     def call(log_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         try:
             return batch_fn(log_r)
         except (ValueError, FloatingPointError, ZeroDivisionError):
-            pass
-        from scipy.special import logsumexp
+            if log_r.shape[0] == 1:
+                from scipy.special import logsumexp
 
-        log_w = log_r - logsumexp(log_r, axis=-1, keepdims=True)
-        khat = np.full(log_r.shape[0], np.nan)
-        for b in range(log_r.shape[0]):
-            try:
-                lw, k = batch_fn(log_r[b : b + 1])
-            except (ValueError, FloatingPointError, ZeroDivisionError):
-                continue
-            log_w[b], khat[b] = lw[0], k[0]
-        return log_w, khat
+                return log_r - logsumexp(log_r, axis=-1, keepdims=True), np.full(1, np.nan)
+        half = log_r.shape[0] // 2
+        (w_a, k_a), (w_b, k_b) = call(log_r[:half]), call(log_r[half:])
+        return np.concatenate([w_a, w_b]), np.concatenate([k_a, k_b])
 
     return call
 
@@ -428,10 +428,11 @@ def importance_weights(
 
     Parameters
     ----------
-    log_r : array_like, float, shape [N]
-        ℓ_i = log p1(x_i) − log p0(x_i), x_i ~ p0.
+    log_r : array_like, float, shape [N] or [P, G]
+        ℓ_i = log p1(x_i) − log p0(x_i), x_i ~ p0. 2-D: row p holds prompt p.
     group : array_like, shape [N], optional
-        Prompt id of each row (any sortable ids; ragged groups allowed). None: one prompt.
+        Prompt id of each row of a 1-D ``log_r`` (any sortable ids; ragged groups allowed,
+        G_p ≥ 2). None: one prompt (1-D) or one prompt per row (2-D).
     scheme : {"none", "psis", "truncate", "clip"}
         Weighting scheme (module docstring).
     clip : float, optional
@@ -440,8 +441,8 @@ def importance_weights(
     Returns
     -------
     Weights
-        ``log_w`` in the caller's row order, normalised within each prompt; ``ess`` per
-        prompt in sorted-id order; k̂ per tail fit.
+        ``w`` and ``log_w`` in the caller's row order and shape, normalised within each
+        prompt; ``ess`` per prompt in sorted-id order; k̂ per tail fit.
 
     Notes
     -----
@@ -450,10 +451,23 @@ def importance_weights(
     """
     from isdelta.estimators import inputs
 
-    log_r = inputs.as_rows("log_r", log_r, n=None)
-    codes, labels = inputs.group_codes(group, log_r.shape[0])
     inputs.check_options(scheme=scheme, clip=clip)
-    groups = make_groups(codes, labels)
-    inputs.check_group_sizes(groups)
+    shape, log_r, groups = inputs.layout(log_r, group, name="log_r")
+    inputs.check_finite("log_r", log_r, "Score both models with the same sampling transform.")
     w = weigh(groups.sort(log_r), groups, scheme, clip)
-    return dataclasses.replace(w, w=groups.unsort(w.w), log_w=groups.unsort(w.log_w))
+    return dataclasses.replace(
+        w, w=groups.unsort(w.w).reshape(shape), log_w=groups.unsort(w.log_w).reshape(shape)
+    )
+
+
+def row_weights(
+    log_r: np.ndarray,
+    group: np.ndarray | None = None,
+    scheme: Scheme = "psis",
+    clip: float | None = None,
+) -> np.ndarray:
+    """w̄ per row, as ``estimate`` uses them: ``importance_weights(...).w`` (caller's order).
+
+    For tables and plots of the weights; see :func:`importance_weights` for the parameters.
+    """
+    return importance_weights(log_r, group, scheme=scheme, clip=clip).w

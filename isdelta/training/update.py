@@ -1,0 +1,262 @@
+"""The in-process update that makes p1 from p0 (DESIGN.md §7).
+
+Both losses are sums over counted completion tokens divided by the TOTAL number of counted tokens
+in the batch (a token-level mean, not a mean of per-sequence means)::
+
+    sft        loss = −Σ_i Σ_t log p(x_it)         / n_tokens
+    reinforce  loss = −Σ_i A_i Σ_t log p(x_it)     / n_tokens,   A_i = R_i − mean_{j ∈ prompt(i)} R_j
+
+so each micro-batch's share of the gradient is known before the batch is split, and gradient
+accumulation over micro-batches gives the same update whatever the token budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from isdelta.engine.logprob import EngineConfig, LogProbEngine
+from isdelta.engine.rollouts import Rollouts
+
+__all__ = ["update", "UpdateResult", "ZeroUpdateError", "advantages"]
+
+LossName = Literal["sft", "reinforce"]
+OptimizerName = Literal["sgd", "adamw"]
+
+
+class ZeroUpdateError(RuntimeError):
+    """The update cannot move the model: ΔH would be 0 by construction, not by measurement."""
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one call of :func:`update` did.
+
+    Attributes
+    ----------
+    loss : {"sft", "reinforce"}
+    losses : tuple of float [steps]
+        The loss at the start of each step (step s is evaluated at θ_s, before its update).
+    grad_norms : tuple of float [steps]
+        Global L2 norm of the accumulated gradient at each step.
+    n_tokens : int
+        Counted completion tokens of the batch (the loss's denominator).
+    n_rows : int
+    mean_reward : float or None
+        Mean of the rewards (reinforce only).
+    active_prompt_fraction : float or None
+        Fraction of prompts with at least one nonzero advantage (reinforce only): prompts whose
+        rewards are all equal contribute no gradient.
+    param_change_norm : float
+        ‖θ1 − θ0‖₂ over the trained parameters.
+    lr : float
+    optimizer : {"sgd", "adamw"}
+    steps : int
+    """
+
+    loss: str
+    losses: tuple[float, ...]
+    grad_norms: tuple[float, ...]
+    n_tokens: int
+    n_rows: int
+    mean_reward: float | None
+    active_prompt_fraction: float | None
+    param_change_norm: float
+    lr: float
+    optimizer: str
+    steps: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["losses"], d["grad_norms"] = list(self.losses), list(self.grad_norms)
+        return d
+
+
+def advantages(rewards: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """A_i = R_i − mean of the rewards in row i's prompt group (the group-mean baseline); float64 [N]."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    _, inv = np.unique(group, return_inverse=True)
+    sums, counts = np.bincount(inv, weights=rewards), np.bincount(inv)
+    return rewards - (sums / counts)[inv]
+
+
+def update(
+    model: torch.nn.Module,
+    *,
+    loss: LossName,
+    rollouts: Rollouts,
+    rewards: np.ndarray | torch.Tensor | list[float] | None = None,
+    optimizer: OptimizerName = "sgd",
+    lr: float = 1e-4,
+    steps: int = 1,
+    engine_config: EngineConfig | None = None,
+    progress: bool = True,
+) -> UpdateResult:
+    """Train ``model`` in place on one batch: p0 → p1.
+
+    The caller copies p0 first if it needs it. Every step re-uses the same batch (``steps > 1``
+    takes several optimizer steps on it; the rollouts are not resampled), with one optimizer
+    whose state lives only for this call. Dropout is off during the update (the engine scores in
+    eval mode), so p1 is a deterministic function of p0 and the batch; the model is left in the
+    mode it was in. A CPU copy of the trained parameters is held during the call to report
+    ‖θ1 − θ0‖ (host memory, not device memory).
+
+    Parameters
+    ----------
+    model : HF causal LM
+        Its parameters with ``requires_grad=True`` are trained.
+    loss : {"sft", "reinforce"}
+        ``sft``: cross-entropy of the completions (reference responses) given the prompts.
+        ``reinforce``: policy gradient on samples from p0 with the group-mean baseline.
+        Both normalised by the total number of counted completion tokens (DESIGN.md §7).
+    rollouts : Rollouts
+        The batch. For ``reinforce`` its rows are the p0 samples, grouped by prompt.
+    rewards : array [N], optional
+        One reward per row (``reinforce`` only), e.g. from ``isdelta.training.REWARDS``.
+    optimizer : {"sgd", "adamw"}
+        Plain SGD (no momentum), or AdamW with ``weight_decay=0`` (decay would move the
+        parameters without any signal from the batch).
+    lr : float
+        Learning rate (> 0).
+    steps : int
+        Optimizer steps on the same batch.
+    engine_config : EngineConfig, optional
+        How log-probs are computed: the transform (for ``reinforce`` it must be the sampling
+        transform; default temperature 1, no truncation), ``include_eos`` and ``token_budget``
+        (the micro-batch size of gradient accumulation). ``requires_grad`` is forced on.
+    progress : bool
+        Show a progress bar over steps × micro-batches.
+
+    Returns
+    -------
+    UpdateResult
+
+    Raises
+    ------
+    ZeroUpdateError
+        Every advantage is zero, or a step's gradient is zero: the update could not move p0.
+    """
+    _check_args(loss, optimizer, lr, steps, rollouts)
+    cfg = replace(engine_config or EngineConfig(), requires_grad=True, progress=False)
+    mask = rollouts.mask(cfg.include_eos)  # [N, C]
+    n_tokens = int(mask.sum())
+    if n_tokens == 0:
+        raise ValueError("the rollouts hold no counted completion token: nothing to train on. "
+                         "Check the completions (or include_eos=True for rows that stop at once).")
+    weights, mean_reward, active = _row_weights(loss, rewards, rollouts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to train. "
+                         "Unfreeze the parameters to update (p.requires_grad_(True)).")
+    engine = LogProbEngine(cfg)
+    # rows with zero weight add nothing to the gradient; drop them before batching
+    batches = engine.micro_batches(rollouts, mask & (weights != 0).to(mask.device)[:, None])
+    theta0 = [p.detach().to("cpu", copy=True) for p in params]  # CPU: do not double device memory
+    opt = _make_optimizer(optimizer, params, lr)
+    was_training = model.training
+    losses, grad_norms = [], []
+    bar = tqdm(total=steps * len(batches), desc=f"update ({loss})", unit="batch", leave=False,
+               disable=True if not progress else None)
+    try:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            losses.append(_accumulate(engine, model, rollouts, weights, batches, n_tokens, bar))
+            grad_norms.append(_grad_norm(params))
+            opt.step()
+    finally:
+        model.train(was_training)
+        bar.close()
+        opt.zero_grad(set_to_none=True)  # free the gradient buffers
+    change = float(sum(((p.detach().cpu().double() - p0.double()) ** 2).sum()
+                       for p, p0 in zip(params, theta0)) ** 0.5)
+    return UpdateResult(loss, tuple(losses), tuple(grad_norms), n_tokens, rollouts.n_rows,
+                        mean_reward, active, change, float(lr), optimizer, int(steps))
+
+
+# ---------------------------------------------------------------------------- helpers
+def _check_args(loss, optimizer, lr, steps, rollouts) -> None:
+    """Raise ValueError/TypeError on bad options."""
+    if loss not in ("sft", "reinforce"):
+        raise ValueError(f"loss must be 'sft' or 'reinforce'; got {loss!r}.")
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw'; got {optimizer!r}.")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0; got {lr!r}. (lr = 0 gives p1 = p0: ΔH = 0 by construction.)")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    if not isinstance(rollouts, Rollouts):
+        raise TypeError(f"rollouts must be an isdelta Rollouts; got {type(rollouts).__name__}. "
+                        "Build one with Rollouts.from_token_lists or Rollouts.from_tensors.")
+
+
+def _row_weights(loss, rewards, rollouts) -> tuple[torch.Tensor, float | None, float | None]:
+    """Per-row loss weights [N] (1 for sft, the advantage for reinforce), mean reward, active fraction."""
+    N = rollouts.n_rows
+    if loss == "sft":
+        if rewards is not None:
+            raise ValueError("rewards are only used by loss='reinforce'; pass rewards=None for sft.")
+        return torch.ones(N, dtype=torch.float32), None, None
+    if rewards is None:
+        raise ValueError("loss='reinforce' needs rewards: one float per rollout row [N].")
+    R = np.asarray(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards, dtype=np.float64)
+    if R.shape != (N,) or not np.isfinite(R).all():
+        raise ValueError(f"rewards must be {N} finite floats (one per rollout row); got shape "
+                         f"{R.shape}{'' if R.shape != (N,) else ' with NaN/inf'}.")
+    group = rollouts.group.cpu().numpy()
+    A = advantages(R, group)
+    # floating-point round-off of the group mean must not count as signal
+    A[np.abs(A) <= 1e-12 * max(1.0, float(np.abs(R).max()))] = 0.0
+    _, inv = np.unique(group, return_inverse=True)
+    active = float((np.bincount(inv, weights=(A != 0)) > 0).mean())
+    if not (A != 0).any():
+        raise ZeroUpdateError(
+            "every advantage is zero: the rewards have no variance within any prompt "
+            f"(mean reward {R.mean():.4g}), so the reinforce gradient is exactly zero and p1 = p0. "
+            "ΔH would be 0 by construction, not by measurement. Use more samples per prompt, "
+            "harder or easier prompts, or a graded reward.")
+    return torch.as_tensor(A, dtype=torch.float32), float(R.mean()), active
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> float:
+    """Backward every micro-batch's share −Σ w_i S_i / n_tokens; returns the summed loss."""
+    total = 0.0
+    for rows in batches:
+        scores = engine.score(model, rollouts.select(rows))
+        w = weights[rows].to(scores.token_logp.device)  # [n]
+        # token_logp is 0 on uncounted positions, so the row sum is S_i
+        part = -(w * scores.token_logp.sum(-1)).sum() / n_tokens
+        if not torch.isfinite(part):
+            raise FloatingPointError(
+                f"non-finite loss on rows {rows[:8].tolist()}: a counted token has log p = -inf "
+                "under the engine's transform (a token outside its top-k/top-p set) or the model "
+                "overflowed. Score with the transform the rows were sampled with (sft: no truncation).")
+        if part.requires_grad:  # else no trained parameter reaches the loss: _grad_norm refuses
+            part.backward()
+        total += float(part.detach())
+        bar.update(1)
+    return total
+
+
+def _grad_norm(params) -> float:
+    """Global L2 norm of the accumulated gradients; raises ZeroUpdateError when it is 0."""
+    sq = sum(float(p.grad.detach().double().square().sum()) for p in params if p.grad is not None)
+    norm = sq ** 0.5
+    if not np.isfinite(norm):
+        raise FloatingPointError(f"the gradient norm is {norm}: the loss overflowed. Lower lr, "
+                                 "or use float32/bfloat16 weights instead of float16.")
+    if norm == 0.0:
+        raise ZeroUpdateError(
+            "the gradient is exactly zero: no trained parameter influences the counted tokens' "
+            "log-probs (all relevant parameters frozen?), so p1 = p0 and ΔH would be 0 by "
+            "construction, not by measurement. Unfreeze the parameters to train.")
+    return norm

@@ -1,0 +1,132 @@
+"""`python -m isdelta.run` end to end on a tiny random model with a char-level tokenizer."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import isdelta.run as run_mod
+from isdelta.config import load_config
+from isdelta.run import RunError, main, run
+
+ROWS = [{"prompt": "1+1=", "answer": "2", "response": "2"},
+        {"prompt": "2+3=", "answer": "5", "response": "5"},
+        {"prompt": "hi", "answer": "0", "response": "hello"}]
+
+
+@pytest.fixture
+def checkpoint(tmp_path, char_tok):
+    """A fresh tiny Llama saved as an HF folder (safetensors) with the char tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    path = tmp_path / "p0"
+    model.save_pretrained(path)
+    char_tok.save_pretrained(path)
+    return path
+
+
+def make_cfg(tmp_path, checkpoint, **sections):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    raw = {"seed": 0, "model": {"path": str(checkpoint)}, "data": {"path": str(data)},
+           "update": {"loss": "sft", "lr": 0.5, "steps": 1},
+           "sampling": {"num_samples": 4, "max_new_tokens": 8, "prompts_per_batch": 2},
+           "estimator": {"weights": "none"},
+           "output": {"dir": str(tmp_path / "out"), "plots": True, "n_trace_samples": 2}}
+    for k, v in sections.items():
+        raw[k] = v if v is None or not isinstance(v, dict) else {**raw.get(k, {}), **v}
+    return load_config({k: v for k, v in raw.items() if v is not None})
+
+
+def test_run_writes_a_complete_report(tmp_path, checkpoint):
+    cfg = make_cfg(tmp_path, checkpoint)
+    report = run(cfg)
+    out = tmp_path / "out"
+    for name in ("report.json", "sequences.csv", "summary.md", "config.yaml", "weights.png",
+                 "per_prompt.png", "entropy_hist.png", "token_entropy.png", "scores0.npz", "scores1.npz"):
+        assert (out / name).exists(), name
+    rep = json.loads((out / "report.json").read_text())
+    est = rep["estimate"]
+    assert est["n_rows"] == 12 and est["n_prompts"] == 3
+    d = est["delta"]
+    assert d["ci_low"] <= d["value"] <= d["ci_high"] and d["value_bits"] == pytest.approx(d["value"] / np.log(2))
+    assert rep["update"]["kind"] == "update" and rep["update"]["param_change_norm"] > 0
+    assert report["config_hash"] == (out / "config_hash").read_text().strip()
+    with open(out / "sequences.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {r["prompt_id"] for r in rows} == {"0", "1", "2"}
+    # the per-prompt weights sum to one, and the CSV's S0/S1 agree with the saved scores
+    w = np.array([float(r["weight"]) for r in rows])
+    g = np.array([int(r["prompt_id"]) for r in rows])
+    assert np.allclose(np.bincount(g, weights=w), 1.0)
+    s0 = dict(np.load(out / "scores0.npz"))
+    assert np.allclose([float(r["S0"]) for r in rows], s0["logp"], atol=1e-5)
+    summary = (out / "summary.md").read_text()
+    assert "ΔH per sequence" in summary and "ESS" in summary
+
+
+def test_scoring_p0_twice_gives_zero_delta_exactly(tmp_path, checkpoint):
+    """p1 = a second checkpoint identical to p0: ΔH = 0 exactly, ESS = N."""
+    cfg = make_cfg(tmp_path, checkpoint, update=None, updated={"path": str(checkpoint)})
+    rep = run(cfg)["estimate"]
+    assert rep["delta"]["value"] == 0.0 and rep["ess"] == pytest.approx(12.0)
+
+
+def test_interrupted_run_resumes_without_resampling(tmp_path, checkpoint, monkeypatch):
+    cfg = make_cfg(tmp_path, checkpoint)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the run dies after sampling and scoring p0
+
+    monkeypatch.setattr(run_mod, "make_p1", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    out = tmp_path / "out"
+    parts = sorted((out / "samples").glob("part-*.pt"))
+    assert len(parts) == 2 and (out / "scores0.npz").exists() and not (out / "scores1.npz").exists()
+    monkeypatch.undo()
+
+    import isdelta.engine.sampling as sampling
+
+    def no_sampling(*a, **k):
+        raise AssertionError("resumed run sampled again")
+
+    monkeypatch.setattr(sampling, "sample", no_sampling)
+    report = run(cfg)
+    assert report["estimate"]["n_rows"] == 12
+
+
+def test_a_changed_config_refuses_the_old_folder(tmp_path, checkpoint):
+    run(make_cfg(tmp_path, checkpoint))
+    with pytest.raises(RunError, match="different config"):
+        run(make_cfg(tmp_path, checkpoint, seed=1))
+
+
+def test_an_update_that_cannot_move_is_reported_not_measured(tmp_path, checkpoint, capsys):
+    # reinforce with rewards that are all 0 (no completion of a random model is right)
+    cfg = make_cfg(tmp_path, checkpoint, update={"loss": "reinforce", "reward": "boxed_match"})
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main([str(path)]) == 3
+    assert "did not change the model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {path: x}\ndata: {path: y}\nupdate: {lr: -1}\n")
+    assert main([str(path)]) == 2
+    assert "update.lr" in capsys.readouterr().err
