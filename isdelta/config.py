@@ -59,6 +59,8 @@ class SamplingConfig(_Section):
 
 
 class EngineSection(_Section):
+    # false: the stop token's position leaves S, L and the entropy sums (estimator include="no_eos");
+    # the importance weights still use the full-sequence ratio, since p0 sampled the stop too
     include_eos: bool = True
     token_budget: int = Field(16384, ge=1)
 

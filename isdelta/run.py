@@ -147,8 +147,9 @@ def make_p1(cfg: RunConfig, model, tok, rollouts, texts, records, transform, out
     from isdelta.training import REWARDS, update
 
     u = cfg.update
-    ecfg = EngineConfig.from_transform(transform, include_eos=cfg.engine.include_eos,
-                                       token_budget=cfg.engine.token_budget)
+    # the update trains on every counted token, EOS included (as trainers do); engine.include_eos
+    # only changes what is measured, never p1
+    ecfg = EngineConfig.from_transform(transform, token_budget=cfg.engine.token_budget)
     G = cfg.sampling.num_samples
     import torch
 
@@ -162,8 +163,7 @@ def make_p1(cfg: RunConfig, model, tok, rollouts, texts, records, transform, out
                         lr=u.lr, steps=u.steps, engine_config=ecfg)
     else:
         result = update(model, loss="sft", rollouts=sft_rollouts(tok, records, cfg), optimizer=u.optimizer,
-                        lr=u.lr, steps=u.steps, engine_config=EngineConfig(include_eos=cfg.engine.include_eos,
-                                                                           token_budget=cfg.engine.token_budget))
+                        lr=u.lr, steps=u.steps, engine_config=EngineConfig(token_budget=cfg.engine.token_budget))
     info = {"kind": "update", **result.to_dict()}
     if u.loss == "reinforce":
         info.update(reward=u.reward, mean_reward=float(rewards.mean()), samples_per_prompt=G)
@@ -226,7 +226,7 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     est_kw = dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip)
     with stage("estimate", timings):
         res = estimate(s0["logp"], s1["logp"], s0["length"], s0["group"], entropy_sum0=s0["entropy_sum"],
-                       entropy_sum1=s1["entropy_sum"], stopped=stopped, **est_kw, **eos_terms(cfg, s0, s1))
+                       entropy_sum1=s1["entropy_sum"], **est_kw, **{"stopped": stopped, **eos_terms(cfg, s0, s1)})
     with stage("report", timings):
         meta = {"name": out.name, "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
                 "device": str(next(model.parameters()).device), "timings": timings, "update": update_info,
@@ -245,7 +245,8 @@ def eos_terms(cfg: RunConfig, s0: dict, s1: dict) -> dict:
     """Estimator arguments that drop the stop token from S, L and the entropy sums."""
     if cfg.engine.include_eos:
         return {"include": "all"}
-    return {"include": "no_eos", "eos_logp0": s0["stop_logp"], "eos_logp1": s1["stop_logp"],
+    # `stopped` here marks rows that end with a counted stop TOKEN (a stop-string row has none)
+    return {"include": "no_eos", "stopped": s0["stopped"], "eos_logp0": s0["stop_logp"], "eos_logp1": s1["stop_logp"],
             "eos_entropy_sum0": s0["stop_entropy_sum"], "eos_entropy_sum1": s1["stop_entropy_sum"]}
 
 

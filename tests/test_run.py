@@ -145,3 +145,16 @@ def test_demo_config_end_to_end_on_smollm2(tmp_path):
         assert all(np.isfinite([e["value"], e["se"], e["ci_low"], e["ci_high"]])), key
     assert 0 < est["ess"] <= 64 and report["update"]["param_change_norm"] > 0
     assert len(report["plots"]) == 4 and all((tmp_path / p).stat().st_size > 5000 for p in report["plots"])
+
+
+def test_excluding_eos_changes_lengths_not_weights(tmp_path, checkpoint):
+    with_eos = run(make_cfg(tmp_path, checkpoint))["estimate"]
+    cfg = make_cfg(tmp_path, checkpoint, engine={"include_eos": False},
+                   output={"dir": str(tmp_path / "out2")})
+    no_eos = run(cfg)["estimate"]
+    s0 = dict(np.load(tmp_path / "out" / "scores0.npz"))
+    assert no_eos["include"] == "no_eos"
+    # the same samples; the mean length drops by the fraction of rows ending with a stop token
+    n_stop = s0["stopped"].reshape(3, 4).mean(1).mean()
+    assert no_eos["mean_length"] == pytest.approx(with_eos["mean_length"] - n_stop)
+    assert no_eos["ess"] == pytest.approx(with_eos["ess"])  # weights: full-sequence ratio both times
