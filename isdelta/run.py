@@ -134,7 +134,7 @@ def score_stage(cfg: RunConfig, model, rollouts, transform, path: Path) -> dict:
     return arrays
 
 
-def make_p1(cfg: RunConfig, model, tok, rollouts, texts, records, transform, out: Path):
+def make_p1(cfg: RunConfig, model, tok, rollouts, texts, records, transform):
     """p1: the update step applied in place to `model`, or a second checkpoint."""
     from isdelta.engine import EngineConfig, check_compatible, load_model
 
@@ -183,7 +183,8 @@ def sft_rollouts(tok, records: list[dict], cfg: RunConfig):
         p = r["prompt"]
         ids = (tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
                if isinstance(p, list) else tok(p)["input_ids"])
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding here
+            ids = ids["input_ids"]
         prompts.append(list(ids))
         comps.append(tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     return Rollouts.from_token_lists(prompts, comps, eos_token_ids=tok.eos_token_id,
@@ -218,7 +219,7 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
         s1 = score_stage(cfg, None, rollouts, transform, out / "scores1.npz")
     else:
         with stage("make p1", timings):
-            model1, update_info = make_p1(cfg, model, tok, rollouts, texts, records, transform, out)
+            model1, update_info = make_p1(cfg, model, tok, rollouts, texts, records, transform)
         update_path.write_text(json.dumps(update_info, indent=2, default=str))
         with stage("score p1", timings):
             s1 = score_stage(cfg, model1, rollouts, transform, out / "scores1.npz")

@@ -246,3 +246,19 @@ def test_stop_entropy_sum_is_the_stop_ids_share_of_the_entropy(tiny_llama, rng):
         m = completion_mask(torch.tensor([comp]), (2, 9))[0]
         want = -(logp.exp()[:, [2, 9]] * logp[:, [2, 9]]).sum(-1)[m].double().sum()
         torch.testing.assert_close(s.stop_entropy_sum[r], want, atol=1e-6, rtol=1e-6)
+
+
+def test_bf16_model_scores_in_fp32_close_to_the_fp32_model(tiny_llama, rng):
+    """dtype policy: a bf16 body + head, logits upcast to fp32 before log_softmax."""
+    import copy
+
+    _, _, ro = random_rollouts(rng)
+    half = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    s16 = LogProbEngine(progress=False).score(half, ro)
+    s32 = LogProbEngine(progress=False).score(tiny_llama, ro)
+    assert s16.token_logp.dtype == torch.float32 and s16.logp.dtype == torch.float64
+    m = s32.mask
+    # bf16 has ~3 significant digits: per-token log-probs of O(10) nats agree to a few 0.1 nats
+    assert (s16.token_logp[m] - s32.token_logp[m]).abs().max() < 0.5
+    # and the same config twice is still bit-identical (ΔH = 0 exactly for p1 = p0)
+    assert torch.equal(LogProbEngine(progress=False).score(half, ro).logp, s16.logp)
