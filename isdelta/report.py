@@ -70,12 +70,15 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:+.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _estimate_table(res) -> list[str]:
+_SNIS_ROWS = [("H(p0) per sequence", "h0"), ("H(p1) per sequence", "h1"), ("**ΔH per sequence**", "delta"),
+              ("H(p0) per token", "h0_tok"), ("H(p1) per token", "h1_tok"), ("**ΔH per token**", "delta_tok"),
+              ("ΔH, Rao–Blackwellised", "delta_rb"), ("ΔH per token, Rao–Blackwellised", "delta_tok_rb"),
+              ("ΔH₁ (first order)", "delta1")]
+
+
+def _estimate_table(res, names: list[tuple[str, str]] | None = None) -> list[str]:
     lines = ["| quantity | nats | ± SE | CI (nats) | bits | CI (bits) |", "|---|---|---|---|---|---|"]
-    names = [("H(p0) per sequence", "h0"), ("H(p1) per sequence", "h1"), ("**ΔH per sequence**", "delta"),
-             ("H(p0) per token", "h0_tok"), ("H(p1) per token", "h1_tok"), ("**ΔH per token**", "delta_tok"),
-             ("ΔH, Rao–Blackwellised", "delta_rb"), ("ΔH per token, Rao–Blackwellised", "delta_tok_rb"),
-             ("ΔH₁ (first order)", "delta1")]
+    names = names or _SNIS_ROWS
     for label, key in names:
         e = getattr(res, key, None)
         if e is None:
@@ -108,12 +111,36 @@ def _sanity_table(res) -> list[str]:
     return ["| sanity figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in d]
 
 
-def summary_markdown(res, meta: dict[str, Any]) -> str:
+def se_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b > 0 else "n/a (zero SE)"
+
+
+def _token_section(tok, res) -> list[str]:
+    """Per-decision (variance-reduced) estimates beside the sequence-level SNIS ones."""
+    out = ["", f"## Per-decision estimates (variance-reduced, method `{tok.method}`)", "",
+           "Each position's entropy weighted by its prefix ratio, exact next-token entropies, and a "
+           "control variate (see `estimate_tokens`). Same samples as above.", ""]
+    out += _estimate_table(tok, [("**ΔH per sequence**", "delta"), ("**ΔH per token**", "delta_tok"),
+                                 ("H(p1) per sequence", "h1"), ("ΔH on p0's own paths", "direct"),
+                                 ("ΔH from path shift", "path_shift")])
+    out += ["", f"- control variate: {tok.beta}",
+            f"- SE relative to sequence-level SNIS: ΔH {se_ratio(tok.delta.se, res.delta.se)}, "
+            f"ΔH per token {se_ratio(tok.delta_tok.se, res.delta_tok.se)}",
+            f"- prefix ESS min {tok.prefix_ess_min:.1f} ({tok.prefix_ess_frac_min:.0%} of G), "
+            f"max |log ρ| {tok.max_log_rho:.3g}"]
+    out += [f"- warning: {w}" for w in tok.warnings]
+    return out
+
+
+def summary_markdown(res, meta: dict[str, Any], tok=None) -> str:
     """summary.md: estimates, diagnostics, sanity figures, update, warnings, timings."""
     out = [f"# isdelta run — {meta.get('name', '')}", "",
            f"p0: `{meta['p0']}`; p1: {meta['p1']}. Entropies of the sampling distribution "
-           f"({meta['transform']}), nats (bits = nats / ln 2).", "", "## Estimates", ""]
-    out += _estimate_table(res) + ["", "## Diagnostics", ""] + _diagnostics_table(res)
+           f"({meta['transform']}), nats (bits = nats / ln 2).", "", "## Estimates (sequence-level SNIS)", ""]
+    out += _estimate_table(res)
+    if tok is not None:
+        out += _token_section(tok, res)
+    out += ["", "## Diagnostics", ""] + _diagnostics_table(res)
     out += ["", "## Sanity figures", ""] + _sanity_table(res)
     if meta.get("update"):
         u = meta["update"]
@@ -161,8 +188,11 @@ def write_sequences_csv(path: Path, s0: dict, s1: dict, texts: list[str], smooth
 
 
 def write_report(out: Path, res, s0: dict, s1: dict, texts: list[str], meta: dict[str, Any],
-                 smoothed: np.ndarray | None = None, plots: bool = True, n_trace: int = 4) -> dict:
-    """Write report.json, sequences.csv, summary.md and (optionally) plots; return report dict."""
+                 tok=None, smoothed: np.ndarray | None = None, plots: bool = True, n_trace: int = 4) -> dict:
+    """Write report.json, sequences.csv, summary.md and (optionally) plots; return report dict.
+
+    `tok` is the per-decision estimate (``estimate_tokens``), shown beside sequence-level SNIS.
+    """
     out = Path(out)
     per_prompt = per_prompt_estimates(s0, s1, meta.get("estimator_kw", {}))
     plot_files = []
@@ -174,8 +204,9 @@ def write_report(out: Path, res, s0: dict, s1: dict, texts: list[str], meta: dic
     report = {"config": meta.get("config"), "config_hash": meta.get("config_hash"),
               "versions": versions(), "device": meta.get("device"), "timings": meta.get("timings"),
               "update": meta.get("update"), "transform": meta.get("transform"),
-              "estimate": res.to_dict(), "per_prompt": per_prompt, "plots": plot_files}
+              "estimate": res.to_dict(), "estimate_tokens": None if tok is None else tok.to_dict(),
+              "per_prompt": per_prompt, "plots": plot_files}
     atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
     write_sequences_csv(out / "sequences.csv", s0, s1, texts, smoothed)
-    atomic_write(out / "summary.md", summary_markdown(res, meta))
+    atomic_write(out / "summary.md", summary_markdown(res, meta, tok))
     return report

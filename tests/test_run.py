@@ -73,14 +73,18 @@ def test_run_writes_a_complete_report(tmp_path, checkpoint):
     s0 = dict(np.load(out / "scores0.npz"))
     assert np.allclose([float(r["S0"]) for r in rows], s0["logp"], atol=1e-5)
     summary = (out / "summary.md").read_text()
-    assert "ΔH per sequence" in summary and "ESS" in summary
+    assert "ΔH per sequence" in summary and "ESS" in summary and "Per-decision estimates" in summary
+    tok = rep["estimate_tokens"]
+    assert tok["method"] == "cv" and tok["n_rows"] == 12 and tok["delta"]["se"] > 0
 
 
 def test_scoring_p0_twice_gives_zero_delta_exactly(tmp_path, checkpoint):
     """p1 = a second checkpoint identical to p0: ΔH = 0 exactly, ESS = N."""
     cfg = make_cfg(tmp_path, checkpoint, update=None, updated={"path": str(checkpoint)})
-    rep = run(cfg)["estimate"]
+    report = run(cfg)
+    rep = report["estimate"]
     assert rep["delta"]["value"] == 0.0 and rep["ess"] == pytest.approx(12.0)
+    assert report["estimate_tokens"]["delta"]["value"] == 0.0
 
 
 def test_interrupted_run_resumes_without_resampling(tmp_path, checkpoint, monkeypatch):

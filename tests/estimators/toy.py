@@ -9,6 +9,9 @@ different table of logits (a different "initial state"). The update p0 → p1 is
 Everything a scorer would report is exact here: log p(x), L, stopped, Σ_t H(next | prefix),
 the STOP token's log-prob and its share of the entropy sum; and so are the estimands: H(p) by
 enumeration, the entropy rate Σ_p E_p[−log p] / Σ_p E_p[L], and their no-EOS variants.
+Per-position data too (``enumerate_tokens`` / ``token_rows``): each position's log-prob of the
+taken token, the exact next-token entropy H_t, and the completion mask, laid out [.., C] as the
+engine reports them (C = ``depth``; positions after the stop are masked).
 Sampling draws sequence indices from the enumerated distribution, vectorised over
 repetitions, prompts and rows.
 Reusable by benchmarks: ``TabularToy(...).sample(rng, alpha, n_reps, G)``.
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Enumeration", "TabularToy"]
+__all__ = ["Enumeration", "TabularToy", "TokenEnumeration"]
 
 STOP = 0
 
@@ -58,6 +61,18 @@ class Enumeration:
                 (p * (self.entropy_sum - self.eos_entropy_sum)).sum(1).mean()
             ),
         }
+
+
+@dataclass(frozen=True)
+class TokenEnumeration:
+    """Per-position quantities of all M sequences under one parameter value, [P, M, C].
+
+    Masked positions (after the stop) hold 0 in ``token_logp`` and ``token_entropy``.
+    """
+
+    token_logp: np.ndarray  # [P, M, C] log p(x_t | prefix) of the taken token
+    token_entropy: np.ndarray  # [P, M, C] H(next token | prefix_t)
+    mask: np.ndarray  # [M, C] bool, counted positions (STOP included)
 
 
 class TabularToy:
@@ -135,6 +150,19 @@ class TabularToy:
             stopped=self.stopped,
         )
 
+    def enumerate_tokens(self, alpha: float) -> TokenEnumeration:
+        """Exact per-position quantities under θ0 + α·Δ (their masked row sums are
+        ``enumerate(alpha).logp`` and ``.entropy_sum``)."""
+        theta = self.theta0 + alpha * self.direction  # [P, n_prefix, V]
+        log_q = theta - np.logaddexp.reduce(theta, axis=-1, keepdims=True)
+        ent = -(np.exp(log_q) * log_q).sum(-1)  # [P, n_prefix]
+        tok_logp = log_q[:, self._pos_prefix, self._pos_token]  # [P, M, C]
+        return TokenEnumeration(
+            token_logp=np.where(self._mask, tok_logp, 0.0),
+            token_entropy=np.where(self._mask, ent[:, self._pos_prefix], 0.0),
+            mask=self._mask,
+        )
+
     def sample(self, rng: np.random.Generator, alpha: float, n_reps: int, g: int) -> np.ndarray:
         """Sequence ids drawn from p_α, int array [n_reps, P, G] (inverse-CDF, vectorised).
 
@@ -175,4 +203,22 @@ class TabularToy:
             "eos_logp1": take(e1.eos_logp),
             "eos_entropy_sum0": take(e0.eos_entropy_sum),
             "eos_entropy_sum1": take(e1.eos_entropy_sum),
+        }
+
+    def token_rows(
+        self, ids: np.ndarray, alpha0: float, alpha1: float, prompts: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """``estimate_tokens`` inputs for sampled ids [..., P', G]: arrays [..., P', G, C].
+
+        Keys ``token_logp0``, ``token_logp1``, ``token_entropy0``, ``token_entropy1``, ``mask``.
+        """
+        e0, e1 = self.enumerate_tokens(alpha0), self.enumerate_tokens(alpha1)
+        prompts = np.arange(self.n_prompts) if prompts is None else np.asarray(prompts)
+        p = prompts[:, None]  # [P', 1], broadcasts over [..., P', G]
+        return {
+            "token_logp0": e0.token_logp[p, ids],
+            "token_logp1": e1.token_logp[p, ids],
+            "token_entropy0": e0.token_entropy[p, ids],
+            "token_entropy1": e1.token_entropy[p, ids],
+            "mask": self._mask[ids],
         }
