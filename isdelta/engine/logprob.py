@@ -390,6 +390,10 @@ class LogProbEngine:
             hs = hs[0] if isinstance(hs, tuple) else hs.last_hidden_state
             ours = _final_logit_fn(model)(head(hs))
         ref, ours = ref[0, -4:].float(), ours[0, -4:].float()
+        if not torch.isfinite(ref).all():
+            raise FloatingPointError(
+                f"non-finite logits for row {r}: the model produced NaN/inf (overflow in half "
+                "precision, or broken weights). Try dtype float32 or bfloat16 instead of float16.")
         tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2
         err = (ref - ours).abs().max().item()
         if not math.isfinite(err) or err > tol * max(1.0, ref.abs().max().item()):

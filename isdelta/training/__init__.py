@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+# EntropyMonitor: ΔH of each optimizer step inside any training loop (monitor.py, distributed.py)
+from isdelta.training.distributed import gather_rows
+from isdelta.training.monitor import (
+    EntropyMonitor,
+    MonitorConfig,
+    MonitorError,
+    MonitorResult,
+    MonitorStep,
+    MonitorWarning,
+    Snapshot,
+)
 from isdelta.training.rewards import REWARDS, answer_match, boxed_match
 from isdelta.training.update import UpdateResult, ZeroUpdateError, advantages, update
 
-__all__ = ["REWARDS", "UpdateResult", "ZeroUpdateError", "advantages", "answer_match", "boxed_match",
-           "update"]
+__all__ = ["REWARDS", "EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult",
+           "MonitorStep", "MonitorWarning", "Snapshot", "UpdateResult", "ZeroUpdateError",
+           "advantages", "answer_match", "boxed_match", "gather_rows", "update"]

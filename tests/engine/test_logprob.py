@@ -201,6 +201,8 @@ def test_non_finite_logits_name_the_rows(tiny_llama, rng):
     _, _, ro = random_rollouts(rng)
     with pytest.raises(FloatingPointError, match="non-finite logits for rows"):
         LogProbEngine(progress=False, check_head=False).score(broken, ro)
+    with pytest.raises(FloatingPointError, match="non-finite logits for row"):  # not "unknown head"
+        LogProbEngine(progress=False).score(broken, ro)
 
 
 def test_a_model_without_separate_head_is_refused(tiny_llama, rng):

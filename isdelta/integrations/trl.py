@@ -1,0 +1,257 @@
+"""ΔH of every GRPOTrainer optimizer step, in the trainer's own logs.
+
+>>> trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+>>> callback = attach(trainer)             # doctest: +SKIP
+>>> trainer.train()                        # logs entropy/delta, entropy/delta_ci_low, … per step
+>>> callback.results[-1].delta             # doctest: +SKIP
+
+How it hooks in (checked against TRL 1.16's ``GRPOTrainer`` and transformers' ``Trainer``)::
+
+    optimizer step k
+      micro-batch 1   training_step → _prepare_inputs ─▶ [wrapped] monitor.before(inputs)  p0
+                                     compute_loss, backward
+      micro-batch 2   … (parameters unchanged during accumulation: still p0)
+      optimizer.step(); global_step += 1
+      on_step_end     [callback] monitor.after(all snapshots of step k)                    p1
+                      scalars appended to trainer._metrics["train"]
+      _maybe_log_save_evaluate → GRPOTrainer.log averages _metrics and logs them with its own
+
+``_prepare_inputs`` returns the micro-batch the loss sees, with ``prompt_ids``, ``prompt_mask``
+(left-padded), ``completion_ids``, ``completion_mask`` (right-padded, counted up to the first
+EOS) and, when TRL computes them, ``old_per_token_logps``. It is wrapped on the trainer instance
+(no subclass needed). ``on_step_end`` runs after ``optimizer.step()`` and before the trainer
+logs, so ΔH lands in the same log line as the step's loss and rewards; GRPO's averaging skips
+the NaN of invalid steps and ``entropy/valid`` becomes the fraction of valid steps.
+
+The rows must be samples of p0, the model before the step. GRPO generates every
+``steps_per_generation × num_iterations`` micro-batches and reuses the rollouts in between; only
+micro-batches generated during the current optimizer step are snapshotted. With
+``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps`` some steps see
+only rollouts of an earlier model: their results are invalid with the reason "stale".
+GRPO shuffles a generation batch before splitting it into micro-batches, so one prompt's rows
+are spread over micro-batches (and over ranks): groups are keyed by the prompt tokens, and a
+prompt with a single row in a step is left out.
+
+The engine scores with the sampler's temperature, top-k and top-p, read from the trainer's
+arguments (and ``generation_kwargs``). Samplers isdelta cannot score exactly (min-p, repetition
+penalty, n-gram bans, …) are refused by :func:`attach`. Tool-calling rollouts (tokens written by
+a tool are not samples of the model) and multimodal inputs give invalid results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+from transformers import TrainerCallback
+
+from isdelta.engine.logprob import EngineConfig
+from isdelta.training.monitor import BATCH_KEYS, EntropyMonitor, MonitorResult, Snapshot
+
+__all__ = ["EntropyCallback", "attach", "engine_config_from_args"]
+
+# generation options that change the sampling distribution beyond temperature / top-k / top-p,
+# with their neutral value: isdelta's engine cannot score them, so ΔH would be biased
+_UNSUPPORTED = {
+    "min_p": None, "repetition_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "min_new_tokens": None, "min_length": 0,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "top_h": None,
+}
+# inputs the engine cannot pass to the model, or rows that are not samples of the model
+_INPUTS_UNSUPPORTED = {
+    "tool_mask": "tool-calling rollouts: tokens written by a tool are not samples of the model",
+    "pixel_values": "multimodal inputs: the engine scores text-only forwards",
+}
+
+
+def engine_config_from_args(args, generation_kwargs: Mapping[str, Any] | None = None,
+                            model_generation_config=None, **overrides) -> EngineConfig:
+    """The engine options that score what ``GRPOTrainer`` samples.
+
+    Parameters
+    ----------
+    args : trl.GRPOConfig
+        Its ``temperature``, ``top_k`` (0: off), ``top_p`` and ``generation_kwargs``.
+    generation_kwargs : mapping, optional
+        The trainer's effective generation kwargs (``trainer.generation_kwargs``); default
+        ``args.generation_kwargs``. They override ``args``.
+    model_generation_config : transformers.GenerationConfig, optional
+        The model's own defaults, which ``generate`` applies to every option the trainer leaves
+        unset; checked for processors too.
+    **overrides
+        Other :class:`EngineConfig` fields (``token_budget``, …).
+
+    Raises
+    ------
+    ValueError
+        The sampler uses a logit processor the engine cannot score (min-p, repetition penalty,
+        …): ΔH would be biased. Set it to its neutral value to use the monitor.
+    """
+    kw = dict(getattr(args, "generation_kwargs", None) or {})
+    kw.update(generation_kwargs or {})
+    temperature = float(kw.get("temperature", args.temperature))
+    top_k = int(kw.get("top_k", args.top_k) or 0)
+    top_p = float(kw.get("top_p", args.top_p) if kw.get("top_p", args.top_p) is not None else 1.0)
+    bad = []
+    for name, neutral in _UNSUPPORTED.items():
+        value = kw.get(name, getattr(args, name, None))
+        if value is None and model_generation_config is not None:
+            value = getattr(model_generation_config, name, None)
+        if value is not None and value != neutral and not (neutral is None and value in (0, 0.0, [])):
+            bad.append(f"{name}={value!r}")
+    if bad:
+        raise ValueError(
+            f"the GRPO sampler uses {', '.join(bad)}: isdelta's engine scores temperature, top-k and "
+            "top-p only, so the importance weights (and ΔH) would be biased. Set them to their "
+            "neutral values (min_p=None, repetition_penalty=1.0, …) to monitor entropy.")
+    return EngineConfig(temperature=temperature, top_k=top_k or None, top_p=top_p, include_eos=True,
+                        progress=False, **overrides)
+
+
+class EntropyCallback(TrainerCallback):
+    """Snapshots p0 on each fresh training micro-batch and logs ΔH at ``on_step_end``.
+
+    Made by :func:`attach`. ``results`` holds a :class:`MonitorResult` per measured step, with
+    ``step`` set to the trainer's ``global_step``.
+    """
+
+    def __init__(self, trainer, monitor: EntropyMonitor) -> None:
+        self.trainer, self.monitor = trainer, monitor
+        self.results: list[MonitorResult] = []
+        self._pending: list[Snapshot] = []
+        self._skip_reason: str | None = None
+        self._stale = 0
+        self._generated_at: int | None = None
+        self._original_prepare = trainer._prepare_inputs
+        trainer._prepare_inputs = self._prepare_inputs
+
+    def detach(self) -> None:
+        """Undo :func:`attach`: restore ``_prepare_inputs`` and remove the callback."""
+        self.trainer._prepare_inputs = self._original_prepare
+        self.trainer.remove_callback(self)
+
+    # ------------------------------------------------------------------ p0
+    def _prepare_inputs(self, generation_batch):
+        """GRPO's ``_prepare_inputs``, then a p0 snapshot of the micro-batch it returns."""
+        trainer = self.trainer
+        buffer = getattr(trainer, "_buffered_inputs", None)
+        inputs = self._original_prepare(generation_batch)
+        if not trainer.model.training:  # evaluation batches are not part of an optimizer step
+            return inputs
+        if getattr(trainer, "_buffered_inputs", None) is not buffer:
+            self._generated_at = trainer.state.global_step  # rollouts of the current parameters
+        self._observe(inputs)
+        return inputs
+
+    def _observe(self, inputs: Mapping[str, Any]) -> None:
+        """Snapshot one training micro-batch if its rows are samples of the current p0."""
+        if self._generated_at != self.trainer.state.global_step:
+            self._stale += 1
+            return
+        for key, why in _INPUTS_UNSUPPORTED.items():
+            if inputs.get(key) is not None:
+                self._skip_reason = why
+                return
+        batch = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
+        batch["completion_mask"] = self._counted_mask(inputs)
+        batch["eos_token_ids"] = list(self.trainer.eos_token_ids)
+        old = inputs.get("old_per_token_logps")
+        if old is not None and self.monitor.config.engine.transform.truncates:
+            old = None  # TRL's log-probs apply the temperature only, not top-k / top-p
+        self._pending.append(self.monitor.before(batch, old_logp=old))
+
+    def _counted_mask(self, inputs) -> torch.Tensor:
+        """The completion mask with truncated rows restored (``mask_truncated_completions``).
+
+        TRL zeroes the mask of completions cut at ``max_completion_length`` to keep them out of
+        the loss; they are still samples of p0 (all their tokens count, DESIGN.md §3), and
+        leaving them out would bias ΔH towards completions that stop.
+        """
+        mask = inputs["completion_mask"]
+        args = self.trainer.args
+        if not getattr(args, "mask_truncated_completions", False):
+            return mask
+        empty = mask.sum(-1) == 0  # [N]: only truncated rows (every completion has >= 1 token)
+        if not empty.any():
+            return mask
+        mask = mask.clone()
+        mask[empty, : min(mask.shape[1], int(args.max_completion_length))] = 1
+        return mask
+
+    # ------------------------------------------------------------------ p1
+    def on_step_end(self, args, state, control, **kwargs):
+        """Score p1 on the step's snapshots, estimate ΔH and hand the scalars to the trainer."""
+        if self._pending:
+            result = self.monitor.after(self._pending)
+        elif self._skip_reason is not None:
+            result = self.monitor.skip(self._skip_reason)
+        elif self._stale:
+            result = self.monitor.skip(
+                "stale: this step trained on rollouts generated before the previous optimizer "
+                "step (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), "
+                "which are not samples of p0.")
+        else:
+            result = self.monitor.skip("no training micro-batch was seen in this step")
+        self._pending, self._skip_reason, self._stale = [], None, 0
+        if result is None:
+            return control
+        result = replace(result, step=int(state.global_step))
+        self.results.append(result)
+        self._log(result.scalars())
+        return control
+
+    def _log(self, scalars: dict[str, float]) -> None:
+        """Into GRPO's metric store (logged with its own metrics), else straight to ``log``."""
+        metrics = getattr(self.trainer, "_metrics", None)
+        if isinstance(metrics, dict) and "train" in metrics:
+            for key, value in scalars.items():
+                metrics["train"][key].append(value)
+        else:
+            self.trainer.log(scalars)
+
+
+def attach(trainer, *, every: int = 1, weights: Literal["psis", "none", "truncate", "clip"] = "psis",
+           level: float = 0.95, strict: bool = False,
+           rao_blackwell: Literal["auto", "always", "never"] = "auto",
+           token_budget: int | None = None) -> EntropyCallback:
+    """Monitor ΔH of every optimizer step of a TRL ``GRPOTrainer`` (call before ``train()``).
+
+    Parameters
+    ----------
+    trainer : trl.GRPOTrainer
+    every, weights, level, strict, rao_blackwell
+        As in :class:`isdelta.training.EntropyMonitor`. With ``rao_blackwell="auto"`` TRL's
+        ``old_per_token_logps`` (present when generation and optimizer steps are misaligned) are
+        reused for log p0 and the plain estimates are logged.
+    token_budget : int, optional
+        Tokens per scoring forward (default: the engine's).
+
+    Returns
+    -------
+    EntropyCallback
+        Already registered with the trainer; ``.results`` fills up during training.
+
+    Raises
+    ------
+    TypeError
+        ``trainer`` is not a GRPOTrainer (it lacks ``_prepare_inputs``, ``eos_token_ids``).
+    ValueError
+        The sampler uses a logit processor the engine cannot score.
+    """
+    missing = [a for a in ("_prepare_inputs", "eos_token_ids", "args", "model", "add_callback")
+               if not hasattr(trainer, a)]
+    if missing:
+        raise TypeError(f"trainer: expected a trl.GRPOTrainer; {type(trainer).__name__} lacks "
+                        f"{missing}. For other loops use isdelta.training.EntropyMonitor directly.")
+    extra = {} if token_budget is None else {"token_budget": int(token_budget)}
+    cfg = engine_config_from_args(trainer.args, getattr(trainer, "generation_kwargs", None),
+                                  getattr(trainer.model, "generation_config", None), **extra)
+    monitor = EntropyMonitor(trainer.model, engine_config=cfg, weights=weights, level=level,
+                             every=every, strict=strict, rao_blackwell=rao_blackwell,
+                             eos_token_ids=list(trainer.eos_token_ids))
+    callback = EntropyCallback(trainer, monitor)
+    trainer.add_callback(callback)
+    return callback

@@ -1,0 +1,680 @@
+"""EntropyMonitor: ΔH of each optimizer step, from the tensors a trainer already holds.
+
+A GRPO / PPO / SFT loop has, for every micro-batch, left-padded prompt ids, right-padded
+completion ids and a completion mask (and often the old per-token log-probs). The monitor
+snapshots p0 on them before the optimizer step and scores the same rows under p1 after it::
+
+    snap = monitor.before(batch)           # p0: log p0(x_i) and Σ_t H_t  (one no-grad forward)
+    loss.backward(); opt.step()            # parameters change: p0 → p1
+    result = monitor.after(snap)           # p1: log p1(x_i) and Σ_t H_t  (one no-grad forward)
+    logger.log(result.scalars())           # entropy/delta, entropy/delta_ci_low, …
+
+or ``with monitor.step(batch) as s: …`` then ``s.result``. With gradient accumulation call
+``before`` on every micro-batch of the step and ``after`` once with the list of snapshots: the
+parameters do not change between micro-batches, so all of them are samples of the same p0.
+
+The rows must be samples of p0, the model before this optimizer step (on-policy RL, fresh
+rollouts; for SFT on reference data ΔH is not defined by this estimator). Rows whose prompt has
+only one row in the step are left out (SNIS normalises weights within a prompt, and one row gives
+no information about H(p1)); ``result.n_dropped`` counts them.
+
+The cost of the p0 forward: the trainer's own per-token log-probs of the sampled tokens
+(``old_logp``, e.g. TRL's ``old_per_token_logps``) give log p0(x_i) for free, but not the entropy
+of the full next-token distribution at each position, which the Rao–Blackwellised (RB, lower
+variance) estimates need. ``rao_blackwell="auto"`` (default) therefore reuses ``old_logp`` and
+reports the plain estimates when it is given, and runs the p0 forward for RB estimates when it is
+not; ``"always"`` runs the forward anyway (``old_logp`` is then only checked against the engine's
+log-probs: a gap means the trainer scores a different transform than it samples); ``"never"``
+reports plain estimates always.
+
+Failure policy: nothing the monitor does raises into the training loop unless ``strict=True``.
+Bad input, non-finite scores, out-of-memory, an exception in scoring or estimation, or k̂ > 1
+give a result with ``valid=False`` and the reason (warned once per kind). The model's train/eval
+mode (per module), ``requires_grad`` flags, ``.grad`` tensors and the torch RNG state (CPU, and
+CUDA where initialised) are restored exactly after each forward.
+
+In a data-parallel run each rank calls ``before``/``after`` on its own shard; ``after`` gathers
+the rows of all ranks (:func:`isdelta.training.gather_rows`) so every rank estimates the global
+ΔH. Group ids are keyed by the prompt tokens by default, which makes them global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from isdelta.engine.logprob import EngineConfig, LogProbEngine
+from isdelta.engine.rollouts import Rollouts
+from isdelta.estimators import EntropyDelta, Estimate, EstimatorWarning, estimate
+from isdelta.estimators.inputs import check_options
+from isdelta.training.distributed import _all_gather, _concat, world_size
+
+__all__ = ["EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult", "MonitorStep",
+           "MonitorWarning", "Snapshot"]
+
+RaoBlackwell = Literal["auto", "always", "never"]
+GroupBy = Literal["prompt", "given"]
+Distributed = Literal["auto", "local"]
+Weights = Literal["psis", "none", "truncate", "clip"]
+
+# the tensors a trainer holds for one micro-batch (TRL GRPO's names)
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+# fields gathered per row; S = log p summed over counted tokens (DESIGN.md §4)
+ROW_FIELDS = ("log_p0", "log_p1", "length", "group", "stopped", "entropy_sum0", "entropy_sum1")
+OLD_LOGP_GAP_WARN = 1e-2  # nats; fp32 engines agree to ~1e-5, bf16 ones to a few 1e-3
+
+
+class MonitorError(RuntimeError):
+    """A step could not be measured (raised only with ``strict=True``)."""
+
+
+class MonitorWarning(UserWarning):
+    """A step could not be measured; the training run goes on (``result.valid`` is False)."""
+
+
+# ---------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Options of :class:`EntropyMonitor` (see its docstring for each)."""
+
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(progress=False))
+    weights: Weights = "psis"
+    clip: float | None = None
+    level: float = 0.95
+    prompts: Literal["fixed", "sampled"] = "fixed"
+    every: int = 1
+    strict: bool = False
+    rao_blackwell: RaoBlackwell = "auto"
+    group_by: GroupBy = "prompt"
+    distributed: Distributed = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.engine, EngineConfig):
+            raise TypeError(f"engine_config: expected an isdelta EngineConfig; got "
+                            f"{type(self.engine).__name__}. Build one with EngineConfig(temperature=…).")
+        check_options(weights=self.weights, prompts=self.prompts, level=self.level, clip=self.clip)
+        if isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1:
+            raise ValueError(f"every: expected a positive integer (measure every k-th step); "
+                             f"got {self.every!r}.")
+        for name, value, valid in (("rao_blackwell", self.rao_blackwell, ("auto", "always", "never")),
+                                   ("group_by", self.group_by, ("prompt", "given")),
+                                   ("distributed", self.distributed, ("auto", "local"))):
+            if value not in valid:
+                raise ValueError(f"{name}: expected one of {list(valid)}; got {value!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Snapshot:
+    """p0's side of one micro-batch, taken by :meth:`EntropyMonitor.before`.
+
+    Attributes
+    ----------
+    step : int
+        The monitor's step index (counts ``after`` calls).
+    measured : bool
+        False when ``every`` skips this step (nothing was scored).
+    rollouts : Rollouts or None
+        The rows, in the isdelta layout (group ids already keyed, see ``group_by``).
+    log_p0 : ndarray float64 [N] or None
+        S0_i = Σ_t log p0(x_it) over counted tokens.
+    entropy_sum0 : ndarray float64 [N] or None
+        Σ_t H(p0(· | x_<t)) along each row (None: plain estimates only).
+    reused_old_logp : bool
+        S0 came from the caller's ``old_logp`` (no p0 forward was run).
+    old_logp_gap : float or None
+        max |old_logp − engine log p0| over counted tokens (``rao_blackwell="always"`` only).
+    seconds : float
+        Wall time of ``before``.
+    error : str or None
+        Why p0 could not be scored (non-strict mode); ``after`` turns it into an invalid result.
+    """
+
+    step: int
+    measured: bool
+    rollouts: Rollouts | None = None
+    log_p0: np.ndarray | None = None
+    entropy_sum0: np.ndarray | None = None
+    reused_old_logp: bool = False
+    old_logp_gap: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return 0 if self.rollouts is None else self.rollouts.n_rows
+
+    def to_dict(self) -> dict:
+        """Summary without per-row data."""
+        return {"step": self.step, "measured": self.measured, "n_rows": self.n_rows,
+                "rao_blackwell": self.entropy_sum0 is not None,
+                "reused_old_logp": self.reused_old_logp, "old_logp_gap": self.old_logp_gap,
+                "seconds": self.seconds, "error": self.error}
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    """ΔH of one optimizer step (or why it could not be measured).
+
+    Attributes
+    ----------
+    step : int
+    valid : bool
+        False when the step could not be measured or the estimate is unreliable (k̂ > 1).
+    reason : str or None
+        Why ``valid`` is False.
+    estimate : EntropyDelta or None
+        Everything :func:`isdelta.estimators.estimate` found (kept even when k̂ > 1).
+    rao_blackwell : bool
+        The headline numbers (``delta``, ``delta_tok``) are the RB estimates.
+    n_rows, n_dropped : int
+        Rows estimated on (all ranks), and rows left out because their prompt had one row.
+    seconds : float
+        The monitor's wall time for this step: both forwards, the gather and the estimate.
+    old_logp_gap : float or None
+        See :attr:`Snapshot.old_logp_gap` (the largest over micro-batches).
+    warnings : tuple of str
+        The estimator's diagnostic warnings and the monitor's notes.
+    """
+
+    step: int
+    valid: bool
+    reason: str | None = None
+    estimate: EntropyDelta | None = None
+    rao_blackwell: bool = False
+    n_rows: int = 0
+    n_dropped: int = 0
+    seconds: float = 0.0
+    old_logp_gap: float | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def delta(self) -> Estimate | None:
+        """ΔH per completion (nats), RB when available; None without an estimate."""
+        if self.estimate is None:
+            return None
+        return self.estimate.delta_rb if self.rao_blackwell else self.estimate.delta
+
+    @property
+    def delta_tok(self) -> Estimate | None:
+        """ΔH per token (entropy rate, nats), RB when available."""
+        if self.estimate is None:
+            return None
+        return self.estimate.delta_tok_rb if self.rao_blackwell else self.estimate.delta_tok
+
+    def scalars(self, prefix: str = "entropy/") -> dict[str, float]:
+        """A flat ``{name: float}`` for any logger (nats; NaN where there is no valid number).
+
+        Keys (after ``prefix``): ``delta``, ``delta_se``, ``delta_ci_low``, ``delta_ci_high``,
+        ``delta_tok``, ``delta_tok_ci_low``, ``delta_tok_ci_high``, ``h0``, ``h1``, ``delta1``
+        (first-order prediction), ``kl``, ``ess_frac``, ``khat``, ``valid`` (1.0 / 0.0),
+        ``rao_blackwell`` (1.0 / 0.0), ``n_rows``, ``seconds``. Estimates are NaN when the
+        result is invalid (a logger that averages over steps must not mix in unreliable
+        values); the diagnostics ``ess_frac`` and ``khat`` stay, as they say why.
+        """
+        nan = float("nan")
+        est, ok = self.estimate, self.valid and self.estimate is not None
+        d, dt = (self.delta, self.delta_tok) if ok else (None, None)
+        h0 = (est.h0_rb if self.rao_blackwell else est.h0) if ok else None
+        h1 = (est.h1_rb if self.rao_blackwell else est.h1) if ok else None
+        out = {
+            "delta": d.value if d else nan, "delta_se": d.se if d else nan,
+            "delta_ci_low": d.ci_low if d else nan, "delta_ci_high": d.ci_high if d else nan,
+            "delta_tok": dt.value if dt else nan,
+            "delta_tok_ci_low": dt.ci_low if dt else nan, "delta_tok_ci_high": dt.ci_high if dt else nan,
+            "h0": h0.value if h0 else nan, "h1": h1.value if h1 else nan,
+            "delta1": est.delta1.value if ok else nan, "kl": est.kl if ok else nan,
+            "ess_frac": est.ess_frac if est is not None else nan,
+            "khat": est.khat if est is not None else nan,
+            "valid": float(self.valid), "rao_blackwell": float(self.rao_blackwell),
+            "n_rows": float(self.n_rows), "seconds": float(self.seconds),
+        }
+        return {f"{prefix}{k}": float(v) for k, v in out.items()}
+
+    def to_dict(self) -> dict:
+        """JSON-safe: the scalars (None for NaN), the reason, warnings and the full estimate."""
+        out: dict[str, Any] = {k: (v if math.isfinite(v) else None)
+                               for k, v in self.scalars(prefix="").items()}
+        out.update(step=self.step, valid=self.valid, reason=self.reason, n_dropped=self.n_dropped,
+                   old_logp_gap=self.old_logp_gap, warnings=list(self.warnings),
+                   estimate=None if self.estimate is None else self.estimate.to_dict())
+        return out
+
+    def __str__(self) -> str:
+        if not self.valid:
+            return f"step {self.step}: invalid ({self.reason})"
+        return f"step {self.step}: ΔH {self.delta} | per token {self.delta_tok}"
+
+
+class MonitorStep:
+    """``with monitor.step(batch) as s: …`` → ``s.snapshot`` on entry, ``s.result`` on exit.
+
+    When the body raises, nothing is scored (the step is counted, the exception propagates).
+    """
+
+    def __init__(self, monitor: EntropyMonitor, batch, old_logp=None) -> None:
+        self.monitor, self.batch, self.old_logp = monitor, batch, old_logp
+        self.snapshot: Snapshot | None = None
+        self.result: MonitorResult | None = None
+
+    def __enter__(self) -> MonitorStep:
+        self.snapshot = self.monitor.before(self.batch, old_logp=self.old_logp)
+        self.batch = self.old_logp = None  # the snapshot holds what is needed
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.result = self.monitor.after(self.snapshot)
+        else:
+            self.monitor.skip(f"the training step raised {exc_type.__name__}")
+        return False
+
+
+# ---------------------------------------------------------------------------- the monitor
+class EntropyMonitor:
+    """Measure ΔH = H(p1) − H(p0) of each optimizer step on the step's own samples.
+
+    Parameters
+    ----------
+    model : HF causal LM (or a DDP / torch.compile wrapper of one)
+        The model being trained; p0 is it at ``before``, p1 at ``after``.
+    engine_config : EngineConfig, optional
+        How rows are scored: the sampling transform (temperature, top-k, top-p: must be the
+        sampler's), ``include_eos``, ``token_budget``. Default: temperature 1, no truncation,
+        no progress bar. ``requires_grad`` is forced off.
+    weights : {"psis", "none", "truncate", "clip"}
+        Importance-weight scheme (``clip`` also needs ``clip=c``).
+    level : float
+        Coverage of the confidence intervals.
+    every : int
+        Measure every k-th step (steps are counted by ``after``/``skip`` calls); other steps
+        cost nothing and give ``None``.
+    strict : bool
+        Raise on any failure (for debugging) instead of returning an invalid result.
+    rao_blackwell : {"auto", "always", "never"}
+        Whether to run the p0 forward for entropy sums when ``old_logp`` is given (module doc).
+    group_by : {"prompt", "given"}
+        "prompt": rows with the same real prompt tokens form one group, keyed by a hash of the
+        tokens (global across micro-batches and ranks). "given": the batch's ``group`` (or
+        ``num_generations``) as is; the caller keeps ids unique across micro-batches and ranks
+        (needed when equal prompt tokens are different prompts, e.g. different images).
+    eos_token_ids : int or sequence of int, optional
+        Stop ids for dict batches; default the model's ``generation_config.eos_token_id``.
+    prompts : {"fixed", "sampled"}
+        Standard-error mode of :func:`isdelta.estimators.estimate`.
+    distributed : {"auto", "local"}
+        "auto": gather rows over ``torch.distributed`` ranks when initialised; "local": estimate
+        on this rank's rows only.
+    clip : float, optional
+        The cap for ``weights="clip"``.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, engine_config: EngineConfig | None = None,
+                 weights: Weights = "psis", level: float = 0.95, every: int = 1, strict: bool = False,
+                 rao_blackwell: RaoBlackwell = "auto", group_by: GroupBy = "prompt",
+                 eos_token_ids: int | Sequence[int] | None = None,
+                 prompts: Literal["fixed", "sampled"] = "fixed", distributed: Distributed = "auto",
+                 clip: float | None = None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module (an HF causal LM); got "
+                            f"{type(model).__name__}.")
+        engine = replace(engine_config or EngineConfig(progress=False), requires_grad=False)
+        self.config = MonitorConfig(engine=engine, weights=weights, clip=clip, level=level,
+                                    prompts=prompts, every=every, strict=strict,
+                                    rao_blackwell=rao_blackwell, group_by=group_by,
+                                    distributed=distributed)
+        self.model = model
+        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _default_eos(model)
+        self._engine = LogProbEngine(engine)
+        self._n_steps = 0
+        self._warned: set[str] = set()
+
+    @property
+    def n_steps(self) -> int:
+        """Steps completed (``after`` and ``skip`` calls)."""
+        return self._n_steps
+
+    def due(self) -> bool:
+        """Whether the current step will be measured (``every``)."""
+        return self._n_steps % self.config.every == 0
+
+    def step(self, batch, old_logp=None) -> MonitorStep:
+        """Context-manager form of ``before``/``after`` (see :class:`MonitorStep`)."""
+        return MonitorStep(self, batch, old_logp)
+
+    # ------------------------------------------------------------------ p0
+    def before(self, batch: Rollouts | Mapping[str, Any], old_logp=None) -> Snapshot:
+        """Snapshot p0 on one micro-batch, before the optimizer step.
+
+        Parameters
+        ----------
+        batch : Rollouts, or a mapping with ``prompt_ids`` [N, P_len] (left-padded),
+            ``prompt_mask`` [N, P_len], ``completion_ids`` [N, C] (right-padded) and
+            ``completion_mask`` [N, C] (real tokens up to and including the first stop token);
+            optionally ``eos_token_ids``, ``group`` [N] and ``num_generations`` (used with
+            ``group_by="given"``). Other keys (advantages, …) are ignored.
+        old_logp : Tensor or ndarray [N, C], optional
+            The trainer's per-token log p0 of ``completion_ids`` under the sampling transform
+            (fp32 preferred); read on counted tokens only.
+
+        Returns
+        -------
+        Snapshot
+            Pass it (or a list of a step's snapshots) to :meth:`after`.
+        """
+        step = self._n_steps
+        if step % self.config.every:
+            return Snapshot(step, measured=False)
+        t0 = time.perf_counter()
+        try:
+            rollouts = self._rollouts(batch)
+            fields = self._score_p0(rollouts, old_logp)
+        except Exception as exc:  # the failure policy: never break the training loop
+            if self.config.strict:
+                raise
+            _free_memory(exc)
+            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=_describe(exc))
+        return Snapshot(step, True, rollouts, **fields, seconds=time.perf_counter() - t0)
+
+    def _rollouts(self, batch) -> Rollouts:
+        """The batch in the isdelta layout, groups keyed as ``group_by`` says."""
+        by_prompt = self.config.group_by == "prompt"
+        if isinstance(batch, Rollouts):
+            if not by_prompt:
+                return batch
+            keys = _prompt_keys(batch.prompt_ids, batch.prompt_lengths)
+            return replace(batch, group=keys.to(batch.group.device))
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch: expected an isdelta Rollouts or a mapping with keys "
+                            f"{list(BATCH_KEYS)}; got {type(batch).__name__}.")
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"batch: missing keys {missing}; expected {list(BATCH_KEYS)} (left-padded "
+                             f"prompts, right-padded completions); got keys {sorted(map(str, batch))}.")
+        eos = batch.get("eos_token_ids", self.eos_token_ids)
+        if eos is None:
+            raise ValueError("eos_token_ids: the model has no eos_token_id; pass "
+                             "EntropyMonitor(..., eos_token_ids=…) or batch['eos_token_ids'].")
+        pm = torch.as_tensor(batch["prompt_mask"])
+        group = _prompt_keys(batch["prompt_ids"], pm.sum(-1)) if by_prompt else batch.get("group")
+        return Rollouts.from_tensors(
+            batch["prompt_ids"], pm, batch["completion_ids"], batch["completion_mask"],
+            eos_token_ids=eos, group=group,
+            num_generations=None if by_prompt else batch.get("num_generations"))
+
+    def _score_p0(self, rollouts: Rollouts, old_logp) -> dict:
+        """S0 (and entropy sums) from ``old_logp`` or from a p0 forward (see ``rao_blackwell``)."""
+        mode = self.config.rao_blackwell
+        old = None if old_logp is None else _old_logp_tokens(old_logp, rollouts, self.config.engine)
+        if old is not None and mode != "always":
+            return {"log_p0": _row_sums(old), "reused_old_logp": True}
+        with _preserved(self.model):
+            scores = self._engine.score(self.model, rollouts)
+        gap = None
+        if old is not None:
+            mask = scores.mask.to(old.device)
+            gap = float((old - scores.token_logp.to(old.device)).abs()[mask].max()) if mask.any() else 0.0
+        ent = None if mode == "never" else scores.entropy_sum.detach().cpu().numpy()
+        return {"log_p0": scores.logp.detach().cpu().numpy(), "entropy_sum0": ent,
+                "old_logp_gap": gap}
+
+    # ------------------------------------------------------------------ p1
+    def skip(self, reason: str) -> MonitorResult | None:
+        """Count a step that cannot be measured: an invalid result if it was due, else None."""
+        step = self._n_steps
+        self._n_steps += 1
+        return None if step % self.config.every else MonitorResult(step, False, str(reason))
+
+    def after(self, snapshots: Snapshot | Sequence[Snapshot]) -> MonitorResult | None:
+        """Score the snapshots' rows under p1 (the model now) and estimate ΔH.
+
+        Parameters
+        ----------
+        snapshots : Snapshot or sequence of Snapshot
+            Every micro-batch snapshotted since the previous ``after`` (one optimizer step).
+
+        Returns
+        -------
+        MonitorResult or None
+            None when ``every`` skips this step.
+        """
+        snaps = [snapshots] if isinstance(snapshots, Snapshot) else list(snapshots)
+        step = self._n_steps
+        if not snaps:
+            return self.skip("no micro-batch was snapshotted in this step")
+        self._n_steps += 1
+        if not any(s.measured for s in snaps):
+            return None
+        t0 = time.perf_counter()
+        rows, failure = self._p1_rows(snaps, step)
+        rows, failure = self._exchange(rows, failure)
+        est, rb, n_dropped, notes = None, False, 0, []
+        if failure is None:
+            est, rb, n_dropped, notes, failure = self._estimate(rows)
+        seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
+        gaps = [s.old_logp_gap for s in snaps if s.old_logp_gap is not None]
+        gap = max(gaps) if gaps else None
+        if gap is not None and gap > OLD_LOGP_GAP_WARN:
+            notes.append(f"old_logp differs from the engine's log p0 by up to {gap:.3g} nats: the "
+                         "trainer scores (or samples) with a different transform or dtype.")
+        n_rows = 0 if rows is None else len(rows["log_p0"]) - n_dropped
+        reason = None if failure is None else failure[0]
+        result = MonitorResult(step, failure is None, reason, est, rb, n_rows, n_dropped, seconds, gap,
+                               tuple(notes) + (est.warnings if est is not None else ()))
+        self._report(failure, step)
+        return result
+
+    def _p1_rows(self, snaps: list[Snapshot], step: int) -> tuple[dict | None, tuple | None]:
+        """This rank's rows of all snapshots, or (None, (reason, exception))."""
+        for s in snaps:
+            if s.step != step:
+                reason = (f"a snapshot was taken at step {s.step} but the monitor is at step {step}: "
+                          "call after() once per step with that step's snapshots.")
+                return None, (reason, None)
+            if s.error is not None:
+                return None, (f"scoring p0 failed: {s.error}", None)
+        parts = []
+        try:
+            with _preserved(self.model):
+                for s in snaps:
+                    sc = self._engine.score(self.model, s.rollouts)
+                    parts.append(_rows(s, sc))
+        except Exception as exc:  # noqa: BLE001 - the failure policy
+            _free_memory(exc)
+            return None, (f"scoring p1 failed: {_describe(exc)}", exc)
+        return _merge(parts), None
+
+    def _exchange(self, rows, failure):
+        """Gather rows (and failures) of all ranks; a failure anywhere fails every rank."""
+        if self.config.distributed == "local" or world_size() == 1:
+            return rows, failure
+        try:
+            parts = _all_gather({"rows": rows, "error": None if failure is None else failure[0]})
+        except Exception as exc:  # noqa: BLE001 - the failure policy
+            return None, (f"gathering rows over ranks failed: {_describe(exc)}", exc)
+        errors = [f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"] is not None]
+        if errors:
+            return None, (failure if failure is not None else ("; ".join(errors), None))
+        return _merge([p["rows"] for p in parts]), None
+
+    def _estimate(self, rows: dict):
+        """(estimate, rb, n_dropped, notes, failure) on the merged rows."""
+        notes: list[str] = []
+        try:
+            bad = ~(np.isfinite(rows["log_p0"]) & np.isfinite(rows["log_p1"]))
+            if bad.any():
+                reason = (f"{int(bad.sum())} of {bad.size} rows have a non-finite log-probability (a "
+                          "token outside the top-k/top-p set of the engine's transform, or a NaN "
+                          "forward): check that the engine's transform is the sampler's.")
+                return None, False, 0, notes, (reason, None)
+            keep = _multi_row_groups(rows["group"])
+            n_dropped = int((~keep).sum())
+            if n_dropped:
+                notes.append(f"{n_dropped} rows left out: their prompt has a single row in this step.")
+            if keep.sum() < 2:
+                reason = ("no prompt has two or more rows in this step: SNIS needs G >= 2 samples per "
+                          "prompt (use num_generations >= 2 and whole groups per optimizer step).")
+                return None, False, n_dropped, notes, (reason, None)
+            r = {k: (None if v is None else v[keep]) for k, v in rows.items()}
+            rb = r["entropy_sum0"] is not None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EstimatorWarning)  # kept in est.warnings
+                est = estimate(r["log_p0"], r["log_p1"], r["length"], r["group"],
+                               entropy_sum0=r["entropy_sum0"], entropy_sum1=r["entropy_sum1"],
+                               weights=self.config.weights, clip=self.config.clip,
+                               prompts=self.config.prompts, level=self.config.level,
+                               stopped=r["stopped"])
+        except Exception as exc:  # noqa: BLE001 - the failure policy
+            return None, False, 0, notes, (f"estimation failed: {_describe(exc)}", exc)
+        return est, rb, n_dropped, notes, _verdict(est, rb)
+
+    def _report(self, failure, step: int) -> None:
+        """strict: raise; else warn once per kind of failure."""
+        if failure is None:
+            return
+        reason, exc = failure
+        if self.config.strict:
+            if exc is not None:
+                raise exc
+            raise MonitorError(f"EntropyMonitor step {step}: {reason}")
+        kind = type(exc).__name__ if exc is not None else reason.split(":")[0][:60]
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"EntropyMonitor step {step}: {reason} The training run goes on; this "
+                          "step's result has valid=False (further failures of this kind are not "
+                          "warned about; pass strict=True to raise).", MonitorWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _preserved(model: torch.nn.Module) -> Iterator[None]:
+    """Restore per-module train/eval modes, requires_grad flags, .grad tensors and RNG state."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    # fork_rng saves and restores the CPU generator, and these CUDA devices' (only where CUDA is
+    # already initialised: touching it would create a context on every GPU)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, flag, g in zip(params, flags, grads):
+                if p.requires_grad != flag:
+                    p.requires_grad_(flag)
+                if p.grad is not g:
+                    p.grad = g
+
+
+def _default_eos(model: torch.nn.Module) -> int | list[int] | None:
+    """The model's stop ids: generation_config first (it may list several), else config."""
+    inner = getattr(model, "module", model)
+    for cfg in (getattr(inner, "generation_config", None), getattr(inner, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            return eos
+    return None
+
+
+def _prompt_keys(prompt_ids, prompt_lengths) -> torch.Tensor:
+    """A group id per row [N]: a 56-bit hash of the row's real (left-padded) prompt tokens.
+
+    The same prompt gets the same id in every micro-batch and on every rank, whatever its pad
+    width; blake2b rather than ``hash()`` so that ids agree across processes.
+    """
+    ids = torch.as_tensor(prompt_ids).detach().cpu().long().numpy()  # [N, P_len]
+    lengths = torch.as_tensor(prompt_lengths).detach().cpu().long().tolist()  # [N]
+    width = ids.shape[1]
+    keys = [int.from_bytes(hashlib.blake2b(ids[r, width - n:].tobytes(), digest_size=7).digest(), "little")
+            for r, n in enumerate(lengths)]
+    return torch.tensor(keys, dtype=torch.long)
+
+
+def _old_logp_tokens(old_logp, rollouts: Rollouts, engine: EngineConfig) -> torch.Tensor:
+    """The caller's per-token log p0, checked: [N, C] float64, 0 on uncounted positions."""
+    t = torch.as_tensor(old_logp).detach()
+    N, C = rollouts.completion_ids.shape
+    if tuple(t.shape) != (N, C) or not t.is_floating_point():
+        raise ValueError(
+            f"old_logp: expected per-token log-probs [N, C] = [{N}, {C}] (one per completion "
+            f"column, aligned with completion_ids), floating point; got {t.dtype} "
+            f"{list(t.shape)}. Pass the trainer's log-probs of this micro-batch's completion "
+            "tokens (TRL: inputs['old_per_token_logps']), or old_logp=None to rescore p0.")
+    mask = rollouts.mask(engine.include_eos).to(t.device)  # [N, C]: counted tokens only
+    t = torch.where(mask, t.double(), torch.zeros((), dtype=torch.float64, device=t.device))
+    bad = ~torch.isfinite(t).all(-1)
+    if bad.any():
+        raise ValueError(f"old_logp: rows {bad.nonzero().flatten()[:8].tolist()} hold NaN/inf on "
+                         "counted tokens; pass finite log-probs or old_logp=None to rescore p0.")
+    return t
+
+
+def _row_sums(token_logp: torch.Tensor) -> np.ndarray:
+    """S_i = Σ_t log p [N] float64 (uncounted positions already 0)."""
+    return token_logp.sum(-1).cpu().numpy()
+
+
+def _rows(snap: Snapshot, p1) -> dict[str, np.ndarray | None]:
+    """Per-row arrays of one micro-batch: p0 from the snapshot, p1 from its ``SequenceScores``."""
+    ro = snap.rollouts
+    rb = snap.entropy_sum0 is not None
+    return {"log_p0": np.asarray(snap.log_p0, dtype=np.float64),
+            "log_p1": p1.logp.detach().cpu().numpy().astype(np.float64),
+            "length": p1.length.detach().cpu().numpy(),
+            "group": ro.group.detach().cpu().numpy(),
+            "stopped": ro.stopped.detach().cpu().numpy(),
+            "entropy_sum0": snap.entropy_sum0 if rb else None,
+            "entropy_sum1": p1.entropy_sum.detach().cpu().numpy() if rb else None}
+
+
+def _merge(parts: list[dict]) -> dict:
+    """Concatenate row dicts; RB only when every part has entropy sums."""
+    if any(p["entropy_sum0"] is None for p in parts):
+        parts = [{**p, "entropy_sum0": None, "entropy_sum1": None} for p in parts]
+    return _concat(parts)
+
+
+def _multi_row_groups(group: np.ndarray) -> np.ndarray:
+    """bool [N]: the row's group has at least two rows."""
+    _, inv, counts = np.unique(group, return_inverse=True, return_counts=True)
+    return counts[inv.reshape(-1)] >= 2
+
+
+def _verdict(est: EntropyDelta, rb: bool) -> tuple[str, None] | None:
+    """Why an estimate is not reported as valid (non-finite ΔH, k̂ > 1), or None."""
+    d = est.delta_rb if rb else est.delta
+    if not (math.isfinite(d.value) and math.isfinite(d.se)):
+        return (f"the ΔH estimate is not finite ({d.value}, se {d.se}).", None)
+    if est.khat > 1.0:
+        reason = (f"k̂ = {est.khat:.2f} > 1: the importance ratios p1/p0 have infinite variance at "
+                  f"this sample size ({est.n_rows} rows), so ΔH and its CI are unreliable. The step "
+                  "moved p1 far from p0: use more samples per prompt or a smaller step.")
+        return (reason, None)
+    return None
+
+
+def _describe(exc: BaseException, limit: int = 400) -> str:
+    """``Type: message``, shortened."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _free_memory(exc: BaseException) -> None:
+    """After an out-of-memory error, hand cached blocks back so the training step can go on."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

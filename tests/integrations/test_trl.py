@@ -1,0 +1,105 @@
+"""isdelta.integrations.trl on a real GRPOTrainer: a tiny random Qwen2 + the char tokenizer, on CPU,
+offline, two optimizer steps; ΔH with its CI must reach the trainer's own log each step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the TRL integration needs the trl extra: pip install -e '.[trl]'")
+
+from datasets import Dataset  # trl's dependency
+from trl import GRPOConfig, GRPOTrainer
+
+from isdelta.integrations.trl import EntropyCallback, attach, engine_config_from_args
+
+PROMPTS = ["1+1=", "2+3=", "7-4=", "3*3=", "9-1=", "4+4=", "6/2=", "5+0="]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, char_tok):
+    """A 2-layer Qwen2 with random weights and the char tokenizer, saved as a local checkpoint."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    char_tok.save_pretrained(path)
+    return path
+
+
+def length_and_ones(completions, **kwargs) -> list[float]:
+    """A rule reward with spread within every group: length, plus one per "1"."""
+    return [len(c) / 8 + c.count("1") for c in completions]
+
+
+def grpo(model_dir, tmp_path, **overrides) -> GRPOTrainer:
+    args = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8,
+            "num_generations": 4, "gradient_accumulation_steps": 2, "max_completion_length": 8,
+            "max_steps": 2, "learning_rate": 0.01, "logging_steps": 1, "temperature": 0.9,
+            "report_to": "none", "use_cpu": True, "bf16": False, "save_strategy": "no",
+            "disable_tqdm": True, "seed": 0, **overrides}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, not ours
+        return GRPOTrainer(model=str(model_dir), reward_funcs=length_and_ones, args=GRPOConfig(**args),
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def train(trainer) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+
+
+def test_grpo_logs_delta_h_with_ci_every_step(model_dir, tmp_path):
+    """Two accumulated micro-batches per step (a shuffled generation batch: prompts split over
+    them); every step logs a finite ΔH inside its CI, measured on all 16 rows."""
+    trainer = grpo(model_dir, tmp_path)
+    cb = attach(trainer)
+    assert isinstance(cb, EntropyCallback) and cb.monitor.config.engine.temperature == 0.9
+    train(trainer)
+    logs = [h for h in trainer.state.log_history if "entropy/delta" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for h, res in zip(logs, cb.results):
+        assert h["entropy/valid"] == 1.0 and h["entropy/n_rows"] == 16 and h["entropy/rao_blackwell"] == 1.0
+        assert math.isfinite(h["entropy/delta"]) and h["entropy/delta_se"] > 0
+        assert h["entropy/delta_ci_low"] < h["entropy/delta"] < h["entropy/delta_ci_high"]
+        assert h["entropy/delta"] == pytest.approx(res.delta.value)
+        # p0 was snapshotted before optimizer.step(), p1 after it: the log-ratios are not all 0
+        assert res.valid and res.estimate.kl != 0 and res.delta.value != 0
+        assert res.n_dropped == 0 and res.estimate.n_prompts == 4
+    assert [r.step for r in cb.results] == [1, 2]
+
+
+def test_stale_rollouts_are_flagged_and_old_logps_reused(model_dir, tmp_path):
+    """One generation serves two optimizer steps: step 1 reuses TRL's old_per_token_logps (plain
+    estimates), step 2 trains on rollouts of the previous model and is flagged stale."""
+    trainer = grpo(model_dir, tmp_path, gradient_accumulation_steps=1, steps_per_generation=2)
+    cb = attach(trainer)
+    train(trainer)
+    first, second = cb.results
+    assert first.valid and not first.rao_blackwell and first.n_rows >= 2
+    assert not second.valid and second.reason.startswith("stale")
+    logs = [h for h in trainer.state.log_history if "entropy/valid" in h]
+    assert [h["entropy/valid"] for h in logs] == [1.0, 0.0]
+    assert logs[1]["entropy/delta"] is None  # GRPO's averaging drops the NaN of an invalid step
+
+
+def test_engine_config_follows_the_sampler():
+    args = SimpleNamespace(temperature=0.7, top_k=0, top_p=1.0, generation_kwargs={"top_p": 0.9},
+                           min_p=None, repetition_penalty=1.0)
+    cfg = engine_config_from_args(args, {"top_k": 20})
+    assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.include_eos) == (0.7, 20, 0.9, True)
+    with pytest.raises(ValueError, match="min_p=0.05"):
+        engine_config_from_args(SimpleNamespace(**{**vars(args), "min_p": 0.05}))
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=3"):
+        engine_config_from_args(args, model_generation_config=SimpleNamespace(no_repeat_ngram_size=3))
+    with pytest.raises(TypeError, match="GRPOTrainer"):
+        attach(object())
