@@ -79,6 +79,20 @@ class EstimatorConfig(_Section):
         return self
 
 
+class ProbeConfig(_Section):
+    gradient: bool = True  # parameter-space ΔH₁ = <∇H(θ0), θ1 − θ0> (one backward pass)
+    sweep: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # α: p_α = θ0 + α(θ1 − θ0), same samples
+    per_token: bool = True  # also the entropy-rate gradient (a second backward per micro-batch)
+
+    @model_validator(mode="after")
+    def _finite_sweep(self) -> ProbeConfig:
+        import math
+
+        if not self.sweep or not all(math.isfinite(a) for a in self.sweep):
+            raise ValueError("probe.sweep must be a non-empty list of finite step sizes, e.g. [0.5, 1, 2]")
+        return self
+
+
 class OutputConfig(_Section):
     dir: str = "runs/demo"
     plots: bool = True
@@ -95,6 +109,7 @@ class RunConfig(_Section):
     engine: EngineSection = EngineSection()
     estimator: EstimatorConfig = EstimatorConfig()
     output: OutputConfig = OutputConfig()
+    probe: ProbeConfig | None = None  # ΔH₁ vs the true ΔH along the update direction
 
     @model_validator(mode="after")
     def _one_way_to_p1(self) -> RunConfig:

@@ -214,16 +214,24 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
         rollouts, texts, stopped, transform = sample_stage(cfg, model, tok, records, out)
     with stage("score p0", timings):
         s0 = score_stage(cfg, model, rollouts, transform, out / "scores0.npz")
-    update_path = out / "update.json"
-    if (out / "scores1.npz").exists() and update_path.exists():
+    update_path, probe_path = out / "update.json", out / "probe.json"
+    probe = json.loads(probe_path.read_text()) if probe_path.exists() else None
+    # resuming past p1 needs no model change, unless a probe still needs the update's direction
+    if (out / "scores1.npz").exists() and update_path.exists() and (cfg.probe is None or probe):
         update_info = json.loads(update_path.read_text())
         s1 = score_stage(cfg, None, rollouts, transform, out / "scores1.npz")
     else:
+        from isdelta.probes import snapshot_parameters
+
+        theta0 = snapshot_parameters(model) if cfg.probe and cfg.update else None
         with stage("make p1", timings):
             model1, update_info = make_p1(cfg, model, tok, rollouts, texts, records, transform)
         update_path.write_text(json.dumps(update_info, indent=2, default=str))
         with stage("score p1", timings):
             s1 = score_stage(cfg, model1, rollouts, transform, out / "scores1.npz")
+        if cfg.probe is not None:
+            with stage("probe", timings):
+                probe = probe_stage(cfg, model, model1, theta0, rollouts, s0, transform, out)
     e = cfg.estimator
     est_kw = dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip)
     with stage("estimate", timings):
@@ -238,6 +246,7 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
                 "p1": (f"`{cfg.updated.path}`" if cfg.updated else
                        f"p0 after {cfg.update.steps} {cfg.update.optimizer} step(s) of {cfg.update.loss} "
                        f"(lr {cfg.update.lr:g})")}
+        meta["probe"] = probe
         report = write_report(out, res, s0, s1, texts, meta, tok=tok, smoothed=smoothed_weights(s0, s1, est_kw),
                               plots=cfg.output.plots, n_trace=cfg.output.n_trace_samples)
     print(res.summary())
@@ -246,6 +255,25 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
               f"  (SE {se_ratio(tok.delta.se, res.delta.se)} the SNIS one)")
     print(f"\nreport: {out / 'summary.md'}  (report.json, sequences.csv, plots)")
     return report
+
+
+def probe_stage(cfg: RunConfig, model, model1, theta0, rollouts, s0: dict, transform, out: Path) -> dict:
+    """ΔH₁ (gradient and function space) against the true ΔH along θ1 − θ0, at every α."""
+    from isdelta.engine import EngineConfig
+    from isdelta.probes import parameter_delta, restore_parameters, run_probe
+
+    if theta0 is not None:  # in-process update: `model` holds θ1; the probe needs it back at θ0
+        direction = parameter_delta(theta0, model)
+        restore_parameters(model, theta0)
+    else:
+        direction = parameter_delta(model, model1)
+    e, p = cfg.estimator, cfg.probe
+    ecfg = EngineConfig.from_transform(transform, include_eos=cfg.engine.include_eos,
+                                       token_budget=cfg.engine.token_budget, progress=False)
+    return run_probe(model, direction, rollouts, s0, alphas=list(p.sweep), gradient=p.gradient,
+                     per_token=p.per_token, engine_config=ecfg,
+                     estimator_kw=dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip),
+                     out_dir=out, plots=cfg.output.plots)
 
 
 def eos_terms(cfg: RunConfig, s0: dict, s1: dict) -> dict:

@@ -36,6 +36,8 @@ BAD = [
     (with_("estimator", weights="clip"), r"clip needs estimator\.clip"),
     (with_("output", plots="yes please"), r"output\.plots: .*valid boolean"),
     ({k: v for k, v in BASE.items() if k != "data"}, r"data: Field required"),
+    ({**BASE, "probe": {"sweep": []}}, r"probe: probe\.sweep must be a non-empty list"),
+    ({**BASE, "probe": {"sweep": [1, "big"]}}, r"probe\.sweep\.1: .*valid number"),
     ({**BASE, "updated": {"path": "x"}}, r"exactly one of `updated`"),
 ]
 

@@ -162,3 +162,17 @@ def test_excluding_eos_changes_lengths_not_weights(tmp_path, checkpoint):
     n_stop = s0["stopped"].reshape(3, 4).mean(1).mean()
     assert no_eos["mean_length"] == pytest.approx(with_eos["mean_length"] - n_stop)
     assert no_eos["ess"] == pytest.approx(with_eos["ess"])  # weights: full-sequence ratio both times
+
+
+def test_run_with_probe_sweep(tmp_path, checkpoint):
+    cfg = make_cfg(tmp_path, checkpoint, update={"lr": 0.05},
+                   probe={"gradient": True, "sweep": [0.5, 1.0], "per_token": False})
+    report = run(cfg)
+    out = tmp_path / "out"
+    assert (out / "probe.json").exists() and (out / "probe_sweep.png").exists()
+    probe = report["probe"]
+    assert probe is not None and len(probe["rows"]) == 2
+    assert "Probe: first-order prediction" in (out / "summary.md").read_text()
+    # the sweep at α = 1 is the update itself: its ΔH equals the run's ΔH
+    at1 = json.loads((out / "probe.json").read_text())
+    assert at1 == json.loads(json.dumps(probe))
