@@ -292,7 +292,7 @@ class EntropyMonitor:
         The model being trained; p0 is it at ``before``, p1 at ``after``.
     engine_config : EngineConfig, optional
         How rows are scored: the sampling transform (temperature, top-k, top-p: must be the
-        sampler's), ``include_eos``, ``token_budget``. Default: temperature 1, no truncation,
+        sampler's) and ``token_budget``; ``include_eos`` must stay True (whole sequences). Default: temperature 1, no truncation,
         no progress bar. ``requires_grad`` is forced off.
     weights : {"psis", "none", "truncate", "clip"}
         Importance-weight scheme (``clip`` also needs ``clip=c``).
@@ -331,6 +331,14 @@ class EntropyMonitor:
             raise TypeError(f"model: expected a torch.nn.Module (an HF causal LM); got "
                             f"{type(model).__name__}.")
         engine = replace(engine_config or EngineConfig(progress=False), requires_grad=False)
+        if not engine.include_eos:
+            # Scoring without the stop token would weight rows by a partial ratio, but p0 sampled
+            # the stop token too: the importance weights need the full-sequence ratio.
+            raise ValueError(
+                "engine_config.include_eos=False: the monitor scores whole sequences (the importance "
+                "weights need the full-sequence ratio, stop token included). Pass include_eos=True; "
+                "for entropies without the stop token use isdelta.estimate(include='no_eos', ...) "
+                "with the engine's stop_logp / stop_entropy_sum.")
         self.config = MonitorConfig(engine=engine, weights=weights, clip=clip, level=level,
                                     prompts=prompts, every=every, strict=strict,
                                     rao_blackwell=rao_blackwell, group_by=group_by,

@@ -302,5 +302,7 @@ def test_scalar_keys_and_bad_options(models, rng):
         EntropyMonitor(model, weights="bogus")
     with pytest.raises(ValueError, match="every"):
         EntropyMonitor(model, every=0)
+    with pytest.raises(ValueError, match="full-sequence ratio"):
+        EntropyMonitor(model, engine_config=EngineConfig(include_eos=False))
     with pytest.raises(ValueError, match="missing keys"):
         EntropyMonitor(model, strict=True).before({"prompt_ids": ro.prompt_ids})
