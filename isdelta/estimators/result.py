@@ -90,6 +90,23 @@ class Estimate:
         )
 
 
+def fields_to_dict(result) -> dict:
+    """A result dataclass's fields, JSON-safe: Estimates nested (nats and ``_bits``), tuples as
+    lists, non-finite floats as None."""
+    out: dict = {}
+    for f in fields(result):
+        v = getattr(result, f.name)
+        if isinstance(v, Estimate):
+            out[f.name] = v.to_dict()
+        elif isinstance(v, float):
+            out[f.name] = _num(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
 ESTIMATES = ("h0", "h1", "delta", "h0_tok", "h1_tok", "delta_tok")
 RB_ESTIMATES = tuple(f"{name}_rb" for name in ESTIMATES)
 _LABELS = {
@@ -192,17 +209,7 @@ class EntropyDelta:
 
     def to_dict(self) -> dict:
         """All fields, Estimates as nested dicts (nats and ``_bits``); JSON-safe."""
-        out: dict = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Estimate):
-                out[f.name] = v.to_dict()
-            elif isinstance(v, float):
-                out[f.name] = _num(v)
-            elif isinstance(v, tuple):
-                out[f.name] = list(v)
-            else:
-                out[f.name] = v
+        out = fields_to_dict(self)
         out["khat_status"] = self.khat_status
         for name in ("kl", "cov_term", "kl_term", "nll0_tok", "nll1_tok"):
             out[f"{name}_bits"] = _num(getattr(self, name) / LN2)

@@ -21,7 +21,7 @@ chain rule of entropy, when the mask counts the stop token (the engine's default
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from isdelta.estimators import inputs
 from isdelta.estimators.diagnostics import ESS_FRAC_MIN, RATIO_RANGE
 from isdelta.estimators.groups import Groups, make_groups
-from isdelta.estimators.result import Estimate, EstimatorWarning, _num, _row
+from isdelta.estimators.result import Estimate, EstimatorWarning, _row, fields_to_dict
 from isdelta.estimators.uncertainty import Linear, standard_error, z_value
 
 __all__ = ["METHODS", "TokenDelta", "estimate_tokens"]
@@ -117,18 +117,7 @@ class TokenDelta:
 
     def to_dict(self) -> dict:
         """All fields, Estimates as nested dicts (nats and ``_bits``); JSON-safe."""
-        out: dict = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Estimate):
-                out[f.name] = v.to_dict()
-            elif isinstance(v, float):
-                out[f.name] = _num(v)
-            elif isinstance(v, tuple):
-                out[f.name] = list(v)
-            else:
-                out[f.name] = v
-        return out
+        return fields_to_dict(self)
 
     def scalars(self, prefix: str = "entropy_tokens/") -> dict[str, float]:
         """Flat {name: float} for a metrics logger: each estimate and its SE (nats), and the
