@@ -40,13 +40,10 @@ the rows of all ranks (:func:`isdelta.training.gather_rows`) so every rank estim
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -54,208 +51,25 @@ import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
-from isdelta.estimators import EntropyDelta, Estimate, EstimatorWarning, estimate
-from isdelta.estimators.inputs import check_options
-from isdelta.training.distributed import _all_gather, _concat, world_size
+from isdelta.estimators import EstimatorWarning, estimate
+from isdelta.training.distributed import _all_gather, world_size
+from isdelta.training.monitor_helpers import (
+    _preserved, _default_eos, _prompt_keys, _old_logp_tokens, _row_sums, _rows, _merge,
+    _multi_row_groups, _verdict, _describe, _free_memory,
+)
+from isdelta.training.monitor_types import (Distributed, GroupBy, MonitorConfig, MonitorError,
+                                            MonitorResult, MonitorWarning, RaoBlackwell, Snapshot,
+                                            Weights)
 
 __all__ = ["EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult", "MonitorStep",
            "MonitorWarning", "Snapshot"]
 
-RaoBlackwell = Literal["auto", "always", "never"]
-GroupBy = Literal["prompt", "given"]
-Distributed = Literal["auto", "local"]
-Weights = Literal["psis", "none", "truncate", "clip"]
 
 # the tensors a trainer holds for one micro-batch (TRL GRPO's names)
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 # fields gathered per row; S = log p summed over counted tokens (DESIGN.md §4)
 ROW_FIELDS = ("log_p0", "log_p1", "length", "group", "stopped", "entropy_sum0", "entropy_sum1")
 OLD_LOGP_GAP_WARN = 1e-2  # nats; fp32 engines agree to ~1e-5, bf16 ones to a few 1e-3
-
-
-class MonitorError(RuntimeError):
-    """A step could not be measured (raised only with ``strict=True``)."""
-
-
-class MonitorWarning(UserWarning):
-    """A step could not be measured; the training run goes on (``result.valid`` is False)."""
-
-
-# ---------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class MonitorConfig:
-    """Options of :class:`EntropyMonitor` (see its docstring for each)."""
-
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(progress=False))
-    weights: Weights = "psis"
-    clip: float | None = None
-    level: float = 0.95
-    prompts: Literal["fixed", "sampled"] = "fixed"
-    every: int = 1
-    strict: bool = False
-    rao_blackwell: RaoBlackwell = "auto"
-    group_by: GroupBy = "prompt"
-    distributed: Distributed = "auto"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.engine, EngineConfig):
-            raise TypeError(f"engine_config: expected an isdelta EngineConfig; got "
-                            f"{type(self.engine).__name__}. Build one with EngineConfig(temperature=…).")
-        check_options(weights=self.weights, prompts=self.prompts, level=self.level, clip=self.clip)
-        if isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1:
-            raise ValueError(f"every: expected a positive integer (measure every k-th step); "
-                             f"got {self.every!r}.")
-        for name, value, valid in (("rao_blackwell", self.rao_blackwell, ("auto", "always", "never")),
-                                   ("group_by", self.group_by, ("prompt", "given")),
-                                   ("distributed", self.distributed, ("auto", "local"))):
-            if value not in valid:
-                raise ValueError(f"{name}: expected one of {list(valid)}; got {value!r}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class Snapshot:
-    """p0's side of one micro-batch, taken by :meth:`EntropyMonitor.before`.
-
-    Attributes
-    ----------
-    step : int
-        The monitor's step index (counts ``after`` calls).
-    measured : bool
-        False when ``every`` skips this step (nothing was scored).
-    rollouts : Rollouts or None
-        The rows, in the isdelta layout (group ids already keyed, see ``group_by``).
-    log_p0 : ndarray float64 [N] or None
-        S0_i = Σ_t log p0(x_it) over counted tokens.
-    entropy_sum0 : ndarray float64 [N] or None
-        Σ_t H(p0(· | x_<t)) along each row (None: plain estimates only).
-    reused_old_logp : bool
-        S0 came from the caller's ``old_logp`` (no p0 forward was run).
-    old_logp_gap : float or None
-        max |old_logp − engine log p0| over counted tokens (``rao_blackwell="always"`` only).
-    seconds : float
-        Wall time of ``before``.
-    error : str or None
-        Why p0 could not be scored (non-strict mode); ``after`` turns it into an invalid result.
-    """
-
-    step: int
-    measured: bool
-    rollouts: Rollouts | None = None
-    log_p0: np.ndarray | None = None
-    entropy_sum0: np.ndarray | None = None
-    reused_old_logp: bool = False
-    old_logp_gap: float | None = None
-    seconds: float = 0.0
-    error: str | None = None
-
-    @property
-    def n_rows(self) -> int:
-        return 0 if self.rollouts is None else self.rollouts.n_rows
-
-    def to_dict(self) -> dict:
-        """Summary without per-row data."""
-        return {"step": self.step, "measured": self.measured, "n_rows": self.n_rows,
-                "rao_blackwell": self.entropy_sum0 is not None,
-                "reused_old_logp": self.reused_old_logp, "old_logp_gap": self.old_logp_gap,
-                "seconds": self.seconds, "error": self.error}
-
-
-@dataclass(frozen=True)
-class MonitorResult:
-    """ΔH of one optimizer step (or why it could not be measured).
-
-    Attributes
-    ----------
-    step : int
-    valid : bool
-        False when the step could not be measured or the estimate is unreliable (k̂ > 1).
-    reason : str or None
-        Why ``valid`` is False.
-    estimate : EntropyDelta or None
-        Everything :func:`isdelta.estimators.estimate` found (kept even when k̂ > 1).
-    rao_blackwell : bool
-        The headline numbers (``delta``, ``delta_tok``) are the RB estimates.
-    n_rows, n_dropped : int
-        Rows estimated on (all ranks), and rows left out because their prompt had one row.
-    seconds : float
-        The monitor's wall time for this step: both forwards, the gather and the estimate.
-    old_logp_gap : float or None
-        See :attr:`Snapshot.old_logp_gap` (the largest over micro-batches).
-    warnings : tuple of str
-        The estimator's diagnostic warnings and the monitor's notes.
-    """
-
-    step: int
-    valid: bool
-    reason: str | None = None
-    estimate: EntropyDelta | None = None
-    rao_blackwell: bool = False
-    n_rows: int = 0
-    n_dropped: int = 0
-    seconds: float = 0.0
-    old_logp_gap: float | None = None
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def delta(self) -> Estimate | None:
-        """ΔH per completion (nats), RB when available; None without an estimate."""
-        if self.estimate is None:
-            return None
-        return self.estimate.delta_rb if self.rao_blackwell else self.estimate.delta
-
-    @property
-    def delta_tok(self) -> Estimate | None:
-        """ΔH per token (entropy rate, nats), RB when available."""
-        if self.estimate is None:
-            return None
-        return self.estimate.delta_tok_rb if self.rao_blackwell else self.estimate.delta_tok
-
-    def scalars(self, prefix: str = "entropy/") -> dict[str, float]:
-        """A flat ``{name: float}`` for any logger (nats; NaN where there is no valid number).
-
-        Keys (after ``prefix``): ``delta``, ``delta_se``, ``delta_ci_low``, ``delta_ci_high``,
-        ``delta_tok``, ``delta_tok_ci_low``, ``delta_tok_ci_high``, ``h0``, ``h1``, ``delta1``
-        (first-order prediction), ``kl``, ``ess_frac``, ``khat``, ``valid`` (1.0 / 0.0),
-        ``rao_blackwell`` (1.0 / 0.0), ``n_rows``, ``seconds``. Estimates are NaN when the
-        result is invalid (a logger that averages over steps must not mix in unreliable
-        values); the diagnostics ``ess_frac`` and ``khat`` stay, as they say why.
-        """
-        nan = float("nan")
-        est, ok = self.estimate, self.valid and self.estimate is not None
-        d, dt = (self.delta, self.delta_tok) if ok else (None, None)
-        h0 = (est.h0_rb if self.rao_blackwell else est.h0) if ok else None
-        h1 = (est.h1_rb if self.rao_blackwell else est.h1) if ok else None
-        out = {
-            "delta": d.value if d else nan, "delta_se": d.se if d else nan,
-            "delta_ci_low": d.ci_low if d else nan, "delta_ci_high": d.ci_high if d else nan,
-            "delta_tok": dt.value if dt else nan,
-            "delta_tok_ci_low": dt.ci_low if dt else nan, "delta_tok_ci_high": dt.ci_high if dt else nan,
-            "h0": h0.value if h0 else nan, "h1": h1.value if h1 else nan,
-            "delta1": est.delta1.value if ok else nan, "kl": est.kl if ok else nan,
-            "ess_frac": est.ess_frac if est is not None else nan,
-            "khat": est.khat if est is not None else nan,
-            "valid": float(self.valid), "rao_blackwell": float(self.rao_blackwell),
-            "n_rows": float(self.n_rows), "seconds": float(self.seconds),
-        }
-        return {f"{prefix}{k}": float(v) for k, v in out.items()}
-
-    def to_dict(self) -> dict:
-        """JSON-safe: the scalars (None for NaN), the reason, warnings and the full estimate."""
-        out: dict[str, Any] = {k: (v if math.isfinite(v) else None)
-                               for k, v in self.scalars(prefix="").items()}
-        out.update(step=self.step, valid=self.valid, reason=self.reason, n_dropped=self.n_dropped,
-                   old_logp_gap=self.old_logp_gap, warnings=list(self.warnings),
-                   estimate=None if self.estimate is None else self.estimate.to_dict())
-        return out
-
-    def __str__(self) -> str:
-        if not self.valid:
-            return f"step {self.step}: invalid ({self.reason})"
-        return f"step {self.step}: ΔH {self.delta} | per token {self.delta_tok}"
 
 
 class MonitorStep:
@@ -563,126 +377,3 @@ class EntropyMonitor:
             warnings.warn(f"EntropyMonitor step {step}: {reason} The training run goes on; this "
                           "step's result has valid=False (further failures of this kind are not "
                           "warned about; pass strict=True to raise).", MonitorWarning, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _preserved(model: torch.nn.Module) -> Iterator[None]:
-    """Restore per-module train/eval modes, requires_grad flags, .grad tensors and RNG state."""
-    modes = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    # fork_rng saves and restores the CPU generator, and these CUDA devices' (only where CUDA is
-    # already initialised: touching it would create a context on every GPU)
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
-            for p, flag, g in zip(params, flags, grads):
-                if p.requires_grad != flag:
-                    p.requires_grad_(flag)
-                if p.grad is not g:
-                    p.grad = g
-
-
-def _default_eos(model: torch.nn.Module) -> int | list[int] | None:
-    """The model's stop ids: generation_config first (it may list several), else config."""
-    inner = getattr(model, "module", model)
-    for cfg in (getattr(inner, "generation_config", None), getattr(inner, "config", None)):
-        eos = getattr(cfg, "eos_token_id", None)
-        if eos is not None:
-            return eos
-    return None
-
-
-def _prompt_keys(prompt_ids, prompt_lengths) -> torch.Tensor:
-    """A group id per row [N]: a 56-bit hash of the row's real (left-padded) prompt tokens.
-
-    The same prompt gets the same id in every micro-batch and on every rank, whatever its pad
-    width; blake2b rather than ``hash()`` so that ids agree across processes.
-    """
-    ids = torch.as_tensor(prompt_ids).detach().cpu().long().numpy()  # [N, P_len]
-    lengths = torch.as_tensor(prompt_lengths).detach().cpu().long().tolist()  # [N]
-    width = ids.shape[1]
-    keys = [int.from_bytes(hashlib.blake2b(ids[r, width - n:].tobytes(), digest_size=7).digest(), "little")
-            for r, n in enumerate(lengths)]
-    return torch.tensor(keys, dtype=torch.long)
-
-
-def _old_logp_tokens(old_logp, rollouts: Rollouts, engine: EngineConfig) -> torch.Tensor:
-    """The caller's per-token log p0, checked: [N, C] float64, 0 on uncounted positions."""
-    t = torch.as_tensor(old_logp).detach()
-    N, C = rollouts.completion_ids.shape
-    if tuple(t.shape) != (N, C) or not t.is_floating_point():
-        raise ValueError(
-            f"old_logp: expected per-token log-probs [N, C] = [{N}, {C}] (one per completion "
-            f"column, aligned with completion_ids), floating point; got {t.dtype} "
-            f"{list(t.shape)}. Pass the trainer's log-probs of this micro-batch's completion "
-            "tokens (TRL: inputs['old_per_token_logps']), or old_logp=None to rescore p0.")
-    mask = rollouts.mask(engine.include_eos).to(t.device)  # [N, C]: counted tokens only
-    t = torch.where(mask, t.double(), torch.zeros((), dtype=torch.float64, device=t.device))
-    bad = ~torch.isfinite(t).all(-1)
-    if bad.any():
-        raise ValueError(f"old_logp: rows {bad.nonzero().flatten()[:8].tolist()} hold NaN/inf on "
-                         "counted tokens; pass finite log-probs or old_logp=None to rescore p0.")
-    return t
-
-
-def _row_sums(token_logp: torch.Tensor) -> np.ndarray:
-    """S_i = Σ_t log p [N] float64 (uncounted positions already 0)."""
-    return token_logp.sum(-1).cpu().numpy()
-
-
-def _rows(snap: Snapshot, p1) -> dict[str, np.ndarray | None]:
-    """Per-row arrays of one micro-batch: p0 from the snapshot, p1 from its ``SequenceScores``."""
-    ro = snap.rollouts
-    rb = snap.entropy_sum0 is not None
-    return {"log_p0": np.asarray(snap.log_p0, dtype=np.float64),
-            "log_p1": p1.logp.detach().cpu().numpy().astype(np.float64),
-            "length": p1.length.detach().cpu().numpy(),
-            "group": ro.group.detach().cpu().numpy(),
-            "stopped": ro.stopped.detach().cpu().numpy(),
-            "entropy_sum0": snap.entropy_sum0 if rb else None,
-            "entropy_sum1": p1.entropy_sum.detach().cpu().numpy() if rb else None}
-
-
-def _merge(parts: list[dict]) -> dict:
-    """Concatenate row dicts; RB only when every part has entropy sums."""
-    if any(p["entropy_sum0"] is None for p in parts):
-        parts = [{**p, "entropy_sum0": None, "entropy_sum1": None} for p in parts]
-    return _concat(parts)
-
-
-def _multi_row_groups(group: np.ndarray) -> np.ndarray:
-    """bool [N]: the row's group has at least two rows."""
-    _, inv, counts = np.unique(group, return_inverse=True, return_counts=True)
-    return counts[inv.reshape(-1)] >= 2
-
-
-def _verdict(est: EntropyDelta, rb: bool) -> tuple[str, None] | None:
-    """Why an estimate is not reported as valid (non-finite ΔH, k̂ > 1), or None."""
-    d = est.delta_rb if rb else est.delta
-    if not (math.isfinite(d.value) and math.isfinite(d.se)):
-        return (f"the ΔH estimate is not finite ({d.value}, se {d.se}).", None)
-    if est.khat > 1.0:
-        reason = (f"k̂ = {est.khat:.2f} > 1: the importance ratios p1/p0 have infinite variance at "
-                  f"this sample size ({est.n_rows} rows), so ΔH and its CI are unreliable. The step "
-                  "moved p1 far from p0: use more samples per prompt or a smaller step.")
-        return (reason, None)
-    return None
-
-
-def _describe(exc: BaseException, limit: int = 400) -> str:
-    """``Type: message``, shortened."""
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _free_memory(exc: BaseException) -> None:
-    """After an out-of-memory error, hand cached blocks back so the training step can go on."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
