@@ -4,7 +4,7 @@ A GRPO / PPO / SFT loop has, for every micro-batch, left-padded prompt ids, righ
 completion ids and a completion mask (and often the old per-token log-probs). The monitor
 snapshots p0 on them before the optimizer step and scores the same rows under p1 after it::
 
-    snap = monitor.before(batch)           # p0: log p0(x_i) and Σ_t H_t  (one no-grad forward)
+    snap = monitor.before(batch)           # p0: log p0 and H_t per position (one no-grad forward)
     loss.backward(); opt.step()            # parameters change: p0 → p1
     result = monitor.after(snap)           # p1: log p1(x_i) and Σ_t H_t  (one no-grad forward)
     logger.log(result.scalars())           # entropy/delta, entropy/delta_ci_low, …
@@ -17,6 +17,13 @@ The rows must be samples of p0, the model before this optimizer step (on-policy 
 rollouts; for SFT on reference data ΔH is not defined by this estimator). Rows whose prompt has
 only one row in the step are left out (SNIS normalises weights within a prompt, and one row gives
 no information about H(p1)); ``result.n_dropped`` counts them.
+
+The headline estimate is per-decision (``per_decision="cv"``,
+:func:`isdelta.estimators.estimate_tokens`): each position's exact next-token entropy under p1 is
+weighted by the ratio of its *prefix* rather than of the whole sequence, with a martingale
+control variate, which cuts the standard error about in half against sequence-level SNIS on the
+same rows (benchmarks/README.md). SNIS is still reported beside it (``result.delta_snis``,
+``entropy/delta_snis``). It needs p0's per-position entropies, i.e. the p0 forward below.
 
 The cost of the p0 forward: the trainer's own per-token log-probs of the sampled tokens
 (``old_logp``, e.g. TRL's ``old_per_token_logps``) give log p0(x_i) for free, but not the entropy
@@ -40,6 +47,7 @@ the rows of all ranks (:func:`isdelta.training.gather_rows`) so every rank estim
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -51,15 +59,15 @@ import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
-from isdelta.estimators import EstimatorWarning, estimate
+from isdelta.estimators import EstimatorWarning, estimate, estimate_tokens
 from isdelta.training.distributed import _all_gather, world_size
 from isdelta.training.monitor_helpers import (
     _preserved, _default_eos, _prompt_keys, _old_logp_tokens, _row_sums, _rows, _merge,
-    _multi_row_groups, _verdict, _describe, _free_memory,
+    _multi_row_groups, _verdict, _describe, _free_memory, TOKEN_FIELDS,
 )
 from isdelta.training.monitor_types import (Distributed, GroupBy, MonitorConfig, MonitorError,
-                                            MonitorResult, MonitorWarning, RaoBlackwell, Snapshot,
-                                            Weights)
+                                            MonitorResult, MonitorWarning, PerDecision, RaoBlackwell,
+                                            Snapshot, Weights)
 
 __all__ = ["EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult", "MonitorStep",
            "MonitorWarning", "Snapshot"]
@@ -69,6 +77,7 @@ __all__ = ["EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult", "
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 # fields gathered per row; S = log p summed over counted tokens (DESIGN.md §4)
 ROW_FIELDS = ("log_p0", "log_p1", "length", "group", "stopped", "entropy_sum0", "entropy_sum1")
+# and per position [N, C] (TOKEN_FIELDS), for the per-decision estimator
 OLD_LOGP_GAP_WARN = 1e-2  # nats; fp32 engines agree to ~1e-5, bf16 ones to a few 1e-3
 
 
@@ -133,6 +142,11 @@ class EntropyMonitor:
         on this rank's rows only.
     clip : float, optional
         The cap for ``weights="clip"``.
+    per_decision : {"cv", "pd", "pd_sn", "off"}
+        The headline estimator when p0's per-position entropies are scored (a p0 forward ran):
+        per-decision Rao–Blackwellised IS (:func:`isdelta.estimators.estimate_tokens`; "cv",
+        with its control variate, has the lowest variance). Sequence-level SNIS is reported
+        beside it (``result.delta_snis``). "off", or no p0 forward: SNIS is the headline.
     """
 
     def __init__(self, model: torch.nn.Module, *, engine_config: EngineConfig | None = None,
@@ -140,7 +154,7 @@ class EntropyMonitor:
                  rao_blackwell: RaoBlackwell = "auto", group_by: GroupBy = "prompt",
                  eos_token_ids: int | Sequence[int] | None = None,
                  prompts: Literal["fixed", "sampled"] = "fixed", distributed: Distributed = "auto",
-                 clip: float | None = None) -> None:
+                 clip: float | None = None, per_decision: PerDecision = "cv") -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module (an HF causal LM); got "
                             f"{type(model).__name__}.")
@@ -156,7 +170,7 @@ class EntropyMonitor:
         self.config = MonitorConfig(engine=engine, weights=weights, clip=clip, level=level,
                                     prompts=prompts, every=every, strict=strict,
                                     rao_blackwell=rao_blackwell, group_by=group_by,
-                                    distributed=distributed)
+                                    distributed=distributed, per_decision=per_decision)
         self.model = model
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _default_eos(model)
         self._engine = LogProbEngine(engine)
@@ -249,8 +263,11 @@ class EntropyMonitor:
             mask = scores.mask.to(old.device)
             gap = float((old - scores.token_logp.to(old.device)).abs()[mask].max()) if mask.any() else 0.0
         ent = None if mode == "never" else scores.entropy_sum.detach().cpu().numpy()
-        return {"log_p0": scores.logp.detach().cpu().numpy(), "entropy_sum0": ent,
-                "old_logp_gap": gap}
+        fields = {"log_p0": scores.logp.detach().cpu().numpy(), "entropy_sum0": ent, "old_logp_gap": gap}
+        if ent is not None and self.config.per_decision != "off":
+            fields.update(token_logp0=scores.token_logp.detach().float().cpu().numpy(),  # [N, C]
+                          token_entropy0=scores.token_entropy.detach().float().cpu().numpy())
+        return fields
 
     # ------------------------------------------------------------------ p1
     def skip(self, reason: str) -> MonitorResult | None:
@@ -282,9 +299,11 @@ class EntropyMonitor:
         t0 = time.perf_counter()
         rows, failure = self._p1_rows(snaps, step)
         rows, failure = self._exchange(rows, failure)
-        est, rb, n_dropped, notes = None, False, 0, []
+        est, tokens, rb, n_dropped, notes = None, None, False, 0, []
         if failure is None:
             est, rb, n_dropped, notes, failure = self._estimate(rows)
+        if failure is None and rows.get("token_entropy0") is not None:
+            tokens, failure = self._estimate_tokens(rows, notes)
         seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
         gaps = [s.old_logp_gap for s in snaps if s.old_logp_gap is not None]
         gap = max(gaps) if gaps else None
@@ -293,8 +312,9 @@ class EntropyMonitor:
                          "trainer scores (or samples) with a different transform or dtype.")
         n_rows = 0 if rows is None else len(rows["log_p0"]) - n_dropped
         reason = None if failure is None else failure[0]
+        warned = (est.warnings if est is not None else ()) + (tokens.warnings if tokens is not None else ())
         result = MonitorResult(step, failure is None, reason, est, rb, n_rows, n_dropped, seconds, gap,
-                               tuple(notes) + (est.warnings if est is not None else ()))
+                               tuple(notes) + warned, tokens=tokens)
         self._report(failure, step)
         return result
 
@@ -361,6 +381,24 @@ class EntropyMonitor:
         except Exception as exc:  # noqa: BLE001 - the failure policy
             return None, False, 0, notes, (f"estimation failed: {_describe(exc)}", exc)
         return est, rb, n_dropped, notes, _verdict(est, rb)
+
+    def _estimate_tokens(self, rows: dict, notes: list[str]):
+        """(TokenDelta, failure) of the per-decision estimator on the rows ``_estimate`` kept."""
+        keep = _multi_row_groups(rows["group"])
+        r = {k: rows[k][keep] for k in TOKEN_FIELDS + ("group",)}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EstimatorWarning)  # kept in tokens.warnings
+                tokens = estimate_tokens(r["token_logp0"], r["token_logp1"], r["token_entropy0"],
+                                         r["token_entropy1"], r["mask"], r["group"],
+                                         method=self.config.per_decision, prompts=self.config.prompts,
+                                         level=self.config.level)
+        except Exception as exc:  # noqa: BLE001 - the failure policy
+            return None, (f"per-decision estimation failed: {_describe(exc)}", exc)
+        d = tokens.delta
+        if not (math.isfinite(d.value) and math.isfinite(d.se)):
+            return tokens, (f"the per-decision ΔH estimate is not finite ({d.value}, se {d.se}).", None)
+        return tokens, None
 
     def _report(self, failure, step: int) -> None:
         """strict: raise; else warn once per kind of failure."""

@@ -89,11 +89,22 @@ def _row_sums(token_logp: torch.Tensor) -> np.ndarray:
     return token_logp.sum(-1).cpu().numpy()
 
 
+# per-position fields [N, C] of the per-decision estimator (0 where not counted)
+TOKEN_FIELDS = ("token_logp0", "token_logp1", "token_entropy0", "token_entropy1", "mask")
+
+
 def _rows(snap: Snapshot, p1) -> dict[str, np.ndarray | None]:
     """Per-row arrays of one micro-batch: p0 from the snapshot, p1 from its ``SequenceScores``."""
     ro = snap.rollouts
     rb = snap.entropy_sum0 is not None
-    return {"log_p0": np.asarray(snap.log_p0, dtype=np.float64),
+    pd = snap.token_entropy0 is not None
+    tokens = {k: None for k in TOKEN_FIELDS}
+    if pd:
+        tokens = {"token_logp0": snap.token_logp0, "token_entropy0": snap.token_entropy0,
+                  "token_logp1": p1.token_logp.detach().float().cpu().numpy(),
+                  "token_entropy1": p1.token_entropy.detach().float().cpu().numpy(),
+                  "mask": p1.mask.detach().cpu().numpy()}
+    return {**tokens, "log_p0": np.asarray(snap.log_p0, dtype=np.float64),
             "log_p1": p1.logp.detach().cpu().numpy().astype(np.float64),
             "length": p1.length.detach().cpu().numpy(),
             "group": ro.group.detach().cpu().numpy(),
@@ -103,10 +114,21 @@ def _rows(snap: Snapshot, p1) -> dict[str, np.ndarray | None]:
 
 
 def _merge(parts: list[dict]) -> dict:
-    """Concatenate row dicts; RB only when every part has entropy sums."""
+    """Concatenate row dicts; RB (per-decision) only when every part has entropy sums (per-position
+    entropies). Per-position arrays are right-padded to the widest part (pads are not counted)."""
     if any(p["entropy_sum0"] is None for p in parts):
         parts = [{**p, "entropy_sum0": None, "entropy_sum1": None} for p in parts]
+    if any(p["token_entropy0"] is None for p in parts):
+        parts = [{**p, **dict.fromkeys(TOKEN_FIELDS)} for p in parts]
+    else:
+        C = max(p["mask"].shape[1] for p in parts)
+        parts = [{**p, **{k: _pad_columns(p[k], C) for k in TOKEN_FIELDS}} for p in parts]
     return _concat(parts)
+
+
+def _pad_columns(x: np.ndarray, width: int) -> np.ndarray:
+    """[N, C] → [N, width], zeros (False) on the right."""
+    return np.pad(x, ((0, 0), (0, width - x.shape[1])))
 
 
 def _multi_row_groups(group: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from isdelta.engine import EngineConfig, LogProbEngine, Rollouts
-from isdelta.estimators import estimate
+from isdelta.estimators import estimate, estimate_tokens
 from isdelta.training import EntropyMonitor, MonitorError, MonitorResult, MonitorWarning
 from isdelta.training import monitor as monitor_module
 
@@ -49,12 +49,16 @@ def perturb(model, scale=0.02, seed=0) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def by_hand(p0, p1, ro, **kw):
-    """The reference: score both models with the engine, then call estimate."""
+def by_hand(p0, p1, ro, tokens=False, **kw):
+    """The reference: score both models with the engine, then call estimate (or, with
+    ``tokens``, estimate_tokens with the per-decision control-variate method)."""
     eng = LogProbEngine(ENGINE)
     s0, s1 = eng.score(p0, ro), eng.score(p1, ro)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if tokens:
+            return estimate_tokens(s0.token_logp.numpy(), s1.token_logp.numpy(), s0.token_entropy.numpy(),
+                                   s1.token_entropy.numpy(), s0.mask.numpy(), ro.group.numpy(), **kw)
         return estimate(s0.logp.numpy(), s1.logp.numpy(), s0.length.numpy(), ro.group.numpy(),
                         entropy_sum0=s0.entropy_sum.numpy(), entropy_sum1=s1.entropy_sum.numpy(),
                         stopped=ro.stopped.numpy(), **kw)
@@ -87,13 +91,19 @@ def test_result_equals_engine_and_estimate_by_hand(models, rng, form):
     perturb(model)
     res = mon.after(snap)
     ref = by_hand(p0, model, ro)
+    ref_pd = by_hand(p0, model, ro, tokens=True)
     assert res.valid and res.reason is None and res.rao_blackwell
     assert res.estimate.to_dict() == ref.to_dict()  # same rows, same arithmetic: bit for bit
-    assert res.delta == ref.delta_rb and res.delta_tok == ref.delta_tok_rb
+    assert res.tokens.to_dict() == ref_pd.to_dict() and res.method == "cv"
+    # the headline is per-decision; sequence-level SNIS (RB) is reported beside it
+    assert res.delta == ref_pd.delta and res.delta_tok == ref_pd.delta_tok
+    assert res.delta_snis == ref.delta_rb and res.delta_tok_snis == ref.delta_tok_rb
     s = res.scalars()
-    assert s["entropy/delta"] == ref.delta_rb.value and s["entropy/delta1"] == ref.delta1.value
+    assert s["entropy/delta"] == ref_pd.delta.value and s["entropy/delta1"] == ref.delta1.value
     ci = (s["entropy/delta_ci_low"], s["entropy/delta_ci_high"])
-    assert ci == (ref.delta_rb.ci_low, ref.delta_rb.ci_high)
+    assert ci == (ref_pd.delta.ci_low, ref_pd.delta.ci_high)
+    assert s["entropy/delta_snis"] == ref.delta_rb.value and s["entropy/delta_snis_se"] == ref.delta_rb.se
+    assert s["entropy/direct"] == ref_pd.direct.value and s["entropy/per_decision"] == 1.0
     assert s["entropy/valid"] == 1.0 and s["entropy/n_rows"] == ro.n_rows
     json.dumps(res.to_dict(), allow_nan=False)
 
@@ -124,8 +134,11 @@ def test_micro_batches_of_one_step_merge(models, rng):
     perturb(model)
     res = mon.after(snaps)
     ref = by_hand(p0, model, ro.select(perm))
+    ref_pd = by_hand(p0, model, ro.select(perm), tokens=True)
     assert res.valid and res.n_rows == ro.n_rows and res.n_dropped == 0
-    assert res.delta.value == pytest.approx(ref.delta_rb.value, abs=1e-6)
+    assert res.delta_snis.value == pytest.approx(ref.delta_rb.value, abs=1e-6)
+    assert res.delta.value == pytest.approx(ref_pd.delta.value, rel=1e-6)
+    assert res.delta.se == pytest.approx(ref_pd.delta.se, rel=1e-6)
 
     lone = ro.select([0, 1, 2, 5])  # prompt 1 has one row here
     res = mon.after([mon.before(lone)])
@@ -293,16 +306,69 @@ def test_scalar_keys_and_bad_options(models, rng):
     mon = EntropyMonitor(model, engine_config=ENGINE)
     res = mon.after(mon.before(ro))  # p1 = p0: ΔH = 0 exactly
     assert res.delta.value == 0.0 and res.delta_tok.value == 0.0
+    assert res.delta_snis.value == 0.0 and res.tokens.direct.value == 0.0
     keys = {"delta", "delta_se", "delta_ci_low", "delta_ci_high", "delta_tok", "delta_tok_ci_low",
-            "delta_tok_ci_high", "h0", "h1", "delta1", "kl", "ess_frac", "khat", "valid",
-            "rao_blackwell", "n_rows", "seconds"}
+            "delta_tok_ci_high", "h0", "h1", "delta_snis", "delta_snis_se", "delta_snis_ci_low",
+            "delta_snis_ci_high", "delta_tok_snis", "direct", "path_shift", "delta1", "kl",
+            "ess_frac", "khat", "prefix_ess_frac", "valid", "per_decision", "rao_blackwell",
+            "n_rows", "seconds"}
     assert set(res.scalars()) == {f"entropy/{k}" for k in keys}
     assert all(isinstance(v, float) for v in res.scalars().values())
     with pytest.raises(ValueError, match="weights"):
         EntropyMonitor(model, weights="bogus")
     with pytest.raises(ValueError, match="every"):
         EntropyMonitor(model, every=0)
+    with pytest.raises(ValueError, match="per_decision"):
+        EntropyMonitor(model, per_decision="snis")
     with pytest.raises(ValueError, match="full-sequence ratio"):
         EntropyMonitor(model, engine_config=EngineConfig(include_eos=False))
     with pytest.raises(ValueError, match="missing keys"):
         EntropyMonitor(model, strict=True).before({"prompt_ids": ro.prompt_ids})
+
+
+# ---------------------------------------------------------------------------- per decision
+def test_per_decision_merges_micro_batches_of_different_widths(models, rng):
+    """Micro-batches with different completion widths are padded (pads not counted) and give the
+    per-decision estimate of all rows scored at once."""
+    p0, model = models
+    ro = random_rollouts(rng, P=3, G=4, max_comp=7)
+    L = ro.completion_lengths
+    short = (L <= 3).nonzero().flatten()
+    long = (L > 3).nonzero().flatten()
+    assert len(short) and len(long)
+    # select trims nothing; rebuild the short rows so their block is narrower than the long rows'
+    parts = []
+    for rows in (short, long):
+        sub = ro.select(rows)
+        n = int(sub.completion_lengths.max())
+        comps = [sub.completion_ids[i, :int(sub.completion_lengths[i])].tolist() for i in range(sub.n_rows)]
+        prompts = [sub.prompt_ids[i, sub.prompt_len - int(sub.prompt_lengths[i]):].tolist()
+                   for i in range(sub.n_rows)]
+        part = Rollouts.from_token_lists(prompts, comps, eos_token_ids=2, pad_token_id=2)
+        assert part.completion_ids.shape[1] == n
+        parts.append(part)
+    mon = EntropyMonitor(model, engine_config=ENGINE)
+    snaps = [mon.before(p) for p in parts]
+    perturb(model, scale=0.005)
+    res = mon.after(snaps)
+    both = Rollouts.concat(parts, pad_token_id=2)
+    ref_pd = by_hand(p0, model, mon._rollouts(both), tokens=True)
+    assert res.valid and res.tokens is not None and res.n_rows == ro.n_rows - res.n_dropped
+    assert res.delta.value == pytest.approx(ref_pd.delta.value, rel=1e-6)
+    assert res.delta_tok.value == pytest.approx(ref_pd.delta_tok.value, rel=1e-6)
+
+
+def test_per_decision_off_and_without_p0_forward(models, rng):
+    """per_decision="off", or old_logp reused (no p0 entropies), make SNIS the headline."""
+    _, model = models
+    ro = random_rollouts(rng)
+    mon = EntropyMonitor(model, engine_config=ENGINE, per_decision="off")
+    res = mon.after(mon.before(ro))
+    assert res.tokens is None and res.method == "snis_rb" and res.delta == res.delta_snis
+    assert math.isnan(res.scalars()["entropy/direct"]) and res.scalars()["entropy/per_decision"] == 0.0
+    mon = EntropyMonitor(model, engine_config=ENGINE)
+    res = mon.after(mon.before(ro, old_logp=naive_token_logp(model, ro)))
+    assert res.tokens is None and res.method == "snis" and res.delta == res.estimate.delta
+    mon = EntropyMonitor(model, engine_config=ENGINE, per_decision="pd_sn")
+    res = mon.after(mon.before(ro))
+    assert res.method == "pd_sn" and res.delta.value == 0.0  # p1 = p0
