@@ -161,7 +161,8 @@ def test_two_ranks_give_the_estimate_of_one_process_on_all_rows(ranks):
     for out in ranks:
         res = out["result"]
         assert res["valid"] and res["n_rows"] == ro.n_rows == one["n_rows"]
-        for key in ("delta", "delta_se", "delta_ci_low", "delta_ci_high", "delta_tok", "delta1", "h0", "h1"):
+        for key in ("delta", "delta_se", "delta_ci_low", "delta_ci_high", "delta_tok", "delta1", "h0", "h1",
+                    "delta_snis", "delta_snis_se", "direct", "path_shift", "per_decision"):
             assert res[key] == pytest.approx(one[key], abs=1e-5), key
     assert ranks[0]["result"] == ranks[1]["result"] | {"seconds": ranks[0]["result"]["seconds"]}
 
