@@ -21,6 +21,7 @@ __all__ = ["ESS_FRAC_MIN", "RATIO_RANGE", "collect_warnings", "diagnose"]
 
 RATIO_RANGE = (0.5, 2.0)  # mean r per prompt outside this: missed mass / different support
 ESS_FRAC_MIN = 0.1  # pooled ESS / N below this: a handful of rows carry the estimate
+FLAT_SPAN = 0.2  # max ℓ − min ℓ below this (ratios within ~22%): a k̂ warning says so
 
 
 def _ratio_mean(x: np.ndarray, w: np.ndarray, keep: np.ndarray, groups: Groups) -> float:
@@ -78,7 +79,17 @@ def diagnose(rows: Rows, wts: Weights) -> dict:
     }
 
 
-def _khat_warnings(wts: Weights) -> list[str]:
+def _flat_note(rows: Rows) -> str:
+    """A clause for k̂ warnings when the raw ratios are nearly constant (span < ``FLAT_SPAN``)."""
+    span = float(np.max(rows.log_r) - np.min(rows.log_r)) if rows.log_r.size else 0.0
+    if not span < FLAT_SPAN:
+        return ""
+    return (f" The ratios themselves span only a factor {np.exp(span):.3g} (log-ratios within "
+            f"{span:.2g} nats): k̂ measures the tail's shape, not its size, and with weights this "
+            "close to 1 the tail can hardly move the estimate; read it with the ESS.")
+
+
+def _khat_warnings(wts: Weights, rows: Rows) -> list[str]:
     where = "per prompt" if wts.per_prompt else "pooled over all rows"
     n_fits = wts.khat.shape[0]
     out = []
@@ -103,7 +114,7 @@ def _khat_warnings(wts: Weights) -> list[str]:
             )
         out.append(
             f"{what} ({int(bad.sum())} of {n_fits} tail fits, {where}). Fix: a smaller update "
-            "step, more samples per prompt, or compare weights='truncate'."
+            f"step, more samples per prompt, or compare weights='truncate'.{_flat_note(rows)}"
         )
     unknown = ~finite & ~wts.constant
     if unknown.any():
@@ -171,7 +182,7 @@ def _empty_warning(d: dict) -> list[str]:
 def collect_warnings(rows: Rows, wts: Weights, d: dict) -> list[str]:
     """Every diagnostic warning for one estimate, in a fixed order."""
     return [
-        *_khat_warnings(wts),
+        *_khat_warnings(wts, rows),
         *_ess_warning(d),
         *_kl_warning(rows, wts),
         *_ratio_warning(rows),

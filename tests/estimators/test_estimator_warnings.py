@@ -110,3 +110,16 @@ def test_non_finite_inputs_raise_instead_of_warning(rng, weights):
     log_p1[0, 0] = -np.inf
     with pytest.raises(ValueError, match="log_p1"):
         estimate(log_p0, log_p1, length, weights=weights)
+
+
+def test_khat_warning_on_nearly_constant_ratios_says_how_small_they_are(rng):
+    """A heavy-tailed SHAPE of tiny log-ratios (a 1e-4-lr step) still warns, with the span."""
+    log_p0, _, length = _scores(rng, 1, 64, step=0.0)
+    u = ((np.arange(64) + 0.5) / 64)[None]  # GPD(k=1.2) quantiles: a heavy shape, tiny size
+    log_r = 1e-4 * (u ** (-1.2) - 1.0) / 1.2
+    res, _ = _estimate_recording(log_p0, log_p0 + log_r, length)
+    assert res.khat > res.khat_threshold and res.ess_frac > 0.99
+    message = next(w for w in res.warnings if "k̂ = " in w)
+    assert "span only a factor" in message and "ESS" in message
+    big, _ = _estimate_recording(*_scores(rng, 4, 200, step=0.0, tail_k=0.9))
+    assert not any("span only" in w for w in big.warnings)
