@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# numpy-only modules (isdelta.probes loads its torch modules lazily)
+from isdelta.probes.token_classify import TokenThresholds
+from isdelta.probes.token_positions import (
+    DEFAULT_PATTERNS,
+    DEFAULT_SELF_CORRECTION,
+    compile_patterns,
+    parse_positions,
+)
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "load_yaml_config", "apply_overrides",
            "format_errors", "config_hash"]
@@ -93,6 +102,37 @@ class ProbeConfig(_Section):
         return self
 
 
+class TokensConfig(_Section):
+    """Token-level diagnostics (isdelta.probes.compare_tokens): where the distribution moved."""
+
+    mode: Literal["generations", "teacher_forced", "both"] = "generations"  # carriers: each model's own
+    # samples (same transform and seeds), the data's reference responses, or both
+    positions: str = "all"  # all | every:K | random:N | pattern
+    top_k: int = Field(5, ge=1)  # top tokens listed per position and model
+    top_p: float = Field(0.9, gt=0, le=1)  # nucleus size = tokens needed to reach this mass
+    tail_k: int = Field(20, ge=1)  # tail = mass beyond the top tail_k tokens
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS  # positions=pattern: regexes on the decoded completion
+    window: int = Field(2, ge=0)  # ... ± this many tokens around each match
+    n_random: int = Field(16, ge=0)  # ... plus this many random positions
+    self_correction: tuple[str, ...] = DEFAULT_SELF_CORRECTION  # a lock after one of these
+    self_correction_tokens: int = Field(6, ge=1)  # ... within this many preceding tokens
+    context_tokens: int = Field(24, ge=1)  # context shown per position
+    thresholds: TokenThresholds = TokenThresholds()  # lock / fork / diffuse (see token_classify)
+    n_interesting: int = Field(10, ge=0)  # most changed positions listed in summary.md
+
+    @field_validator("positions")
+    @classmethod
+    def _positions(cls, v: str) -> str:
+        parse_positions(v)
+        return v
+
+    @field_validator("patterns", "self_correction")
+    @classmethod
+    def _regexes(cls, v: tuple[str, ...], info) -> tuple[str, ...]:
+        compile_patterns(v, info.field_name)
+        return v
+
+
 class OutputConfig(_Section):
     dir: str = "runs/demo"
     plots: bool = True
@@ -110,6 +150,7 @@ class RunConfig(_Section):
     estimator: EstimatorConfig = EstimatorConfig()
     output: OutputConfig = OutputConfig()
     probe: ProbeConfig | None = None  # ΔH₁ vs the true ΔH along the update direction
+    tokens: TokensConfig | None = None  # per-position diagnostics of p0 vs p1
 
     @model_validator(mode="after")
     def _one_way_to_p1(self) -> RunConfig:
@@ -210,6 +251,8 @@ def load_yaml_config(root: type[BaseModel], source: str | Path | dict,
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that changes the results (the output section excluded)."""
-    data = cfg.model_dump(mode="json", exclude={"output"})
+    """Hash of everything that changes the results (the output section excluded; an absent
+    ``tokens`` section too, so adding the section to the schema kept older runs' hashes)."""
+    exclude = {"output"} | ({"tokens"} if getattr(cfg, "tokens", 1) is None else set())
+    data = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

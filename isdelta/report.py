@@ -148,6 +148,8 @@ def summary_markdown(res, meta: dict[str, Any], tok=None) -> str:
         out += [f"| {k} | {v} |" for k, v in u.items() if not isinstance(v, (list, dict))]
     if meta.get("probe"):
         out += ["", "## Probe: first-order prediction vs the true ΔH", ""] + list(meta["probe"].get("markdown", []))
+    if meta.get("tokens"):
+        out += [""] + list(meta["tokens"].get("markdown", []))
     out += ["", "## Warnings", ""]
     out += [f"- {w}" for w in res.warnings] or ["- none"]
     out += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
@@ -208,6 +210,7 @@ def write_report(out: Path, res, s0: dict, s1: dict, texts: list[str], meta: dic
               "update": meta.get("update"), "transform": meta.get("transform"),
               "estimate": res.to_dict(), "estimate_tokens": None if tok is None else tok.to_dict(),
               "probe": meta.get("probe"),
+              "tokens": None if not meta.get("tokens") else {k: v for k, v in meta["tokens"].items() if k != "markdown"},
               "per_prompt": per_prompt, "plots": plot_files}
     atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
     write_sequences_csv(out / "sequences.csv", s0, s1, texts, smoothed)

@@ -91,14 +91,14 @@ def load_records(cfg: RunConfig) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- stages
-def sample_stage(cfg: RunConfig, model, tok, records: list[dict], out: Path):
+def sample_stage(cfg: RunConfig, model, tok, records: list[dict], out: Path, subdir: str = "samples"):
     """Sample in chunks of prompts; each chunk is saved when done and reloaded on resume."""
     from isdelta.engine import LogitTransform, Rollouts
     from isdelta.engine.sampling import Samples, sample
 
     s = cfg.sampling
     transform = LogitTransform(s.temperature, s.top_k, s.top_p)
-    parts_dir = out / "samples"
+    parts_dir = out / subdir
     parts_dir.mkdir(exist_ok=True)
     k = s.prompts_per_batch
     parts = []
@@ -214,21 +214,27 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
         rollouts, texts, stopped, transform = sample_stage(cfg, model, tok, records, out)
     with stage("score p0", timings):
         s0 = score_stage(cfg, model, rollouts, transform, out / "scores0.npz")
-    update_path, probe_path = out / "update.json", out / "probe.json"
+    update_path, probe_path, tokens_path = out / "update.json", out / "probe.json", out / "tokens.json"
     probe = json.loads(probe_path.read_text()) if probe_path.exists() else None
+    tokens = json.loads(tokens_path.read_text()) if tokens_path.exists() else None
     # resuming past p1 needs no model change, unless a probe still needs the update's direction
-    if (out / "scores1.npz").exists() and update_path.exists() and (cfg.probe is None or probe):
+    # or the token diagnostics still need p1
+    if (out / "scores1.npz").exists() and update_path.exists() and (cfg.probe is None or probe) \
+            and (cfg.tokens is None or tokens):
         update_info = json.loads(update_path.read_text())
         s1 = score_stage(cfg, None, rollouts, transform, out / "scores1.npz")
     else:
         from isdelta.probes import snapshot_parameters
 
-        theta0 = snapshot_parameters(model) if cfg.probe and cfg.update else None
+        theta0 = snapshot_parameters(model) if (cfg.probe or cfg.tokens) and cfg.update else None
         with stage("make p1", timings):
             model1, update_info = make_p1(cfg, model, tok, rollouts, texts, records, transform)
         update_path.write_text(json.dumps(update_info, indent=2, default=str))
         with stage("score p1", timings):
             s1 = score_stage(cfg, model1, rollouts, transform, out / "scores1.npz")
+        if cfg.tokens is not None and tokens is None:  # before the probe, which puts `model` back at θ0
+            with stage("tokens", timings):
+                tokens = tokens_stage(cfg, model, model1, theta0, tok, records, rollouts, transform, out)
         if cfg.probe is not None:
             with stage("probe", timings):
                 probe = probe_stage(cfg, model, model1, theta0, rollouts, s0, transform, out)
@@ -246,13 +252,16 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
                 "p1": (f"`{cfg.updated.path}`" if cfg.updated else
                        f"p0 after {cfg.update.steps} {cfg.update.optimizer} step(s) of {cfg.update.loss} "
                        f"(lr {cfg.update.lr:g})")}
-        meta["probe"] = probe
+        meta["probe"], meta["tokens"] = probe, tokens
         report = write_report(out, res, s0, s1, texts, meta, tok=tok, smoothed=smoothed_weights(s0, s1, est_kw),
                               plots=cfg.output.plots, n_trace=cfg.output.n_trace_samples)
     print(res.summary())
     if tok is not None:
         print(f"\nper-decision ({tok.method}): ΔH {tok.delta}  ΔH/token {tok.delta_tok}"
               f"  (SE {se_ratio(tok.delta.se, res.delta.se)} the SNIS one)")
+    if tokens is not None:
+        for carrier, lines in tokens.get("category_tables", {}).items():
+            print(f"\ntoken classes on {carrier} (p0's class; deltas p1 − p0):\n" + "\n".join(lines))
     print(f"\nreport: {out / 'summary.md'}  (report.json, sequences.csv, plots)")
     return report
 
@@ -274,6 +283,41 @@ def probe_stage(cfg: RunConfig, model, model1, theta0, rollouts, s0: dict, trans
                      per_token=p.per_token, engine_config=ecfg,
                      estimator_kw=dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip),
                      out_dir=out, plots=cfg.output.plots)
+
+
+def tokens_stage(cfg: RunConfig, model, model1, theta0, tok, records, rollouts, transform, out: Path) -> dict:
+    """Token-level diagnostics of p0 vs p1 on the configured carriers (tokens.csv/json/md, plots).
+
+    Carriers: p0's samples and p1's own (sampled with the same transform and seeds), and/or the
+    data's reference responses teacher-forced (built as for the sft update).
+    """
+    import copy
+
+    from isdelta.probes import TokenOptions, restore_parameters, run_tokens
+
+    t = cfg.tokens
+    model0 = model
+    if theta0 is not None:  # in-process update: `model` holds θ1; p0 is a copy put back at θ0
+        model0 = copy.deepcopy(model)
+        restore_parameters(model0, theta0)
+    carriers = {}
+    if t.mode in ("generations", "both"):
+        carriers["p0 samples"] = rollouts
+        carriers["p1 samples"] = sample_stage(cfg, model1, tok, records, out, subdir="samples_p1")[0]
+    if t.mode in ("teacher_forced", "both"):
+        missing = [i for i, r in enumerate(records) if not r["response"]]
+        if missing:
+            raise RunError(f"tokens.mode={t.mode} scores reference responses ('{cfg.data.response_field}'); "
+                           f"records {missing[:5]} have none. Use tokens.mode=generations.")
+        carriers["reference"] = sft_rollouts(tok, records, cfg)
+    opts = TokenOptions(
+        positions=t.positions, top_k=t.top_k, top_p=t.top_p, tail_k=t.tail_k, transform=transform,
+        patterns=t.patterns, window=t.window, n_random=t.n_random, self_correction=t.self_correction,
+        self_correction_tokens=t.self_correction_tokens, context_tokens=t.context_tokens,
+        thresholds=t.thresholds, include_eos=cfg.engine.include_eos, seed=cfg.seed,
+        token_budget=cfg.engine.token_budget)
+    return run_tokens(model0, model1, carriers, tokenizer=tok, options=opts, names=("p0", "p1"),
+                      n_interesting=t.n_interesting, out_dir=out, plots=cfg.output.plots)
 
 
 def eos_terms(cfg: RunConfig, s0: dict, s1: dict) -> dict:
