@@ -132,11 +132,36 @@ def _token_section(tok, res) -> list[str]:
     return out
 
 
+def headline(res, tok=None) -> dict:
+    """The run's answer: ΔH per sequence and per token by the best method available (per-decision
+    with a control variate when it ran, else Rao–Blackwellised SNIS), with SNIS beside it."""
+    if tok is not None:
+        best, best_tok, method = tok.delta, tok.delta_tok, f"per-decision ({tok.method})"
+    else:
+        best, best_tok, method = res.delta_rb, res.delta_tok_rb, "sequence-level SNIS, Rao–Blackwellised"
+    return {"method": method, "delta": best.to_dict(), "delta_tok": best_tok.to_dict(),
+            "delta_snis": res.delta.to_dict(), "delta_tok_snis": res.delta_tok.to_dict(),
+            "weights": res.weights_used}
+
+
+def headline_lines(res, tok=None) -> list[str]:
+    """Two lines for the terminal and summary.md: the best estimate, and SNIS beside it."""
+    h = headline(res, tok)
+    best = tok.delta if tok is not None else res.delta_rb
+    best_tok = tok.delta_tok if tok is not None else res.delta_tok_rb
+    return [f"ΔH = {best} per sequence ({best.bits.value:+.4g} bits); per token {best_tok} — {h['method']}",
+            f"sequence-level SNIS beside it: ΔH {res.delta}; per token {res.delta_tok}"
+            + (f" (SE ratio {se_ratio(best.se, res.delta.se)})" if tok is not None else "")]
+
+
 def summary_markdown(res, meta: dict[str, Any], tok=None) -> str:
-    """summary.md: estimates, diagnostics, sanity figures, update, warnings, timings."""
+    """summary.md: headline, estimates, diagnostics, sanity figures, update, warnings, timings."""
     out = [f"# isdelta run — {meta.get('name', '')}", "",
            f"p0: `{meta['p0']}`; p1: {meta['p1']}. Entropies of the sampling distribution "
-           f"({meta['transform']}), nats (bits = nats / ln 2).", "", "## Estimates (sequence-level SNIS)", ""]
+           f"({meta['transform']}), nats (bits = nats / ln 2).", ""]
+    best, beside = headline_lines(res, tok)
+    out += [f"**{best}**", "", beside]
+    out += ["", "## Estimates (sequence-level SNIS)", ""]
     out += _estimate_table(res)
     if tok is not None:
         out += _token_section(tok, res)
@@ -208,6 +233,7 @@ def write_report(out: Path, res, s0: dict, s1: dict, texts: list[str], meta: dic
     report = {"config": meta.get("config"), "config_hash": meta.get("config_hash"),
               "versions": versions(), "device": meta.get("device"), "timings": meta.get("timings"),
               "update": meta.get("update"), "transform": meta.get("transform"),
+              "headline": headline(res, tok),
               "estimate": res.to_dict(), "estimate_tokens": None if tok is None else tok.to_dict(),
               "probe": meta.get("probe"),
               "tokens": None if not meta.get("tokens") else {k: v for k, v in meta["tokens"].items() if k != "markdown"},

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from isdelta.config import ConfigError, RunConfig, config_hash, load_config
-from isdelta.report import se_ratio
+from isdelta.report import headline_lines
 
 __all__ = ["main", "run", "RunError"]
 
@@ -256,9 +256,7 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
         report = write_report(out, res, s0, s1, texts, meta, tok=tok, smoothed=smoothed_weights(s0, s1, est_kw),
                               plots=cfg.output.plots, n_trace=cfg.output.n_trace_samples)
     print(res.summary())
-    if tok is not None:
-        print(f"\nper-decision ({tok.method}): ΔH {tok.delta}  ΔH/token {tok.delta_tok}"
-              f"  (SE {se_ratio(tok.delta.se, res.delta.se)} the SNIS one)")
+    print("\n" + "\n".join(headline_lines(res, tok)))
     if tokens is not None:
         for carrier, lines in tokens.get("category_tables", {}).items():
             print(f"\ntoken classes on {carrier} (p0's class; deltas p1 − p0):\n" + "\n".join(lines))

@@ -76,6 +76,12 @@ def test_run_writes_a_complete_report(tmp_path, checkpoint):
     assert "ΔH per sequence" in summary and "ESS" in summary and "Per-decision estimates" in summary
     tok = rep["estimate_tokens"]
     assert tok["method"] == "cv" and tok["n_rows"] == 12 and tok["delta"]["se"] > 0
+    # the headline is the per-decision estimate; sequence-level SNIS is reported beside it
+    head = rep["headline"]
+    assert head["method"] == "per-decision (cv)" and head["delta"] == tok["delta"]
+    assert head["delta_snis"] == rep["estimate"]["delta"]
+    first = summary.split("\n")[4]
+    assert first.startswith("**ΔH = ") and "per-decision (cv)" in first
 
 
 def test_scoring_p0_twice_gives_zero_delta_exactly(tmp_path, checkpoint):
