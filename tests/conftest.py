@@ -69,3 +69,23 @@ def char_tok():
     t.chat_template = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}\n{% endfor %}"
                        "{% if add_generation_prompt %}<a>{% endif %}")
     return t
+
+
+@pytest.fixture
+def checkpoint(tmp_path, char_tok):
+    """A fresh tiny Llama (head sharpened ×8) saved as an HF folder (safetensors) with the char
+    tokenizer: what ``model.path`` of a run config points at in the CLI tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    path = tmp_path / "p0"
+    model.save_pretrained(path)
+    char_tok.save_pretrained(path)
+    return path

@@ -15,21 +15,6 @@ ROWS = [{"prompt": "1+1=", "answer": "2", "response": "2"},
         {"prompt": "hi", "answer": "0", "response": "hello"}]
 
 
-@pytest.fixture
-def checkpoint(tmp_path, char_tok):
-    """A tiny Llama saved as an HF folder (safetensors) with the char tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(tmp_path / "p0")
-    char_tok.save_pretrained(tmp_path / "p0")
-    return tmp_path / "p0"
 
 
 def test_tokens_stage_writes_tables_and_plots_and_resumes(tmp_path, checkpoint, monkeypatch, capsys):
