@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import isdelta.run as run_mod
 from isdelta.config import load_config

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
-import torch
 
 from isdelta.config import load_config
 from isdelta.run import run
