@@ -172,6 +172,28 @@ def _final_logit_fn(model: torch.nn.Module):
     return fn
 
 
+ROW_DOT_BLOCK = 1024  # columns summed per block before the block sums are added
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[m, v]·b[m, v] → [m], without an [m, V] temporary, summed in two levels.
+
+    A flat fp32 dot (``einsum("mv,mv->m")``) accumulates along V: at V = 49152 and H ≈ 10.6
+    nats it is off by 8.6e-5 nats, ten times ``(a * b).sum(-1)`` (pairwise). Summing blocks of
+    ``ROW_DOT_BLOCK`` columns first ([m, V/1024] partial sums), then the partial sums, matches
+    the pairwise sum's accuracy at the flat dot's speed and memory.
+    """
+    m, V = a.shape
+    main = V - V % ROW_DOT_BLOCK
+    if main == 0:
+        return torch.einsum("mv,mv->m", a, b)
+    shape = (m, main // ROW_DOT_BLOCK, ROW_DOT_BLOCK)  # [m, K, 1024] views of the first K·1024 columns
+    out = torch.einsum("mkv,mkv->mk", a[:, :main].view(shape), b[:, :main].view(shape)).sum(-1)
+    if main < V:
+        out = out + torch.einsum("mv,mv->m", a[:, main:], b[:, main:])
+    return out
+
+
 @dataclass
 class _Chunk:
     """Flat results of one micro-batch: counted positions (rows, cols) and their values."""
@@ -340,11 +362,11 @@ class LogProbEngine:
             del logits  # the only reference: two [m, V] buffers live at a time, not three
             token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
             p = logp.exp()
-        entropy = -torch.einsum("mv,mv->m", p, logp)  # [m], no [m, V] temporary
+        entropy = -_row_dot(p, logp)  # [m], no [m, V] temporary
         stop_term = -(p[:, eos] * logp[:, eos]).sum(-1)  # [m]; logp is finite wherever p > 0
         # Var[−log p] = Σ p (log p + H)², centred (E[(log p)²] − H² loses digits when H is small).
         dev = logp + entropy[:, None] if grad else logp.add_(entropy[:, None])
-        varentropy = torch.einsum("mv,mv->m", p, dev.square() if grad else dev.square_())
+        varentropy = _row_dot(p, dev.square() if grad else dev.square_())
         return token_logp, entropy, varentropy, stop_term
 
     # ------------------------------------------------------------------ assembly

@@ -264,3 +264,36 @@ def test_bf16_model_scores_in_fp32_close_to_the_fp32_model(tiny_llama, rng):
     assert (s16.token_logp[m] - s32.token_logp[m]).abs().max() < 0.5
     # and the same config twice is still bit-identical (ΔH = 0 exactly for p1 = p0)
     assert torch.equal(LogProbEngine(progress=False).score(half, ro).logp, s16.logp)
+
+
+def test_entropy_is_accurate_at_a_real_vocabulary_size(rng):
+    """V = 49152 (SmolLM2's) with near-uniform rows, the worst case for a long fp32 sum: entropy
+    and varentropy within fp32's own limit of the float64 reference (a flat fp32 dot along V was
+    off by ~9e-5 nats here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    V = 49152
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    ro = random_rollouts(rng, P=2, G=2, V=V, max_comp=6)[2]
+    s = LogProbEngine(EngineConfig(progress=False)).score(model, ro)
+    att = ro.attention_mask
+    with torch.no_grad():
+        logits = model(input_ids=ro.input_ids, attention_mask=att,
+                       position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits.double()
+    logp = torch.log_softmax(logits[:, ro.prompt_len - 1:-1], -1)  # [N, C, V] float64
+    H = -(logp.exp() * logp).sum(-1)
+    varH = (logp.exp() * (logp + H[..., None]) ** 2).sum(-1)
+    m = s.mask
+    assert H[m].min() > 10.0  # near-uniform: log V = 10.8
+    assert (s.token_entropy[m].double() - H[m]).abs().max() < 3e-5
+    assert (s.token_varentropy[m].double() - varH[m]).abs().max() < 1e-4 * varH[m].max() + 1e-5
+
+
+def test_row_dot_equals_the_plain_sum_for_any_width():
+    for V in (7, 1024, 1500, 4096, 5000):
+        a, b = torch.rand(3, V, dtype=torch.float64), torch.rand(3, V, dtype=torch.float64)
+        assert torch.allclose(logprob_mod._row_dot(a, b), (a * b).sum(-1), rtol=1e-12)
