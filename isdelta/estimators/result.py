@@ -90,6 +90,12 @@ class Estimate:
         )
 
 
+def table_head(level: float) -> str:
+    """The column header of the summaries' estimate tables (nats and bits, ± se, CI)."""
+    ci = f"{level:.0%} CI"
+    return f"{'':<22}{'nats':>12}{'± se':>9}  {ci:<26}{'bits':>12}{'± se':>9}  {ci}"
+
+
 def fields_to_dict(result) -> dict:
     """A result dataclass's fields, JSON-safe: Estimates nested (nats and ``_bits``), tuples as
     lists, non-finite floats as None."""
@@ -217,8 +223,7 @@ class EntropyDelta:
 
     def summary(self) -> str:
         """A readable table: estimates in nats and bits, then diagnostics and warnings."""
-        ci = f"{self.delta.level:.0%} CI"
-        head = f"{'':<22}{'nats':>12}{'± se':>9}  {ci:<26}{'bits':>12}{'± se':>9}  {ci}"
+        head = table_head(self.delta.level)
         lines = [
             f"isdelta: {self.n_prompts} prompts, {self.n_rows} rows; prompts={self.prompts}; "
             f"include={self.include}",

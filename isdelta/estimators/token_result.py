@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from isdelta.estimators.result import Estimate, _row, fields_to_dict
+from isdelta.estimators.result import Estimate, _row, fields_to_dict, table_head
 
 __all__ = ["TokenDelta"]
 
@@ -96,8 +96,7 @@ class TokenDelta:
 
     def summary(self) -> str:
         """A readable table: estimates in nats and bits, then weight diagnostics, warnings."""
-        ci = f"{self.delta.level:.0%} CI"
-        head = f"{'':<22}{'nats':>12}{'± se':>9}  {ci:<26}{'bits':>12}{'± se':>9}  {ci}"
+        head = table_head(self.delta.level)
         lines = [
             (
                 f"isdelta tokens: {self.n_prompts} prompts, {self.n_rows} rows; "
