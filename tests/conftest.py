@@ -11,6 +11,17 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20261123)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads cost more than they save (10× on a shared 2-core box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A 2-layer RoPE model (Llama architecture), V = 96, random weights, eval mode."""

@@ -33,3 +33,18 @@ def test_lazy_names_resolve():
     assert callable(isdelta.estimate) and callable(isdelta.completion_mask)
     with pytest.raises(AttributeError):
         isdelta.not_a_name  # noqa: B018
+
+
+def test_old_probes_token_names_still_import():
+    import isdelta.probes as probes
+    import isdelta.tokens as tokens
+
+    for name in ("compare_tokens", "run_tokens", "TokenComparison", "TokenOptions", "TokenThresholds",
+                 "classify", "select_positions"):
+        assert getattr(probes, name) is getattr(tokens, name), name
+
+
+@pytest.mark.parametrize("program", ["isdelta.run", "isdelta.score"])
+def test_programs_run_as_modules(program):
+    out = subprocess.run([sys.executable, "-m", program, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and f"python -m {program}" in out.stdout and "--set" in out.stdout

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,7 +29,7 @@ from isdelta.engine.masking import position_ids as _position_ids
 from isdelta.engine.rollouts import Rollouts, _rows
 from isdelta.engine.transform import LogitTransform
 
-__all__ = ["EngineConfig", "LogProbEngine", "SequenceScores"]
+__all__ = ["EngineConfig", "LogProbEngine", "SequenceScores", "SplitLM"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,45 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+@dataclass(frozen=True, eq=False)
+class SplitLM:
+    """An HF causal LM as the engine runs it: body (hidden states) and LM head, apart.
+
+    ``logits(h)`` = the model's own logits for hidden states ``h``: the head plus any final
+    scaling the architecture applies (Gemma's soft-cap, Cohere's scale, Granite's divisor),
+    upcast to fp32. :meth:`LogProbEngine.check_head` verifies that against ``model(...).logits``.
+
+    Attributes
+    ----------
+    model : the unwrapped model (DDP ``.module`` and ``torch.compile`` wrappers stripped).
+    body, head : ``model.base_model`` and ``model.get_output_embeddings()``.
+    final : the architecture's final logit scaling (identity for most).
+    """
+
+    model: torch.nn.Module
+    body: torch.nn.Module
+    head: torch.nn.Module
+    final: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> SplitLM:
+        """Split ``model`` (wrappers allowed); a model without body and head fails loudly."""
+        model = _unwrap(model)
+        return cls(model, *_body_and_head(model), _final_logit_fn(model))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [m, V] of hidden states [m, D]."""
+        return self.final(self.head(hidden)).float()
+
+
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     body = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -239,22 +279,19 @@ class LogProbEngine:
             On the model's device; float32 token arrays, float64 row sums.
         """
         cfg = self.config
-        model = _unwrap(model)
-        body, head = _body_and_head(model)
-        rollouts.check_vocab(head.weight.shape[0])
-        device = head.weight.device
+        lm = SplitLM.of(model)
+        rollouts.check_vocab(lm.vocab_size)
         mask = rollouts.mask(cfg.include_eos)  # [N, C]
-        was_training = model.training
-        model.eval()  # dropout off: scores must be a function of the parameters
+        was_training = lm.model.training
+        lm.model.eval()  # dropout off: scores must be a function of the parameters
         try:
             with torch.enable_grad() if cfg.requires_grad else torch.no_grad():
-                if cfg.check_head and model not in self._head_checked:
-                    self._check_head(model, body, head, rollouts, mask, device)
-                chunks = [self._score_batch(model, body, head, rollouts, mask, rows, device)
-                          for rows in self._progress(rollouts, mask)]
+                if cfg.check_head:
+                    self.check_head(lm, rollouts, mask)
+                chunks = [self._score_batch(lm, rollouts, mask, rows) for rows in self._progress(rollouts, mask)]
         finally:
-            model.train(was_training)
-        return self._assemble(chunks, rollouts, mask, device)
+            lm.model.train(was_training)
+        return self._assemble(chunks, rollouts, mask, lm.device)
 
     # ------------------------------------------------------------------ batching
     def micro_batches(self, rollouts: Rollouts, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -290,8 +327,26 @@ class LogProbEngine:
         bar.close()
 
     # ------------------------------------------------------------------ one micro-batch
-    def _hidden(self, body, rollouts, mask, rows, device):
-        """Hidden states [M, D] at the positions that score counted tokens, and their (rows, cols)."""
+    def hidden_states(self, lm: SplitLM, rollouts: Rollouts, mask: torch.Tensor, rows: torch.Tensor):
+        """Hidden states at the positions that score the counted tokens of some rows.
+
+        One body forward over ``rows`` (a micro-batch of :meth:`micro_batches`), trimmed to the
+        widest real prompt and counted completion; hidden state of column c scores token c + 1.
+
+        Parameters
+        ----------
+        lm : SplitLM
+        rollouts : Rollouts
+        mask : BoolTensor [N, C]  the counted positions (``rollouts.mask(...)`` or a subset that
+            is a prefix of each row: the body never runs past a row's last counted position).
+        rows : LongTensor [n]  row indices.
+
+        Returns
+        -------
+        (hidden [M, D], rows [M], cols [M]) on the model's device: one entry per counted position
+        of ``rows``, row-major.
+        """
+        body, device = lm.body, lm.device
         pl = rollouts.prompt_lengths[rows]
         L = mask[rows].sum(-1)
         max_pl, max_L = int(pl.max()), int(L.max())
@@ -305,13 +360,12 @@ class LogProbEngine:
         r_loc, cols = m.nonzero(as_tuple=True)  # [M]
         return hs[r_loc, cols], rows.to(device)[r_loc], cols
 
-    def _score_batch(self, model, body, head, rollouts, mask, rows, device) -> _Chunk:
-        h, r_idx, cols = self._hidden(body, rollouts, mask, rows, device)  # [M, D], [M], [M]
+    def _score_batch(self, lm: SplitLM, rollouts, mask, rows) -> _Chunk:
+        device = lm.device
+        h, r_idx, cols = self.hidden_states(lm, rollouts, mask, rows)  # [M, D], [M], [M]
         comp = rollouts.completion_ids
         targets = comp[r_idx.to(comp.device), cols.to(comp.device)].to(device)  # [M]
-        final = _final_logit_fn(model)
-        V = head.weight.shape[0]
-        step = max(1, self.config.chunk_elems // V)
+        step = max(1, self.config.chunk_elems // lm.vocab_size)
         M = h.shape[0]
         eos = torch.tensor(rollouts.eos_token_ids, dtype=torch.long, device=device)
         # Without a graph the results go into one preallocated buffer: small per-chunk tensors
@@ -320,8 +374,7 @@ class LogProbEngine:
         parts = []
         for s in range(0, M, step):
             # no local name for the [m, V] logits: _token_stats frees them after log_softmax
-            stats = self._token_stats(final(head(h[s: s + step])).float(), targets[s: s + step],
-                                      r_idx[s: s + step], eos)
+            stats = self._token_stats(lm.logits(h[s: s + step]), targets[s: s + step], r_idx[s: s + step], eos)
             if out is None:
                 parts.append(stats)
             else:
@@ -395,8 +448,14 @@ class LogProbEngine:
         )
 
     # ------------------------------------------------------------------ safety check
-    def _check_head(self, model, body, head, rollouts, mask, device) -> None:
-        """Compare body + head with the model's own logits on one short row, once per model."""
+    def check_head(self, lm: SplitLM, rollouts: Rollouts, mask: torch.Tensor) -> None:
+        """Compare ``lm.logits`` of the body's hidden states with ``model(...).logits`` on one short
+        row of ``rollouts`` (once per model: later calls return at once); raise TypeError when
+        they differ (an architecture that transforms its logits in a way the engine does not know).
+        """
+        model, body, device = lm.model, lm.body, lm.device
+        if model in self._head_checked:
+            return
         L = mask.sum(-1)
         if not (L > 0).any():
             return
@@ -410,13 +469,13 @@ class LogProbEngine:
             ref = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
             hs = body(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False)
             hs = hs[0] if isinstance(hs, tuple) else hs.last_hidden_state
-            ours = _final_logit_fn(model)(head(hs))
-        ref, ours = ref[0, -4:].float(), ours[0, -4:].float()
+            ours = lm.logits(hs)
+        ref, ours = ref[0, -4:].float(), ours[0, -4:]
         if not torch.isfinite(ref).all():
             raise FloatingPointError(
                 f"non-finite logits for row {r}: the model produced NaN/inf (overflow in half "
                 "precision, or broken weights). Try dtype float32 or bfloat16 instead of float16.")
-        tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2
+        tol = 1e-4 if lm.head.weight.dtype == torch.float32 else 3e-2
         err = (ref - ours).abs().max().item()
         if not math.isfinite(err) or err > tol * max(1.0, ref.abs().max().item()):
             raise TypeError(

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from isdelta.engine.masking import normalise_eos_ids
 from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.transform import LogitTransform
+from isdelta.outputs import atomic_write
 
 __all__ = ["Samples", "sample"]
 
@@ -159,8 +160,8 @@ class Samples:
                    "prompt_len": int(ro.prompt_len), "eos_token_ids": list(ro.eos_token_ids),
                    "save_id": save_id}
         pt.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(js, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode()))
-        _atomic_write(pt, lambda f: torch.save(tensors, f))
+        atomic_write(js, json.dumps(meta, ensure_ascii=False))
+        atomic_write(pt, lambda f: torch.save(tensors, f))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Samples:
@@ -188,17 +189,6 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
         raise ValueError(f"samples path must end in '.pt' (the texts go to a '.json' beside it); "
                          f"got {str(pt)!r}. Pass e.g. 'run/samples.pt'.")
     return pt, pt.with_suffix(".json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- public

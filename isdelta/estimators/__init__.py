@@ -4,6 +4,13 @@ numpy + scipy only at import time; arviz is imported on first use of PSIS or k̂
 never (DESIGN §1). Inputs are plain per-row arrays, so a training loop, the CLI, a notebook
 and a multi-rank run (merge rows first) all call ``estimate`` the same way.
 
+- ``snis``          sequence-level SNIS: :func:`estimate`, :func:`estimate_per_prompt`
+- ``per_decision``  per-decision (prefix-ratio) estimators: :func:`estimate_tokens`
+- ``results``       ``Estimate``, ``EntropyDelta``, ``TokenDelta``
+- ``weights``       normalisation, PSIS (arviz), truncation, clipping, ESS, k̂
+- ``uncertainty``   SEs by linearisation; ``diagnostics`` the warnings; ``inputs`` the checks;
+  ``groups`` vectorised per-prompt reductions
+
 >>> res = estimate(log_p0, log_p1, length, group)    # doctest: +SKIP
 >>> print(res.summary()); res.delta.bits             # doctest: +SKIP
 >>> tok = estimate_tokens(token_logp0, token_logp1, token_entropy0, token_entropy1,
@@ -13,9 +20,9 @@ and a multi-rank run (merge rows first) all call ``estimate`` the same way.
 from __future__ import annotations
 
 from isdelta.estimators import weights
-from isdelta.estimators.core import estimate
-from isdelta.estimators.result import EntropyDelta, Estimate, EstimatorWarning
-from isdelta.estimators.tokens import TokenDelta, estimate_tokens
+from isdelta.estimators.per_decision import estimate_tokens
+from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning, TokenDelta
+from isdelta.estimators.snis import estimate, estimate_per_prompt
 
 __all__ = [
     "EntropyDelta",
@@ -23,6 +30,7 @@ __all__ = [
     "EstimatorWarning",
     "TokenDelta",
     "estimate",
+    "estimate_per_prompt",
     "estimate_tokens",
     "weights",
 ]

@@ -11,6 +11,7 @@ equal G). Everything is flattened to [N] float64 in prompt-sorted order for the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -20,6 +21,8 @@ __all__ = [
     "INCLUDES",
     "PROMPTS",
     "Rows",
+    "SCHEMES",
+    "Scheme",
     "as_rows",
     "check_group_sizes",
     "check_options",
@@ -28,6 +31,8 @@ __all__ = [
     "prepare",
 ]
 
+Scheme = Literal["none", "psis", "truncate", "clip"]
+SCHEMES: tuple[str, ...] = ("none", "psis", "truncate", "clip")  # weight schemes (weights.py)
 INCLUDES = ("all", "no_eos")
 PROMPTS = ("fixed", "sampled")
 # Per-token log-probs are float32 in the engine; a sum of 10^4 of them that should be ≤ 0 can
@@ -150,8 +155,6 @@ def check_options(
     scheme: str | None = None,
 ) -> None:
     """Validate the string options, ``level`` and ``clip``."""
-    from isdelta.estimators.weights import SCHEMES
-
     weights = scheme if scheme is not None else weights
     arg = "scheme" if scheme is not None else "weights"
     for name, value, valid in (

@@ -49,7 +49,10 @@ from typing import Literal
 
 import numpy as np
 
+from isdelta.estimators import inputs
 from isdelta.estimators.groups import Groups
+from isdelta.estimators.inputs import SCHEMES, Scheme
+from isdelta.outputs import finite_or_none
 
 __all__ = [
     "MIN_TAIL_FIT",
@@ -64,13 +67,10 @@ __all__ = [
     "pareto_smooth",
     "pooled_ess",
     "psis_backend",
-    "row_weights",
     "truncate",
     "weigh",
 ]
 
-Scheme = Literal["none", "psis", "truncate", "clip"]
-SCHEMES: tuple[str, ...] = ("none", "psis", "truncate", "clip")
 MIN_TAIL_FIT = 25  # rows needed per tail fit (arviz ≥ 1.0 raises below; 0.x gives k̂ = inf)
 
 # Backend: log_r [B, S] -> (log_w [B, S] normalised over S, khat [B]).
@@ -87,9 +87,11 @@ class Weights:
     Attributes
     ----------
     w : ndarray, float64, shape [N]
-        w̄_i, normalised within each prompt (Σ_{i∈p} w̄_i = 1).
+        w̄_i, normalised within each prompt (Σ_{i∈p} w̄_i = 1), of the scheme used.
     log_w : ndarray, float64, shape [N]
         log w̄_i.
+    w_raw : ndarray, float64, shape [N]
+        The raw SNIS weights r_i / Σ_{j∈p} r_j before any smoothing (``w`` itself for "none").
     ess : ndarray, float64, shape [P]
         ESS_p = 1 / Σ_{i∈p} w̄_i² of the weights actually used.
     khat : ndarray, float64, shape [F]
@@ -110,6 +112,7 @@ class Weights:
 
     w: np.ndarray
     log_w: np.ndarray
+    w_raw: np.ndarray
     ess: np.ndarray
     khat: np.ndarray
     fit_sizes: np.ndarray
@@ -118,21 +121,23 @@ class Weights:
     scheme: str
     description: str
 
+    def in_caller_order(self, groups: Groups, shape: tuple[int, ...]) -> Weights:
+        """The row arrays unsorted to the caller's row order and reshaped to ``shape``."""
+        rows = {k: groups.unsort(getattr(self, k)).reshape(shape) for k in ("w", "log_w", "w_raw")}
+        return dataclasses.replace(self, **rows)
+
     def to_dict(self) -> dict:
-        """JSON-serialisable summary (per-prompt arrays as lists; nan as None)."""
+        """JSON-serialisable summary without the row arrays (per-prompt arrays as lists; nan as
+        None)."""
         return {
             "scheme": self.scheme,
             "per_prompt": self.per_prompt,
             "description": self.description,
-            "ess": _json_list(self.ess),
-            "khat": _json_list(self.khat),
+            "ess": [finite_or_none(v) for v in self.ess],
+            "khat": [finite_or_none(v) for v in self.khat],
             "fit_sizes": [int(s) for s in self.fit_sizes],
             "constant": [bool(c) for c in self.constant],
         }
-
-
-def _json_list(x: np.ndarray) -> list:
-    return [float(v) if np.isfinite(v) else None for v in np.asarray(x, dtype=float)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +388,7 @@ def weigh(log_r: np.ndarray, groups: Groups, scheme: str, clip_at: float | None)
     return Weights(
         w=w,
         log_w=log_w,
+        w_raw=w if scheme == "none" else _normalized(log_r, groups)[0],
         ess=ess_per_prompt(w, groups),
         khat=khat,
         fit_sizes=fit_sizes,
@@ -449,25 +455,7 @@ def importance_weights(
     w̄_i = r_i / Σ_{j∈p} r_j, ESS_p = 1/Σ_{i∈p} w̄_i² (Kong 1992); PSIS (Vehtari et al. 2024);
     truncation r ≤ mean(r)·√S (Ionides 2008).
     """
-    from isdelta.estimators import inputs
-
     inputs.check_options(scheme=scheme, clip=clip)
     shape, log_r, groups = inputs.layout(log_r, group, name="log_r")
     inputs.check_finite("log_r", log_r, "Score both models with the same sampling transform.")
-    w = weigh(groups.sort(log_r), groups, scheme, clip)
-    return dataclasses.replace(
-        w, w=groups.unsort(w.w).reshape(shape), log_w=groups.unsort(w.log_w).reshape(shape)
-    )
-
-
-def row_weights(
-    log_r: np.ndarray,
-    group: np.ndarray | None = None,
-    scheme: Scheme = "psis",
-    clip: float | None = None,
-) -> np.ndarray:
-    """w̄ per row, as ``estimate`` uses them: ``importance_weights(...).w`` (caller's order).
-
-    For tables and plots of the weights; see :func:`importance_weights` for the parameters.
-    """
-    return importance_weights(log_r, group, scheme=scheme, clip=clip).w
+    return weigh(groups.sort(log_r), groups, scheme, clip).in_caller_order(groups, shape)

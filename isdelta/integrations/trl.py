@@ -213,21 +213,20 @@ class EntropyCallback(TrainerCallback):
             self.trainer.log(scalars)
 
 
-def attach(trainer, *, every: int = 1, weights: Literal["psis", "none", "truncate", "clip"] = "psis",
-           level: float = 0.95, strict: bool = False,
-           rao_blackwell: Literal["auto", "always", "never"] = "auto",
-           token_budget: int | None = None) -> EntropyCallback:
+def attach(trainer, *, token_budget: int | None = None, **options) -> EntropyCallback:
     """Monitor ΔH of every optimizer step of a TRL ``GRPOTrainer`` (call before ``train()``).
 
     Parameters
     ----------
     trainer : trl.GRPOTrainer
-    every, weights, level, strict, rao_blackwell
-        As in :class:`isdelta.training.EntropyMonitor`. With ``rao_blackwell="auto"`` TRL's
-        ``old_per_token_logps`` (present when generation and optimizer steps are misaligned) are
-        reused for log p0 and the plain estimates are logged.
     token_budget : int, optional
         Tokens per scoring forward (default: the engine's).
+    **options
+        Any option of :class:`isdelta.training.MonitorConfig` but the engine (made from the
+        trainer's sampling arguments) and the stop ids (the trainer's): ``every``, ``weights``,
+        ``level``, ``strict``, ``rao_blackwell``, ``per_decision``, …. With
+        ``rao_blackwell="auto"`` TRL's ``old_per_token_logps`` (present when generation and
+        optimizer steps are misaligned) are reused for log p0 and the plain estimates are logged.
 
     Returns
     -------
@@ -249,9 +248,8 @@ def attach(trainer, *, every: int = 1, weights: Literal["psis", "none", "truncat
     extra = {} if token_budget is None else {"token_budget": int(token_budget)}
     cfg = engine_config_from_args(trainer.args, getattr(trainer, "generation_kwargs", None),
                                   getattr(trainer.model, "generation_config", None), **extra)
-    monitor = EntropyMonitor(trainer.model, engine_config=cfg, weights=weights, level=level,
-                             every=every, strict=strict, rao_blackwell=rao_blackwell,
-                             eos_token_ids=list(trainer.eos_token_ids))
+    monitor = EntropyMonitor(trainer.model, engine_config=cfg, eos_token_ids=list(trainer.eos_token_ids),
+                             **options)
     callback = EntropyCallback(trainer, monitor)
     trainer.add_callback(callback)
     return callback

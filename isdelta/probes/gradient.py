@@ -60,8 +60,9 @@ import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine, SequenceScores
 from isdelta.engine.rollouts import Rollouts
-from isdelta.estimators.result import Estimate
+from isdelta.estimators.results import Estimate
 from isdelta.estimators.uncertainty import z_value
+from isdelta.outputs import finite_or_none as _finite
 
 __all__ = ["GradientDelta", "gradient_delta", "parameter_delta", "restore_parameters",
            "snapshot_parameters"]
@@ -136,10 +137,6 @@ class GradientDelta:
             "n_prompts": self.n_prompts, "n_backward": self.n_backward,
             "se_kind": "between-prompt (sd_p / sqrt(P))",
         }
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
 
 
 def _json(x: np.ndarray) -> list:

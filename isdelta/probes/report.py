@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from isdelta.outputs import atomic_write, pyplot
+from isdelta.outputs import finite_or_none as _num
 from isdelta.probes.sweep import SweepResult, gap_terms, per_prompt_points
 
 __all__ = ["comparison_rows", "markdown_lines", "probe_report", "run_probe"]
@@ -40,10 +42,6 @@ def _sign(pred: float | None, truth: float) -> bool | None:
 
 def _inside(pred: float | None, est) -> bool | None:
     return None if pred is None or not math.isfinite(pred) else bool(est.ci_low <= pred <= est.ci_high)
-
-
-def _num(x) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def comparison_rows(result: SweepResult) -> list[dict]:
@@ -126,15 +124,6 @@ def _per_prompt_summary(points: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _truth_panel(ax, result: SweepResult, per_token: bool) -> None:
     """ΔH(α) with its CI band, the function-space ΔH₁ and the gradient line α·ΔH₁."""
     alphas = np.asarray(result.alphas)
@@ -181,7 +170,7 @@ def _diagnostics_axis(ax, result: SweepResult) -> list:
 
 def plot_sweep(path: Path, result: SweepResult) -> None:
     """ΔH vs α (sequence and per token) with CI band, both ΔH₁ lines, ESS and k̂."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, per_token in zip(axes, (False, True)):
         _truth_panel(ax, result, per_token)
@@ -197,7 +186,7 @@ def plot_sweep(path: Path, result: SweepResult) -> None:
 
 def plot_per_prompt(path: Path, points: list[dict], alpha: float, summary: dict) -> None:
     """Scatter of ΔH₁_p against ΔH_p with CIs, both spaces, and the diagonal."""
-    plt = _plt()
+    plt = pyplot()
 
     def ci(key):
         d = [p[key] for p in points]
@@ -352,8 +341,6 @@ def run_probe(model0, direction, rollouts, scores0, *, alphas: Sequence[float], 
     report["timings"] = timings
     report["markdown"] = markdown_lines(report)
     if out_dir is not None:
-        from isdelta.report import atomic_write
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "probe.json", json.dumps(report, indent=2, allow_nan=False))

@@ -25,7 +25,8 @@ import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
-from isdelta.estimators import EntropyDelta, estimate
+from isdelta.estimators import EntropyDelta, estimate, estimate_per_prompt
+from isdelta.outputs import finite_or_none as _finite
 from isdelta.probes.gradient import (
     Direction,
     GradientDelta,
@@ -131,10 +132,6 @@ class SweepResult:
                 "gradient": None if self.gradient is None else self.gradient.to_dict()}
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
 # ---------------------------------------------------------------------------- the sweep
 def step_sweep(
     model0: torch.nn.Module,
@@ -230,21 +227,24 @@ def _estimator_kw(estimator_kw: Mapping | None, include: str) -> dict:
     return kw
 
 
-def point_estimate(arrays0: Mapping, arrays1: Mapping, include: str, kw: Mapping,
-                   rows: np.ndarray | None = None) -> EntropyDelta:
-    """``estimate`` of p0 → p1 from whole-sequence score arrays (rows: a subset), warnings muted."""
-    sel = slice(None) if rows is None else rows
+def estimate_args(arrays0: Mapping, arrays1: Mapping, include: str) -> tuple[tuple, dict]:
+    """``estimate``'s positional and per-row keyword arguments from whole-sequence score arrays of
+    p0 and p1 (``SequenceScores.to_numpy()`` keys), counting the stop token or not."""
     extra = {}
     if include == "no_eos":
-        extra = {"eos_logp0": arrays0["stop_logp"][sel], "eos_logp1": arrays1["stop_logp"][sel],
-                 "eos_entropy_sum0": arrays0["stop_entropy_sum"][sel],
-                 "eos_entropy_sum1": arrays1["stop_entropy_sum"][sel]}
+        extra = {"eos_logp0": arrays0["stop_logp"], "eos_logp1": arrays1["stop_logp"],
+                 "eos_entropy_sum0": arrays0["stop_entropy_sum"], "eos_entropy_sum1": arrays1["stop_entropy_sum"]}
+    args = (arrays0["logp"], arrays1["logp"], arrays0["length"], arrays0["group"])
+    return args, {"entropy_sum0": arrays0["entropy_sum"], "entropy_sum1": arrays1["entropy_sum"],
+                  "include": include, "stopped": np.asarray(arrays0["stopped"], dtype=bool), **extra}
+
+
+def point_estimate(arrays0: Mapping, arrays1: Mapping, include: str, kw: Mapping) -> EntropyDelta:
+    """``estimate`` of p0 → p1 from whole-sequence score arrays, warnings muted."""
+    args, rows = estimate_args(arrays0, arrays1, include)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # recorded in .warnings; a sweep expects large α to trip them
-        return estimate(arrays0["logp"][sel], arrays1["logp"][sel], arrays0["length"][sel],
-                        arrays0["group"][sel], entropy_sum0=arrays0["entropy_sum"][sel],
-                        entropy_sum1=arrays1["entropy_sum"][sel], include=include,
-                        stopped=np.asarray(arrays0["stopped"], dtype=bool)[sel], **extra, **kw)
+        return estimate(*args, **rows, **kw)
 
 
 def first_order_rate(arrays0: Mapping, arrays1: Mapping, include: str) -> float:
@@ -302,23 +302,21 @@ def gap_terms(result: SweepResult, a: int) -> dict[str, float]:
 def per_prompt_points(result: SweepResult, alpha: float) -> list[dict]:
     """Per prompt at step ``alpha`` (one of ``result.alphas``): ΔH_p, ΔH₁_p in both spaces.
 
-    Each prompt's ΔH_p and function-space ΔH₁_p come from ``estimate`` on its rows alone with the
-    within-prompt SE; raw weights replace PSIS/truncation there (G_p samples are too few for a
-    tail fit of one prompt). The gradient's per-prompt value is α·A_p (no SE: it needs the
-    per-row directional derivatives, which one backward per prompt does not give).
+    Each prompt's ΔH_p and function-space ΔH₁_p come from
+    :func:`~isdelta.estimators.estimate_per_prompt` (the run report's rule too). The gradient's
+    per-prompt value is α·A_p (no SE: it needs the per-row directional derivatives, which one
+    backward per prompt does not give).
     """
     if alpha not in result.alphas:
         raise ValueError(f"alpha={alpha!r} is not a step of this sweep; choose one of {list(result.alphas)}.")
     a = result.alphas.index(alpha)
-    kw = dict(result.estimator_kw, prompts="fixed")
-    if kw.get("weights", "psis") in ("psis", "truncate"):
-        kw["weights"] = "none"
     arrays1 = {k: result.scores[k][a] for k in _PER_ALPHA}
-    labels, codes = prompt_codes(result.scores0["group"])
+    args, rows = estimate_args(result.scores0, arrays1, result.include)
+    per_prompt = estimate_per_prompt(*args, **rows, **result.estimator_kw)
     g = result.gradient
     out = []
-    for p, label in enumerate(labels):
-        est = point_estimate(result.scores0, arrays1, result.include, kw, rows=np.flatnonzero(codes == p))
+    for p, label in enumerate(prompt_codes(result.scores0["group"])[0]):
+        est = per_prompt[label.item()]
         grad = None if g is None else alpha * float(g.per_prompt[p])
         grad_tok = None if g is None or g.per_prompt_tok is None else alpha * float(g.per_prompt_tok[p])
         out.append({"prompt": int(label), "n": int(est.n_rows), "delta": est.delta.to_dict(),

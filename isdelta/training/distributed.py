@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["gather_rows", "world_size"]
+__all__ = ["all_gather", "concat_rows", "gather_rows", "world_size"]
 
 
 def world_size(process_group=None) -> int:
@@ -71,7 +71,7 @@ def gather_rows(
     Naive equivalent on one process: ``{k: np.concatenate([r[k] for r in per_rank_rows])}``.
     """
     local = _as_arrays(rows)
-    return _concat(_all_gather(local, process_group))
+    return concat_rows(all_gather(local, process_group))
 
 
 def _as_arrays(rows: Mapping[str, Any]) -> dict[str, np.ndarray | None]:
@@ -88,7 +88,7 @@ def _as_arrays(rows: Mapping[str, Any]) -> dict[str, np.ndarray | None]:
     return out
 
 
-def _all_gather(obj: Any, process_group=None) -> list[Any]:
+def all_gather(obj: Any, process_group=None) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, …]`` on every rank (``[obj]`` when not distributed)."""
     n = world_size(process_group)
     if n == 1:
@@ -98,7 +98,7 @@ def _all_gather(obj: Any, process_group=None) -> list[Any]:
     return gathered
 
 
-def _concat(parts: Sequence[Mapping[str, np.ndarray | None]]) -> dict[str, np.ndarray | None]:
+def concat_rows(parts: Sequence[Mapping[str, np.ndarray | None]]) -> dict[str, np.ndarray | None]:
     """Row-wise concatenation of the ranks' dicts, checking they agree."""
     keys = list(parts[0])
     for rank, p in enumerate(parts):

@@ -47,27 +47,22 @@ the rows of all ranks (:func:`isdelta.training.gather_rows`) so every rank estim
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
-from isdelta.estimators import EstimatorWarning, estimate, estimate_tokens
-from isdelta.training.distributed import _all_gather, world_size
-from isdelta.training.monitor_helpers import (
-    _preserved, _default_eos, _prompt_keys, _old_logp_tokens, _row_sums, _rows, _merge,
-    _multi_row_groups, _verdict, _describe, _free_memory, TOKEN_FIELDS,
-)
-from isdelta.training.monitor_types import (Distributed, GroupBy, MonitorConfig, MonitorError,
-                                            MonitorResult, MonitorWarning, PerDecision, RaoBlackwell,
-                                            Snapshot, Weights)
+from isdelta.estimators.inputs import check_options
+from isdelta.training.distributed import all_gather, world_size
+from isdelta.training.model_state import default_eos, free_memory, preserved
+from isdelta.training.rows import Snapshot, merge, old_logp_tokens, prompt_keys, row_sums, rows_of
+from isdelta.training.verdict import (MonitorError, MonitorResult, MonitorWarning, describe, estimate_rows,
+                                      estimate_rows_per_decision)
 
 __all__ = ["EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult", "MonitorStep",
            "MonitorWarning", "Snapshot"]
@@ -75,10 +70,92 @@ __all__ = ["EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult", "
 
 # the tensors a trainer holds for one micro-batch (TRL GRPO's names)
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-# fields gathered per row; S = log p summed over counted tokens (DESIGN.md §4)
-ROW_FIELDS = ("log_p0", "log_p1", "length", "group", "stopped", "entropy_sum0", "entropy_sum1")
-# and per position [N, C] (TOKEN_FIELDS), for the per-decision estimator
 OLD_LOGP_GAP_WARN = 1e-2  # nats; fp32 engines agree to ~1e-5, bf16 ones to a few 1e-3
+
+
+# ---------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Options of :class:`EntropyMonitor`, declared once (``EntropyMonitor(model, **options)``).
+
+    Attributes
+    ----------
+    engine : EngineConfig
+        How rows are scored (``EntropyMonitor(engine_config=...)``): the sampling transform
+        (temperature, top-k, top-p: must be the sampler's) and ``token_budget``; ``include_eos``
+        must stay True (whole sequences). Default: temperature 1, no truncation, no progress bar.
+        ``requires_grad`` is forced off.
+    weights : {"psis", "none", "truncate", "clip"}
+        Importance-weight scheme (``clip`` also needs ``clip=c``).
+    clip : float, optional
+        The cap for ``weights="clip"``.
+    level : float
+        Coverage of the confidence intervals.
+    prompts : {"fixed", "sampled"}
+        Standard-error mode of :func:`isdelta.estimators.estimate`.
+    every : int
+        Measure every k-th step (steps are counted by ``after``/``skip`` calls); other steps
+        cost nothing and give ``None``.
+    strict : bool
+        Raise on any failure (for debugging) instead of returning an invalid result.
+    rao_blackwell : {"auto", "always", "never"}
+        Whether to run the p0 forward for entropy sums when ``old_logp`` is given (module doc).
+    group_by : {"prompt", "given"}
+        "prompt": rows with the same real prompt tokens form one group, keyed by a hash of the
+        tokens (global across micro-batches and ranks). "given": the batch's ``group`` (or
+        ``num_generations``) as is; the caller keeps ids unique across micro-batches and ranks
+        (needed when equal prompt tokens are different prompts, e.g. different images).
+    distributed : {"auto", "local"}
+        "auto": gather rows over ``torch.distributed`` ranks when initialised; "local": estimate
+        on this rank's rows only.
+    per_decision : {"cv", "pd", "pd_sn", "off"}
+        The headline estimator when p0's per-position entropies are scored (a p0 forward ran):
+        per-decision Rao–Blackwellised IS (:func:`isdelta.estimators.estimate_tokens`; "cv",
+        with its control variate, has the lowest variance). Sequence-level SNIS is reported
+        beside it (``result.delta_snis``). "off", or no p0 forward: SNIS is the headline.
+    eos_token_ids : int or sequence of int, optional
+        Stop ids for dict batches; default the model's ``generation_config.eos_token_id``.
+    """
+
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(progress=False))
+    weights: Literal["psis", "none", "truncate", "clip"] = "psis"
+    clip: float | None = None
+    level: float = 0.95
+    prompts: Literal["fixed", "sampled"] = "fixed"
+    every: int = 1
+    strict: bool = False
+    rao_blackwell: Literal["auto", "always", "never"] = "auto"
+    group_by: Literal["prompt", "given"] = "prompt"
+    distributed: Literal["auto", "local"] = "auto"
+    per_decision: Literal["cv", "pd", "pd_sn", "off"] = "cv"
+    eos_token_ids: int | Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.engine, EngineConfig):
+            raise TypeError(f"engine_config: expected an isdelta EngineConfig; got "
+                            f"{type(self.engine).__name__}. Build one with EngineConfig(temperature=…).")
+        if not self.engine.include_eos:
+            # Scoring without the stop token would weight rows by a partial ratio, but p0 sampled
+            # the stop token too: the importance weights need the full-sequence ratio.
+            raise ValueError(
+                "engine_config.include_eos=False: the monitor scores whole sequences (the importance "
+                "weights need the full-sequence ratio, stop token included). Pass include_eos=True; "
+                "for entropies without the stop token use isdelta.estimate(include='no_eos', ...) "
+                "with the engine's stop_logp / stop_entropy_sum.")
+        object.__setattr__(self, "engine", replace(self.engine, requires_grad=False))
+        check_options(weights=self.weights, prompts=self.prompts, level=self.level, clip=self.clip)
+        if isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1:
+            raise ValueError(f"every: expected a positive integer (measure every k-th step); "
+                             f"got {self.every!r}.")
+        for name, value, valid in (("rao_blackwell", self.rao_blackwell, ("auto", "always", "never")),
+                                   ("group_by", self.group_by, ("prompt", "given")),
+                                   ("distributed", self.distributed, ("auto", "local")),
+                                   ("per_decision", self.per_decision, ("cv", "pd", "pd_sn", "off"))):
+            if value not in valid:
+                raise ValueError(f"{name}: expected one of {list(valid)}; got {value!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class MonitorStep:
@@ -109,71 +186,38 @@ class MonitorStep:
 class EntropyMonitor:
     """Measure ΔH = H(p1) − H(p0) of each optimizer step on the step's own samples.
 
+    ``EntropyMonitor(model, engine_config=EngineConfig(temperature=0.9), weights="psis", ...)``.
+
     Parameters
     ----------
     model : HF causal LM (or a DDP / torch.compile wrapper of one)
         The model being trained; p0 is it at ``before``, p1 at ``after``.
+    config : MonitorConfig, optional
+        All options at once; or any of them as keywords (``**options``).
     engine_config : EngineConfig, optional
-        How rows are scored: the sampling transform (temperature, top-k, top-p: must be the
-        sampler's) and ``token_budget``; ``include_eos`` must stay True (whole sequences). Default: temperature 1, no truncation,
-        no progress bar. ``requires_grad`` is forced off.
-    weights : {"psis", "none", "truncate", "clip"}
-        Importance-weight scheme (``clip`` also needs ``clip=c``).
-    level : float
-        Coverage of the confidence intervals.
-    every : int
-        Measure every k-th step (steps are counted by ``after``/``skip`` calls); other steps
-        cost nothing and give ``None``.
-    strict : bool
-        Raise on any failure (for debugging) instead of returning an invalid result.
-    rao_blackwell : {"auto", "always", "never"}
-        Whether to run the p0 forward for entropy sums when ``old_logp`` is given (module doc).
-    group_by : {"prompt", "given"}
-        "prompt": rows with the same real prompt tokens form one group, keyed by a hash of the
-        tokens (global across micro-batches and ranks). "given": the batch's ``group`` (or
-        ``num_generations``) as is; the caller keeps ids unique across micro-batches and ranks
-        (needed when equal prompt tokens are different prompts, e.g. different images).
-    eos_token_ids : int or sequence of int, optional
-        Stop ids for dict batches; default the model's ``generation_config.eos_token_id``.
-    prompts : {"fixed", "sampled"}
-        Standard-error mode of :func:`isdelta.estimators.estimate`.
-    distributed : {"auto", "local"}
-        "auto": gather rows over ``torch.distributed`` ranks when initialised; "local": estimate
-        on this rank's rows only.
-    clip : float, optional
-        The cap for ``weights="clip"``.
-    per_decision : {"cv", "pd", "pd_sn", "off"}
-        The headline estimator when p0's per-position entropies are scored (a p0 forward ran):
-        per-decision Rao–Blackwellised IS (:func:`isdelta.estimators.estimate_tokens`; "cv",
-        with its control variate, has the lowest variance). Sequence-level SNIS is reported
-        beside it (``result.delta_snis``). "off", or no p0 forward: SNIS is the headline.
+        ``MonitorConfig.engine``: how rows are scored (the sampler's transform).
+    **options
+        Any other field of :class:`MonitorConfig` (``weights``, ``clip``, ``level``, ``prompts``,
+        ``every``, ``strict``, ``rao_blackwell``, ``group_by``, ``distributed``, ``per_decision``,
+        ``eos_token_ids``), each documented there.
     """
 
-    def __init__(self, model: torch.nn.Module, *, engine_config: EngineConfig | None = None,
-                 weights: Weights = "psis", level: float = 0.95, every: int = 1, strict: bool = False,
-                 rao_blackwell: RaoBlackwell = "auto", group_by: GroupBy = "prompt",
-                 eos_token_ids: int | Sequence[int] | None = None,
-                 prompts: Literal["fixed", "sampled"] = "fixed", distributed: Distributed = "auto",
-                 clip: float | None = None, per_decision: PerDecision = "cv") -> None:
+    def __init__(self, model: torch.nn.Module, config: MonitorConfig | None = None, *,
+                 engine_config: EngineConfig | None = None, **options) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module (an HF causal LM); got "
                             f"{type(model).__name__}.")
-        engine = replace(engine_config or EngineConfig(progress=False), requires_grad=False)
-        if not engine.include_eos:
-            # Scoring without the stop token would weight rows by a partial ratio, but p0 sampled
-            # the stop token too: the importance weights need the full-sequence ratio.
-            raise ValueError(
-                "engine_config.include_eos=False: the monitor scores whole sequences (the importance "
-                "weights need the full-sequence ratio, stop token included). Pass include_eos=True; "
-                "for entropies without the stop token use isdelta.estimate(include='no_eos', ...) "
-                "with the engine's stop_logp / stop_entropy_sum.")
-        self.config = MonitorConfig(engine=engine, weights=weights, clip=clip, level=level,
-                                    prompts=prompts, every=every, strict=strict,
-                                    rao_blackwell=rao_blackwell, group_by=group_by,
-                                    distributed=distributed, per_decision=per_decision)
+        unknown = sorted(set(options) - {f.name for f in fields(MonitorConfig)} - {"engine"})
+        if unknown or "engine" in options:
+            valid = ["engine_config"] + [f.name for f in fields(MonitorConfig) if f.name != "engine"]
+            raise TypeError(f"EntropyMonitor got unknown option(s) {unknown or ['engine']}; valid: {', '.join(valid)}.")
+        if engine_config is not None:
+            options["engine"] = engine_config
+        self.config = replace(config or MonitorConfig(), **options)
         self.model = model
-        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _default_eos(model)
-        self._engine = LogProbEngine(engine)
+        eos = self.config.eos_token_ids
+        self.eos_token_ids = eos if eos is not None else default_eos(model)
+        self._engine = LogProbEngine(self.config.engine)
         self._n_steps = 0
         self._warned: set[str] = set()
 
@@ -220,8 +264,8 @@ class EntropyMonitor:
         except Exception as exc:  # the failure policy: never break the training loop
             if self.config.strict:
                 raise
-            _free_memory(exc)
-            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=_describe(exc))
+            free_memory(exc)
+            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=describe(exc))
         return Snapshot(step, True, rollouts, **fields, seconds=time.perf_counter() - t0)
 
     def _rollouts(self, batch) -> Rollouts:
@@ -230,7 +274,7 @@ class EntropyMonitor:
         if isinstance(batch, Rollouts):
             if not by_prompt:
                 return batch
-            keys = _prompt_keys(batch.prompt_ids, batch.prompt_lengths)
+            keys = prompt_keys(batch.prompt_ids, batch.prompt_lengths)
             return replace(batch, group=keys.to(batch.group.device))
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch: expected an isdelta Rollouts or a mapping with keys "
@@ -244,7 +288,7 @@ class EntropyMonitor:
             raise ValueError("eos_token_ids: the model has no eos_token_id; pass "
                              "EntropyMonitor(..., eos_token_ids=…) or batch['eos_token_ids'].")
         pm = torch.as_tensor(batch["prompt_mask"])
-        group = _prompt_keys(batch["prompt_ids"], pm.sum(-1)) if by_prompt else batch.get("group")
+        group = prompt_keys(batch["prompt_ids"], pm.sum(-1)) if by_prompt else batch.get("group")
         return Rollouts.from_tensors(
             batch["prompt_ids"], pm, batch["completion_ids"], batch["completion_mask"],
             eos_token_ids=eos, group=group,
@@ -253,10 +297,10 @@ class EntropyMonitor:
     def _score_p0(self, rollouts: Rollouts, old_logp) -> dict:
         """S0 (and entropy sums) from ``old_logp`` or from a p0 forward (see ``rao_blackwell``)."""
         mode = self.config.rao_blackwell
-        old = None if old_logp is None else _old_logp_tokens(old_logp, rollouts, self.config.engine)
+        old = None if old_logp is None else old_logp_tokens(old_logp, rollouts, self.config.engine)
         if old is not None and mode != "always":
-            return {"log_p0": _row_sums(old), "reused_old_logp": True}
-        with _preserved(self.model):
+            return {"log_p0": row_sums(old), "reused_old_logp": True}
+        with preserved(self.model):
             scores = self._engine.score(self.model, rollouts)
         gap = None
         if old is not None:
@@ -300,10 +344,13 @@ class EntropyMonitor:
         rows, failure = self._p1_rows(snaps, step)
         rows, failure = self._exchange(rows, failure)
         est, tokens, rb, n_dropped, notes = None, None, False, 0, []
+        c = self.config
         if failure is None:
-            est, rb, n_dropped, notes, failure = self._estimate(rows)
+            est, rb, n_dropped, notes, failure = estimate_rows(rows, weights=c.weights, clip=c.clip,
+                                                               prompts=c.prompts, level=c.level)
         if failure is None and rows.get("token_entropy0") is not None:
-            tokens, failure = self._estimate_tokens(rows, notes)
+            tokens, failure = estimate_rows_per_decision(rows, method=c.per_decision, prompts=c.prompts,
+                                                         level=c.level)
         seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
         gaps = [s.old_logp_gap for s in snaps if s.old_logp_gap is not None]
         gap = max(gaps) if gaps else None
@@ -329,76 +376,27 @@ class EntropyMonitor:
                 return None, (f"scoring p0 failed: {s.error}", None)
         parts = []
         try:
-            with _preserved(self.model):
+            with preserved(self.model):
                 for s in snaps:
                     sc = self._engine.score(self.model, s.rollouts)
-                    parts.append(_rows(s, sc))
+                    parts.append(rows_of(s, sc))
         except Exception as exc:  # noqa: BLE001 - the failure policy
-            _free_memory(exc)
-            return None, (f"scoring p1 failed: {_describe(exc)}", exc)
-        return _merge(parts), None
+            free_memory(exc)
+            return None, (f"scoring p1 failed: {describe(exc)}", exc)
+        return merge(parts), None
 
     def _exchange(self, rows, failure):
         """Gather rows (and failures) of all ranks; a failure anywhere fails every rank."""
         if self.config.distributed == "local" or world_size() == 1:
             return rows, failure
         try:
-            parts = _all_gather({"rows": rows, "error": None if failure is None else failure[0]})
+            parts = all_gather({"rows": rows, "error": None if failure is None else failure[0]})
         except Exception as exc:  # noqa: BLE001 - the failure policy
-            return None, (f"gathering rows over ranks failed: {_describe(exc)}", exc)
+            return None, (f"gathering rows over ranks failed: {describe(exc)}", exc)
         errors = [f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"] is not None]
         if errors:
             return None, (failure if failure is not None else ("; ".join(errors), None))
-        return _merge([p["rows"] for p in parts]), None
-
-    def _estimate(self, rows: dict):
-        """(estimate, rb, n_dropped, notes, failure) on the merged rows."""
-        notes: list[str] = []
-        try:
-            bad = ~(np.isfinite(rows["log_p0"]) & np.isfinite(rows["log_p1"]))
-            if bad.any():
-                reason = (f"{int(bad.sum())} of {bad.size} rows have a non-finite log-probability (a "
-                          "token outside the top-k/top-p set of the engine's transform, or a NaN "
-                          "forward): check that the engine's transform is the sampler's.")
-                return None, False, 0, notes, (reason, None)
-            keep = _multi_row_groups(rows["group"])
-            n_dropped = int((~keep).sum())
-            if n_dropped:
-                notes.append(f"{n_dropped} rows left out: their prompt has a single row in this step.")
-            if keep.sum() < 2:
-                reason = ("no prompt has two or more rows in this step: SNIS needs G >= 2 samples per "
-                          "prompt (use num_generations >= 2 and whole groups per optimizer step).")
-                return None, False, n_dropped, notes, (reason, None)
-            r = {k: (None if v is None else v[keep]) for k, v in rows.items()}
-            rb = r["entropy_sum0"] is not None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", EstimatorWarning)  # kept in est.warnings
-                est = estimate(r["log_p0"], r["log_p1"], r["length"], r["group"],
-                               entropy_sum0=r["entropy_sum0"], entropy_sum1=r["entropy_sum1"],
-                               weights=self.config.weights, clip=self.config.clip,
-                               prompts=self.config.prompts, level=self.config.level,
-                               stopped=r["stopped"])
-        except Exception as exc:  # noqa: BLE001 - the failure policy
-            return None, False, 0, notes, (f"estimation failed: {_describe(exc)}", exc)
-        return est, rb, n_dropped, notes, _verdict(est, rb)
-
-    def _estimate_tokens(self, rows: dict, notes: list[str]):
-        """(TokenDelta, failure) of the per-decision estimator on the rows ``_estimate`` kept."""
-        keep = _multi_row_groups(rows["group"])
-        r = {k: rows[k][keep] for k in TOKEN_FIELDS + ("group",)}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", EstimatorWarning)  # kept in tokens.warnings
-                tokens = estimate_tokens(r["token_logp0"], r["token_logp1"], r["token_entropy0"],
-                                         r["token_entropy1"], r["mask"], r["group"],
-                                         method=self.config.per_decision, prompts=self.config.prompts,
-                                         level=self.config.level)
-        except Exception as exc:  # noqa: BLE001 - the failure policy
-            return None, (f"per-decision estimation failed: {_describe(exc)}", exc)
-        d = tokens.delta
-        if not (math.isfinite(d.value) and math.isfinite(d.se)):
-            return tokens, (f"the per-decision ΔH estimate is not finite ({d.value}, se {d.se}).", None)
-        return tokens, None
+        return merge([p["rows"] for p in parts]), None
 
     def _report(self, failure, step: int) -> None:
         """strict: raise; else warn once per kind of failure."""

@@ -18,7 +18,7 @@ import pytest
 from toy import TabularToy
 
 from isdelta.estimators import EstimatorWarning, TokenDelta, estimate, estimate_tokens
-from isdelta.estimators import tokens as tokens_mod
+from isdelta.estimators import per_decision as tokens_mod
 
 TOKEN_KEYS = ("token_logp0", "token_logp1", "token_entropy0", "token_entropy1", "mask")
 COVERAGE_BAND = (0.91, 0.99)

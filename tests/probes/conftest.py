@@ -144,9 +144,5 @@ def enumerable() -> Enumerable:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads cost more than they save (10× on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)

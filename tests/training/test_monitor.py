@@ -16,7 +16,7 @@ import torch
 from isdelta.engine import EngineConfig, LogProbEngine, Rollouts
 from isdelta.estimators import estimate, estimate_tokens
 from isdelta.training import EntropyMonitor, MonitorError, MonitorResult, MonitorWarning
-from isdelta.training import monitor as monitor_module
+from isdelta.training import verdict as verdict_module
 
 ENGINE = EngineConfig(progress=False)
 
@@ -266,8 +266,8 @@ def test_failing_p1_score_is_invalid_warned_once_and_raises_when_strict(models, 
 def test_khat_above_one_is_invalid(models, rng, monkeypatch):
     _, model = models
     ro = random_rollouts(rng)
-    real = monitor_module.estimate
-    monkeypatch.setattr(monitor_module, "estimate",
+    real = verdict_module.estimate
+    monkeypatch.setattr(verdict_module, "estimate",
                         lambda *a, **k: dataclasses.replace(real(*a, **k), khat=1.3))
     mon = EntropyMonitor(model, engine_config=ENGINE)
     snap = mon.before(ro)

@@ -1,0 +1,263 @@
+"""Sequence-level SNIS: ``estimate`` (H(p0), H(p1), ΔH with uncertainty, ΔH₁, diagnostics) and
+``estimate_per_prompt`` (the same within each prompt)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import numpy as np
+
+from isdelta.estimators import diagnostics, inputs
+from isdelta.estimators.inputs import Rows
+from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning
+from isdelta.estimators.uncertainty import (
+    Linear,
+    covariance,
+    standard_error,
+    weighted_ratio,
+    z_value,
+)
+from isdelta.estimators.weights import Scheme, Weights, weigh
+
+__all__ = ["estimate", "estimate_per_prompt"]
+
+
+def estimate(
+    log_p0,
+    log_p1,
+    length,
+    group=None,
+    *,
+    entropy_sum0=None,
+    entropy_sum1=None,
+    weights: Scheme = "psis",
+    include: Literal["all", "no_eos"] = "all",
+    prompts: Literal["fixed", "sampled"] = "fixed",
+    level: float = 0.95,
+    clip: float | None = None,
+    stopped=None,
+    eos_logp0=None,
+    eos_logp1=None,
+    eos_entropy_sum0=None,
+    eos_entropy_sum1=None,
+) -> EntropyDelta:
+    r"""Estimate H(p0), H(p1) and ΔH = H(p1) − H(p0) from samples of p0 by SNIS.
+
+    Rows x_i ~ p0 are scored under both models: S0_i = log p0(x_i), S1_i = log p1(x_i),
+    ℓ_i = S1_i − S0_i. Within prompt p, w̄_i = exp(ℓ_i) / Σ_{j∈p} exp(ℓ_j); each prompt has
+    mass 1/P:
+
+    - H0 = −(1/P) Σ_p mean_{i∈p} S0_i,   H1 = −(1/P) Σ_p Σ_{i∈p} w̄_i S1_i,   ΔH = H1 − H0
+    - H0_tok = Σ_p mean_{i∈p}(−S0_i) / Σ_p mean_{i∈p} L_i,
+      H1_tok = Σ_p Σ w̄_i(−S1_i) / Σ_p Σ w̄_i L_i (entropy rates: ratios of means)
+    - ``*_rb``: −S_k replaced by ``entropy_sum{k}`` (chain rule: same expectation, lower
+      variance)
+    - ΔH₁ = −(1/P) Σ_p Cov_p(S0, δ), δ = S1 − S0; ΔĤ = cov_term + kl_term exactly, with
+      cov_term = −(1/P) Σ_p mean_{i∈p}((r̃_i − 1)(S0_i − S̄0_p)), r̃ = G_p w̄, and
+      kl_term = −(1/P) Σ_p Σ_{i∈p} w̄_i δ_i, for whichever normalised weights are used.
+
+    Parameters
+    ----------
+    log_p0, log_p1 : array_like, float, shape [N] or [P, G]
+        Total log-probability of each sampled completion under p0 (the sampler) and p1, in
+        nats, over the counted tokens (EOS included). 2-D: row p holds prompt p's G samples.
+    length : array_like, shape like ``log_p0``
+        Counted tokens L_i ≥ 0 per row (EOS included).
+    group : array_like, shape [N], optional
+        Prompt id of each row for 1-D inputs (any sortable ids; ragged G allowed, G_p ≥ 2).
+        None with 1-D inputs: all rows belong to one prompt. Must be None for 2-D inputs.
+    entropy_sum0, entropy_sum1 : array_like, shape like ``log_p0``, optional
+        Σ_t H(next token | prefix) along each row under p0 and p1 (both or neither); enables
+        the Rao–Blackwellised ``*_rb`` estimates.
+    weights : {"psis", "none", "truncate", "clip"}
+        Weight scheme; see :mod:`isdelta.estimators.weights`. PSIS and truncation act per
+        prompt when every G_p ≥ 25, else pooled over all rows (``weights_used`` says which).
+    include : {"all", "no_eos"}
+        "no_eos" subtracts the stop token's position from S0, S1 and L of rows with
+        ``stopped``; the weights still use the full-sequence ratio, because p0 sampled the
+        stop token too. Needs ``stopped``, ``eos_logp0``, ``eos_logp1`` and, with entropy
+        sums, ``eos_entropy_sum0``, ``eos_entropy_sum1``.
+    prompts : {"fixed", "sampled"}
+        "fixed": the estimand is this prompt set; SE = √(Σ_p var_p(ψ)/G_p)/P.
+        "sampled": prompts are a sample from a population; SE = sd_p(ΔH_p)/√P (P ≥ 2).
+    level : float in (0, 1)
+        Coverage of the normal confidence intervals value ± z·SE.
+    clip : float, optional
+        The cap c in r ≤ c; required for, and only used with, ``weights="clip"``.
+    stopped : array_like of bool, shape like ``log_p0``, optional
+        Whether each row ends with a stop token (gives ``no_stop_frac``).
+    eos_logp0, eos_logp1 : array_like, shape like ``log_p0``, optional
+        For "no_eos": log-prob of the final stop token of each row under p0 / p1 (read only
+        where ``stopped`` is True; put anything, even nan, elsewhere).
+    eos_entropy_sum0, eos_entropy_sum1 : array_like, shape like ``log_p0``, optional
+        For "no_eos" with entropy sums: Σ_t −Σ_{e∈stop ids} p(e | prefix_t) log p(e | prefix_t)
+        over *every* counted position of the row, the stop tokens' share of ``entropy_sum``.
+        Not just the last position: excluding the stop token is a choice made after seeing
+        x_t, so the Rao–Blackwellised term at each position t is the entropy of the non-stop
+        tokens, H_t − (−p_stop log p_stop), whose sum along the row has expectation
+        E[−S + log p(stop)] (tower property).
+
+    Returns
+    -------
+    EntropyDelta
+        Estimates (nats; ``.bits`` converts) with SE and CI, ΔH₁ and its decomposition,
+        diagnostics, the tuple of warnings issued, and the weights used (``.weights``, rows in
+        the caller's order and shape).
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes, non-finite or positive log-probs, negative lengths, a prompt with
+        one row, an unknown option, ``level`` outside (0, 1), or missing "no_eos" inputs.
+
+    Warns
+    -----
+    EstimatorWarning
+        k̂ above its threshold (or not estimable), ESS/S < 0.1, S < exp(KL), a prompt's mean
+        ratio outside [0.5, 2], rows with L = 0. Each is also recorded in ``.warnings``.
+
+    Notes
+    -----
+    The SE of ΔH uses the paired influence function
+    ψ_i = r̃_i(−S1_i − H1_p) − (−S0_i − H0_p), so the covariance between H1 and H0 (same
+    samples) is counted; per-token estimates use their linearised (delta-method) terms
+    (:mod:`isdelta.estimators.uncertainty`). All arithmetic is float64, weights in log space.
+
+    References
+    ----------
+    Owen, A. B. (2013). Monte Carlo theory, methods and examples, ch. 9 (SNIS and its
+    delta-method variance). https://artowen.su.domains/mc/
+    Vehtari, A. et al. (2024). Pareto smoothed importance sampling. JMLR 25(72):1-58.
+    """
+    inputs.check_options(weights=weights, include=include, prompts=prompts, level=level, clip=clip)
+    eos = {
+        "eos_logp0": eos_logp0,
+        "eos_logp1": eos_logp1,
+        "eos_entropy_sum0": eos_entropy_sum0,
+        "eos_entropy_sum1": eos_entropy_sum1,
+    }
+    rows = inputs.prepare(
+        log_p0, log_p1, length, group, entropy_sum0=entropy_sum0, entropy_sum1=entropy_sum1,
+        include=include, stopped=stopped, eos=eos,
+    )  # fmt: skip
+    if prompts == "sampled" and rows.groups.n_prompts < 2:
+        raise ValueError(
+            "prompts: 'sampled' needs at least 2 prompts for a between-prompt SE, got 1; use "
+            "prompts='fixed' or pass `group`."
+        )
+    wts = weigh(rows.log_r, rows.groups, weights, clip)
+    fields = _estimates(rows, wts, prompts, level)
+    fields.update(_first_order(rows, wts, prompts, level))
+    diag = diagnostics.diagnose(rows, wts)
+    messages = diagnostics.collect_warnings(rows, wts, diag)
+    for message in messages:
+        warnings.warn(message, EstimatorWarning, stacklevel=2)
+    return EntropyDelta(
+        **fields,
+        **diag,
+        weights_used=wts.description,
+        prompts=prompts,
+        include=include,
+        warnings=tuple(messages),
+        weights=wts.in_caller_order(rows.groups, np.shape(log_p0)),
+    )
+
+
+def _to_estimate(lin: Linear, rows: Rows, prompts: str, level: float) -> Estimate:
+    se = standard_error(lin, rows.groups, prompts)
+    return Estimate.normal(lin.value, se, level, z_value(level))
+
+
+def _estimates(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
+    """h0 … delta_tok and, with entropy sums, their ``_rb`` versions."""
+    g = rows.groups
+    # 1/G_p, the same float as w̄ when all ratios of a prompt are equal (weights._normalized),
+    # so that p1 = p0 gives H1 == H0 bit for bit.
+    u = 1.0 / g.expand(g.sizes.astype(float))
+    pairs = {"": (-rows.s0, -rows.s1)}
+    if rows.ent0 is not None:
+        pairs["_rb"] = (rows.ent0, rows.ent1)
+    out: dict = {f"{n}_rb": None for n in ("h0", "h1", "delta", "h0_tok", "h1_tok", "delta_tok")}
+    for suffix, (f0, f1) in pairs.items():
+        for tok, denom in (("", None), ("_tok", rows.length)):
+            with np.errstate(divide="ignore", invalid="ignore"):  # all rows L = 0: nan rate
+                h0 = weighted_ratio(u, f0, denom, g)
+                h1 = weighted_ratio(wts.w, f1, denom, g)
+            for name, lin in (("h0", h0), ("h1", h1), ("delta", h1 - h0)):
+                out[f"{name}{tok}{suffix}"] = _to_estimate(lin, rows, prompts, level)
+    return out
+
+
+def _first_order(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
+    """ΔH₁ (function space) and the exact decomposition ΔĤ = cov_term + kl_term.
+
+    δ' = S1' − S0' uses the counted log-probs; ℓ the full-sequence ratio. With
+    include="all" they coincide and ΔH₁ = −Cov_p0(S0, δ) (DESIGN §6). With "no_eos" the
+    functional E_p[−S'] also changes through the stop token's own log-prob, whose first-order
+    change is E_p0[ℓ − δ']: ΔH₁ = −Cov_p0(S0', ℓ) − E_p0[δ' − ℓ].
+    """
+    g = rows.groups
+    u = 1.0 / g.expand(g.sizes.astype(float))
+    delta = rows.s1 - rows.s0  # δ' [N]
+    s0_centred = rows.s0 - g.expand(g.mean(rows.s0))
+    # −mean_p((r̃ − 1)(S0 − S̄0)) = −Σ_{i∈p} (w̄_i − 1/G_p)(S0_i − S̄0_p)
+    cov_term = -g.sum((wts.w - u) * s0_centred).mean()
+    kl_term = -g.sum(wts.w * delta).mean()
+    lin = covariance(rows.s0, rows.log_r, g)
+    lin = Linear(-lin.value, -lin.psi, -lin.z)
+    extra = delta - rows.log_r  # 0 exactly with include="all"
+    if np.any(extra != 0):
+        lin = lin - weighted_ratio(u, extra, None, g)
+    return {
+        "delta1": _to_estimate(lin, rows, prompts, level),
+        "cov_term": float(cov_term),
+        "kl_term": float(kl_term),
+    }
+
+
+_ROW_OPTIONS = ("entropy_sum0", "entropy_sum1", "stopped", "eos_logp0", "eos_logp1",
+                "eos_entropy_sum0", "eos_entropy_sum1")  # per-row keyword arrays of ``estimate``
+
+
+def estimate_per_prompt(log_p0, log_p1, length, group, **options) -> dict:
+    """``estimate`` on each prompt's rows alone: ΔH_p, ΔH_p per token and their within-prompt SEs.
+
+    One rule for every per-prompt table and plot: the pooled estimate's options (``weights``,
+    ``clip``, ``include``, ``level`` and the per-row keyword arrays, which are sliced here), with
+    ``prompts="fixed"`` (one prompt has no between-prompt SE). A prompt is weighted as ``estimate``
+    would weight a one-prompt sample: PSIS smooths only with ≥ 25 rows (``MIN_TAIL_FIT``; with
+    fewer the raw weights are used and ``weights_used`` says so), truncation caps at
+    mean(r)·√G_p. Diagnostic warnings are recorded in each result's ``warnings``, not issued
+    (they repeat the pooled estimate's).
+
+    Parameters
+    ----------
+    log_p0, log_p1, length : array_like, shape [N]
+    group : array_like, shape [N]
+        Prompt id of each row; prompts with a single row are left out.
+    **options
+        Keyword arguments of :func:`estimate`.
+
+    Returns
+    -------
+    dict of prompt id -> EntropyDelta, in sorted id order.
+
+    Naive equivalent: ``{p: estimate(x[group == p] for each row array, **options) for p in
+    np.unique(group)}``.
+    """
+    group = np.asarray(group)
+    arrays = {k: np.asarray(v) for k, v in options.items() if k in _ROW_OPTIONS and v is not None}
+    scalars = {k: v for k, v in options.items() if k not in _ROW_OPTIONS}
+    out = {}
+    for p in np.unique(group):
+        idx = np.flatnonzero(group == p)
+        if len(idx) < 2:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EstimatorWarning)
+            out[p.item()] = estimate(
+                np.asarray(log_p0)[idx], np.asarray(log_p1)[idx], np.asarray(length)[idx],
+                **{k: v[idx] for k, v in arrays.items()}, **{**scalars, "prompts": "fixed"},
+            )  # fmt: skip
+    return out

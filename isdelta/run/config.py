@@ -1,0 +1,134 @@
+"""The run's cfg.yaml schema (frozen pydantic sections, see :mod:`isdelta.program`).
+
+A run is fully described by one YAML file plus ``--set a.b=value`` overrides; the resolved
+config is saved beside the outputs and its hash guards them (a changed config never mixes with
+an old run's samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from isdelta.program import ModelConfig, Section, load_yaml_config, options_section
+from isdelta.tokens.options import TokenOptions
+
+__all__ = ["RunConfig", "config_hash", "load_config"]
+
+
+class UpdateConfig(Section):
+    loss: Literal["sft", "reinforce"] = "reinforce"
+    reward: Literal["boxed_match", "answer_match"] = "answer_match"  # reinforce only
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(1, ge=1)
+
+
+class DataConfig(Section):
+    path: str = Field(description="jsonl file, or builtin:math for the prompts shipped in isdelta/data")
+    prompt_field: str = "prompt"  # a string prompt ...
+    messages_field: str = "messages"  # ... or a chat message list (used first when present)
+    answer_field: str = "answer"
+    response_field: str = "response"  # reference responses, for update.loss = sft
+    chat_template: bool = True  # wrap string prompts as one user message
+    limit: int | None = Field(None, ge=1)
+
+
+class SamplingConfig(Section):
+    num_samples: int = Field(8, ge=2, description="G: samples per prompt (SNIS needs >= 2)")
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop_strings: tuple[str, ...] = ()
+    prompts_per_batch: int = Field(8, ge=1)
+
+
+class EngineSection(Section):
+    # false: the stop token's position leaves S, L and the entropy sums (estimator include="no_eos");
+    # the importance weights still use the full-sequence ratio, since p0 sampled the stop too
+    include_eos: bool = True
+    token_budget: int = Field(16384, ge=1)
+
+
+class EstimatorConfig(Section):
+    weights: Literal["psis", "none", "truncate", "clip"] = "psis"
+    prompts: Literal["fixed", "sampled"] = "fixed"
+    level: float = Field(0.95, gt=0, lt=1)
+    clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _clip_needs_value(self) -> EstimatorConfig:
+        if self.weights == "clip" and self.clip is None:
+            raise ValueError("weights: clip needs estimator.clip (the largest allowed ratio, e.g. 10)")
+        return self
+
+
+class ProbeConfig(Section):
+    gradient: bool = True  # parameter-space ΔH₁ = <∇H(θ0), θ1 − θ0> (one backward pass)
+    sweep: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # α: p_α = θ0 + α(θ1 − θ0), same samples
+    per_token: bool = True  # also the entropy-rate gradient (a second backward per micro-batch)
+
+    @model_validator(mode="after")
+    def _finite_sweep(self) -> ProbeConfig:
+        if not self.sweep or not all(math.isfinite(a) for a in self.sweep):
+            raise ValueError("probe.sweep must be a non-empty list of finite step sizes, e.g. [0.5, 1, 2]")
+        return self
+
+
+# Token-level diagnostics (isdelta.tokens.compare_tokens): where the distribution moved. The keys
+# are TokenOptions' own (declared there); the transform, include_eos, seed and token_budget come
+# from the other sections.
+TokensConfig = options_section(
+    "TokensConfig", TokenOptions,
+    derived=("transform", "include_eos", "seed", "token_budget", "chunk_elems", "progress"),
+    # carriers: each model's own samples (same transform and seeds), the data's reference
+    # responses teacher-forced, or both
+    mode=(Literal["generations", "teacher_forced", "both"], "generations"),
+    n_interesting=(int, Field(10, ge=0)),  # most changed positions listed in summary.md
+)
+
+
+class OutputConfig(Section):
+    dir: str = "runs/demo"
+    plots: bool = True
+    n_trace_samples: int = Field(4, ge=0)  # completions shown in the per-token entropy plot
+
+
+class RunConfig(Section):
+    seed: int = 0
+    model: ModelConfig
+    updated: ModelConfig | None = None
+    update: UpdateConfig | None = None
+    data: DataConfig
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineSection = EngineSection()
+    estimator: EstimatorConfig = EstimatorConfig()
+    output: OutputConfig = OutputConfig()
+    probe: ProbeConfig | None = None  # ΔH₁ vs the true ΔH along the update direction
+    tokens: TokensConfig | None = None  # per-position diagnostics of p0 vs p1 (TokenOptions' keys)
+
+    @model_validator(mode="after")
+    def _one_way_to_p1(self) -> RunConfig:
+        if (self.updated is None) == (self.update is None):
+            raise ValueError("give exactly one of `updated` (a second checkpoint: {path: ...}) or "
+                             "`update` (an in-process step: {loss: reinforce, lr: ...})")
+        return self
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config; raises ConfigError naming each bad key path."""
+    return load_yaml_config(RunConfig, source, overrides)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of everything that changes the results (the output section excluded; an absent
+    ``tokens`` section too, so adding the section to the schema kept older runs' hashes)."""
+    exclude = {"output"} | ({"tokens"} if getattr(cfg, "tokens", 1) is None else set())
+    data = cfg.model_dump(mode="json", exclude=exclude)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

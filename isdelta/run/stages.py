@@ -1,0 +1,174 @@
+"""The run's stages, each reading what it needs from the config and the output folder.
+
+sample (p0's completions, saved chunk by chunk) → score (one model's arrays, saved) → make p1 (an
+in-process update step, or a second checkpoint) → estimate → probe → tokens. The models are two
+named states: ``model0`` is p0 and ``model1`` is p1 from the moment :func:`make_p1` returns; an
+in-process update is applied to a copy of p0 when a later stage still needs p0, and otherwise
+to p0's own weights (the caller then drops the name ``model0``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from isdelta.outputs import atomic_write
+from isdelta.run.config import RunConfig
+from isdelta.run.data import RunError, sft_rollouts
+
+__all__ = ["estimate_inputs", "make_p1", "probe_stage", "sample_stage", "score_stage", "token_estimate",
+           "tokens_stage"]
+
+
+def sample_stage(cfg: RunConfig, model, tok, records: list[dict], out: Path, subdir: str = "samples"):
+    """Sample in chunks of prompts; each chunk is saved when done and reloaded on resume."""
+    from isdelta.engine import LogitTransform, Rollouts
+    from isdelta.engine.sampling import Samples, sample
+
+    s = cfg.sampling
+    transform = LogitTransform(s.temperature, s.top_k, s.top_p)
+    parts_dir = out / subdir
+    parts_dir.mkdir(exist_ok=True)
+    k = s.prompts_per_batch
+    parts = []
+    for c, start in enumerate(range(0, len(records), k)):
+        path = parts_dir / f"part-{c:04d}.pt"
+        if path.exists():
+            parts.append(Samples.load(path))
+            continue
+        part = sample(model, tok, [r["prompt"] for r in records[start:start + k]], num_samples=s.num_samples,
+                      transform=transform, max_new_tokens=s.max_new_tokens, stop_strings=s.stop_strings,
+                      seed=cfg.seed * 100_003 + c)
+        part.save(path)
+        parts.append(part)
+    rollouts = Rollouts.concat([p.rollouts for p in parts], pad_token_id=tok.pad_token_id)
+    texts = [t for p in parts for t in p.texts]
+    stopped = np.concatenate([np.asarray(p.stopped) for p in parts])
+    return rollouts, texts, stopped, transform
+
+
+def score_stage(cfg: RunConfig, model, rollouts, transform, path: Path) -> dict:
+    """Scores as numpy arrays; saved to `path` (npz) and reloaded on resume."""
+    if path.exists():
+        with np.load(path) as z:
+            return dict(z)
+    from isdelta.engine import EngineConfig, LogProbEngine
+
+    # Always score whole sequences: the importance weights need the full ratio (p0 sampled the
+    # stop token too); engine.include_eos=false is applied in the estimator (include="no_eos").
+    ecfg = EngineConfig.from_transform(transform, include_eos=True, token_budget=cfg.engine.token_budget)
+    arrays = LogProbEngine(ecfg).score(model, rollouts).to_numpy()
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return arrays
+
+
+def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, keep_p0: bool):
+    """``(model1, info)``: p1 from a second checkpoint, or p0 after the in-process update step.
+
+    The step is applied to a copy of ``model0`` when ``keep_p0`` (a later stage needs both
+    models), else to ``model0``'s own weights: they are p1 afterwards, and the caller must not
+    use the name ``model0`` again.
+    """
+    from isdelta.engine import EngineConfig, check_compatible
+
+    if cfg.updated is not None:
+        model1, tok1 = cfg.updated.load()
+        check_compatible(tok, tok1)
+        return model1, {"kind": "checkpoint", "path": cfg.updated.path}
+    import torch
+
+    from isdelta.training import REWARDS, update
+
+    u = cfg.update
+    model1 = copy.deepcopy(model0) if keep_p0 else model0
+    # the update trains on every counted token, EOS included (as trainers do); engine.include_eos
+    # only changes what is measured, never p1
+    ecfg = EngineConfig.from_transform(transform, token_budget=cfg.engine.token_budget)
+    torch.manual_seed(cfg.seed)
+    if u.loss == "reinforce":
+        answers = [records[g]["answer"] for g in rollouts.group.tolist()]
+        if any(a is None for a in answers):
+            raise RunError(f"update.loss=reinforce needs data.answer_field ('{cfg.data.answer_field}') on every row.")
+        rewards = np.array([REWARDS[u.reward](t, str(a)) for t, a in zip(texts, answers)])
+        result = update(model1, loss="reinforce", rollouts=rollouts, rewards=rewards, optimizer=u.optimizer,
+                        lr=u.lr, steps=u.steps, engine_config=ecfg)
+    else:
+        result = update(model1, loss="sft", rollouts=sft_rollouts(tok, records, cfg), optimizer=u.optimizer,
+                        lr=u.lr, steps=u.steps, engine_config=EngineConfig(token_budget=cfg.engine.token_budget))
+    info = {"kind": "update", **result.to_dict()}
+    if u.loss == "reinforce":
+        info.update(reward=u.reward, mean_reward=float(rewards.mean()),
+                    samples_per_prompt=cfg.sampling.num_samples)
+    return model1, info
+
+
+def estimate_inputs(cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray) -> tuple[tuple, dict]:
+    """``estimate``'s arguments from the two models' score arrays: ``(args, keywords)``.
+
+    With engine.include_eos=false the stop token leaves S, L and the entropy sums
+    (``include="no_eos"``); ``stopped`` then marks rows that end with a counted stop TOKEN (a
+    stop-string row has none), else every row the sampler stopped.
+    """
+    e = cfg.estimator
+    kw = {"entropy_sum0": s0["entropy_sum"], "entropy_sum1": s1["entropy_sum"], "weights": e.weights,
+          "prompts": e.prompts, "level": e.level, "clip": e.clip, "stopped": stopped, "include": "all"}
+    if not cfg.engine.include_eos:
+        kw.update(include="no_eos", stopped=s0["stopped"], eos_logp0=s0["stop_logp"], eos_logp1=s1["stop_logp"],
+                  eos_entropy_sum0=s0["stop_entropy_sum"], eos_entropy_sum1=s1["stop_entropy_sum"])
+    return (s0["logp"], s1["logp"], s0["length"], s0["group"]), kw
+
+
+def token_estimate(cfg: RunConfig, s0: dict, s1: dict):
+    """The per-decision, control-variate ΔH (lower variance than sequence-level SNIS).
+
+    Its masks count the stop token (the prefix ratio must include it), so it is reported only
+    when the run measures all positions (engine.include_eos = true).
+    """
+    from isdelta.estimators import estimate_tokens
+
+    if not cfg.engine.include_eos:
+        return None
+    e = cfg.estimator
+    return estimate_tokens(s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"],
+                           s0["mask"], s0["group"], method="cv", prompts=e.prompts, level=e.level)
+
+
+def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, out: Path) -> dict:
+    """ΔH₁ (gradient and function space) against the true ΔH along θ1 − θ0, at every α.
+
+    ``model0`` is moved along the direction and put back at θ0 bit for bit.
+    """
+    from isdelta.engine import EngineConfig
+    from isdelta.probes import parameter_delta, run_probe
+
+    e, p = cfg.estimator, cfg.probe
+    ecfg = EngineConfig.from_transform(transform, include_eos=cfg.engine.include_eos,
+                                       token_budget=cfg.engine.token_budget, progress=False)
+    return run_probe(model0, parameter_delta(model0, model1), rollouts, s0, alphas=list(p.sweep),
+                     gradient=p.gradient, per_token=p.per_token, engine_config=ecfg,
+                     estimator_kw=dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip),
+                     out_dir=out, plots=cfg.output.plots)
+
+
+def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transform, out: Path) -> dict:
+    """Token-level diagnostics of p0 vs p1 on the configured carriers (tokens.csv/json/md, plots).
+
+    Carriers: p0's samples and p1's own (sampled with the same transform and seeds), and/or the
+    data's reference responses teacher-forced (built as for the sft update).
+    """
+    from isdelta import tokens
+
+    t = cfg.tokens
+    carriers = {}
+    if t.mode in ("generations", "both"):
+        carriers["p0 samples"] = rollouts
+        carriers["p1 samples"] = sample_stage(cfg, model1, tok, records, out, subdir="samples_p1")[0]
+    if t.mode in ("teacher_forced", "both"):
+        why = f"tokens.mode={t.mode} (without responses use tokens.mode=generations)"
+        carriers["reference"] = sft_rollouts(tok, records, cfg, why=why)
+    opts = t.options(transform=transform, include_eos=cfg.engine.include_eos, seed=cfg.seed,
+                     token_budget=cfg.engine.token_budget)
+    return tokens.run_tokens(model0, model1, carriers, tokenizer=tok, options=opts, names=("p0", "p1"),
+                             n_interesting=t.n_interesting, out_dir=out, plots=cfg.output.plots)

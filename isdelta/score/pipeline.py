@@ -1,0 +1,265 @@
+"""``python -m isdelta.score cfg.yaml [--set k=v ...] [--out DIR]``: characterise a text corpus.
+
+Every text is scored teacher-forced under each configured model (entropy, varentropy and NLL
+per text: :data:`isdelta.score.stats.STATS`), streamed in chunks of ``engine.chunk_texts``
+texts and appended to ``OUT/models/NAME/stats.jsonl`` as each chunk finishes; a rerun resumes
+after the last complete chunk. Then, from the saved statistics:
+
+- ``OUT/curriculum/``: the corpus sorted by a statistic (or a linear combination), cut into k
+  bins (``bin-XX.jsonl`` shards), with ``manifest.json``, ``schedule.json`` and ``order.csv``;
+- ``OUT/compare/`` (two models or more): Spearman and Kendall rank correlations, a distance
+  matrix and a PCA of the models' per-text vectors, and ``side_by_side.csv``;
+- ``OUT/plots/``, ``OUT/summary.json`` and ``OUT/summary.md`` (with throughput).
+
+How a text is fed to the engine (the engine scores completion tokens given a prompt) is
+described in :mod:`isdelta.score.scorer`: a one-token prefix (or a chat template) is the prompt,
+the text the completion, and a sentinel id that occurs in no text is the only stop id.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from isdelta import program
+from isdelta.outputs import atomic_write, versions
+from isdelta.program import ConfigError, stage
+from isdelta.score.config import load_score_config
+from isdelta.score.corpus import CorpusError
+from isdelta.score.report import summary_markdown
+from isdelta.score.store import StoreError
+
+__all__ = ["PROGRAM", "main", "score", "score_models"]
+
+
+def _store(cfg, out: Path, i: int):
+    from isdelta.score.store import ModelStore, stamp_of
+
+    m = cfg.models[i]
+    # what the scores depend on: the model entry and the data section (the name is the folder
+    # itself; engine.token_budget / chunk_texts are left out: scores do not depend on batching)
+    key = {"model": m.model_dump(mode="json", exclude={"name"}), "data": cfg.data.model_dump(mode="json")}
+    return ModelStore(out / "models" / cfg.names[i], stamp_of(key))
+
+
+# ---------------------------------------------------------------------------- scoring
+def score_models(cfg, out: Path, timings: dict) -> dict[str, dict]:
+    """Score the corpus under every model (resuming); return each model's ``done.json`` info.
+
+    Consecutive entries that share path, dtype and device (e.g. one model at two temperatures)
+    reuse the loaded weights.
+    """
+    stores = [_store(cfg, out, i) for i in range(len(cfg.models))]
+    n_done_all = [s.open() for s in stores]  # every folder checked before any model is loaded
+    infos, loaded = {}, None
+    for name, m, store, n_done in zip(cfg.names, cfg.models, stores, n_done_all):
+        if store.done is not None:
+            print(f"[isdelta] {name}: all texts already scored ({store.stats_path})", file=sys.stderr)
+            infos[name] = store.done
+            continue
+        load_key = (m.path, m.dtype, m.device, m.trust_remote_code, m.allow_download)
+        if loaded is None or loaded[0] != load_key:
+            loaded = None  # the only reference: the previous weights are freed before the next load
+            with stage(f"load {name} ({m.path})", timings):
+                loaded = (load_key, *m.load())
+        with stage(f"score {name}", timings):
+            infos[name] = score_one(cfg, name, m, loaded[1], loaded[2], store, n_done)
+    return infos
+
+
+def score_one(cfg, name: str, m, model, tok, store, n_done: int) -> dict:
+    """Stream the corpus through one model, appending stats chunk by chunk after ``n_done`` texts."""
+    from isdelta.engine import EngineConfig, LogProbEngine
+    from isdelta.score.corpus import chunked, iter_records, resolve_path
+    from isdelta.score.scorer import Encoder, max_positions, score_chunk
+    from isdelta.score.store import stamp_of
+
+    engine = LogProbEngine(EngineConfig(temperature=m.temperature, include_eos=True,
+                                        token_budget=cfg.engine.token_budget, progress=False))
+    encoder = Encoder(tok, cfg.data, max_positions(model))
+    records = (r for r in iter_records(cfg.data, resolve_path(cfg.data.path)) if r.index >= n_done)
+    seconds, n_texts, n_tokens = 0.0, 0, 0
+    for chunk in chunked(records, cfg.engine.chunk_texts):
+        t0 = time.perf_counter()
+        rows = score_chunk(model, engine, encoder, chunk)
+        seconds += time.perf_counter() - t0
+        store.append(rows)
+        n_texts += len(rows)
+        n_tokens += sum(r["n_tokens"] for r in rows)
+        print(f"[isdelta] {name}: {rows[-1]['index'] + 1} texts scored "
+              f"({n_texts / max(seconds, 1e-9):.1f} texts/s, {n_tokens / max(seconds, 1e-9):.0f} tokens/s)",
+              file=sys.stderr, flush=True)
+    vocab = sorted(tok.get_vocab().items())
+    info = {"name": name, "path": m.path, "temperature": m.temperature, "dtype": m.dtype,
+            "device": str(next(model.parameters()).device), "n_texts": n_done + n_texts,
+            "resumed_after": n_done,
+            "throughput": {"texts": n_texts, "tokens": n_tokens, "seconds": seconds,
+                           "texts_per_s": n_texts / seconds if seconds else None,
+                           "tokens_per_s": n_tokens / seconds if seconds else None,
+                           "token_budget": cfg.engine.token_budget, "chunk_texts": cfg.engine.chunk_texts},
+            "tokenizer": stamp_of([vocab, tok.bos_token_id, tok.eos_token_id])}
+    store.finish(info)
+    return info
+
+
+# ---------------------------------------------------------------------------- derived outputs
+def build_curriculum(cfg, out: Path, corpus: Path) -> dict | None:
+    """Sort by the configured key, cut into bins and write ``OUT/curriculum/``."""
+    from isdelta.score.config import parse_key
+    from isdelta.score.corpus import CorpusIndex
+    from isdelta.score.curriculum import build_curriculum as _build
+    from isdelta.score.curriculum import combine_key, write_curriculum
+
+    c = cfg.curriculum
+    if c is None:
+        return None
+    terms = parse_key(c.key, c.model or cfg.names[0])
+    cols = [(_store(cfg, out, cfg.names.index(model)).columns([stat])[1][stat], w) for stat, model, w in terms]
+    key = combine_key(cols, c.standardize)
+    index = CorpusIndex.build(cfg.data, corpus)
+    assert len(index.ids) == len(key), "stats rows and corpus records must align one to one"
+    cur = _build(key, c.bins, c.binning, c.schedule)
+    label = " + ".join(("" if w == 1 else f"{w:g}·") + f"{s}@{m}" for s, m, w in terms)
+    meta = {"key": label, "terms": [{"stat": s, "model": m, "weight": w} for s, m, w in terms],
+            "standardize": c.standardize, "binning": c.binning}
+    write_curriculum(out / "curriculum", cur, key, index, meta)
+    if cfg.output.plots:
+        from isdelta.score.plots import plot_curriculum
+
+        plot_curriculum(out / "plots" / "curriculum.png", key, cur.edges, cur.counts, label)
+    return {**meta, **cur.to_dict(), "extremes": _extremes(cur, key, index)}
+
+
+def _extremes(cur, key: np.ndarray, index, n: int = 3) -> dict:
+    """The n lowest- and highest-key texts (short excerpts), to show what the key measures."""
+    out = {}
+    for side, pos in (("lowest", cur.order[:n]), ("highest", cur.order[::-1][:n])):
+        out[side] = [{"id": index.ids[p], "key": float(key[p]), "excerpt": row[index.text_field][:80]}
+                     for p, row in zip(pos, index.rows(pos))]
+    return out
+
+
+def build_comparison(cfg, out: Path, infos: dict[str, dict]) -> dict | None:
+    """Rank correlations, distances, PCA and the side-by-side table (two models or more)."""
+    from isdelta.score.compare import compare_models
+    from isdelta.score.stats import KEY_STATS
+
+    if cfg.compare is None or len(cfg.models) < 2:
+        return None
+    names, stat = list(cfg.names), cfg.compare.stat
+    stores = [_store(cfg, out, i) for i in range(len(names))]
+    X = np.vstack([s.columns([stat])[1][stat] for s in stores])  # [M, n]
+    ok = np.isfinite(X).all(0)
+    res = compare_models(X[:, ok], names, stat, cfg.compare.distance)
+    (out / "compare").mkdir(exist_ok=True)
+    _side_by_side(out / "compare" / "side_by_side.csv", stores, names, KEY_STATS)
+    d = res.to_dict()
+    d["same_tokenizer"] = len({infos[n].get("tokenizer") for n in names}) == 1
+    if not d["same_tokenizer"]:
+        d["note"] = ("the models use different tokenizers: per-token statistics average over different "
+                     "tokens; compare nll_sum or bits_per_char across them")
+    (out / "compare" / "comparison.json").write_text(json.dumps(d, indent=2))
+    if cfg.output.plots:
+        from isdelta.score import plots
+
+        p = out / "plots"
+        plots.plot_rank_scatter(p / "rank_scatter.png", X[:, ok], names, res.spearman, stat)
+        plots.plot_distance(p / "distance.png", res.distance, names, res.metric, stat)
+        plots.plot_pca(p / "pca.png", res.pca.coords, res.pca.explained_variance_ratio, names, stat)
+    return d
+
+
+def _side_by_side(path: Path, stores, names: list[str], stats: tuple[str, ...]) -> None:
+    """One row per text, ``stat@model`` columns; the stats files are read in step (streamed)."""
+    import csv
+    from contextlib import ExitStack
+
+    with ExitStack() as stack, open(path, "w", newline="") as f:
+        files = [stack.enter_context(open(s.stats_path, encoding="utf-8")) for s in stores]
+        w = csv.writer(f)
+        w.writerow(["index", "id"] + [f"{s}@{n}" for s in stats for n in names])
+        for lines in zip(*files):
+            rows = [json.loads(x) for x in lines]
+            w.writerow([rows[0]["index"], rows[0]["id"]] + [r[s] for s in stats for r in rows])
+
+
+# ---------------------------------------------------------------------------- summary
+def model_table(cfg, out: Path, infos: dict[str, dict]) -> dict[str, dict]:
+    """Corpus-level figures and throughput per model (and the sorted-curve plot)."""
+    from isdelta.score.stats import KEY_STATS, aggregate
+
+    table, curves = {}, {}
+    for i, name in enumerate(cfg.names):
+        _, cols = _store(cfg, out, i).columns(list(KEY_STATS) + ["n_chars"])
+        n_chars = cols.pop("n_chars")
+        table[name] = {"path": cfg.models[i].path, "temperature": cfg.models[i].temperature,
+                       **aggregate(cols, n_chars), "n_unscored": int((cols["n_tokens"] == 0).sum()),
+                       "throughput": infos[name]["throughput"]}
+        curves[name] = cols[cfg.compare.stat if cfg.compare else "entropy_mean"]
+    if cfg.output.plots:
+        from isdelta.score.plots import plot_sorted
+
+        stat = cfg.compare.stat if cfg.compare else "entropy_mean"
+        plot_sorted(out / "plots" / f"sorted_{stat}.png", curves, stat)
+    return table
+
+
+def score(cfg, out: Path | None = None) -> dict:
+    """Score, build the curriculum and the comparison, write the summary; return it as a dict."""
+    import yaml
+
+    from isdelta.score.corpus import resolve_path
+    from isdelta.score.store import stamp_of
+
+    out = Path(out or cfg.output.dir)
+    corpus = resolve_path(cfg.data.path)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    _note_derived_change(cfg, out, stamp_of)
+    atomic_write(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    timings: dict[str, float] = {}
+    infos = score_models(cfg, out, timings)
+    _clear_derived(cfg, out)
+    with stage("curriculum, comparison, plots", timings):
+        summary = {"name": out.name, "corpus": str(corpus), "models": model_table(cfg, out, infos),
+                   "curriculum": build_curriculum(cfg, out, corpus), "comparison": build_comparison(cfg, out, infos),
+                   "timings": timings, "versions": versions()}
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write(out / "summary.md", summary_markdown(summary))
+    print(summary_markdown(summary))
+    print(f"outputs: {out}/ (summary.md, models/*/stats.jsonl, curriculum/, compare/, plots/)")
+    return summary
+
+
+def _clear_derived(cfg, out: Path) -> None:
+    """Remove our plots and comparison (rebuilt next), and a curriculum no longer configured."""
+    for png in (out / "plots").glob("*.png"):
+        png.unlink()
+    shutil.rmtree(out / "compare", ignore_errors=True)
+    if cfg.curriculum is None:
+        shutil.rmtree(out / "curriculum", ignore_errors=True)
+
+
+def _note_derived_change(cfg, out: Path, stamp_of) -> None:
+    """Say so when curriculum/compare settings changed: those outputs are rebuilt from the scores."""
+    derived = stamp_of(cfg.model_dump(mode="json", include={"curriculum", "compare"}))
+    path = out / "derived_stamp"
+    if path.exists() and path.read_text().strip() != derived:
+        print(f"[isdelta] {out}: curriculum/compare settings changed since the last run; rebuilding "
+              "curriculum/ and compare/ from the saved scores (scores are reused).", file=sys.stderr)
+    path.write_text(derived + "\n")
+
+
+PROGRAM = program.Program(
+    prog="python -m isdelta.score", description="Characterise a text corpus by entropy and varentropy.",
+    set_example="models.0.temperature=0.7", load=load_score_config, execute=score,
+    errors={ConfigError: (2, ""), CorpusError: (2, ""), StoreError: (2, "")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m isdelta.score cfg.yaml [--set k=v ...] [--out DIR]``; returns the exit code."""
+    return program.main(PROGRAM, argv)

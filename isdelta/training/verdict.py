@@ -1,0 +1,247 @@
+"""A monitored step's verdict: the estimates on the step's rows, whether they may be reported as
+valid, and the :class:`MonitorResult` a training loop logs.
+
+A step is invalid, with the reason, when its rows cannot be estimated (non-finite scores, no
+prompt with two rows), an estimator fails, or the estimate is unreliable (k̂ > 1, a non-finite
+ΔH); nothing here raises into the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from isdelta.estimators import EntropyDelta, Estimate, EstimatorWarning, TokenDelta, estimate, estimate_tokens
+from isdelta.training.rows import TOKEN_FIELDS, multi_row_groups
+
+__all__ = ["MonitorError", "MonitorResult", "MonitorWarning", "describe", "estimate_rows",
+           "estimate_rows_per_decision", "verdict"]
+
+Failure = tuple[str, BaseException | None]  # (reason, the exception when there was one)
+
+
+class MonitorError(RuntimeError):
+    """A step could not be measured (raised only with ``strict=True``)."""
+
+
+class MonitorWarning(UserWarning):
+    """A step could not be measured; the training run goes on (``result.valid`` is False)."""
+
+
+def describe(exc: BaseException, limit: int = 400) -> str:
+    """``Type: message``, shortened."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def verdict(est: EntropyDelta, rb: bool) -> Failure | None:
+    """Why an estimate is not reported as valid (non-finite ΔH, k̂ > 1), or None."""
+    d = est.delta_rb if rb else est.delta
+    if not (math.isfinite(d.value) and math.isfinite(d.se)):
+        return (f"the ΔH estimate is not finite ({d.value}, se {d.se}).", None)
+    if est.khat > 1.0:
+        reason = (f"k̂ = {est.khat:.2f} > 1: the importance ratios p1/p0 have infinite variance at "
+                  f"this sample size ({est.n_rows} rows), so ΔH and its CI are unreliable. The step "
+                  "moved p1 far from p0: use more samples per prompt or a smaller step.")
+        return (reason, None)
+    return None
+
+
+def estimate_rows(rows: dict, *, weights: str, clip: float | None, prompts: str, level: float):
+    """Sequence-level SNIS on a step's merged rows: ``(estimate, rb, n_dropped, notes, failure)``.
+
+    Rows whose prompt has a single row in the step are left out (noted); RB estimates when the
+    rows carry p0's entropy sums.
+    """
+    notes: list[str] = []
+    try:
+        bad = ~(np.isfinite(rows["log_p0"]) & np.isfinite(rows["log_p1"]))
+        if bad.any():
+            reason = (f"{int(bad.sum())} of {bad.size} rows have a non-finite log-probability (a "
+                      "token outside the top-k/top-p set of the engine's transform, or a NaN "
+                      "forward): check that the engine's transform is the sampler's.")
+            return None, False, 0, notes, (reason, None)
+        keep = multi_row_groups(rows["group"])
+        n_dropped = int((~keep).sum())
+        if n_dropped:
+            notes.append(f"{n_dropped} rows left out: their prompt has a single row in this step.")
+        if keep.sum() < 2:
+            reason = ("no prompt has two or more rows in this step: SNIS needs G >= 2 samples per "
+                      "prompt (use num_generations >= 2 and whole groups per optimizer step).")
+            return None, False, n_dropped, notes, (reason, None)
+        r = {k: (None if v is None else v[keep]) for k, v in rows.items()}
+        rb = r["entropy_sum0"] is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EstimatorWarning)  # kept in est.warnings
+            est = estimate(r["log_p0"], r["log_p1"], r["length"], r["group"],
+                           entropy_sum0=r["entropy_sum0"], entropy_sum1=r["entropy_sum1"],
+                           weights=weights, clip=clip, prompts=prompts, level=level, stopped=r["stopped"])
+    except Exception as exc:  # noqa: BLE001 - the failure policy
+        return None, False, 0, notes, (f"estimation failed: {describe(exc)}", exc)
+    return est, rb, n_dropped, notes, verdict(est, rb)
+
+
+def estimate_rows_per_decision(rows: dict, *, method: str, prompts: str, level: float):
+    """``(TokenDelta, failure)`` of the per-decision estimator on the rows ``estimate_rows`` kept."""
+    keep = multi_row_groups(rows["group"])
+    r = {k: rows[k][keep] for k in TOKEN_FIELDS + ("group",)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EstimatorWarning)  # kept in tokens.warnings
+            tokens = estimate_tokens(r["token_logp0"], r["token_logp1"], r["token_entropy0"],
+                                     r["token_entropy1"], r["mask"], r["group"], method=method,
+                                     prompts=prompts, level=level)
+    except Exception as exc:  # noqa: BLE001 - the failure policy
+        return None, (f"per-decision estimation failed: {describe(exc)}", exc)
+    d = tokens.delta
+    if not (math.isfinite(d.value) and math.isfinite(d.se)):
+        return tokens, (f"the per-decision ΔH estimate is not finite ({d.value}, se {d.se}).", None)
+    return tokens, None
+
+
+# ---------------------------------------------------------------------------- the result
+@dataclass(frozen=True)
+class MonitorResult:
+    """ΔH of one optimizer step (or why it could not be measured).
+
+    Attributes
+    ----------
+    step : int
+    valid : bool
+        False when the step could not be measured or the estimate is unreliable (k̂ > 1).
+    reason : str or None
+        Why ``valid`` is False.
+    estimate : EntropyDelta or None
+        Everything :func:`isdelta.estimators.estimate` found: sequence-level SNIS (kept even
+        when k̂ > 1).
+    rao_blackwell : bool
+        The SNIS numbers are the Rao–Blackwellised ones (p0's entropies were scored).
+    n_rows, n_dropped : int
+        Rows estimated on (all ranks), and rows left out because their prompt had one row.
+    seconds : float
+        The monitor's wall time for this step: both forwards, the gather and the estimates.
+    old_logp_gap : float or None
+        See :attr:`Snapshot.old_logp_gap` (the largest over micro-batches).
+    warnings : tuple of str
+        The estimators' diagnostic warnings and the monitor's notes.
+    tokens : TokenDelta or None
+        The per-decision estimate (:func:`isdelta.estimators.estimate_tokens`, method
+        ``MonitorConfig.per_decision``) when p0's per-position entropies were scored; it is
+        the headline (``delta``, ``delta_tok``): same estimand as SNIS, lower variance.
+    """
+
+    step: int
+    valid: bool
+    reason: str | None = None
+    estimate: EntropyDelta | None = None
+    rao_blackwell: bool = False
+    n_rows: int = 0
+    n_dropped: int = 0
+    seconds: float = 0.0
+    old_logp_gap: float | None = None
+    warnings: tuple[str, ...] = ()
+    tokens: TokenDelta | None = None
+
+    @property
+    def method(self) -> str:
+        """The headline's estimator: "cv" / "pd" / "pd_sn" (per decision), "snis_rb" or "snis"."""
+        if self.tokens is not None:
+            return self.tokens.method
+        return "snis_rb" if self.rao_blackwell else "snis"
+
+    @property
+    def delta(self) -> Estimate | None:
+        """ΔH per completion (nats) by ``method``; None without an estimate."""
+        if self.tokens is not None:
+            return self.tokens.delta
+        return self.delta_snis
+
+    @property
+    def delta_tok(self) -> Estimate | None:
+        """ΔH per token (entropy rate, nats) by ``method``."""
+        if self.tokens is not None:
+            return self.tokens.delta_tok
+        return self.delta_tok_snis
+
+    @property
+    def delta_snis(self) -> Estimate | None:
+        """Sequence-level SNIS ΔH per completion (RB when available), reported beside the headline."""
+        if self.estimate is None:
+            return None
+        return self.estimate.delta_rb if self.rao_blackwell else self.estimate.delta
+
+    @property
+    def delta_tok_snis(self) -> Estimate | None:
+        """Sequence-level SNIS ΔH per token (RB when available)."""
+        if self.estimate is None:
+            return None
+        return self.estimate.delta_tok_rb if self.rao_blackwell else self.estimate.delta_tok
+
+    def scalars(self, prefix: str = "entropy/") -> dict[str, float]:
+        """A flat ``{name: float}`` for any logger (nats; NaN where there is no valid number).
+
+        Keys (after ``prefix``): the headline ``delta``, ``delta_se``, ``delta_ci_low``,
+        ``delta_ci_high``, ``delta_tok``, ``delta_tok_ci_low``, ``delta_tok_ci_high``, ``h0``,
+        ``h1`` (by ``method``); beside them sequence-level SNIS ``delta_snis``,
+        ``delta_snis_se``, ``delta_snis_ci_low``, ``delta_snis_ci_high``, ``delta_tok_snis``;
+        ``direct`` and ``path_shift`` (per-decision split of ΔH, NaN without it), ``delta1``
+        (first-order prediction), ``kl``, ``ess_frac``, ``khat``, ``prefix_ess_frac`` (smallest
+        prefix-weight ESS/G), ``valid``, ``per_decision``, ``rao_blackwell`` (1.0 / 0.0),
+        ``n_rows``, ``seconds``. Estimates are NaN when the result is invalid (a logger that
+        averages over steps must not mix in unreliable values); the diagnostics ``ess_frac``
+        and ``khat`` stay, as they say why.
+        """
+        nan = float("nan")
+        est, ok = self.estimate, self.valid and self.estimate is not None
+        tk = self.tokens if ok else None
+
+        def val(e: Estimate | None, attr: str = "value") -> float:
+            return getattr(e, attr) if (ok and e is not None) else nan
+
+        if tk is not None:
+            h0, h1 = tk.h0, tk.h1
+        else:
+            h0 = (est.h0_rb if self.rao_blackwell else est.h0) if ok else None
+            h1 = (est.h1_rb if self.rao_blackwell else est.h1) if ok else None
+        d, dt, ds = self.delta, self.delta_tok, self.delta_snis
+        out = {
+            "delta": val(d), "delta_se": val(d, "se"),
+            "delta_ci_low": val(d, "ci_low"), "delta_ci_high": val(d, "ci_high"),
+            "delta_tok": val(dt), "delta_tok_ci_low": val(dt, "ci_low"), "delta_tok_ci_high": val(dt, "ci_high"),
+            "h0": val(h0), "h1": val(h1),
+            "delta_snis": val(ds), "delta_snis_se": val(ds, "se"),
+            "delta_snis_ci_low": val(ds, "ci_low"), "delta_snis_ci_high": val(ds, "ci_high"),
+            "delta_tok_snis": val(self.delta_tok_snis),
+            "direct": val(tk.direct if tk else None), "path_shift": val(tk.path_shift if tk else None),
+            "delta1": est.delta1.value if ok else nan, "kl": est.kl if ok else nan,
+            "ess_frac": est.ess_frac if est is not None else nan,
+            "khat": est.khat if est is not None else nan,
+            "prefix_ess_frac": tk.prefix_ess_frac_min if tk is not None else nan,
+            "valid": float(self.valid), "per_decision": float(self.tokens is not None),
+            "rao_blackwell": float(self.rao_blackwell),
+            "n_rows": float(self.n_rows), "seconds": float(self.seconds),
+        }
+        return {f"{prefix}{k}": float(v) for k, v in out.items()}
+
+    def to_dict(self) -> dict:
+        """JSON-safe: the scalars (None for NaN), the reason, warnings and the full estimate."""
+        out: dict[str, Any] = {k: (v if math.isfinite(v) else None)
+                               for k, v in self.scalars(prefix="").items()}
+        out.update(step=self.step, valid=self.valid, reason=self.reason, n_dropped=self.n_dropped,
+                   old_logp_gap=self.old_logp_gap, warnings=list(self.warnings),
+                   method=self.method,
+                   estimate=None if self.estimate is None else self.estimate.to_dict(),
+                   tokens=None if self.tokens is None else self.tokens.to_dict())
+        return out
+
+    def __str__(self) -> str:
+        if not self.valid:
+            return f"step {self.step}: invalid ({self.reason})"
+        line = f"step {self.step}: ΔH {self.delta} | per token {self.delta_tok}"
+        if self.tokens is not None:
+            line += f" ({self.method}; SNIS ΔH {self.delta_snis})"
+        return line
