@@ -48,6 +48,7 @@ One JSON line per measurement, appended to ``benchmarks/results/engine_<device>_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -78,7 +79,6 @@ LABELS = {
     "f": "(f) body + head at completions",
     "g": "(g) TRL fused LM head",
 }
-CHECKED = ("c", "d", "e", "g")  # compared against (b) on the warm-up
 DEFAULT_MODELS = ("smollm2-135m-instruct", "tiny-llama-random")
 DEFAULT_SHAPES = {  # N x (prompt + completion); T = 1024 is the memory target's shape
     "smollm2-135m-instruct": ("4x64+512", "4x512+64", "2x64+960"),
@@ -89,12 +89,25 @@ QUICK_SHAPES = {"tiny-llama-random": ("4x32+48", "4x96+16"), "smollm2-135m-instr
 QUICK_MODELS = ("tiny-llama-random",)
 RANDOM_CONFIGS = {  # LlamaConfig kwargs: random weights, SmolLM2's tokenizer for decoding
     # Body negligible next to a V = 49152 head: the vocabulary-bound regime.
-    "tiny-llama-random": {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 256,
-                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "tiny-llama-random": {
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
     # Llama-3.2-1B's shapes (V = 128256, tied embeddings): the vocabulary cost at scale.
-    "llama-1b-random": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-                        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-                        "rope_theta": 500000.0, "tie_word_embeddings": True},
+    "llama-1b-random": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+    },
 }
 CHECK_TOL = {"float32": 1e-4}  # x max(1, |value|): the agreement reported as met / not met
 ABORT_TOL = 1e-2  # x max(1, |value|), fp32: beyond it a mode computes something else; stop
@@ -103,8 +116,7 @@ SPREAD_FLAG = 0.10  # (max - min) / median above this marks a cell as disturbed
 # ones mapped afresh per call. The default policy (a threshold that adapts to each process's own
 # history) let one worker re-fault 1.2 GB of activations per call while another, running a superset
 # of its work, faulted none: a per-process artefact of up to ~10% that the interleaving cannot remove.
-MALLOC_ENV = {"fixed": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
-              "default": {}}
+MALLOC_ENV = {"fixed": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}, "default": {}}
 
 
 def parse_shape(s: str) -> tuple[int, int, int]:
@@ -217,9 +229,13 @@ def load(spec: str, folder: str, dtype: str, device: str):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(folder)
-    cfg = LlamaConfig(**RANDOM_CONFIGS[spec], max_position_embeddings=4096,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        **RANDOM_CONFIGS[spec],
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)  # the same weights in every worker: the warm-up check compares them
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
@@ -251,10 +267,15 @@ def make_data(model, tok, shape: tuple[int, int, int], seed: int, device) -> Dat
     prompt = torch.randint(0, V, (N, P), generator=g)
     comp = torch.randint(0, V, (N, C), generator=g)
     comp[comp == eos] = (eos + 1) % V  # no stop token: every completion position counts
-    ro = Rollouts.from_tensors(prompt, torch.ones_like(prompt), comp, torch.ones_like(comp),
-                               eos_token_ids=eos).to(device)
-    batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask,
-             "position_ids": ro.position_ids(), "use_cache": False}
+    ro = Rollouts.from_tensors(prompt, torch.ones_like(prompt), comp, torch.ones_like(comp), eos_token_ids=eos).to(
+        device
+    )
+    batch = {
+        "input_ids": ro.input_ids,
+        "attention_mask": ro.attention_mask,
+        "position_ids": ro.position_ids(),
+        "use_cache": False,
+    }
     labels = ro.input_ids.clone()
     labels[:, :P] = -100
     return Data(ro, batch, comp.to(device), labels, P, C)
@@ -306,7 +327,7 @@ class Modes:
         logits = self.model(**x.batch).logits  # [N, T, V]
         clock.mark("logits")
         logits = logits.float()  # no copy in fp32
-        logp = torch.log_softmax(logits[:, x.P - 1:-1], dim=-1)  # [N, C, V]
+        logp = torch.log_softmax(logits[:, x.P - 1 : -1], dim=-1)  # [N, C, V]
         token_logp = logp.gather(-1, x.targets[..., None]).squeeze(-1)  # [N, C]
         entropy = -(logp.exp() * logp).sum(-1)  # [N, C]
         return {"logp": token_logp, "entropy": entropy}
@@ -337,13 +358,13 @@ class Modes:
     def f(self, x: Data, clock: Clock):
         hs = self.model.base_model(**x.batch)[0]  # [N, T, D]
         clock.mark("body")
-        h = hs[:, x.P - 1:-1].reshape(-1, hs.shape[-1])  # [N*C, D]: positions scoring completions
+        h = hs[:, x.P - 1 : -1].reshape(-1, hs.shape[-1])  # [N*C, D]: positions scoring completions
         for s in range(0, h.shape[0], self.step):
-            self.head(h[s: s + self.step]).float()  # [m, V], dropped
+            self.head(h[s : s + self.step]).float()  # [m, V], dropped
 
     def g(self, x: Data, clock: Clock):
         out = self.model(**x.batch, labels=x.labels, fused_lm_head=True)  # fields [N, T - 1]
-        return {"logp": out.log_probs[:, x.P - 1:], "entropy": out.entropy[:, x.P - 1:]}
+        return {"logp": out.log_probs[:, x.P - 1 :], "entropy": out.entropy[:, x.P - 1 :]}
 
 
 def fp64_reference(model, x: Data) -> dict:
@@ -351,7 +372,7 @@ def fp64_reference(model, x: Data) -> dict:
     import torch
 
     with torch.no_grad():
-        logits = model(**x.batch).logits[:, x.P - 1:-1]  # [N, C, V]
+        logits = model(**x.batch).logits[:, x.P - 1 : -1]  # [N, C, V]
         logp, entropy = [], []
         for r in range(logits.shape[0]):
             lp = torch.log_softmax(logits[r].double(), dim=-1)  # [C, V]
@@ -382,10 +403,17 @@ def measure(fn, x: Data, clock: Clock, cuda: bool):
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # pages mapped afresh
     peak = torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024
     mib = 2.0**20
-    return out, {"seconds": seconds, "splits": splits, "peak_mib": peak / mib, "base_mib": base / mib,
-                 "peak_over_base_mib": (peak - base) / mib, "cpu_s": cpu_s, "minor_faults": faults,
-                 "loadavg": os.getloadavg(),
-                 "cpu_pressure_avg10": cpu_pressure()}
+    return out, {
+        "seconds": seconds,
+        "splits": splits,
+        "peak_mib": peak / mib,
+        "base_mib": base / mib,
+        "peak_over_base_mib": (peak - base) / mib,
+        "cpu_s": cpu_s,
+        "minor_faults": faults,
+        "loadavg": os.getloadavg(),
+        "cpu_pressure_avg10": cpu_pressure(),
+    }
 
 
 def worker(args) -> None:
@@ -396,10 +424,8 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    try:  # every worker imports TRL, so the absolute peak RSS of every mode compares
+    with contextlib.suppress(ImportError):  # every worker imports TRL, so every mode's peak RSS compares
         import trl.trainer.utils  # noqa: F401
-    except ImportError:
-        pass
     t0 = time.perf_counter()
     model, tok = load(args.model, args.folder, args.dtype, args.device)
     modes, cuda, x = Modes(model, tok, args), args.device.startswith("cuda"), None
@@ -422,15 +448,22 @@ def worker(args) -> None:
                 if out is not None:
                     if args.worker == "c":
                         out.update(fp64_reference(model, x))
-                    np.savez(msg["check_file"], **{k: v.detach().cpu().numpy() if v.dtype == torch.float64
-                                                    else v.detach().float().cpu().numpy() for k, v in out.items()})
+                    np.savez(
+                        msg["check_file"],
+                        **{
+                            k: v.detach().cpu().numpy()
+                            if v.dtype == torch.float64
+                            else v.detach().float().cpu().numpy()
+                            for k, v in out.items()
+                        },
+                    )
                 del out
                 reply({"warmup": rec})
             elif msg["cmd"] == "run":
                 out, rec = measure(fn, x, clock, cuda)
                 del out
                 reply(rec)
-        except Exception:  # noqa: BLE001 (any failure goes back to the driver, which stops)
+        except Exception:
             reply({"error": traceback.format_exc()})
 
 
@@ -440,12 +473,28 @@ class Worker:
 
     def __init__(self, letter: str, spec: str, folder: Path, args) -> None:
         self.letter = letter
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", letter, "--model", spec,
-               "--folder", str(folder), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-               "--naive-positions", str(args.naive_positions)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            letter,
+            "--model",
+            spec,
+            "--folder",
+            str(folder),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(args.threads),
+            "--naive-positions",
+            str(args.naive_positions),
+        ]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), **MALLOC_ENV[args.malloc])
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  bufsize=1, cwd=ROOT, env=env)
+        self.p = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT, env=env
+        )
 
     def read(self) -> dict:
         line = self.p.stdout.readline()
@@ -490,10 +539,16 @@ def check_outputs(files: dict[str, Path], dtype: str) -> dict:
             rel = max([rel] + [float((d[q] / np.maximum(1, np.abs(ref[q][:n, :k]))).max()) for q in d])
         if truth is not None:
             vs_fp64[m] = {q: float(np.abs(o[q] - truth[q][:n, :k]).max()) for q in ("logp", "entropy")}
-    return {"max_abs_diff_vs_engine": vs_engine, "max_abs_err_vs_fp64": vs_fp64, "tol_rel": tol,
-            "max_rel_diff_vs_engine": rel, "ok": tol is None or rel <= tol,
-            "gross": dtype == "float32" and rel > ABORT_TOL,
-            "entropy_mean": float(ref["entropy"].mean()), "logp_mean": float(ref["logp"].mean())}
+    return {
+        "max_abs_diff_vs_engine": vs_engine,
+        "max_abs_err_vs_fp64": vs_fp64,
+        "tol_rel": tol,
+        "max_rel_diff_vs_engine": rel,
+        "ok": tol is None or rel <= tol,
+        "gross": dtype == "float32" and rel > ABORT_TOL,
+        "entropy_mean": float(ref["entropy"].mean()),
+        "logp_mean": float(ref["logp"].mean()),
+    }
 
 
 def run_model(args, name: str, shapes: list[str], meta: dict) -> Path:
@@ -523,9 +578,11 @@ def run_model(args, name: str, shapes: list[str], meta: dict) -> Path:
                     write(dict(common, mode="check", **chk))
                     _say(f"{name} {shape} check: {chk['max_abs_diff_vs_engine']} ok={chk['ok']}")
                     if chk["gross"]:
-                        sys.exit(f"{name} {shape}: the modes disagree beyond {ABORT_TOL} (relative) "
-                                 f"({chk['max_abs_diff_vs_engine']}); they compute different things, so "
-                                 "their timings would not compare like with like.")
+                        sys.exit(
+                            f"{name} {shape}: the modes disagree beyond {ABORT_TOL} (relative) "
+                            f"({chk['max_abs_diff_vs_engine']}); they compute different things, so "
+                            "their timings would not compare like with like."
+                        )
                 for rep in range(args.repeats):
                     for m in active:
                         rec = dict(common, mode=MODES[m], letter=m, repeat=rep, **workers[m].ask(cmd="run"))
@@ -533,8 +590,10 @@ def run_model(args, name: str, shapes: list[str], meta: dict) -> Path:
                         if m == "e":
                             _project_naive(rec, N, C, K)
                         write(rec)
-                        _say(f"{name} {shape} rep {rep} ({m}) {rec['seconds']:.3f} s "
-                             f"peak {rec['peak_mib']:.0f} MiB (+{rec['peak_over_base_mib']:.0f})")
+                        _say(
+                            f"{name} {shape} rep {rep} ({m}) {rec['seconds']:.3f} s "
+                            f"peak {rec['peak_mib']:.0f} MiB (+{rec['peak_over_base_mib']:.0f})"
+                        )
     finally:
         for w in workers.values():
             w.close()
@@ -562,9 +621,17 @@ def _project_naive(rec: dict, N: int, C: int, K: int) -> None:
     """(e) timed one row's forward and K positions' loop: project to N rows x C positions."""
     fwd = rec["splits"]["forward"]
     per_row = fwd + C * (rec["seconds"] - fwd) / K
-    rec.update(naive_rows=1, naive_positions=K, forward_s=fwd, loop_s=rec["seconds"] - fwd,
-               loop_s_per_token=(rec["seconds"] - fwd) / K, projected_s=N * per_row,
-               seconds_measured=rec["seconds"], seconds=N * per_row, tokens_per_s=C / per_row)
+    rec.update(
+        naive_rows=1,
+        naive_positions=K,
+        forward_s=fwd,
+        loop_s=rec["seconds"] - fwd,
+        loop_s_per_token=(rec["seconds"] - fwd) / K,
+        projected_s=N * per_row,
+        seconds_measured=rec["seconds"],
+        seconds=N * per_row,
+        tokens_per_s=C / per_row,
+    )
 
 
 def _say(msg: str) -> None:
@@ -586,12 +653,22 @@ def _by_repeat(recs: list[dict]) -> dict[str, dict[int, dict]]:
     for r in recs:
         if "seconds" not in r:
             continue
-        v = {"s": r["seconds"], "peak": r["peak_mib"], "inc": r["peak_over_base_mib"],
-             "util": r["cpu_s"] / r.get("seconds_measured", r["seconds"]), "load": r["loadavg"][0]}
+        v = {
+            "s": r["seconds"],
+            "peak": r["peak_mib"],
+            "inc": r["peak_over_base_mib"],
+            "util": r["cpu_s"] / r.get("seconds_measured", r["seconds"]),
+            "load": r["loadavg"][0],
+        }
         by.setdefault(r["letter"], {})[r["repeat"]] = v
         if r["letter"] == "c":
-            by.setdefault("c0", {})[r["repeat"]] = {"s": r["splits"]["logits"], "peak": None, "inc": None,
-                                                    "util": None, "load": r["loadavg"][0]}
+            by.setdefault("c0", {})[r["repeat"]] = {
+                "s": r["splits"]["logits"],
+                "peak": None,
+                "inc": None,
+                "util": None,
+                "load": r["loadavg"][0],
+            }
     return by
 
 
@@ -622,10 +699,12 @@ def _mode_row(setup: str, shape: str, m: str, by: dict, N: int, C: int) -> str:
     med = statistics.median(s)
     spread = (max(s) - min(s)) / med
     xa, xf, pa = _paired(by, m, "a", "s"), _paired(by, m, "f", "s"), _paired(by, m, "a", "peak")
-    return (f"| {setup} | {shape} | {LABELS[m]} | {med:.3f} | {spread:.0%}{' ⚠' if spread > SPREAD_FLAG else ''} "
-            f"| {N * C / med:.0f} | {_fmt(xa and xa[0])} | {_fmt(xf and xf[0])} | "
-            f"{_fmt(_median(rows, 'peak'), '.0f')} | {_fmt(pa and pa[0])} | {_fmt(_median(rows, 'inc'), '.0f')} "
-            f"| {_fmt(_median(rows, 'util'))} | {_median(rows, 'load'):.1f} |")
+    return (
+        f"| {setup} | {shape} | {LABELS[m]} | {med:.3f} | {spread:.0%}{' ⚠' if spread > SPREAD_FLAG else ''} "
+        f"| {N * C / med:.0f} | {_fmt(xa and xa[0])} | {_fmt(xf and xf[0])} | "
+        f"{_fmt(_median(rows, 'peak'), '.0f')} | {_fmt(pa and pa[0])} | {_fmt(_median(rows, 'inc'), '.0f')} "
+        f"| {_fmt(_median(rows, 'util'))} | {_median(rows, 'load'):.1f} |"
+    )
 
 
 def table(path: Path, run: str | None = None) -> str:
@@ -638,26 +717,35 @@ def table(path: Path, run: str | None = None) -> str:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(r0["dtype"], r0["dtype"])
     setup = f"{r0['device']} {short} @{r0['commit']}{'+' if r0.get('dirty') else ''}"
     n_runs = max((len(v) for g in groups.values() for v in _by_repeat(g).values()), default=0)
-    head = (f"{r0['model']} (V = {r0['vocab']}), {r0['device']} ({r0.get('cpu', '')}), {r0['dtype']}, "
-            f"{r0['threads']} threads, malloc {r0.get('malloc', 'default')}, torch {r0['torch']}, transformers {r0['transformers']}, "
-            f"TRL {r0.get('trl') or '—'}, commit {r0['commit']}"
-            f"{' + uncommitted changes' if r0.get('dirty') else ''}, run {r0['run_id']}; "
-            f"{n_runs} interleaved rounds. Times and peaks are medians; × columns are medians of the "
-            "ratios within each round; spread = (max − min) / median of the times.")
-    lines = [head, "",
-             ("| run | shape N × (P + C) | mode | median s | spread | scored tok/s | × (a) | × (f) "
-              "| peak MiB | × (a) | peak − base MiB | CPU s / s | load |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = (
+        f"{r0['model']} (V = {r0['vocab']}), {r0['device']} ({r0.get('cpu', '')}), {r0['dtype']}, "
+        f"{r0['threads']} threads, malloc {r0.get('malloc', 'default')}, torch {r0['torch']}, transformers {r0['transformers']}, "
+        f"TRL {r0.get('trl') or '—'}, commit {r0['commit']}"
+        f"{' + uncommitted changes' if r0.get('dirty') else ''}, run {r0['run_id']}; "
+        f"{n_runs} interleaved rounds. Times and peaks are medians; × columns are medians of the "
+        "ratios within each round; spread = (max − min) / median of the times."
+    )
+    lines = [
+        head,
+        "",
+        (
+            "| run | shape N × (P + C) | mode | median s | spread | scored tok/s | × (a) | × (f) "
+            "| peak MiB | × (a) | peak − base MiB | CPU s / s | load |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     targets, notes = [], []
     for (N, P, C), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] > kv[0][2], kv[0])):
         by, shape = _by_repeat(rs), f"{N} × ({P} + {C})"
-        lines += [_mode_row(setup, shape, m, by, N, C) for m in ("a", "b", "c0", "c", "d", "g", "f", "e")
-                  if m in by]
+        lines += [_mode_row(setup, shape, m, by, N, C) for m in ("a", "b", "c0", "c", "d", "g", "f", "e") if m in by]
         chk = next((r for r in rs if r["mode"] == "check"), None)
         targets += _targets(shape, P, C, by, r0["device"], chk)
         notes += _check_notes(N, P, C, rs)
-    lines += ["", ("| shape N × (P + C) | target | value (median of rounds) | range over rounds "
-                   "| ratio of minima | status |"), "|---|---|---|---|---|---|"] + targets
+    lines += [
+        "",
+        ("| shape N × (P + C) | target | value (median of rounds) | range over rounds | ratio of minima | status |"),
+        "|---|---|---|---|---|---|",
+    ] + targets
     return "\n".join(lines + [""] + notes)
 
 
@@ -677,18 +765,29 @@ def _targets(shape: str, P: int, C: int, by: dict, device: str, chk: dict | None
 
     if chk and chk.get("max_rel_diff_vs_engine") is not None:
         v = chk["max_rel_diff_vs_engine"]
-        row("max \\|Δ\\| / max(1, \\|value\\|) of log p and H, (c) (d) (e) (g) vs (b)", (v, v, v, v), "≤",
-            chk["tol_rel"] or 1e-4, chk["tol_rel"] is not None, "fp32 only", ".1e")
+        row(
+            "max \\|Δ\\| / max(1, \\|value\\|) of log p and H, (c) (d) (e) (g) vs (b)",
+            (v, v, v, v),
+            "≤",
+            chk["tol_rel"] or 1e-4,
+            chk["tol_rel"] is not None,
+            "fp32 only",
+            ".1e",
+        )
     row("time (b) / plain logits forward (c0)", _paired(by, "b", "c0", "s"), "≤", 1.05, True)
-    row("time (b) / body + head at completions (f)", _paired(by, "b", "f", "s"), "≤", 1.05, P > C,
-        "target set for long prompts")
-    row("peak (b) / peak (a)", _paired(by, "b", "a", "peak"), "≤", 1.1, P + C == 1024,
-        "target set at T = 1024")
+    row(
+        "time (b) / body + head at completions (f)",
+        _paired(by, "b", "f", "s"),
+        "≤",
+        1.05,
+        P > C,
+        "target set for long prompts",
+    )
+    row("peak (b) / peak (a)", _paired(by, "b", "a", "peak"), "≤", 1.1, P + C == 1024, "target set at T = 1024")
     row("peak (c) / peak (b)", _paired(by, "c", "b", "peak"), "≥", 2, True)
     row("peak (d) / peak (b)", _paired(by, "d", "b", "peak"), "≥", 2, True)
     row("peak (g) / peak (b)", _paired(by, "g", "b", "peak"), "≥", 2, False, "no target")
-    row("time (e) / time (b)", _paired(by, "e", "b", "s"), "≥", 100, device.startswith("cuda"),
-        "target set on a GPU")
+    row("time (e) / time (b)", _paired(by, "e", "b", "s"), "≥", 100, device.startswith("cuda"), "target set on a GPU")
     return rows
 
 
@@ -697,10 +796,12 @@ def _check_notes(N: int, P: int, C: int, rs: list[dict]) -> list[str]:
     for r in rs:
         if r["mode"] == "check":
             fmt = lambda d: "; ".join(f"({m}) log p {v['logp']:.1e}, H {v['entropy']:.1e}" for m, v in d.items())
-            out.append(f"- {N} × ({P} + {C}) warm-up check (mean H {r['entropy_mean']:.2f} nats, "
-                       f"relative tolerance {r['tol_rel']}): max |Δ| against (b): "
-                       f"{fmt(r['max_abs_diff_vs_engine'])}. Max |error| against float64 logits: "
-                       f"{fmt(r['max_abs_err_vs_fp64'])}.")
+            out.append(
+                f"- {N} × ({P} + {C}) warm-up check (mean H {r['entropy_mean']:.2f} nats, "
+                f"relative tolerance {r['tol_rel']}): max |Δ| against (b): "
+                f"{fmt(r['max_abs_diff_vs_engine'])}. Max |error| against float64 logits: "
+                f"{fmt(r['max_abs_err_vs_fp64'])}."
+            )
         elif r.get("skipped"):
             out.append(f"- {N} × ({P} + {C}) ({r['letter']}) skipped: {r['skipped']}")
     return out
@@ -726,17 +827,30 @@ def meta_info(args) -> dict:
         pass
     if args.device.startswith("cuda"):
         cpu = torch.cuda.get_device_name(0)
-    return {"run_id": time.strftime("%Y%m%dT%H%M%S"), "device": args.device, "dtype": args.dtype,
-            "commit": sha, "dirty": dirty, "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl, "cpu": cpu,
-            "python": platform.python_version(), "quick": args.quick, "malloc": args.malloc,
-            "mem_kind": "cuda_max_memory_allocated" if args.device.startswith("cuda") else "rss"}
+    return {
+        "run_id": time.strftime("%Y%m%dT%H%M%S"),
+        "device": args.device,
+        "dtype": args.dtype,
+        "commit": sha,
+        "dirty": dirty,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "quick": args.quick,
+        "malloc": args.malloc,
+        "mem_kind": "cuda_max_memory_allocated" if args.device.startswith("cuda") else "rss",
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help=f"comma list: a builtin, a local HF folder, or {', '.join(RANDOM_CONFIGS)} "
-                                    f"(default {','.join(DEFAULT_MODELS)}; --quick: {','.join(QUICK_MODELS)})")
+    ap.add_argument(
+        "--model",
+        help=f"comma list: a builtin, a local HF folder, or {', '.join(RANDOM_CONFIGS)} "
+        f"(default {','.join(DEFAULT_MODELS)}; --quick: {','.join(QUICK_MODELS)})",
+    )
     ap.add_argument("--shapes", help="comma list of NxP+C (default: per model, see DEFAULT_SHAPES)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -745,8 +859,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads per worker")
     ap.add_argument("--naive-positions", type=int, default=64, help="positions the naive loop (e) times")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--malloc", default="fixed", choices=list(MALLOC_ENV),
-                    help="glibc malloc policy of the workers (see MALLOC_ENV)")
+    ap.add_argument(
+        "--malloc",
+        default="fixed",
+        choices=list(MALLOC_ENV),
+        help="glibc malloc policy of the workers (see MALLOC_ENV)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 repeats")
     ap.add_argument("--out", help="JSON-lines file (default results/engine_<device>_<model>.jsonl)")
     ap.add_argument("--table", nargs="+", type=Path, help="print the tables of these JSON-lines files")

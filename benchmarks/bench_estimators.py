@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "estimators"))  # the toy lives beside the tests
 sys.path.insert(0, str(ROOT))
 
-from toy import TabularToy
+from toy import TabularToy  # noqa: E402 (found through the path set just above)
 
 # isdelta is imported inside the functions that call it, so that the `cold` child can time
 # the import of a process that has only numpy loaded.
@@ -397,9 +397,7 @@ def toy_tables(records: list[dict]) -> tuple[str, list[dict]]:
              ("ci_width", ".4f")]  # fmt: skip
     for estimand in ESTIMANDS:
         for metric, fmt in specs if estimand == "delta" else specs[:3]:
-            parts.append(
-                f"### {metric}, {estimand}\n\n" + metric_table(records, estimand, metric, fmt)
-            )
+            parts.append(f"### {metric}, {estimand}\n\n" + metric_table(records, estimand, metric, fmt))
     table, rb = rb_table(records)
     parts.append("### Var(RB) / Var(plain) at equal S\n\n" + table)
     cov = coverage_verdicts(records)
@@ -583,10 +581,7 @@ def cold_records(n: int, g: int) -> list[dict]:
 
 def timing_tables(warm: list[dict], cold: list[dict]) -> str:
     lines = [
-        (
-            "| N | G | P | weights (where) | median s | min s | rows / s | × bare SNIS | × none "
-            "| ESS/S | k̂ |"
-        ),
+        ("| N | G | P | weights (where) | median s | min s | rows / s | × bare SNIS | × none | ESS/S | k̂ |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in warm:
@@ -601,10 +596,7 @@ def timing_tables(warm: list[dict], cold: list[dict]) -> str:
         "",
         "Cold start (fresh interpreter, numpy already imported):",
         "",
-        (
-            "| N | G | weights | import isdelta.estimators s | first call s | second call s "
-            "| first − second s |"
-        ),
+        ("| N | G | weights | import isdelta.estimators s | first call s | second call s | first − second s |"),
         "|---|---|---|---|---|---|---|",
     ]
     for r in cold:

@@ -26,9 +26,25 @@ from pathlib import Path
 
 import numpy as np
 
-FIELDS = ["step", "mean_reward", "updated", "delta", "delta_se", "delta_ci_low", "delta_ci_high",
-          "delta_tok", "ess_frac", "khat", "valid", "cum_delta", "cum_ci_low", "cum_ci_high",
-          "step_s", "monitor_s", "overhead"]
+FIELDS = [
+    "step",
+    "mean_reward",
+    "updated",
+    "delta",
+    "delta_se",
+    "delta_ci_low",
+    "delta_ci_high",
+    "delta_tok",
+    "ess_frac",
+    "khat",
+    "valid",
+    "cum_delta",
+    "cum_ci_low",
+    "cum_ci_high",
+    "step_s",
+    "monitor_s",
+    "overhead",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,11 +68,13 @@ SYSTEM = "Answer briefly."
 
 def load_prompts(n: int) -> tuple[list, list[str]]:
     """The first n demo prompts as chat messages, and their answers."""
-    rows = [json.loads(line) for line in
-            files("isdelta").joinpath("data/math.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in files("isdelta").joinpath("data/math.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     rows = rows[:n]
-    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}]
-             for r in rows]
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}] for r in rows]
     return chats, [r["answer"] for r in rows]
 
 
@@ -66,26 +84,48 @@ def train_step(model, tok, prompts, answers, monitor, args, step: int) -> dict:
     from isdelta.training import REWARDS, ZeroUpdateError, update
 
     t0 = time.perf_counter()
-    samples = sample(model, tok, prompts, num_samples=args.samples, max_new_tokens=args.max_new_tokens,
-                     transform=LogitTransform(args.temperature), seed=args.seed + step, progress=False)
+    samples = sample(
+        model,
+        tok,
+        prompts,
+        num_samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        transform=LogitTransform(args.temperature),
+        seed=args.seed + step,
+        progress=False,
+    )
     group = samples.rollouts.group.tolist()
     rewards = np.array([REWARDS["answer_match"](t, answers[g]) for t, g in zip(samples.texts, group)])
     sample_s = time.perf_counter() - t0
     with monitor.step(samples.rollouts) as s:
         t1 = time.perf_counter()
         try:
-            update(model, loss="reinforce", rollouts=samples.rollouts, rewards=rewards, lr=args.lr,
-                   engine_config=monitor.config.engine, progress=False)
+            update(
+                model,
+                loss="reinforce",
+                rollouts=samples.rollouts,
+                rewards=rewards,
+                lr=args.lr,
+                engine_config=monitor.config.engine,
+                progress=False,
+            )
             updated = True
         except ZeroUpdateError:  # every group's rewards are equal: no gradient, p1 = p0
             updated = False
         update_s = time.perf_counter() - t1
     res = s.result
     step_s = sample_s + update_s  # the training step without the monitor
-    return {"step": step, "mean_reward": float(rewards.mean()), "updated": updated,
-            **{k.split("/", 1)[1]: v for k, v in res.scalars().items()},
-            "valid": res.valid, "reason": res.reason, "step_s": step_s, "monitor_s": res.seconds,
-            "overhead": res.seconds / step_s}
+    return {
+        "step": step,
+        "mean_reward": float(rewards.mean()),
+        "updated": updated,
+        **{k.split("/", 1)[1]: v for k, v in res.scalars().items()},
+        "valid": res.valid,
+        "reason": res.reason,
+        "step_s": step_s,
+        "monitor_s": res.seconds,
+        "overhead": res.seconds / step_s,
+    }
 
 
 def add_drift(rows: list[dict], level_z: float = 1.959963984540054) -> None:
@@ -146,17 +186,22 @@ def main(argv=None) -> list[dict]:
     for step in range(args.steps):
         rows.append(train_step(model, tok, prompts, answers, monitor, args, step))
         r = rows[-1]
-        print(f"step {step}: reward {r['mean_reward']:.3f}  ΔH {r['delta']:+.4f} nats "
-              f"[{r['delta_ci_low']:+.4f}, {r['delta_ci_high']:+.4f}]  ΔH/token {r['delta_tok']:+.5f}  "
-              f"ESS/S {r['ess_frac']:.2f}  step {r['step_s']:.1f} s, monitor {r['monitor_s']:.1f} s "
-              f"({r['overhead']:.2f}×)" + ("" if r["valid"] else f"  INVALID: {r['reason']}"), flush=True)
+        print(
+            f"step {step}: reward {r['mean_reward']:.3f}  ΔH {r['delta']:+.4f} nats "
+            f"[{r['delta_ci_low']:+.4f}, {r['delta_ci_high']:+.4f}]  ΔH/token {r['delta_tok']:+.5f}  "
+            f"ESS/S {r['ess_frac']:.2f}  step {r['step_s']:.1f} s, monitor {r['monitor_s']:.1f} s "
+            f"({r['overhead']:.2f}×)" + ("" if r["valid"] else f"  INVALID: {r['reason']}"),
+            flush=True,
+        )
     add_drift(rows)
     write_csv(rows, args.out / "steps.csv")
     plot(rows, args.out / "drift.png")
     over = sum(r["monitor_s"] for r in rows) / sum(r["step_s"] for r in rows)
-    print(f"cumulative ΔH {rows[-1]['cum_delta']:+.4f} nats [{rows[-1]['cum_ci_low']:+.4f}, "
-          f"{rows[-1]['cum_ci_high']:+.4f}]; monitor overhead {over:.2f}× the step time; "
-          f"wrote {args.out / 'steps.csv'} and {args.out / 'drift.png'}")
+    print(
+        f"cumulative ΔH {rows[-1]['cum_delta']:+.4f} nats [{rows[-1]['cum_ci_low']:+.4f}, "
+        f"{rows[-1]['cum_ci_high']:+.4f}]; monitor overhead {over:.2f}× the step time; "
+        f"wrote {args.out / 'steps.csv'} and {args.out / 'drift.png'}"
+    )
     return rows
 
 

@@ -16,8 +16,10 @@ USAGE = "usage: isdelta {run,score} CONFIG.yaml [--set KEY=VALUE ...] [--out DIR
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n  run    ΔH of one update (python -m isdelta.run)\n"
-              "  score  entropy statistics of a corpus (python -m isdelta.score)")
+        print(
+            USAGE + "\n\n  run    ΔH of one update (python -m isdelta.run)\n"
+            "  score  entropy statistics of a corpus (python -m isdelta.score)"
+        )
         return 0 if argv else 2
     command = argv.pop(0) if argv[0] in ("run", "score") else "run"
     if command == "score":

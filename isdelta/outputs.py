@@ -17,8 +17,7 @@ from typing import IO, Any
 __all__ = ["atomic_write", "finite_or_none", "json_num", "pyplot", "versions"]
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], Any], *,
-                 text: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], Any], *, text: bool = False) -> None:
     """Write ``path`` through a temporary file in the same folder, then rename it over ``path``.
 
     An interrupted run never leaves half a file, and two writers never interleave. ``data`` is

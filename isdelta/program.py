@@ -26,8 +26,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-__all__ = ["ConfigError", "ModelConfig", "Program", "Section", "apply_overrides", "format_errors",
-           "load_yaml_config", "main", "options_section", "stage"]
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "Program",
+    "Section",
+    "apply_overrides",
+    "format_errors",
+    "load_yaml_config",
+    "main",
+    "options_section",
+    "stage",
+]
 
 
 class ConfigError(ValueError):
@@ -53,13 +63,19 @@ class ModelConfig(Section):
         """``(model, tokenizer)`` by :func:`isdelta.engine.load_model` with these settings."""
         from isdelta.engine import load_model
 
-        return load_model(self.path, dtype=self.dtype, device=self.device,
-                          trust_remote_code=self.trust_remote_code, allow_download=self.allow_download)
+        return load_model(
+            self.path,
+            dtype=self.dtype,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+            allow_download=self.allow_download,
+        )
 
 
 # ---------------------------------------------------------------------------- library options
-def options_section(name: str, options: type, *, derived: Sequence[str] = (),
-                    **extra: tuple[Any, Any]) -> type[Section]:
+def options_section(
+    name: str, options: type, *, derived: Sequence[str] = (), **extra: tuple[Any, Any]
+) -> type[Section]:
     """A :class:`Section` whose keys are the fields of the library's option dataclass ``options``.
 
     Types and defaults come from the dataclass (declared once, there); each value is checked by
@@ -85,8 +101,14 @@ def options_section(name: str, options: type, *, derived: Sequence[str] = (),
     def to_options(self, **values):
         return options(**{f.name: getattr(self, f.name) for f in keys}, **values)
 
-    section = create_model(name, __base__=Section, __doc__=f"The config keys of :class:`{options.__name__}`.",
-                           __validators__={"_check": field_validator(*fields)(check)}, **fields, **extra)
+    section = create_model(
+        name,
+        __base__=Section,
+        __doc__=f"The config keys of :class:`{options.__name__}`.",
+        __validators__={"_check": field_validator(*fields)(check)},
+        **fields,
+        **extra,
+    )
     section.options = to_options
     return section
 
@@ -209,8 +231,13 @@ def main(program: Program, argv: Sequence[str] | None = None) -> int:
     """Parse the command line, load the config, run the program; return the exit code."""
     ap = argparse.ArgumentParser(prog=program.prog, description=program.description)
     ap.add_argument("config", help="the YAML config (see configs/)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help=f"override a config value, e.g. --set {program.set_example} (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {program.set_example} (repeatable)",
+    )
     ap.add_argument("--out", help="output folder (default: output.dir of the config)")
     args = ap.parse_args(argv)
     try:

@@ -9,8 +9,12 @@ import pytest
 
 
 def loaded_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return set(out.stdout.split())
 
 
@@ -20,8 +24,7 @@ def test_import_isdelta_loads_no_heavy_module():
         assert heavy not in mods, heavy
 
 
-@pytest.mark.parametrize("code", ["import isdelta.estimators",
-                                  "from isdelta import estimate, EntropyDelta"])
+@pytest.mark.parametrize("code", ["import isdelta.estimators", "from isdelta import estimate, EntropyDelta"])
 def test_estimators_never_import_torch(code):
     mods = loaded_after(code)
     assert "torch" not in mods and "arviz" not in mods and "matplotlib" not in mods
@@ -39,8 +42,15 @@ def test_old_probes_token_names_still_import():
     import isdelta.probes as probes
     import isdelta.tokens as tokens
 
-    for name in ("compare_tokens", "run_tokens", "TokenComparison", "TokenOptions", "TokenThresholds",
-                 "classify", "select_positions"):
+    for name in (
+        "compare_tokens",
+        "run_tokens",
+        "TokenComparison",
+        "TokenOptions",
+        "TokenThresholds",
+        "classify",
+        "select_positions",
+    ):
         assert getattr(probes, name) is getattr(tokens, name), name
 
 

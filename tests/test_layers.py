@@ -91,7 +91,7 @@ def test_no_import_circle_between_files():
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for d in sorted(edges[m]):
-            assert state.get(d) != 1, "import circle: " + " -> ".join(path[path.index(d):] + [d]) if d in path else d
+            assert state.get(d) != 1, "import circle: " + " -> ".join(path[path.index(d) :] + [d]) if d in path else d
             if d not in state:
                 visit(d, path + [d])
         state[m] = 2

@@ -18,15 +18,16 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from isdelta.engine.masking import position_ids as _position_ids
 from isdelta.engine.rollouts import Rollouts, _rows
+from isdelta.engine.scores import SequenceScores
+from isdelta.engine.split import SplitLM
 from isdelta.engine.transform import LogitTransform
 
 __all__ = ["EngineConfig", "LogProbEngine", "SequenceScores", "SplitLM"]
@@ -62,10 +63,9 @@ class EngineConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.transform  # validates temperature / top_k / top_p
+        LogitTransform(self.temperature, self.top_k, self.top_p)  # validates them
         if self.token_budget < 1 or self.chunk_elems < 1:
-            raise ValueError(f"token_budget and chunk_elems must be >= 1; got "
-                             f"{self.token_budget}, {self.chunk_elems}.")
+            raise ValueError(f"token_budget and chunk_elems must be >= 1; got {self.token_budget}, {self.chunk_elems}.")
 
     @property
     def transform(self) -> LogitTransform:
@@ -73,143 +73,7 @@ class EngineConfig:
 
     @classmethod
     def from_transform(cls, transform: LogitTransform, **kw) -> EngineConfig:
-        return cls(temperature=transform.temperature, top_k=transform.top_k,
-                   top_p=transform.top_p, **kw)
-
-
-@dataclass(frozen=True)
-class SequenceScores:
-    """Scores of a rollout batch under one model (nats; bits = nats / ln 2).
-
-    Attributes
-    ----------
-    token_logp : FloatTensor [N, C]  log p(token) under the sampling transform; 0 where not counted.
-    token_entropy : FloatTensor [N, C]  entropy of the full next-token distribution.
-    token_varentropy : FloatTensor [N, C]  Var[−log p] under it.
-    mask : BoolTensor [N, C]  counted positions.
-    logp : DoubleTensor [N]  S_i = Σ_t token_logp.
-    length : LongTensor [N]  L_i = counted tokens.
-    entropy_sum : DoubleTensor [N]  Σ_t token_entropy (the Rao–Blackwellised term).
-    group : LongTensor [N]  prompt of each row.
-    stopped : BoolTensor [N]  the row ends with a stop token.
-    stop_entropy_sum : DoubleTensor [N]  Σ_t Σ_{e ∈ eos} −p_t(e) log p_t(e): the stop tokens' share
-        of ``entropy_sum`` (subtract it for the entropy of non-stop tokens, ``include="no_eos"``).
-    """
-
-    token_logp: torch.Tensor
-    token_entropy: torch.Tensor
-    token_varentropy: torch.Tensor
-    mask: torch.Tensor
-    logp: torch.Tensor
-    length: torch.Tensor
-    entropy_sum: torch.Tensor
-    group: torch.Tensor
-    stopped: torch.Tensor
-    stop_entropy_sum: torch.Tensor
-
-    @property
-    def mean_logp(self) -> torch.Tensor:
-        """S_i / L_i [N] (float64); NaN where L_i = 0 (see ``empty``)."""
-        L = self.length.double()
-        return torch.where(L > 0, self.logp / L.clamp(min=1), torch.full_like(L, float("nan")))
-
-    @property
-    def empty(self) -> torch.Tensor:
-        """Rows [N] with no counted token (an immediate stop with include_eos=False)."""
-        return self.length == 0
-
-    @property
-    def stop_logp(self) -> torch.Tensor:
-        """log p of the counted stop token per row [N] (0 when none): subtract it to exclude EOS."""
-        last = (self.length - 1).clamp(min=0)
-        v = self.token_logp.gather(1, last[:, None]).squeeze(1).double()
-        counted = self.stopped & (self.length > 0) & self.mask.gather(1, last[:, None]).squeeze(1)
-        return torch.where(counted, v, torch.zeros_like(v))
-
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        """Every field and derived array as numpy (detached, on CPU)."""
-        names = ["token_logp", "token_entropy", "token_varentropy", "mask", "logp", "length",
-                 "entropy_sum", "group", "stopped", "stop_entropy_sum", "mean_logp", "empty", "stop_logp"]
-        return {n: getattr(self, n).detach().cpu().numpy() for n in names}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
-@dataclass(frozen=True, eq=False)
-class SplitLM:
-    """An HF causal LM as the engine runs it: body (hidden states) and LM head, apart.
-
-    ``logits(h)`` = the model's own logits for hidden states ``h``: the head plus any final
-    scaling the architecture applies (Gemma's soft-cap, Cohere's scale, Granite's divisor),
-    upcast to fp32. :meth:`LogProbEngine.check_head` verifies that against ``model(...).logits``.
-
-    Attributes
-    ----------
-    model : the unwrapped model (DDP ``.module`` and ``torch.compile`` wrappers stripped).
-    body, head : ``model.base_model`` and ``model.get_output_embeddings()``.
-    final : the architecture's final logit scaling (identity for most).
-    """
-
-    model: torch.nn.Module
-    body: torch.nn.Module
-    head: torch.nn.Module
-    final: Callable[[torch.Tensor], torch.Tensor]
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> SplitLM:
-        """Split ``model`` (wrappers allowed); a model without body and head fails loudly."""
-        model = _unwrap(model)
-        return cls(model, *_body_and_head(model), _final_logit_fn(model))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.head.weight.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [m, V] of hidden states [m, D]."""
-        return self.final(self.head(hidden)).float()
-
-
-def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or body is model or head is None:
-        raise TypeError(
-            f"{type(model).__name__} does not expose a separate body (`base_model`) and LM head "
-            "(`get_output_embeddings()`): the engine needs an HF *ForCausalLM model. Load it with "
-            "AutoModelForCausalLM (or isdelta.engine.load_model)."
-        )
-    return body, head
-
-
-def _final_logit_fn(model: torch.nn.Module):
-    """The logit scaling some architectures apply after the LM head (identity for most)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
-    scale = getattr(cfg, "logit_scale", None)  # Cohere
-    div = getattr(cfg, "logits_scaling", None)  # Granite
-
-    def fn(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if div is not None:
-            logits = logits / div
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return fn
+        return cls(temperature=transform.temperature, top_k=transform.top_k, top_p=transform.top_p, **kw)
 
 
 ROW_DOT_BLOCK = 1024  # columns summed per block before the block sums are added
@@ -258,7 +122,7 @@ class LogProbEngine:
     config : EngineConfig, optional
     """
 
-    _head_checked: weakref.WeakSet = weakref.WeakSet()
+    _head_checked: ClassVar[weakref.WeakSet] = weakref.WeakSet()  # models whose head was checked
 
     def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
         config = config or EngineConfig()
@@ -319,8 +183,13 @@ class LogProbEngine:
 
     def _progress(self, rollouts: Rollouts, mask: torch.Tensor):
         batches = self.micro_batches(rollouts, mask)
-        bar = tqdm(total=rollouts.n_rows, desc="scoring", unit="row", leave=False,
-                   disable=True if not self.config.progress else None)
+        bar = tqdm(
+            total=rollouts.n_rows,
+            desc="scoring",
+            unit="row",
+            leave=False,
+            disable=True if not self.config.progress else None,
+        )
         for rows in batches:
             yield rows
             bar.update(len(rows))
@@ -355,7 +224,7 @@ class LogProbEngine:
         att = rollouts.attention_mask[rows, lo:hi].to(device)  # [n, W]
         out = body(input_ids=ids, attention_mask=att, position_ids=_position_ids(att), use_cache=False)
         hs = out[0] if isinstance(out, tuple) else out.last_hidden_state  # [n, W, D]
-        hs = hs[:, max_pl - 1: max_pl - 1 + max_L]  # [n, max_L, D]: column c scores token c + 1
+        hs = hs[:, max_pl - 1 : max_pl - 1 + max_L]  # [n, max_L, D]: column c scores token c + 1
         m = mask[rows, :max_L].to(device)  # [n, max_L]
         r_loc, cols = m.nonzero(as_tuple=True)  # [M]
         return hs[r_loc, cols], rows.to(device)[r_loc], cols
@@ -374,19 +243,18 @@ class LogProbEngine:
         parts = []
         for s in range(0, M, step):
             # no local name for the [m, V] logits: _token_stats frees them after log_softmax
-            stats = self._token_stats(lm.logits(h[s: s + step]), targets[s: s + step], r_idx[s: s + step], eos)
+            stats = self._token_stats(lm.logits(h[s : s + step]), targets[s : s + step], r_idx[s : s + step], eos)
             if out is None:
                 parts.append(stats)
             else:
                 for k in range(4):
-                    out[k, s: s + step] = stats[k]
+                    out[k, s : s + step] = stats[k]
             del stats
         if out is None:
             out = [torch.cat(x) for x in zip(*parts)] if parts else [h.new_zeros(0).float()] * 4
         return _Chunk(r_idx, cols, *out)
 
-    def _token_stats(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-                     eos: torch.Tensor):
+    def _token_stats(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, eos: torch.Tensor):
         """log p(target), entropy, varentropy and the stop ids' entropy share [m] of fp32 logits
         [m, V] after the transform."""
         bad = ~torch.isfinite(logits).all(-1)
@@ -439,12 +307,20 @@ class LogProbEngine:
             warnings.warn(
                 f"rows {_rows(inf_rows)} hold tokens outside this transform's top-k/top-p set "
                 f"({self.config.transform}): log p = -inf. Score with the transform the rows were "
-                "sampled with.", stacklevel=3)
+                "sampled with.",
+                stacklevel=3,
+            )
         return SequenceScores(
-            token_logp=token_logp, token_entropy=token_entropy, token_varentropy=token_varentropy,
-            mask=mask, logp=token_logp.double().sum(-1), length=mask.sum(-1),
-            entropy_sum=token_entropy.double().sum(-1), group=rollouts.group.to(device),
-            stopped=rollouts.stopped.to(device), stop_entropy_sum=stop_term.double().sum(-1),
+            token_logp=token_logp,
+            token_entropy=token_entropy,
+            token_varentropy=token_varentropy,
+            mask=mask,
+            logp=token_logp.double().sum(-1),
+            length=mask.sum(-1),
+            entropy_sum=token_entropy.double().sum(-1),
+            group=rollouts.group.to(device),
+            stopped=rollouts.stopped.to(device),
+            stop_entropy_sum=stop_term.double().sum(-1),
         )
 
     # ------------------------------------------------------------------ safety check
@@ -462,7 +338,7 @@ class LogProbEngine:
         r = int((L > 0).nonzero()[0])
         lo = rollouts.prompt_len - int(rollouts.prompt_lengths[r])
         hi = rollouts.prompt_len + min(int(L[r]), 4)
-        ids = rollouts.input_ids[r:r + 1, lo:hi].to(device)
+        ids = rollouts.input_ids[r : r + 1, lo:hi].to(device)
         att = torch.ones_like(ids)
         pos = _position_ids(att)
         with torch.no_grad():
@@ -474,7 +350,8 @@ class LogProbEngine:
         if not torch.isfinite(ref).all():
             raise FloatingPointError(
                 f"non-finite logits for row {r}: the model produced NaN/inf (overflow in half "
-                "precision, or broken weights). Try dtype float32 or bfloat16 instead of float16.")
+                "precision, or broken weights). Try dtype float32 or bfloat16 instead of float16."
+            )
         tol = 1e-4 if lm.head.weight.dtype == torch.float32 else 3e-2
         err = (ref - ours).abs().max().item()
         if not math.isfinite(err) or err > tol * max(1.0, ref.abs().max().item()):

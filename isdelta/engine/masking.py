@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["completion_mask", "position_ids", "first_stop_index", "normalise_eos_ids"]
+__all__ = ["completion_mask", "first_stop_index", "normalise_eos_ids", "position_ids"]
 
 
 def normalise_eos_ids(eos_token_ids: int | Iterable[int] | None) -> tuple[int, ...]:
@@ -44,8 +44,7 @@ def _real_lengths(completion_ids: torch.Tensor, lengths: torch.Tensor | None) ->
     lengths = torch.as_tensor(lengths, device=completion_ids.device).long()
     if lengths.shape != (N,):
         raise ValueError(
-            f"lengths must have shape [N] = [{N}] (one real completion length per row); "
-            f"got {tuple(lengths.shape)}."
+            f"lengths must have shape [N] = [{N}] (one real completion length per row); got {tuple(lengths.shape)}."
         )
     bad = ((lengths < 0) | (lengths > C)).nonzero().flatten().tolist()
     if bad:
@@ -58,9 +57,7 @@ def _real_lengths(completion_ids: torch.Tensor, lengths: torch.Tensor | None) ->
 
 
 def first_stop_index(
-    completion_ids: torch.Tensor,
-    eos_token_ids: int | Iterable[int] | None,
-    lengths: torch.Tensor | None = None,
+    completion_ids: torch.Tensor, eos_token_ids: int | Iterable[int] | None, lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Column of the first stop token among each row's real tokens, or the real length if none.
 
@@ -81,12 +78,11 @@ def first_stop_index(
     """
     if completion_ids.dim() != 2:
         raise ValueError(f"completion_ids must be [N, C]; got shape {tuple(completion_ids.shape)}.")
-    N, C = completion_ids.shape
+    C = completion_ids.shape[1]
     real = _real_lengths(completion_ids, lengths)
     cols = torch.arange(C, device=completion_ids.device)  # [C]
     is_real = cols[None, :] < real[:, None]  # [N, C]
-    eos = torch.tensor(normalise_eos_ids(eos_token_ids), dtype=completion_ids.dtype,
-                       device=completion_ids.device)
+    eos = torch.tensor(normalise_eos_ids(eos_token_ids), dtype=completion_ids.dtype, device=completion_ids.device)
     is_stop = torch.isin(completion_ids, eos) & is_real  # [N, C]
     # argmax of a bool row finds the first True; rows without one fall back to the real length.
     first = torch.where(is_stop.any(-1), is_stop.int().argmax(-1), real)
@@ -129,7 +125,7 @@ def completion_mask(
     >>> completion_mask(ids, eos_token_ids=2, lengths=torch.tensor([2])).int().tolist()
     [[1, 1, 0, 0]]
     """
-    N, C = completion_ids.shape
+    C = completion_ids.shape[1]
     real = _real_lengths(completion_ids, lengths)
     stop = first_stop_index(completion_ids, eos_token_ids, real)  # [N]
     has_stop = stop < real

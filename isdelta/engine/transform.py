@@ -36,8 +36,10 @@ class LogitTransform:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {self.temperature}. (Greedy decoding has "
-                             "no sampling distribution to estimate an entropy of.)")
+            raise ValueError(
+                f"temperature must be > 0; got {self.temperature}. (Greedy decoding has "
+                "no sampling distribution to estimate an entropy of.)"
+            )
         if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 0):
             raise ValueError(f"top_k must be a non-negative integer or None; got {self.top_k}.")
         if not 0 < self.top_p <= 1:
@@ -54,8 +56,12 @@ class LogitTransform:
 
     def generate_kwargs(self) -> dict:
         """Explicit ``generate`` arguments for this transform (overrides generation_config defaults)."""
-        return {"do_sample": True, "temperature": float(self.temperature),
-                "top_k": int(self.top_k or 0), "top_p": float(self.top_p)}
+        return {
+            "do_sample": True,
+            "temperature": float(self.temperature),
+            "top_k": int(self.top_k or 0),
+            "top_p": float(self.top_p),
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)

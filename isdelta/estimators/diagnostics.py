@@ -84,9 +84,11 @@ def _flat_note(rows: Rows) -> str:
     span = float(np.max(rows.log_r) - np.min(rows.log_r)) if rows.log_r.size else 0.0
     if not span < FLAT_SPAN:
         return ""
-    return (f" The ratios themselves span only a factor {np.exp(span):.3g} (log-ratios within "
-            f"{span:.2g} nats): k̂ measures the tail's shape, not its size, and with weights this "
-            "close to 1 the tail can hardly move the estimate; read it with the ESS.")
+    return (
+        f" The ratios themselves span only a factor {np.exp(span):.3g} (log-ratios within "
+        f"{span:.2g} nats): k̂ measures the tail's shape, not its size, and with weights this "
+        "close to 1 the tail can hardly move the estimate; read it with the ESS."
+    )
 
 
 def _khat_warnings(wts: Weights, rows: Rows) -> list[str]:

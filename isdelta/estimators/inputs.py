@@ -20,8 +20,8 @@ from isdelta.estimators.groups import Groups, make_groups
 __all__ = [
     "INCLUDES",
     "PROMPTS",
-    "Rows",
     "SCHEMES",
+    "Rows",
     "Scheme",
     "as_rows",
     "check_group_sizes",
@@ -127,9 +127,7 @@ def group_codes(group, n: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         labels, codes = np.unique(g, return_inverse=True)
     except TypeError as e:
-        raise ValueError(
-            f"group: expected sortable prompt ids (ints or strings), got dtype {g.dtype}."
-        ) from e
+        raise ValueError(f"group: expected sortable prompt ids (ints or strings), got dtype {g.dtype}.") from e
     return codes.reshape(-1).astype(np.int64), labels
 
 
@@ -157,11 +155,7 @@ def check_options(
     """Validate the string options, ``level`` and ``clip``."""
     weights = scheme if scheme is not None else weights
     arg = "scheme" if scheme is not None else "weights"
-    for name, value, valid in (
-        (arg, weights, SCHEMES),
-        ("include", include, INCLUDES),
-        ("prompts", prompts, PROMPTS),
-    ):
+    for name, value, valid in ((arg, weights, SCHEMES), ("include", include, INCLUDES), ("prompts", prompts, PROMPTS)):
         if value not in valid:
             raise ValueError(f"{name}: expected one of {list(valid)}, got {value!r}.")
     if not isinstance(level, (int, float, np.floating)) or not 0.0 < float(level) < 1.0:
@@ -208,9 +202,7 @@ def _entropy_sums(entropy_sum0, entropy_sum1, shape) -> tuple[np.ndarray | None,
         arr = as_rows(name, x, shape)
         check_finite(name, arr)
         if arr.min() < -LOGP_TOL:
-            raise ValueError(
-                f"{name}: expected sums of entropies (≥ 0), got a minimum of {arr.min():.4g}."
-            )
+            raise ValueError(f"{name}: expected sums of entropies (≥ 0), got a minimum of {arr.min():.4g}.")
         out.append(arr)
     return tuple(out)
 
@@ -306,9 +298,7 @@ def prepare(
     check_finite("length", length)
     if length.min() < 0:
         rows = np.flatnonzero(length < 0)[:5].tolist()
-        raise ValueError(
-            f"length: expected counted tokens per row (≥ 0), got negative values at rows {rows}."
-        )
+        raise ValueError(f"length: expected counted tokens per row (≥ 0), got negative values at rows {rows}.")
     ent = list(_entropy_sums(entropy_sum0, entropy_sum1, shape))
     stop = _stopped(stopped, shape)
     eos = eos or {}
@@ -318,9 +308,7 @@ def prepare(
         s, length, ent = _exclude_eos(s, length, ent, stop, eos, shape)
     elif any(v is not None for v in eos.values()):
         given = [k for k, v in eos.items() if v is not None]
-        raise ValueError(
-            f"{', '.join(given)}: only used with include='no_eos', got include={include!r}."
-        )
+        raise ValueError(f"{', '.join(given)}: only used with include='no_eos', got include={include!r}.")
     sort = groups.sort
     return Rows(
         groups=groups,

@@ -22,14 +22,14 @@ chain rule of entropy, when the mask counts the stop token (the engine's default
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from isdelta.estimators import inputs
 from isdelta.estimators.diagnostics import ESS_FRAC_MIN, RATIO_RANGE
-from isdelta.estimators.groups import Groups, make_groups
+from isdelta.estimators.groups import Groups
+from isdelta.estimators.prefix import PrefixRows, expand, prefix_ess, prepare, sn_weights
 from isdelta.estimators.results import TOKEN_ESTIMATES as ESTIMATES
 from isdelta.estimators.results import Estimate, EstimatorWarning, TokenDelta
 from isdelta.estimators.uncertainty import Linear, standard_error, z_value
@@ -47,18 +47,6 @@ BETA = {
     "pd": "none (plain per-decision estimator, no control variate)",
     "pd_sn": "none (per-position self-normalisation ρ_t / mean_{j∈p} ρ_jt)",
 }
-
-
-@dataclass(frozen=True)
-class _Tokens:
-    """Validated per-position inputs, float64 [N, C] in prompt-sorted row order."""
-
-    groups: Groups
-    mask: np.ndarray  # [N, C] float 0/1
-    log_rho: np.ndarray  # [N, C] prefix log-ratio Σ_{s<t} δ_is
-    delta: np.ndarray  # [N, C] δ_it, 0 where not counted
-    a0: np.ndarray  # [N, C] m·H0, 0 where not counted
-    a1: np.ndarray  # [N, C] m·H1, 0 where not counted
 
 
 def estimate_tokens(
@@ -161,7 +149,7 @@ def estimate_tokens(
     """
     _check_method(method)
     inputs.check_options(prompts=prompts, level=level)
-    tok = _prepare(token_logp0, token_logp1, token_entropy0, token_entropy1, mask, group)
+    tok = prepare(token_logp0, token_logp1, token_entropy0, token_entropy1, mask, group)
     if prompts == "sampled" and tok.groups.n_prompts < 2:
         raise ValueError(
             "prompts: 'sampled' needs at least 2 prompts for a between-prompt SE, got 1; use "
@@ -198,102 +186,12 @@ def _check_method(method) -> None:
         )
 
 
-def _token_array(name: str, x, shape: tuple[int, ...] | None) -> np.ndarray:
-    """``x`` as float64 [N, C] (of ``shape`` when given)."""
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: expected a numeric array [N, C], got {type(x).__name__}.") from e
-    if arr.ndim != 2 or (shape is not None and arr.shape != shape):
-        want = f"{shape} like token_logp0" if shape else "[N, C] (rows × completion columns)"
-        raise ValueError(
-            f"{name}: expected a 2-D array of shape {want}, got shape {arr.shape}; pass the "
-            "engine's per-position arrays (SequenceScores.to_numpy()), not per-row totals."
-        )
-    if arr.size == 0:
-        raise ValueError(f"{name}: expected at least 2 rows and 1 column, got shape {arr.shape}.")
-    return arr
-
-
-def _mask(mask, shape: tuple[int, ...]) -> np.ndarray:
-    arr = np.asarray(mask)
-    if arr.shape != shape:
-        raise ValueError(
-            f"mask: expected shape {shape} like token_logp0 (True on counted positions), got "
-            f"{arr.shape}."
-        )
-    if arr.dtype != bool and not np.isin(arr, (0, 1)).all():
-        raise ValueError(
-            f"mask: expected booleans or 0/1 (counted positions), got dtype {arr.dtype} with "
-            "other values; pass the engine's `mask`, not an attention mask or token ids."
-        )
-    return arr.astype(bool)
-
-
-def _check_counted(name: str, x: np.ndarray, m: np.ndarray, kind: str) -> None:
-    """Finite at counted positions; log-probs ≤ 0, entropies ≥ 0 there (float32 slack)."""
-    bad = m & ~np.isfinite(x)
-    if bad.any():
-        where = [tuple(int(v) for v in rc) for rc in np.argwhere(bad)[:5]]
-        raise ValueError(
-            f"{name}: expected finite values at counted positions (mask True), got "
-            f"{int(bad.sum())} non-finite at (row, column) {where}. A -inf log-prob means one "
-            "model gives the sampled token zero probability: score both models with the same "
-            "sampling transform."
-        )
-    vals = x[m]
-    if vals.size and kind == "logp" and vals.max() > inputs.LOGP_TOL:
-        raise ValueError(
-            f"{name}: expected log-probabilities (≤ 0) at counted positions, got a maximum of "
-            f"{vals.max():.4g}; did you pass negative log-likelihoods? Negate them."
-        )
-    if vals.size and kind == "entropy" and vals.min() < -inputs.LOGP_TOL:
-        raise ValueError(
-            f"{name}: expected entropies (≥ 0) at counted positions, got a minimum of "
-            f"{vals.min():.4g}; pass token_entropy, not log-probs."
-        )
-
-
-def _prepare(logp0, logp1, ent0, ent1, mask, group) -> _Tokens:
-    """Validate, zero the non-counted positions, sort rows prompt-major: :class:`_Tokens`."""
-    lp0 = _token_array("token_logp0", logp0, None)
-    shape = lp0.shape
-    arrays = {"token_logp0": lp0}
-    for name, x in (("token_logp1", logp1), ("token_entropy0", ent0), ("token_entropy1", ent1)):
-        arrays[name] = _token_array(name, x, shape)
-    m = _mask(mask, shape)
-    for name, arr in arrays.items():
-        _check_counted(name, arr, m, "logp" if "logp" in name else "entropy")
-    codes, labels = inputs.group_codes(group, shape[0])
-    groups = make_groups(codes, labels)
-    inputs.check_group_sizes(groups)
-    m = groups.sort(m)
-    arrays = {k: groups.sort(v) for k, v in arrays.items()}
-    # np.where, not a product: garbage at non-counted positions may be nan or inf.
-    delta = np.where(m, arrays["token_logp1"] - arrays["token_logp0"], 0.0)
-    log_rho = np.zeros_like(delta)
-    np.cumsum(delta[:, :-1], axis=1, out=log_rho[:, 1:])  # exclusive prefix sum, [N, C]
-    return _Tokens(
-        groups=groups,
-        mask=m.astype(np.float64),
-        log_rho=log_rho,
-        delta=delta,
-        a0=np.where(m, arrays["token_entropy0"], 0.0),
-        a1=np.where(m, arrays["token_entropy1"], 0.0),
-    )
-
-
-def _expand(groups: Groups, per_prompt: np.ndarray) -> np.ndarray:
-    """[P, ...] -> [N, ...], each prompt's entry repeated over its rows."""
-    return np.repeat(per_prompt, groups.sizes, axis=0)
-
-
 def _leave_one_out(groups: Groups, x: np.ndarray) -> np.ndarray:
     """Σ_{j∈p, j≠i} x_j for every row i, [N, C] -> [N, C]."""
-    return _expand(groups, groups.sum(x)) - x
+    return expand(groups, groups.sum(x)) - x
 
 
-def _control(tok: _Tokens, a: np.ndarray) -> np.ndarray:
+def _control(tok: PrefixRows, a: np.ndarray) -> np.ndarray:
     """Per-row control Σ_t m_it û_it ρ_it (e^{δ_it} − 1), [N]; mean 0 under p0 exactly.
 
     û_it = Σ_{j≠i} Σ_{s>t} a_js / Σ_{j≠i} m_jt: the remaining ``a`` of the prompt's other rows
@@ -302,34 +200,23 @@ def _control(tok: _Tokens, a: np.ndarray) -> np.ndarray:
     """
     remaining = np.cumsum(a[:, ::-1], axis=1)[:, ::-1] - a  # Σ_{s>t} a_is, [N, C]
     alive = _leave_one_out(tok.groups, tok.mask)  # [N, C]
-    u = np.divide(
-        _leave_one_out(tok.groups, remaining), alive, out=np.zeros_like(alive), where=alive > 0
-    )
+    u = np.divide(_leave_one_out(tok.groups, remaining), alive, out=np.zeros_like(alive), where=alive > 0)
     # expm1: δ = 0 (p1 = p0, or a non-counted position) gives exactly 0
     increment = tok.mask * np.exp(tok.log_rho) * np.expm1(tok.delta)  # ρ_{t+1} − ρ_t, [N, C]
     return (u * increment).sum(axis=1)
 
 
-def _sn_weights(tok: _Tokens) -> np.ndarray:
-    """ρ_it / mean_{j∈p} ρ_jt, [N, C], in log space (per-column logsumexp within prompts)."""
-    g = tok.groups
-    top = np.maximum.reduceat(tok.log_rho, g.starts, axis=0)  # [P, C]
-    shifted = np.exp(tok.log_rho - _expand(g, top))
-    log_mean = top + np.log(g.sum(shifted) / g.sizes[:, None])  # log mean_j ρ_jt, [P, C]
-    return np.exp(tok.log_rho - _expand(g, log_mean))
-
-
-def _p1_rows(tok: _Tokens, a: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+def _p1_rows(tok: PrefixRows, a: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-row values y_i (mean_i y_i estimates E_p1[Σ_t a_t] in each prompt) and their
     within-prompt influence terms φ_i, both [N]."""
     g = tok.groups
     if method == "pd_sn":
-        w = _sn_weights(tok)
+        w = sn_weights(tok)
         y = (w * a).sum(axis=1)
         ratio = g.sum(w * a) / g.sizes[:, None]  # R_pt = Σ_i ρ a / Σ_i ρ, [P, C]
         # linearised ratio of means per column, φ_i = Σ_t w_it (a_it − R_pt), written as
         # y_i − ȳ_p − Σ_t (w_it − 1) R_pt (ȳ_p = Σ_t R_pt) so that ρ ≡ 1 gives p0's φ exactly
-        phi = y - g.expand(g.mean(y)) - ((w - 1.0) * _expand(g, ratio)).sum(axis=1)
+        phi = y - g.expand(g.mean(y)) - ((w - 1.0) * expand(g, ratio)).sum(axis=1)
         return y, phi
     y = (np.exp(tok.log_rho) * a).sum(axis=1)
     if method == "cv":
@@ -337,7 +224,7 @@ def _p1_rows(tok: _Tokens, a: np.ndarray, method: str) -> tuple[np.ndarray, np.n
     return y, y - g.expand(g.mean(y))
 
 
-def _p0_rows(tok: _Tokens, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _p0_rows(tok: PrefixRows, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """y_i = Σ_t a_it and φ_i = y_i − ȳ_p (uniform weights under p0), [N] each."""
     g = tok.groups
     # Σ_t 1.0 · a: the same float ops as the p1 terms with ρ ≡ 1, so p1 = p0 gives 0 exactly
@@ -361,7 +248,7 @@ def _linear(g: Groups, num: tuple, den: tuple | None = None) -> Linear:
     return Linear(value, (num[1] - value * den[1]) / b, (y_bar - value * d_bar) / b)
 
 
-def _estimates(tok: _Tokens, method: str) -> dict[str, Linear]:
+def _estimates(tok: PrefixRows, method: str) -> dict[str, Linear]:
     """Linearised h0 … path_shift, and the two mean lengths."""
     g = tok.groups
     h1_rows, h0_rows = _p1_rows(tok, tok.a1, method), _p0_rows(tok, tok.a0)
@@ -378,18 +265,10 @@ def _estimates(tok: _Tokens, method: str) -> dict[str, Linear]:
     return out
 
 
-def _prefix_ess(tok: _Tokens) -> tuple[np.ndarray, np.ndarray]:
-    """ESS_pt = (Σ_i ρ_it)² / Σ_i ρ_it², and whether some row of prompt p counts column t;
-    [P, C] each."""
-    g = tok.groups
-    w = _sn_weights(tok)  # ρ / mean_p ρ, [N, C]
-    return g.sizes[:, None] ** 2 / g.sum(w * w), g.sum(tok.mask) > 0
-
-
-def _diagnose(tok: _Tokens) -> dict:
+def _diagnose(tok: PrefixRows) -> dict:
     """Prefix-weight ESS, largest |log ρ|, mean full-sequence ratio, sizes."""
     g = tok.groups
-    ess, counted = _prefix_ess(tok)
+    ess, counted = prefix_ess(tok)
     ess_counted = np.where(counted, ess, np.inf)
     frac = ess_counted / g.sizes[:, None]
     log_r = tok.log_rho[:, -1] + tok.delta[:, -1]  # full-sequence log-ratio, [N]
@@ -407,9 +286,9 @@ def _diagnose(tok: _Tokens) -> dict:
     }
 
 
-def _ess_warning(d: dict, tok: _Tokens) -> list[str]:
+def _ess_warning(d: dict, tok: PrefixRows) -> list[str]:
     g = tok.groups
-    ess, counted = _prefix_ess(tok)
+    ess, counted = prefix_ess(tok)
     low = counted & (ess < np.maximum(2.0, ESS_FRAC_MIN * g.sizes[:, None]))
     if not low.any():
         return []
@@ -424,7 +303,7 @@ def _ess_warning(d: dict, tok: _Tokens) -> list[str]:
     return [message]
 
 
-def _warnings(d: dict, tok: _Tokens) -> list[str]:
+def _warnings(d: dict, tok: PrefixRows) -> list[str]:
     """Every diagnostic warning for one estimate, in a fixed order."""
     out = _ess_warning(d, tok)
     lo, hi = RATIO_RANGE

@@ -52,12 +52,7 @@ class Estimate:
 
     def _scaled(self, factor: float, unit: Literal["nats", "bits"]) -> Estimate:
         return Estimate(
-            self.value * factor,
-            self.se * factor,
-            self.ci_low * factor,
-            self.ci_high * factor,
-            self.level,
-            unit,
+            self.value * factor, self.se * factor, self.ci_low * factor, self.ci_high * factor, self.level, unit
         )
 
     @property
@@ -231,8 +226,7 @@ class EntropyDelta:
         """A readable table: estimates in nats and bits, then diagnostics and warnings."""
         head = table_head(self.delta.level)
         lines = [
-            f"isdelta: {self.n_prompts} prompts, {self.n_rows} rows; prompts={self.prompts}; "
-            f"include={self.include}",
+            f"isdelta: {self.n_prompts} prompts, {self.n_rows} rows; prompts={self.prompts}; include={self.include}",
             f"weights: {self.weights_used}",
             "",
             head,
@@ -255,8 +249,7 @@ class EntropyDelta:
         return [
             f"ESS {self.ess:.1f} of {self.n_rows} (ESS/S {self.ess_frac:.3f}); per prompt "
             f"min {self.ess_min:.1f}, mean {self.ess_mean:.1f}",
-            f"k̂ {self.khat:.3f} ({self.khat_status}; threshold {self.khat_threshold:.3f}); "
-            f"S_min {self.s_min:.4g}",
+            f"k̂ {self.khat:.3f} ({self.khat_status}; threshold {self.khat_threshold:.3f}); S_min {self.s_min:.4g}",
             f"KL(p1‖p0) {self.kl:.4g} nats ({self.kl / LN2:.4g} bits); mean r per prompt in "
             f"[{self.mean_ratio_min:.4g}, {self.mean_ratio_max:.4g}]",
             f"mean length {self.mean_length:.2f} tokens; NLL/token p0 {self.nll0_tok:.4g} nats "
@@ -364,10 +357,7 @@ class TokenDelta:
             "-" * (len(head) + 14),
             *(_row(_LABELS[name], getattr(self, name)) for name in TOKEN_ESTIMATES),
             "",
-            (
-                f"mean length {self.mean_length0:.2f} tokens under p0, "
-                f"{self.mean_length1:.2f} estimated under p1"
-            ),
+            (f"mean length {self.mean_length0:.2f} tokens under p0, {self.mean_length1:.2f} estimated under p1"),
             (
                 f"prefix-weight ESS: min {self.prefix_ess_min:.1f} "
                 f"(ESS/G {self.prefix_ess_frac_min:.3f}); max |log ρ| {self.max_log_rho:.3g}; "

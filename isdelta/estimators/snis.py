@@ -11,13 +11,7 @@ import numpy as np
 from isdelta.estimators import diagnostics, inputs
 from isdelta.estimators.inputs import Rows
 from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning
-from isdelta.estimators.uncertainty import (
-    Linear,
-    covariance,
-    standard_error,
-    weighted_ratio,
-    z_value,
-)
+from isdelta.estimators.uncertainty import Linear, covariance, standard_error, weighted_ratio, z_value
 from isdelta.estimators.weights import Scheme, Weights, weigh
 
 __all__ = ["estimate", "estimate_per_prompt"]
@@ -209,15 +203,18 @@ def _first_order(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
     extra = delta - rows.log_r  # 0 exactly with include="all"
     if np.any(extra != 0):
         lin = lin - weighted_ratio(u, extra, None, g)
-    return {
-        "delta1": _to_estimate(lin, rows, prompts, level),
-        "cov_term": float(cov_term),
-        "kl_term": float(kl_term),
-    }
+    return {"delta1": _to_estimate(lin, rows, prompts, level), "cov_term": float(cov_term), "kl_term": float(kl_term)}
 
 
-_ROW_OPTIONS = ("entropy_sum0", "entropy_sum1", "stopped", "eos_logp0", "eos_logp1",
-                "eos_entropy_sum0", "eos_entropy_sum1")  # per-row keyword arrays of ``estimate``
+_ROW_OPTIONS = (
+    "entropy_sum0",
+    "entropy_sum1",
+    "stopped",
+    "eos_logp0",
+    "eos_logp1",
+    "eos_entropy_sum0",
+    "eos_entropy_sum1",
+)  # per-row keyword arrays of ``estimate``
 
 
 def estimate_per_prompt(log_p0, log_p1, length, group, **options) -> dict:

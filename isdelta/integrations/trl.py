@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -55,10 +55,21 @@ __all__ = ["EntropyCallback", "attach", "engine_config_from_args"]
 # generation options that change the sampling distribution beyond temperature / top-k / top-p,
 # with their neutral value: isdelta's engine cannot score them, so ΔH would be biased
 _UNSUPPORTED = {
-    "min_p": None, "repetition_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "sequence_bias": None, "min_new_tokens": None, "min_length": 0,
-    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "top_h": None,
+    "min_p": None,
+    "repetition_penalty": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "min_new_tokens": None,
+    "min_length": 0,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "top_h": None,
 }
 # inputs the engine cannot pass to the model, or rows that are not samples of the model
 _INPUTS_UNSUPPORTED = {
@@ -67,8 +78,9 @@ _INPUTS_UNSUPPORTED = {
 }
 
 
-def engine_config_from_args(args, generation_kwargs: Mapping[str, Any] | None = None,
-                            model_generation_config=None, **overrides) -> EngineConfig:
+def engine_config_from_args(
+    args, generation_kwargs: Mapping[str, Any] | None = None, model_generation_config=None, **overrides
+) -> EngineConfig:
     """The engine options that score what ``GRPOTrainer`` samples.
 
     Parameters
@@ -106,9 +118,11 @@ def engine_config_from_args(args, generation_kwargs: Mapping[str, Any] | None = 
         raise ValueError(
             f"the GRPO sampler uses {', '.join(bad)}: isdelta's engine scores temperature, top-k and "
             "top-p only, so the importance weights (and ΔH) would be biased. Set them to their "
-            "neutral values (min_p=None, repetition_penalty=1.0, …) to monitor entropy.")
-    return EngineConfig(temperature=temperature, top_k=top_k or None, top_p=top_p, include_eos=True,
-                        progress=False, **overrides)
+            "neutral values (min_p=None, repetition_penalty=1.0, …) to monitor entropy."
+        )
+    return EngineConfig(
+        temperature=temperature, top_k=top_k or None, top_p=top_p, include_eos=True, progress=False, **overrides
+    )
 
 
 class EntropyCallback(TrainerCallback):
@@ -192,7 +206,8 @@ class EntropyCallback(TrainerCallback):
             result = self.monitor.skip(
                 "stale: this step trained on rollouts generated before the previous optimizer "
                 "step (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps), "
-                "which are not samples of p0.")
+                "which are not samples of p0."
+            )
         else:
             result = self.monitor.skip("no training micro-batch was seen in this step")
         self._pending, self._skip_reason, self._stale = [], None, 0
@@ -240,16 +255,22 @@ def attach(trainer, *, token_budget: int | None = None, **options) -> EntropyCal
     ValueError
         The sampler uses a logit processor the engine cannot score.
     """
-    missing = [a for a in ("_prepare_inputs", "eos_token_ids", "args", "model", "add_callback")
-               if not hasattr(trainer, a)]
+    missing = [
+        a for a in ("_prepare_inputs", "eos_token_ids", "args", "model", "add_callback") if not hasattr(trainer, a)
+    ]
     if missing:
-        raise TypeError(f"trainer: expected a trl.GRPOTrainer; {type(trainer).__name__} lacks "
-                        f"{missing}. For other loops use isdelta.training.EntropyMonitor directly.")
+        raise TypeError(
+            f"trainer: expected a trl.GRPOTrainer; {type(trainer).__name__} lacks "
+            f"{missing}. For other loops use isdelta.training.EntropyMonitor directly."
+        )
     extra = {} if token_budget is None else {"token_budget": int(token_budget)}
-    cfg = engine_config_from_args(trainer.args, getattr(trainer, "generation_kwargs", None),
-                                  getattr(trainer.model, "generation_config", None), **extra)
-    monitor = EntropyMonitor(trainer.model, engine_config=cfg, eos_token_ids=list(trainer.eos_token_ids),
-                             **options)
+    cfg = engine_config_from_args(
+        trainer.args,
+        getattr(trainer, "generation_kwargs", None),
+        getattr(trainer.model, "generation_config", None),
+        **extra,
+    )
+    monitor = EntropyMonitor(trainer.model, engine_config=cfg, eos_token_ids=list(trainer.eos_token_ids), **options)
     callback = EntropyCallback(trainer, monitor)
     trainer.add_callback(callback)
     return callback

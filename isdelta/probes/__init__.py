@@ -16,16 +16,28 @@ import importlib
 
 # public name -> module that defines it
 _LAZY = {
-    **dict.fromkeys(("GradientDelta", "gradient_delta", "parameter_delta", "restore_parameters",
-                     "snapshot_parameters"), "isdelta.probes.gradient"),
-    **dict.fromkeys(("SweepResult", "first_order_rate", "gap_terms", "moved_along", "per_prompt_points",
-                     "step_sweep"), "isdelta.probes.sweep"),
+    **dict.fromkeys(("GradientDelta", "gradient_delta"), "isdelta.probes.gradient"),
+    **dict.fromkeys(("parameter_delta", "restore_parameters", "snapshot_parameters"), "isdelta.probes.parameters"),
+    **dict.fromkeys(
+        ("SweepResult", "first_order_rate", "gap_terms", "moved_along", "per_prompt_points", "step_sweep"),
+        "isdelta.probes.sweep",
+    ),
     **dict.fromkeys(("probe_report", "markdown_lines", "run_probe"), "isdelta.probes.report"),
-    **dict.fromkeys(("TokenOptions", "compare_tokens", "run_tokens", "TokenComparison", "TokenThresholds",
-                     "classify", "select_positions"), "isdelta.tokens"),
+    **dict.fromkeys(
+        (
+            "TokenOptions",
+            "compare_tokens",
+            "run_tokens",
+            "TokenComparison",
+            "TokenThresholds",
+            "classify",
+            "select_positions",
+        ),
+        "isdelta.tokens",
+    ),
 }
 
-__all__ = sorted(_LAZY)  # noqa: PLE0605 (a list, built once)
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):

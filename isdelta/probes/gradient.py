@@ -58,17 +58,15 @@ from typing import Literal
 import numpy as np
 import torch
 
-from isdelta.engine.logprob import EngineConfig, LogProbEngine, SequenceScores
+from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
+from isdelta.engine.scores import SequenceScores
 from isdelta.estimators.results import Estimate
 from isdelta.estimators.uncertainty import z_value
 from isdelta.outputs import finite_or_none as _finite
+from isdelta.probes.parameters import Direction, check_direction
 
-__all__ = ["GradientDelta", "gradient_delta", "parameter_delta", "restore_parameters",
-           "snapshot_parameters"]
-
-Direction = Mapping[str, torch.Tensor]
-ParamSource = torch.nn.Module | Mapping[str, torch.Tensor]
+__all__ = ["GradientDelta", "gradient_delta"]
 
 
 # ---------------------------------------------------------------------------- result
@@ -133,8 +131,11 @@ class GradientDelta:
             "per_prompt_tok": None if tok is None else _json(tok),
             "prompts": [int(p) for p in self.prompts],
             **{k: _finite(getattr(self, k)) for k in ("h0", "h0_tok", "mean_length", "direction_norm")},
-            "include": self.include, "per_token": self.per_token, "n_rows": self.n_rows,
-            "n_prompts": self.n_prompts, "n_backward": self.n_backward,
+            "include": self.include,
+            "per_token": self.per_token,
+            "n_rows": self.n_rows,
+            "n_prompts": self.n_prompts,
+            "n_backward": self.n_backward,
             "se_kind": "between-prompt (sd_p / sqrt(P))",
         }
 
@@ -143,110 +144,18 @@ def _json(x: np.ndarray) -> list:
     return [_finite(float(v)) for v in x]
 
 
-# ---------------------------------------------------------------------------- parameters
-def _named(source: ParamSource, arg: str) -> dict[str, torch.Tensor]:
-    """name → tensor of a model's parameters (tied weights once) or of a parameter mapping."""
-    if isinstance(source, torch.nn.Module):
-        return {n: p for n, p in source.named_parameters()}
-    if isinstance(source, Mapping):
-        return dict(source)
-    raise TypeError(f"{arg} must be a torch.nn.Module or a mapping name → tensor (as from "
-                    f"snapshot_parameters); got {type(source).__name__}.")
-
-
-def _check_same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                       names: tuple[str, str]) -> None:
-    """Raise ValueError unless both hold the same parameter names with the same shapes."""
-    missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    shapes = [f"{n}: {tuple(a[n].shape)} vs {tuple(b[n].shape)}"
-              for n in a if n in b and a[n].shape != b[n].shape]
-    if not (missing or extra or shapes):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} parameter(s) of {names[0]} missing from {names[1]} "
-                     f"(e.g. {missing[:3]})")
-    if extra:
-        parts.append(f"{len(extra)} parameter(s) of {names[1]} not in {names[0]} (e.g. {extra[:3]})")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {shapes[:3]})")
-    raise ValueError(
-        f"{names[0]} and {names[1]} are not the same architecture: " + "; ".join(parts) + ". "
-        "A parameter difference needs two checkpoints of one architecture (same parameter names "
-        "and shapes); load both with the same model class and config.")
-
-
-def parameter_delta(model0: ParamSource, model1: ParamSource, *,
-                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """d = θ1 − θ0 for every parameter, after checking both have one architecture.
-
-    Parameters
-    ----------
-    model0, model1 : torch.nn.Module or mapping name → tensor
-        The models before and after the update, or parameter snapshots of them
-        (:func:`snapshot_parameters`), keyed by ``named_parameters()`` names (tied weights once).
-    device : torch.device or str, optional
-        Where the differences live. Default: the device of model1's parameter (one more copy
-        of the model there; pass "cpu" to keep accelerator memory free).
-
-    Returns
-    -------
-    dict name → Tensor
-        θ1 − θ0 computed and stored in float32 (or float64 when a parameter is float64), so a
-        bfloat16 model's small update is not rounded away.
-
-    Raises
-    ------
-    ValueError
-        Different parameter names or shapes (the message lists them).
-    """
-    p0, p1 = _named(model0, "model0"), _named(model1, "model1")
-    _check_same_layout(p0, p1, ("model0", "model1"))
-    out = {}
-    with torch.no_grad():
-        for name, b in p1.items():
-            dtype = torch.promote_types(torch.promote_types(b.dtype, p0[name].dtype), torch.float32)
-            dev = b.device if device is None else torch.device(device)
-            out[name] = b.detach().to(dev, dtype) - p0[name].detach().to(dev, dtype)
-    return out
-
-
-def snapshot_parameters(model: torch.nn.Module, names=None) -> dict[str, torch.Tensor]:
-    """CPU copies of the parameters (all, or ``names``), exact, for parameter_delta / restore."""
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().to("cpu", copy=True) for n in (names or params)}
-
-
-def restore_parameters(model: torch.nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
-    """Copy a snapshot back into the model's parameters in place (bit for bit)."""
-    params = check_direction(model, snapshot)  # same names and shapes, or a clear error
-    with torch.no_grad():
-        for n, t in snapshot.items():
-            params[n].copy_(t)
-
-
-def check_direction(model: torch.nn.Module, direction: Direction) -> dict[str, torch.nn.Parameter]:
-    """The model's parameters named in ``direction`` (shapes checked); raises on a mismatch."""
-    if not isinstance(direction, Mapping) or not direction:
-        raise TypeError("direction must be a non-empty mapping name → tensor, θ1 − θ0 (as from "
-                        f"parameter_delta); got {type(direction).__name__}.")
-    params = dict(model.named_parameters())
-    unknown = sorted(set(direction) - set(params))
-    if unknown:
-        raise ValueError(f"direction names {len(unknown)} parameter(s) the model lacks (e.g. "
-                         f"{unknown[:3]}): it was made from a different architecture. Build it with "
-                         "parameter_delta(model0, model1) from checkpoints of this model.")
-    _check_same_layout({n: params[n] for n in direction}, direction, ("model", "direction"))
-    return {n: params[n] for n in direction}
-
-
 # ---------------------------------------------------------------------------- p0 rows
 ScoresLike = SequenceScores | Mapping[str, np.ndarray]
 _KEYS = ("logp", "length", "group", "stopped", "stop_logp")
 
 
-def whole_sequence_scores(model: torch.nn.Module, rollouts: Rollouts, engine_config: EngineConfig,
-                          scores0: ScoresLike | None, arg: str = "scores0") -> dict[str, np.ndarray]:
+def whole_sequence_scores(
+    model: torch.nn.Module,
+    rollouts: Rollouts,
+    engine_config: EngineConfig,
+    scores0: ScoresLike | None,
+    arg: str = "scores0",
+) -> dict[str, np.ndarray]:
     """Per-row numpy arrays of p0's whole-sequence scores (EOS counted), computed when None.
 
     The probe always scores whole sequences (the proposal drew every token, the stop included);
@@ -258,22 +167,25 @@ def whole_sequence_scores(model: torch.nn.Module, rollouts: Rollouts, engine_con
     if isinstance(scores0, SequenceScores):
         arrays = scores0.to_numpy()
     elif isinstance(scores0, Mapping):
-        arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
-                  for k, v in scores0.items()}
+        arrays = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in scores0.items()}
     else:
-        raise TypeError(f"{arg} must be SequenceScores, a dict of arrays (SequenceScores.to_numpy()) "
-                        f"or None; got {type(scores0).__name__}.")
+        raise TypeError(
+            f"{arg} must be SequenceScores, a dict of arrays (SequenceScores.to_numpy()) "
+            f"or None; got {type(scores0).__name__}."
+        )
     missing = [k for k in _KEYS if k not in arrays]
     if missing:
-        raise ValueError(f"{arg} lacks {missing}: pass LogProbEngine(...).score(model0, rollouts) "
-                         "or its .to_numpy() dict.")
+        raise ValueError(
+            f"{arg} lacks {missing}: pass LogProbEngine(...).score(model0, rollouts) or its .to_numpy() dict."
+        )
     want = rollouts.lengths.cpu().numpy()  # [N], EOS counted
     if arrays["length"].shape != want.shape or not np.array_equal(arrays["length"], want):
         raise ValueError(
             f"{arg} does not belong to these rollouts scored whole: its lengths differ from "
             "rollouts.lengths (EOS counted). Score p0 with EngineConfig(include_eos=True) on the "
             "same rollouts; the probe drops the stop token itself when engine_config.include_eos "
-            "is False.")
+            "is False."
+        )
     return arrays
 
 
@@ -291,9 +203,11 @@ def prompt_codes(group: np.ndarray, arg: str = "rollouts.group") -> tuple[np.nda
     """Prompt ids [P] (sorted) and each row's code in [0, P) [N]; every prompt needs G_p ≥ 2."""
     labels, codes, sizes = np.unique(np.asarray(group), return_inverse=True, return_counts=True)
     if (sizes < 2).any():
-        raise ValueError(f"{arg}: prompts {labels[sizes < 2][:5].tolist()} have one row; a "
-                         "within-prompt covariance (and the leave-one-out baseline) needs G_p ≥ 2. "
-                         "Sample at least 2 completions per prompt.")
+        raise ValueError(
+            f"{arg}: prompts {labels[sizes < 2][:5].tolist()} have one row; a "
+            "within-prompt covariance (and the leave-one-out baseline) needs G_p ≥ 2. "
+            "Sample at least 2 completions per prompt."
+        )
     return labels, codes
 
 
@@ -365,12 +279,12 @@ def _backward_batch(model, engine, rollouts, rows, coefs, plist, dirs) -> np.nda
         raise FloatingPointError(
             f"non-finite probe loss on rows {idx[:8].tolist()}: a counted token has log p = -inf "
             "under the engine's transform, or the model overflowed. Score with the transform the "
-            "rows were sampled with.")
+            "rows were sampled with."
+        )
     vals = np.zeros(len(losses))
     for k, loss in enumerate(losses):
         if loss.requires_grad:  # else no parameter of d reaches these rows: ⟨grad, d⟩ = 0
-            grads = torch.autograd.grad(loss, plist, retain_graph=k < len(losses) - 1,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(loss, plist, retain_graph=k < len(losses) - 1, allow_unused=True)
             vals[k] = _dot(grads, dirs)
             del grads
     return vals
@@ -402,7 +316,7 @@ def gradient_delta(
     rollouts : Rollouts
         N = Σ_p G_p samples of p0, G_p ≥ 2 per prompt.
     direction : mapping name → Tensor
-        d = θ1 − θ0 (:func:`parameter_delta`), any subset of ``model0.named_parameters()``
+        d = θ1 − θ0 (:func:`~isdelta.probes.parameter_delta`), any subset of ``model0.named_parameters()``
         (parameters not named are held fixed), any device.
     per_token : bool
         Also estimate the entropy-rate ΔH₁_tok = ⟨∇(H/E[L]), d⟩ (a second backward per
@@ -463,7 +377,18 @@ def _result(out, labels, codes, s, length, direction, include, per_token, n_back
     tok = (out[0] + h_tok * out[1]) / lam if per_token else None  # [P] (A_p + h B_p)/Λ
     norm = math.sqrt(sum(float(d.detach().double().square().sum()) for d in direction.values()))
     return GradientDelta(
-        delta1=_mean_se(out[0], level), delta1_tok=None if tok is None else _mean_se(tok, level),
-        per_prompt=out[0], per_prompt_tok=tok, prompts=labels, h0=h0, h0_tok=h_tok,
-        mean_length=lam, direction_norm=norm, include=include, per_token=per_token,
-        n_rows=len(codes), n_prompts=len(labels), n_backward=n_backward)
+        delta1=_mean_se(out[0], level),
+        delta1_tok=None if tok is None else _mean_se(tok, level),
+        per_prompt=out[0],
+        per_prompt_tok=tok,
+        prompts=labels,
+        h0=h0,
+        h0_tok=h_tok,
+        mean_length=lam,
+        direction_norm=norm,
+        include=include,
+        per_token=per_token,
+        n_rows=len(codes),
+        n_prompts=len(labels),
+        n_backward=n_backward,
+    )

@@ -5,8 +5,8 @@ Per step α of a sweep: the SNIS truth ΔH ± CI (per sequence and per token), t
 exact split of the gap ΔĤ − ΔH₁ into the SNIS sample-size bias (−ΔH₁/G: self-normalised
 weights shrink ΔĤ towards 0 by a factor (G − 1)/G at first order), the weights' higher-order
 terms and the KL term ≈ −KL(p_α‖p0) (:func:`~isdelta.probes.sweep.gap_terms`), and ESS and k̂ (where
-the truth itself stops being trustworthy). The same per prompt at one α. matplotlib is
-imported only when plots are drawn.
+the truth itself stops being trustworthy). The same per prompt at one α. The plots are in
+:mod:`isdelta.probes.plots` (matplotlib, imported only when they are drawn).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isdelta.outputs import atomic_write, pyplot
+from isdelta.outputs import atomic_write
 from isdelta.outputs import finite_or_none as _num
 from isdelta.probes.sweep import SweepResult, gap_terms, per_prompt_points
 
@@ -52,37 +52,36 @@ def comparison_rows(result: SweepResult) -> list[dict]:
         g = None if grad is None else float(grad[a])
         gt = None if grad_tok is None else float(grad_tok[a])
         fs, fs_tok, truth = e.delta1.value, result.delta1_tok_fs[a], e.delta.value
-        rows.append({
-            "alpha": alpha, "delta": e.delta.to_dict(), "delta_tok": e.delta_tok.to_dict(),
-            "delta1_fs": e.delta1.to_dict(), "delta1_tok_fs": _num(fs_tok),
-            "delta1_grad": _num(g), "delta1_grad_tok": _num(gt),
-            "rel_err_fs": _rel(fs, truth), "rel_err_grad": _rel(g, truth),
-            "rel_err_tok_fs": _rel(fs_tok, e.delta_tok.value), "rel_err_tok_grad": _rel(gt, e.delta_tok.value),
-            "sign_fs": _sign(fs, truth), "sign_grad": _sign(g, truth),
-            "in_ci_fs": _inside(fs, e.delta), "in_ci_grad": _inside(g, e.delta),
-            "cov_term": _num(e.cov_term), "kl_term": _num(e.kl_term), "kl": _num(e.kl),
-            **{f"gap_{k}": _num(v) for k, v in gap_terms(result, a).items()},
-            "ess": _num(e.ess), "ess_frac": _num(e.ess_frac), "khat": _num(e.khat),
-            "khat_threshold": _num(e.khat_threshold), "khat_status": e.khat_status,
-            "weights_used": e.weights_used,
-        })
+        rows.append(
+            {
+                "alpha": alpha,
+                "delta": e.delta.to_dict(),
+                "delta_tok": e.delta_tok.to_dict(),
+                "delta1_fs": e.delta1.to_dict(),
+                "delta1_tok_fs": _num(fs_tok),
+                "delta1_grad": _num(g),
+                "delta1_grad_tok": _num(gt),
+                "rel_err_fs": _rel(fs, truth),
+                "rel_err_grad": _rel(g, truth),
+                "rel_err_tok_fs": _rel(fs_tok, e.delta_tok.value),
+                "rel_err_tok_grad": _rel(gt, e.delta_tok.value),
+                "sign_fs": _sign(fs, truth),
+                "sign_grad": _sign(g, truth),
+                "in_ci_fs": _inside(fs, e.delta),
+                "in_ci_grad": _inside(g, e.delta),
+                "cov_term": _num(e.cov_term),
+                "kl_term": _num(e.kl_term),
+                "kl": _num(e.kl),
+                **{f"gap_{k}": _num(v) for k, v in gap_terms(result, a).items()},
+                "ess": _num(e.ess),
+                "ess_frac": _num(e.ess_frac),
+                "khat": _num(e.khat),
+                "khat_threshold": _num(e.khat_threshold),
+                "khat_status": e.khat_status,
+                "weights_used": e.weights_used,
+            }
+        )
     return rows
-
-
-def _khat_crossing_interp(result: SweepResult) -> float | None:
-    """α where k̂ − threshold crosses 0, linearly interpolated between the two grid points."""
-    prev = None
-    for alpha, e in zip(result.alphas, result.estimates):
-        if not math.isfinite(e.khat):
-            continue
-        gap = e.khat - e.khat_threshold
-        if gap > 0:
-            if prev is None:
-                return alpha
-            a0, g0 = prev
-            return a0 + (alpha - a0) * (-g0) / (gap - g0)
-        prev = (alpha, gap)
-    return None
 
 
 def _linear_until(rows: list[dict], key: str) -> float | None:
@@ -117,109 +116,18 @@ def _per_prompt_summary(points: list[dict]) -> dict:
         signs = [s for s in (_sign(x, t) for x, t in zip(pred, truth)) if s is not None]
         rel = [r for r in (_rel(x, t) for x, t in zip(pred, truth)) if r is not None]
         corr = float(np.corrcoef(pred, truth)[0, 1]) if len(points) > 2 and pred.std() > 0 and truth.std() > 0 else None
-        out[name] = {"sign_agreement": float(np.mean(signs)) if signs else None,
-                     "median_abs_rel_err": float(np.median(np.abs(rel))) if rel else None,
-                     "correlation": _num(corr) if corr is not None else None}
+        out[name] = {
+            "sign_agreement": float(np.mean(signs)) if signs else None,
+            "median_abs_rel_err": float(np.median(np.abs(rel))) if rel else None,
+            "correlation": _num(corr) if corr is not None else None,
+        }
     return out
 
 
-# ---------------------------------------------------------------------------- plots
-def _truth_panel(ax, result: SweepResult, per_token: bool) -> None:
-    """ΔH(α) with its CI band, the function-space ΔH₁ and the gradient line α·ΔH₁."""
-    alphas = np.asarray(result.alphas)
-    ests = [e.delta_tok if per_token else e.delta for e in result.estimates]
-    v = np.array([e.value for e in ests])
-    lo, hi = np.array([e.ci_low for e in ests]), np.array([e.ci_high for e in ests])
-    ax.fill_between(alphas, lo, hi, color="C0", alpha=0.2, label=f"{ests[0].level:.0%} CI")
-    ax.errorbar(alphas, v, yerr=[v - lo, hi - v], fmt="o-", color="C0", capsize=3, label="ΔH (SNIS)")
-    fs = np.array(result.delta1_tok_fs if per_token else [e.delta1.value for e in result.estimates])
-    ax.plot(alphas, fs, "s--", color="C1", ms=4, label="ΔH₁ function space")
-    g = result.gradient
-    est = None if g is None else (g.delta1_tok if per_token else g.delta1)
-    if est is not None:
-        grid = np.linspace(0, alphas.max(), 50) if alphas.min() <= 0 else np.geomspace(alphas.min(), alphas.max(), 50)
-        ax.plot(grid, grid * est.value, "-", color="C2", label="ΔH₁ gradient · α")
-        if math.isfinite(est.se):
-            ax.fill_between(grid, grid * est.ci_low, grid * est.ci_high, color="C2", alpha=0.12)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("step size α  (θ0 + α(θ1 − θ0))")
-    ax.set_ylabel("ΔH (nats per token)" if per_token else "ΔH (nats per sequence)")
-    if alphas.min() > 0 and alphas.max() / alphas.min() >= 8:
-        from matplotlib.ticker import NullFormatter
-
-        ax.set_xscale("log")
-        ax.set_xticks(alphas, [f"{a:g}" for a in alphas])  # the swept steps, not 3×10⁻¹ minor labels
-        ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _diagnostics_axis(ax, result: SweepResult) -> list:
-    """ESS/N and k̂ on a second axis, k̂'s threshold and the α where k̂ crosses it."""
-    twin = ax.twinx()
-    alphas = np.asarray(result.alphas)
-    twin.plot(alphas, [e.ess_frac for e in result.estimates], ":", color="C4", marker=".", label="ESS / N")
-    twin.plot(alphas, [e.khat for e in result.estimates], "-.", color="C3", marker="x", label=r"$\hat{k}$")
-    thr = np.nanmin([e.khat_threshold for e in result.estimates])
-    twin.axhline(thr, color="C3", lw=0.7, alpha=0.6)
-    cross = _khat_crossing_interp(result)
-    if cross is not None:
-        ax.axvline(cross, color="C3", ls="--", lw=1, label=rf"$\hat{{k}}$ > {thr:.2f} from α ≈ {cross:.3g}")
-    twin.set_ylabel(r"ESS / N,  $\hat{k}$", color="C3")
-    twin.set_ylim(bottom=min(0.0, np.nanmin([e.khat for e in result.estimates] + [0.0])))
-    return twin.get_legend_handles_labels()
-
-
-def plot_sweep(path: Path, result: SweepResult) -> None:
-    """ΔH vs α (sequence and per token) with CI band, both ΔH₁ lines, ESS and k̂."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, per_token in zip(axes, (False, True)):
-        _truth_panel(ax, result, per_token)
-        h2, l2 = _diagnostics_axis(ax, result)
-        h1, l1 = ax.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
-        ax.set_title("entropy rate" if per_token else "sequence entropy")
-    fig.suptitle("ΔH(α) on p0's samples vs the first-order prediction")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_per_prompt(path: Path, points: list[dict], alpha: float, summary: dict) -> None:
-    """Scatter of ΔH₁_p against ΔH_p with CIs, both spaces, and the diagonal."""
-    plt = pyplot()
-
-    def ci(key):
-        d = [p[key] for p in points]
-        v = np.array([x["value"] for x in d], dtype=float)
-        lo = np.array([np.nan if x["ci_low"] is None else x["ci_low"] for x in d], dtype=float)
-        hi = np.array([np.nan if x["ci_high"] is None else x["ci_high"] for x in d], dtype=float)
-        return v, np.nan_to_num(np.vstack([v - lo, hi - v]))
-
-    x, xerr = ci("delta")
-    y, yerr = ci("delta1")
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, capsize=2, color="C1", label="ΔH₁_p function space")
-    grad = [p["delta1_grad"] for p in points]
-    if all(g is not None for g in grad):
-        ax.plot(x, grad, "x", ms=6, color="C2", label="ΔH₁_p gradient · α")
-    lim = np.nanmax(np.abs(np.concatenate([x + xerr[1], x - xerr[0], [1e-12]])))  # the truth sets the scale
-    ax.plot([-lim, lim], [-lim, lim], "--", color="grey", lw=1, label="ΔH₁ = ΔH")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("ΔH_p (SNIS, within-prompt CI), nats")
-    ax.set_ylabel("ΔH₁_p, nats")
-    signs = summary.get("fs", {}).get("sign_agreement")
-    ax.set_title(f"per prompt at α = {alpha:g}" + ("" if signs is None else f"; signs agree {signs:.0%} (fn space)"),
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------- report
-def probe_report(result: SweepResult, out_dir: str | Path | None, *, plots: bool = True,
-                 alpha_ref: float | None = None) -> dict:
+def probe_report(
+    result: SweepResult, out_dir: str | Path | None, *, plots: bool = True, alpha_ref: float | None = None
+) -> dict:
     """The comparison as a JSON-safe dict; draws ``probe_sweep.png`` and ``probe_per_prompt.png``.
 
     Parameters
@@ -244,20 +152,31 @@ def probe_report(result: SweepResult, out_dir: str | Path | None, *, plots: bool
     alpha_ref = _reference_alpha(result.alphas) if alpha_ref is None else float(alpha_ref)
     points = per_prompt_points(result, alpha_ref)
     pp_summary = _per_prompt_summary(points)
-    summary = {"khat_crossing": result.khat_crossing(), "khat_crossing_interp": _khat_crossing_interp(result),
-               "linear_until_fs": _linear_until(rows, "in_ci_fs"),
-               "linear_until_grad": _linear_until(rows, "in_ci_grad"),
-               "include": result.include, "n_rows": result.estimates[0].n_rows,
-               "n_prompts": result.estimates[0].n_prompts}
+    summary = {
+        "khat_crossing": result.khat_crossing(),
+        "khat_crossing_interp": result.khat_crossing_interp(),
+        "linear_until_fs": _linear_until(rows, "in_ci_fs"),
+        "linear_until_grad": _linear_until(rows, "in_ci_grad"),
+        "include": result.include,
+        "n_rows": result.estimates[0].n_rows,
+        "n_prompts": result.estimates[0].n_prompts,
+    }
     files: list[str] = []
     if plots and out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        from isdelta.probes.plots import plot_per_prompt, plot_sweep
+
         plot_sweep(out / "probe_sweep.png", result)
         plot_per_prompt(out / "probe_per_prompt.png", points, alpha_ref, pp_summary)
         files = ["probe_sweep.png", "probe_per_prompt.png"]
-    return {"sweep": result.to_dict(), "rows": rows, "summary": summary,
-            "per_prompt": {"alpha": alpha_ref, "points": points, "summary": pp_summary}, "plots": files}
+    return {
+        "sweep": result.to_dict(),
+        "rows": rows,
+        "summary": summary,
+        "per_prompt": {"alpha": alpha_ref, "points": points, "summary": pp_summary},
+        "plots": files,
+    }
 
 
 def _f(x, spec: str = "+.4f") -> str:
@@ -265,8 +184,10 @@ def _f(x, spec: str = "+.4f") -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    head = ("| α | ΔH [CI] | ΔH₁ fn | ΔH₁ grad·α | rel. err fn / grad | sign fn / grad | gap: 1/G · nonlin · KL "
-            "| ΔH/token [CI] | ΔH₁/token fn / grad·α | ESS/N | k̂ (thr) |")
+    head = (
+        "| α | ΔH [CI] | ΔH₁ fn | ΔH₁ grad·α | rel. err fn / grad | sign fn / grad | gap: 1/G · nonlin · KL "
+        "| ΔH/token [CI] | ΔH₁/token fn / grad·α | ESS/N | k̂ (thr) |"
+    )
     lines = [head, "|" + "---|" * 12]
     mark = {True: "✓", False: "✗", None: "–"}
     for r in rows:
@@ -278,45 +199,72 @@ def _table(rows: list[dict]) -> list[str]:
             f"| {mark[r['sign_fs']]} / {mark[r['sign_grad']]} | {_f(r['gap_sample_size'])} · {_f(r['gap_nonlinear'])} · {_f(r['gap_kl'])} "
             f"| {_f(t['value'], '+.5f')} [{_f(t['ci_low'], '+.5f')}, {_f(t['ci_high'], '+.5f')}] "
             f"| {_f(r['delta1_tok_fs'], '+.5f')} / {_f(r['delta1_grad_tok'], '+.5f')} "
-            f"| {_f(r['ess_frac'], '.2f')} | {_f(r['khat'], '.2f')} ({_f(r['khat_threshold'], '.2f')}) |")
+            f"| {_f(r['ess_frac'], '.2f')} | {_f(r['khat'], '.2f')} ({_f(r['khat_threshold'], '.2f')}) |"
+        )
     return lines
 
 
 def markdown_lines(report: Mapping) -> list[str]:
     """summary.md lines for a :func:`probe_report` dict: the table, verdicts, per prompt, plots."""
     s, g = report["summary"], report["sweep"]["gradient"]
-    intro = (f"p_α = θ0 + α(θ1 − θ0), every α scored on the same {s['n_rows']} samples of p0 "
-             f"({s['n_prompts']} prompts); nats; include = {s['include']}. ΔH − ΔH₁ fn = "
-             "gap 1/G (SNIS normalises within G samples: ΔĤ ≈ (1 − 1/G)ΔH to first order) + nonlin (the "
-             "weights beyond first order) + KL (≈ −KL(p_α‖p0)), exactly.")
+    intro = (
+        f"p_α = θ0 + α(θ1 − θ0), every α scored on the same {s['n_rows']} samples of p0 "
+        f"({s['n_prompts']} prompts); nats; include = {s['include']}. ΔH − ΔH₁ fn = "
+        "gap 1/G (SNIS normalises within G samples: ΔĤ ≈ (1 − 1/G)ΔH to first order) + nonlin (the "
+        "weights beyond first order) + KL (≈ −KL(p_α‖p0)), exactly."
+    )
     out = ["## Probe: first-order prediction ΔH₁ vs the sampled ΔH", "", intro, ""]
     if g is not None:
         d = g["delta1"]
-        out += [f"Gradient ΔH₁ = ⟨∇H, θ1 − θ0⟩ = {_f(d['value'])} ± {_f(d['se'], '.4f')} nats/sequence "
-                f"(between-prompt SE; ‖θ1 − θ0‖ = {_f(g['direction_norm'], '.4g')}, "
-                f"{g['n_backward']} backward passes)"
-                + ("" if g["delta1_tok"] is None else f"; per token {_f(g['delta1_tok']['value'], '+.5f')} "
-                   f"± {_f(g['delta1_tok']['se'], '.5f')}") + ".", ""]
+        out += [
+            f"Gradient ΔH₁ = ⟨∇H, θ1 − θ0⟩ = {_f(d['value'])} ± {_f(d['se'], '.4f')} nats/sequence "
+            f"(between-prompt SE; ‖θ1 − θ0‖ = {_f(g['direction_norm'], '.4g')}, "
+            f"{g['n_backward']} backward passes)"
+            + (
+                ""
+                if g["delta1_tok"] is None
+                else f"; per token {_f(g['delta1_tok']['value'], '+.5f')} ± {_f(g['delta1_tok']['se'], '.5f')}"
+            )
+            + ".",
+            "",
+        ]
     out += _table(report["rows"]) + [""]
-    out.append(f"- k̂ first above its threshold at α = {_f(s['khat_crossing'], 'g')} "
-               f"(interpolated {_f(s['khat_crossing_interp'], '.3g')}); from there the ΔH column is unreliable.")
-    out.append(f"- ΔH₁ inside ΔH's CI at every α up to {_f(s['linear_until_fs'], 'g')} (function space), "
-               f"{_f(s['linear_until_grad'], 'g')} (gradient): no detectable departure from first order there.")
+    out.append(
+        f"- k̂ first above its threshold at α = {_f(s['khat_crossing'], 'g')} "
+        f"(interpolated {_f(s['khat_crossing_interp'], '.3g')}); from there the ΔH column is unreliable."
+    )
+    out.append(
+        f"- ΔH₁ inside ΔH's CI at every α up to {_f(s['linear_until_fs'], 'g')} (function space), "
+        f"{_f(s['linear_until_grad'], 'g')} (gradient): no detectable departure from first order there."
+    )
     pp = report["per_prompt"]
     for name, label in (("fs", "function space"), ("grad", "gradient")):
         v = pp["summary"].get(name)
         if v:
-            out.append(f"- per prompt at α = {pp['alpha']:g} ({label}): signs agree for "
-                       f"{_f(v['sign_agreement'], '.0%')} of {pp['summary']['n_prompts']} prompts, median "
-                       f"|rel. err| {_f(v['median_abs_rel_err'], '.0%')}, correlation {_f(v['correlation'], '.2f')}.")
+            out.append(
+                f"- per prompt at α = {pp['alpha']:g} ({label}): signs agree for "
+                f"{_f(v['sign_agreement'], '.0%')} of {pp['summary']['n_prompts']} prompts, median "
+                f"|rel. err| {_f(v['median_abs_rel_err'], '.0%')}, correlation {_f(v['correlation'], '.2f')}."
+            )
     if report.get("plots"):
         out += [""] + [f"![{p}]({p})" for p in report["plots"]]
     return out
 
 
-def run_probe(model0, direction, rollouts, scores0, *, alphas: Sequence[float], gradient: bool = True,
-              engine_config=None, estimator_kw: Mapping | None = None, out_dir: str | Path | None = None,
-              per_token: bool = True, plots: bool = True) -> dict:
+def run_probe(
+    model0,
+    direction,
+    rollouts,
+    scores0,
+    *,
+    alphas: Sequence[float],
+    gradient: bool = True,
+    engine_config=None,
+    estimator_kw: Mapping | None = None,
+    out_dir: str | Path | None = None,
+    per_token: bool = True,
+    plots: bool = True,
+) -> dict:
     """Gradient probe + step sweep + comparison report, as the run pipeline calls it.
 
     ``model0`` must hold θ0 (it is moved in place and restored bit for bit); ``scores0`` are
@@ -330,12 +278,21 @@ def run_probe(model0, direction, rollouts, scores0, *, alphas: Sequence[float], 
     timings, t0 = {}, time.perf_counter()
     g = None
     if gradient:
-        g = gradient_delta(model0, rollouts, direction, per_token=per_token,
-                           engine_config=engine_config, scores0=scores0)
+        g = gradient_delta(
+            model0, rollouts, direction, per_token=per_token, engine_config=engine_config, scores0=scores0
+        )
         timings["gradient"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    sweep = step_sweep(model0, direction, rollouts, alphas, engine_config=engine_config,
-                       estimator_kw=estimator_kw, scores0=scores0, gradient=g)
+    sweep = step_sweep(
+        model0,
+        direction,
+        rollouts,
+        alphas,
+        engine_config=engine_config,
+        estimator_kw=estimator_kw,
+        scores0=scores0,
+        gradient=g,
+    )
     timings["sweep"] = time.perf_counter() - t1
     report = probe_report(sweep, out_dir, plots=plots)
     report["timings"] = timings

@@ -28,18 +28,25 @@ from isdelta.engine.rollouts import Rollouts
 from isdelta.estimators import EntropyDelta, estimate, estimate_per_prompt
 from isdelta.outputs import finite_or_none as _finite
 from isdelta.probes.gradient import (
-    Direction,
     GradientDelta,
     ScoresLike,
     centred_coefficients,
-    check_direction,
     counted,
     prompt_codes,
     whole_sequence_scores,
 )
+from isdelta.probes.parameters import Direction, check_direction
 
-__all__ = ["SweepResult", "first_order_parts", "first_order_rate", "gap_terms", "moved_along", "per_prompt_points",
-           "point_estimate", "step_sweep"]
+__all__ = [
+    "SweepResult",
+    "first_order_parts",
+    "first_order_rate",
+    "gap_terms",
+    "moved_along",
+    "per_prompt_points",
+    "point_estimate",
+    "step_sweep",
+]
 
 _PER_ALPHA = ("logp", "entropy_sum", "stop_logp", "stop_entropy_sum")
 
@@ -117,19 +124,42 @@ class SweepResult:
                 return a
         return None
 
+    def khat_crossing_interp(self) -> float | None:
+        """α where k̂ − threshold crosses 0, linearly interpolated between the two grid points."""
+        prev = None
+        for alpha, e in zip(self.alphas, self.estimates):
+            if not math.isfinite(e.khat):
+                continue
+            gap = e.khat - e.khat_threshold
+            if gap > 0:
+                if prev is None:
+                    return alpha
+                a0, g0 = prev
+                return a0 + (alpha - a0) * (-g0) / (gap - g0)
+            prev = (alpha, gap)
+        return None
+
     def to_dict(self) -> dict:
         """JSON-safe: one dict per α (the EntropyDelta's, plus ΔH₁ lines), the gradient, options."""
         grad, grad_tok = self.delta1_grad(), self.delta1_grad(per_token=True)
         points = []
         for a, alpha in enumerate(self.alphas):
-            d = {"alpha": alpha, **self.estimates[a].to_dict(),
-                 "delta1_tok_fs": _finite(self.delta1_tok_fs[a]),
-                 "delta1_grad": None if grad is None else _finite(grad[a]),
-                 "delta1_grad_tok": None if grad_tok is None else _finite(grad_tok[a])}
+            d = {
+                "alpha": alpha,
+                **self.estimates[a].to_dict(),
+                "delta1_tok_fs": _finite(self.delta1_tok_fs[a]),
+                "delta1_grad": None if grad is None else _finite(grad[a]),
+                "delta1_grad_tok": None if grad_tok is None else _finite(grad_tok[a]),
+            }
             points.append(d)
-        return {"alphas": list(self.alphas), "points": points, "include": self.include,
-                "estimator_kw": dict(self.estimator_kw), "khat_crossing": self.khat_crossing(),
-                "gradient": None if self.gradient is None else self.gradient.to_dict()}
+        return {
+            "alphas": list(self.alphas),
+            "points": points,
+            "include": self.include,
+            "estimator_kw": dict(self.estimator_kw),
+            "khat_crossing": self.khat_crossing(),
+            "gradient": None if self.gradient is None else self.gradient.to_dict(),
+        }
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -199,8 +229,7 @@ def step_sweep(
         arrays1 = {k: scores[k][a] for k in _PER_ALPHA}
         estimates.append(point_estimate(arrays0, arrays1, include, kw))
         rates.append(first_order_rate(arrays0, arrays1, include))
-    return SweepResult(alphas, tuple(estimates), tuple(rates), gradient, dict(arrays0), scores,
-                       include, kw)
+    return SweepResult(alphas, tuple(estimates), tuple(rates), gradient, dict(arrays0), scores, include, kw)
 
 
 def _check_alphas(alphas) -> tuple[float, ...]:
@@ -209,8 +238,9 @@ def _check_alphas(alphas) -> tuple[float, ...]:
     except (TypeError, ValueError) as e:
         raise TypeError(f"alphas must be a sequence of numbers, e.g. [0.25, 0.5, 1, 2, 4]; got {alphas!r}.") from e
     if not vals or not all(math.isfinite(a) for a in vals):
-        raise ValueError(f"alphas must be a non-empty list of finite step sizes, e.g. "
-                         f"[0.25, 0.5, 1, 2, 4]; got {alphas!r}.")
+        raise ValueError(
+            f"alphas must be a non-empty list of finite step sizes, e.g. [0.25, 0.5, 1, 2, 4]; got {alphas!r}."
+        )
     return tuple(vals)
 
 
@@ -219,7 +249,8 @@ def _estimator_kw(estimator_kw: Mapping | None, include: str) -> dict:
     if kw.get("include", include) != include:
         raise ValueError(
             f"estimator_kw['include'] = {kw['include']!r} disagrees with engine_config.include_eos "
-            f"(→ {include!r}); the probe takes it from the engine config: drop it from estimator_kw.")
+            f"(→ {include!r}); the probe takes it from the engine config: drop it from estimator_kw."
+        )
     kw.pop("include", None)
     bad = sorted(set(kw) - {"weights", "prompts", "level", "clip"})
     if bad:
@@ -232,11 +263,20 @@ def estimate_args(arrays0: Mapping, arrays1: Mapping, include: str) -> tuple[tup
     p0 and p1 (``SequenceScores.to_numpy()`` keys), counting the stop token or not."""
     extra = {}
     if include == "no_eos":
-        extra = {"eos_logp0": arrays0["stop_logp"], "eos_logp1": arrays1["stop_logp"],
-                 "eos_entropy_sum0": arrays0["stop_entropy_sum"], "eos_entropy_sum1": arrays1["stop_entropy_sum"]}
+        extra = {
+            "eos_logp0": arrays0["stop_logp"],
+            "eos_logp1": arrays1["stop_logp"],
+            "eos_entropy_sum0": arrays0["stop_entropy_sum"],
+            "eos_entropy_sum1": arrays1["stop_entropy_sum"],
+        }
     args = (arrays0["logp"], arrays1["logp"], arrays0["length"], arrays0["group"])
-    return args, {"entropy_sum0": arrays0["entropy_sum"], "entropy_sum1": arrays1["entropy_sum"],
-                  "include": include, "stopped": np.asarray(arrays0["stopped"], dtype=bool), **extra}
+    return args, {
+        "entropy_sum0": arrays0["entropy_sum"],
+        "entropy_sum1": arrays1["entropy_sum"],
+        "include": include,
+        "stopped": np.asarray(arrays0["stopped"], dtype=bool),
+        **extra,
+    }
 
 
 def point_estimate(arrays0: Mapping, arrays1: Mapping, include: str, kw: Mapping) -> EntropyDelta:
@@ -295,8 +335,11 @@ def gap_terms(result: SweepResult, a: int) -> dict[str, float]:
     c_p = np.bincount(codes, weights=centred_coefficients(s0, codes) * ell)  # [P]
     e = result.estimates[a]
     c, sample_size = float(np.mean(c_p)), float(-np.mean(c_p / sizes))
-    return {"sample_size": sample_size, "nonlinear": e.cov_term - (c + sample_size),
-            "kl": e.kl_term - (e.delta1.value - c)}
+    return {
+        "sample_size": sample_size,
+        "nonlinear": e.cov_term - (c + sample_size),
+        "kl": e.kl_term - (e.delta1.value - c),
+    }
 
 
 def per_prompt_points(result: SweepResult, alpha: float) -> list[dict]:
@@ -319,8 +362,18 @@ def per_prompt_points(result: SweepResult, alpha: float) -> list[dict]:
         est = per_prompt[label.item()]
         grad = None if g is None else alpha * float(g.per_prompt[p])
         grad_tok = None if g is None or g.per_prompt_tok is None else alpha * float(g.per_prompt_tok[p])
-        out.append({"prompt": int(label), "n": int(est.n_rows), "delta": est.delta.to_dict(),
-                    "delta_tok": est.delta_tok.to_dict(), "delta1": est.delta1.to_dict(),
-                    "cov_term": _finite(est.cov_term), "kl_term": _finite(est.kl_term),
-                    "ess": _finite(est.ess), "delta1_grad": grad, "delta1_grad_tok": grad_tok})
+        out.append(
+            {
+                "prompt": int(label),
+                "n": int(est.n_rows),
+                "delta": est.delta.to_dict(),
+                "delta_tok": est.delta_tok.to_dict(),
+                "delta1": est.delta1.to_dict(),
+                "cov_term": _finite(est.cov_term),
+                "kl_term": _finite(est.kl_term),
+                "ess": _finite(est.ess),
+                "delta1_grad": grad,
+                "delta1_grad_tok": grad_tok,
+            }
+        )
     return out

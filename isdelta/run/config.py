@@ -85,7 +85,8 @@ class ProbeConfig(Section):
 # are TokenOptions' own (declared there); the transform, include_eos, seed and token_budget come
 # from the other sections.
 TokensConfig = options_section(
-    "TokensConfig", TokenOptions,
+    "TokensConfig",
+    TokenOptions,
     derived=("transform", "include_eos", "seed", "token_budget", "chunk_elems", "progress"),
     # carriers: each model's own samples (same transform and seeds), the data's reference
     # responses teacher-forced, or both
@@ -116,8 +117,10 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _one_way_to_p1(self) -> RunConfig:
         if (self.updated is None) == (self.update is None):
-            raise ValueError("give exactly one of `updated` (a second checkpoint: {path: ...}) or "
-                             "`update` (an in-process step: {loss: reinforce, lr: ...})")
+            raise ValueError(
+                "give exactly one of `updated` (a second checkpoint: {path: ...}) or "
+                "`update` (an in-process step: {loss: reinforce, lr: ...})"
+            )
         return self
 
 

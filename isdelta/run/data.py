@@ -40,10 +40,11 @@ def load_records(cfg: RunConfig) -> list[dict]:
             if d.chat_template:
                 prompt = [{"role": "user", "content": prompt}]
         else:
-            raise RunError(f"{path}:{n}: no '{d.prompt_field}' or '{d.messages_field}' field "
-                           f"(set data.prompt_field / data.messages_field); keys: {sorted(row)}.")
-        records.append({"prompt": prompt, "answer": row.get(d.answer_field),
-                        "response": row.get(d.response_field)})
+            raise RunError(
+                f"{path}:{n}: no '{d.prompt_field}' or '{d.messages_field}' field "
+                f"(set data.prompt_field / data.messages_field); keys: {sorted(row)}."
+            )
+        records.append({"prompt": prompt, "answer": row.get(d.answer_field), "response": row.get(d.response_field)})
         if d.limit and len(records) >= d.limit:
             break
     if not records:
@@ -58,16 +59,20 @@ def sft_rollouts(tok, records: list[dict], cfg: RunConfig, why: str = "update.lo
 
     missing = [i for i, r in enumerate(records) if not r["response"]]
     if missing:
-        raise RunError(f"{why} needs a reference response ('{cfg.data.response_field}') "
-                       f"for every prompt; records {missing[:5]} have none.")
+        raise RunError(
+            f"{why} needs a reference response ('{cfg.data.response_field}') "
+            f"for every prompt; records {missing[:5]} have none."
+        )
     prompts, comps = [], []
     for r in records:
         p = r["prompt"]
-        ids = (tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
-               if isinstance(p, list) else tok(p)["input_ids"])
+        ids = (
+            tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
+            if isinstance(p, list)
+            else tok(p)["input_ids"]
+        )
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding here
             ids = ids["input_ids"]
         prompts.append(list(ids))
         comps.append(tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    return Rollouts.from_token_lists(prompts, comps, eos_token_ids=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
+    return Rollouts.from_token_lists(prompts, comps, eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -16,8 +16,15 @@ from isdelta import program
 from isdelta.program import ConfigError, stage
 from isdelta.run.config import RunConfig, config_hash, load_config
 from isdelta.run.data import RunError, load_records
-from isdelta.run.stages import (estimate_inputs, make_p1, probe_stage, sample_stage, score_stage, token_estimate,
-                                tokens_stage)
+from isdelta.run.stages import (
+    estimate_inputs,
+    make_p1,
+    probe_stage,
+    sample_stage,
+    score_stage,
+    token_estimate,
+    tokens_stage,
+)
 from isdelta.training.update import ZeroUpdateError
 
 __all__ = ["PROGRAM", "main", "prepare_output", "run"]
@@ -33,7 +40,8 @@ def prepare_output(cfg: RunConfig, out: Path) -> None:
     if stamp.exists() and stamp.read_text().strip() != h:
         raise RunError(
             f"output folder {out} holds results of a different config (hash {stamp.read_text().strip()} "
-            f"vs {h} now); isdelta never mixes them. Pass --out NEW_DIR, or delete {out} to start over.")
+            f"vs {h} now); isdelta never mixes them. Pass --out NEW_DIR, or delete {out} to start over."
+        )
     stamp.write_text(h + "\n")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
@@ -41,8 +49,12 @@ def prepare_output(cfg: RunConfig, out: Path) -> None:
 def _p1_done(cfg: RunConfig, out: Path, probe, tokens) -> bool:
     """Whether a resumed run needs no model change: p1's scores and the update record exist, and
     neither a probe (it needs the update's direction) nor the token stage (p1) is still due."""
-    return ((out / "scores1.npz").exists() and (out / "update.json").exists()
-            and (cfg.probe is None or probe is not None) and (cfg.tokens is None or tokens is not None))
+    return (
+        (out / "scores1.npz").exists()
+        and (out / "update.json").exists()
+        and (cfg.probe is None or probe is not None)
+        and (cfg.tokens is None or tokens is not None)
+    )
 
 
 def _read_json(path: Path):
@@ -94,14 +106,36 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     with stage("estimate per decision", timings):
         tok_est = token_estimate(cfg, s0, s1)
     with stage("report", timings):
-        meta = {"name": out.name, "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg),
-                "device": device, "timings": timings, "update": update_info, "transform": transform.to_dict(),
-                "p0": cfg.model.path, "probe": probe, "tokens": tokens,
-                "p1": (f"`{cfg.updated.path}`" if cfg.updated else
-                       f"p0 after {cfg.update.steps} {cfg.update.optimizer} step(s) of {cfg.update.loss} "
-                       f"(lr {cfg.update.lr:g})")}
-        report = write_report(out, res, s0, s1, texts, meta, per_prompt, tok=tok_est, plots=cfg.output.plots,
-                              n_trace=cfg.output.n_trace_samples)
+        meta = {
+            "name": out.name,
+            "config": cfg.model_dump(mode="json"),
+            "config_hash": config_hash(cfg),
+            "device": device,
+            "timings": timings,
+            "update": update_info,
+            "transform": transform.to_dict(),
+            "p0": cfg.model.path,
+            "probe": probe,
+            "tokens": tokens,
+            "p1": (
+                f"`{cfg.updated.path}`"
+                if cfg.updated
+                else f"p0 after {cfg.update.steps} {cfg.update.optimizer} step(s) of {cfg.update.loss} "
+                f"(lr {cfg.update.lr:g})"
+            ),
+        }
+        report = write_report(
+            out,
+            res,
+            s0,
+            s1,
+            texts,
+            meta,
+            per_prompt,
+            tok=tok_est,
+            plots=cfg.output.plots,
+            n_trace=cfg.output.n_trace_samples,
+        )
     print(res.summary())
     print("\n" + "\n".join(headline_lines(res, tok_est)))
     if tokens is not None:
@@ -112,11 +146,18 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
 
 
 PROGRAM = program.Program(
-    prog="python -m isdelta.run", description="ΔH of one update, end to end.", set_example="update.lr=1e-4",
-    load=load_config, execute=run,
-    errors={ConfigError: (2, ""), RunError: (2, ""),
-            # never reported as a measured ΔH = 0: the update did not move the model at all
-            ZeroUpdateError: (3, "the update did not change the model, so there is no ΔH to measure: ")})
+    prog="python -m isdelta.run",
+    description="ΔH of one update, end to end.",
+    set_example="update.lr=1e-4",
+    load=load_config,
+    execute=run,
+    errors={
+        ConfigError: (2, ""),
+        RunError: (2, ""),
+        # never reported as a measured ΔH = 0: the update did not move the model at all
+        ZeroUpdateError: (3, "the update did not change the model, so there is no ΔH to measure: "),
+    },
+)
 
 
 def main(argv: list[str] | None = None) -> int:

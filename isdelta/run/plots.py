@@ -102,9 +102,11 @@ def plot_entropy_hist(path: Path, s0: dict, s1: dict) -> None:
 
 def draw_all(out: Path, res, s0: dict, s1: dict, per_prompt: list[dict], n_trace: int) -> list[str]:
     """Draw every plot into `out`; return the file names."""
-    files = {"weights.png": lambda p: plot_weights(p, res, s0["group"]),
-             "per_prompt.png": lambda p: plot_per_prompt(p, res, per_prompt),
-             "entropy_hist.png": lambda p: plot_entropy_hist(p, s0, s1)}
+    files = {
+        "weights.png": lambda p: plot_weights(p, res, s0["group"]),
+        "per_prompt.png": lambda p: plot_per_prompt(p, res, per_prompt),
+        "entropy_hist.png": lambda p: plot_entropy_hist(p, s0, s1),
+    }
     if n_trace > 0:
         files["token_entropy.png"] = lambda p: plot_token_traces(p, s0, s1, n_trace)
     for name, draw in files.items():

@@ -18,14 +18,14 @@ from isdelta.outputs import atomic_write
 from isdelta.run.config import RunConfig
 from isdelta.run.data import RunError, sft_rollouts
 
-__all__ = ["estimate_inputs", "make_p1", "probe_stage", "sample_stage", "score_stage", "token_estimate",
-           "tokens_stage"]
+__all__ = ["estimate_inputs", "make_p1", "probe_stage", "sample_stage", "score_stage", "token_estimate", "tokens_stage"]
 
 
 def sample_stage(cfg: RunConfig, model, tok, records: list[dict], out: Path, subdir: str = "samples"):
     """Sample in chunks of prompts; each chunk is saved when done and reloaded on resume."""
     from isdelta.engine import LogitTransform, Rollouts
-    from isdelta.engine.sampling import Samples, sample
+    from isdelta.engine.samples import Samples
+    from isdelta.engine.sampling import sample
 
     s = cfg.sampling
     transform = LogitTransform(s.temperature, s.top_k, s.top_p)
@@ -38,9 +38,16 @@ def sample_stage(cfg: RunConfig, model, tok, records: list[dict], out: Path, sub
         if path.exists():
             parts.append(Samples.load(path))
             continue
-        part = sample(model, tok, [r["prompt"] for r in records[start:start + k]], num_samples=s.num_samples,
-                      transform=transform, max_new_tokens=s.max_new_tokens, stop_strings=s.stop_strings,
-                      seed=cfg.seed * 100_003 + c)
+        part = sample(
+            model,
+            tok,
+            [r["prompt"] for r in records[start : start + k]],
+            num_samples=s.num_samples,
+            transform=transform,
+            max_new_tokens=s.max_new_tokens,
+            stop_strings=s.stop_strings,
+            seed=cfg.seed * 100_003 + c,
+        )
         part.save(path)
         parts.append(part)
     rollouts = Rollouts.concat([p.rollouts for p in parts], pad_token_id=tok.pad_token_id)
@@ -92,15 +99,29 @@ def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
         if any(a is None for a in answers):
             raise RunError(f"update.loss=reinforce needs data.answer_field ('{cfg.data.answer_field}') on every row.")
         rewards = np.array([REWARDS[u.reward](t, str(a)) for t, a in zip(texts, answers)])
-        result = update(model1, loss="reinforce", rollouts=rollouts, rewards=rewards, optimizer=u.optimizer,
-                        lr=u.lr, steps=u.steps, engine_config=ecfg)
+        result = update(
+            model1,
+            loss="reinforce",
+            rollouts=rollouts,
+            rewards=rewards,
+            optimizer=u.optimizer,
+            lr=u.lr,
+            steps=u.steps,
+            engine_config=ecfg,
+        )
     else:
-        result = update(model1, loss="sft", rollouts=sft_rollouts(tok, records, cfg), optimizer=u.optimizer,
-                        lr=u.lr, steps=u.steps, engine_config=EngineConfig(token_budget=cfg.engine.token_budget))
+        result = update(
+            model1,
+            loss="sft",
+            rollouts=sft_rollouts(tok, records, cfg),
+            optimizer=u.optimizer,
+            lr=u.lr,
+            steps=u.steps,
+            engine_config=EngineConfig(token_budget=cfg.engine.token_budget),
+        )
     info = {"kind": "update", **result.to_dict()}
     if u.loss == "reinforce":
-        info.update(reward=u.reward, mean_reward=float(rewards.mean()),
-                    samples_per_prompt=cfg.sampling.num_samples)
+        info.update(reward=u.reward, mean_reward=float(rewards.mean()), samples_per_prompt=cfg.sampling.num_samples)
     return model1, info
 
 
@@ -112,11 +133,25 @@ def estimate_inputs(cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray) -> 
     stop-string row has none), else every row the sampler stopped.
     """
     e = cfg.estimator
-    kw = {"entropy_sum0": s0["entropy_sum"], "entropy_sum1": s1["entropy_sum"], "weights": e.weights,
-          "prompts": e.prompts, "level": e.level, "clip": e.clip, "stopped": stopped, "include": "all"}
+    kw = {
+        "entropy_sum0": s0["entropy_sum"],
+        "entropy_sum1": s1["entropy_sum"],
+        "weights": e.weights,
+        "prompts": e.prompts,
+        "level": e.level,
+        "clip": e.clip,
+        "stopped": stopped,
+        "include": "all",
+    }
     if not cfg.engine.include_eos:
-        kw.update(include="no_eos", stopped=s0["stopped"], eos_logp0=s0["stop_logp"], eos_logp1=s1["stop_logp"],
-                  eos_entropy_sum0=s0["stop_entropy_sum"], eos_entropy_sum1=s1["stop_entropy_sum"])
+        kw.update(
+            include="no_eos",
+            stopped=s0["stopped"],
+            eos_logp0=s0["stop_logp"],
+            eos_logp1=s1["stop_logp"],
+            eos_entropy_sum0=s0["stop_entropy_sum"],
+            eos_entropy_sum1=s1["stop_entropy_sum"],
+        )
     return (s0["logp"], s1["logp"], s0["length"], s0["group"]), kw
 
 
@@ -131,8 +166,17 @@ def token_estimate(cfg: RunConfig, s0: dict, s1: dict):
     if not cfg.engine.include_eos:
         return None
     e = cfg.estimator
-    return estimate_tokens(s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"],
-                           s0["mask"], s0["group"], method="cv", prompts=e.prompts, level=e.level)
+    return estimate_tokens(
+        s0["token_logp"],
+        s1["token_logp"],
+        s0["token_entropy"],
+        s1["token_entropy"],
+        s0["mask"],
+        s0["group"],
+        method="cv",
+        prompts=e.prompts,
+        level=e.level,
+    )
 
 
 def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, out: Path) -> dict:
@@ -144,12 +188,22 @@ def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, o
     from isdelta.probes import parameter_delta, run_probe
 
     e, p = cfg.estimator, cfg.probe
-    ecfg = EngineConfig.from_transform(transform, include_eos=cfg.engine.include_eos,
-                                       token_budget=cfg.engine.token_budget, progress=False)
-    return run_probe(model0, parameter_delta(model0, model1), rollouts, s0, alphas=list(p.sweep),
-                     gradient=p.gradient, per_token=p.per_token, engine_config=ecfg,
-                     estimator_kw=dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip),
-                     out_dir=out, plots=cfg.output.plots)
+    ecfg = EngineConfig.from_transform(
+        transform, include_eos=cfg.engine.include_eos, token_budget=cfg.engine.token_budget, progress=False
+    )
+    return run_probe(
+        model0,
+        parameter_delta(model0, model1),
+        rollouts,
+        s0,
+        alphas=list(p.sweep),
+        gradient=p.gradient,
+        per_token=p.per_token,
+        engine_config=ecfg,
+        estimator_kw=dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip),
+        out_dir=out,
+        plots=cfg.output.plots,
+    )
 
 
 def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transform, out: Path) -> dict:
@@ -168,7 +222,17 @@ def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transfo
     if t.mode in ("teacher_forced", "both"):
         why = f"tokens.mode={t.mode} (without responses use tokens.mode=generations)"
         carriers["reference"] = sft_rollouts(tok, records, cfg, why=why)
-    opts = t.options(transform=transform, include_eos=cfg.engine.include_eos, seed=cfg.seed,
-                     token_budget=cfg.engine.token_budget)
-    return tokens.run_tokens(model0, model1, carriers, tokenizer=tok, options=opts, names=("p0", "p1"),
-                             n_interesting=t.n_interesting, out_dir=out, plots=cfg.output.plots)
+    opts = t.options(
+        transform=transform, include_eos=cfg.engine.include_eos, seed=cfg.seed, token_budget=cfg.engine.token_budget
+    )
+    return tokens.run_tokens(
+        model0,
+        model1,
+        carriers,
+        tokenizer=tok,
+        options=opts,
+        names=("p0", "p1"),
+        n_interesting=t.n_interesting,
+        out_dir=out,
+        plots=cfg.output.plots,
+    )

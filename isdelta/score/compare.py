@@ -36,9 +36,11 @@ class PCA:
     text_loadings: np.ndarray
 
     def to_dict(self, names: list[str]) -> dict[str, Any]:
-        return {"explained_variance": self.explained_variance.tolist(),
-                "explained_variance_ratio": self.explained_variance_ratio.tolist(),
-                "coords": {n: c.tolist() for n, c in zip(names, self.coords)}}
+        return {
+            "explained_variance": self.explained_variance.tolist(),
+            "explained_variance_ratio": self.explained_variance_ratio.tolist(),
+            "coords": {n: c.tolist() for n, c in zip(names, self.coords)},
+        }
 
 
 def pca(X: np.ndarray) -> PCA:
@@ -78,8 +80,11 @@ def _rank_matrix(X: np.ndarray, kind: Literal["spearman", "kendall"]) -> tuple[n
     return rho, p
 
 
-def distance_matrix(X: np.ndarray, metric: Literal["rmse", "mean_abs", "one_minus_spearman"] = "rmse",
-                    spearman: np.ndarray | None = None) -> np.ndarray:
+def distance_matrix(
+    X: np.ndarray,
+    metric: Literal["rmse", "mean_abs", "one_minus_spearman"] = "rmse",
+    spearman: np.ndarray | None = None,
+) -> np.ndarray:
     """Distances [M, M] between the models' per-text vectors (zero on the diagonal).
 
     ``rmse`` = √mean_t (x_a − x_b)², ``mean_abs`` = mean_t |x_a − x_b| (both in the statistic's
@@ -115,15 +120,22 @@ class Comparison:
         def mat(a):
             return {n: dict(zip(self.names, map(float, row))) for n, row in zip(self.names, a)}
 
-        return {"stat": self.stat, "n_texts": self.n_texts, "models": self.names,
-                "spearman": mat(self.spearman), "spearman_p": mat(self.spearman_p),
-                "kendall": mat(self.kendall), "kendall_p": mat(self.kendall_p),
-                "distance": {"metric": self.metric, "matrix": mat(self.distance)},
-                "pca": self.pca.to_dict(self.names)}
+        return {
+            "stat": self.stat,
+            "n_texts": self.n_texts,
+            "models": self.names,
+            "spearman": mat(self.spearman),
+            "spearman_p": mat(self.spearman_p),
+            "kendall": mat(self.kendall),
+            "kendall_p": mat(self.kendall_p),
+            "distance": {"metric": self.metric, "matrix": mat(self.distance)},
+            "pca": self.pca.to_dict(self.names),
+        }
 
 
-def compare_models(X: np.ndarray, names: list[str], stat: str,
-                   metric: Literal["rmse", "mean_abs", "one_minus_spearman"] = "rmse") -> Comparison:
+def compare_models(
+    X: np.ndarray, names: list[str], stat: str, metric: Literal["rmse", "mean_abs", "one_minus_spearman"] = "rmse"
+) -> Comparison:
     """Rank correlations (Spearman, Kendall τ-b), a distance matrix and a PCA of X [M, n].
 
     Parameters
@@ -145,8 +157,10 @@ def compare_models(X: np.ndarray, names: list[str], stat: str,
     if X.ndim != 2 or X.shape[0] != len(names) or X.shape[0] < 2:
         raise ValueError(f"X must be [M, n] with M = len(names) >= 2 models; got {X.shape} for {len(names)} names.")
     if X.shape[1] < 3:
-        raise ValueError(f"rank correlations need >= 3 texts scored by every model; got {X.shape[1]}. "
-                         "Score a larger corpus (data.limit).")
+        raise ValueError(
+            f"rank correlations need >= 3 texts scored by every model; got {X.shape[1]}. "
+            "Score a larger corpus (data.limit)."
+        )
     if not np.isfinite(X).all():
         raise ValueError("X holds NaN/inf: keep only the texts every model scored.")
     rho, rho_p = _rank_matrix(X, "spearman")

@@ -47,8 +47,10 @@ class ScoreData(Section):
     @model_validator(mode="after")
     def _prefix_token(self) -> ScoreData:
         if (self.prefix == "token") != (self.prefix_token is not None):
-            raise ValueError("prefix: token needs data.prefix_token (a token string such as "
-                             "'<|endoftext|>'), and prefix_token is only used with prefix: token")
+            raise ValueError(
+                "prefix: token needs data.prefix_token (a token string such as "
+                "'<|endoftext|>'), and prefix_token is only used with prefix: token"
+            )
         return self
 
 
@@ -95,16 +97,17 @@ class ScoreConfig(Section):
         names = self.names
         for n in names:
             if not _NAME.match(n):
-                raise ValueError(f"model name {n!r} is not a safe folder name: use letters, digits, "
-                                 "'.', '_' and '-' (set models.N.name)")
+                raise ValueError(
+                    f"model name {n!r} is not a safe folder name: use letters, digits, "
+                    "'.', '_' and '-' (set models.N.name)"
+                )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"model names {dup} repeat: give each entry its own models.N.name")
         if self.curriculum is not None:
             _check_curriculum(self.curriculum, names)
         if self.compare is not None and self.compare.stat not in KEY_STATS:
-            raise ValueError(f"compare.stat {self.compare.stat!r} is not a statistic; "
-                             f"choose one of {list(KEY_STATS)}")
+            raise ValueError(f"compare.stat {self.compare.stat!r} is not a statistic; choose one of {list(KEY_STATS)}")
         return self
 
 
@@ -132,13 +135,17 @@ def _check_curriculum(c: CurriculumConfig, names: tuple[str, ...]) -> None:
         raise ValueError("curriculum.key is an empty mapping: give a statistic or {stat: weight}")
     for stat, model, _ in parse_key(c.key, c.model or names[0]):
         if stat not in KEY_STATS:
-            raise ValueError(f"curriculum.key: {stat!r} is not a statistic; choose from {list(KEY_STATS)} "
-                             "(optionally as stat@model_name)")
+            raise ValueError(
+                f"curriculum.key: {stat!r} is not a statistic; choose from {list(KEY_STATS)} "
+                "(optionally as stat@model_name)"
+            )
         if model not in names:
             raise ValueError(f"curriculum.key: model {model!r} (in {stat}@{model}) is none of {list(names)}")
     if isinstance(c.schedule, list) and sorted(c.schedule) != list(range(c.bins)):
-        raise ValueError(f"curriculum.schedule {c.schedule} is not a permutation of the bin indices "
-                         f"0..{c.bins - 1}; give each bin once, e.g. {list(range(c.bins))[::-1]}")
+        raise ValueError(
+            f"curriculum.schedule {c.schedule} is not a permutation of the bin indices "
+            f"0..{c.bins - 1}; give each bin once, e.g. {list(range(c.bins))[::-1]}"
+        )
 
 
 def load_score_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> ScoreConfig:

@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CorpusError", "CorpusIndex", "Record", "chunked", "corpus_format", "iter_records", "read_span",
-           "resolve_path"]
+__all__ = [
+    "CorpusError",
+    "CorpusIndex",
+    "Record",
+    "chunked",
+    "corpus_format",
+    "iter_records",
+    "read_span",
+    "resolve_path",
+]
 
 
 class CorpusError(ValueError):

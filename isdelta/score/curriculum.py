@@ -57,9 +57,15 @@ class Curriculum:
         return m[::-1] if self.descending else m
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_texts": len(self.order), "n_excluded": len(self.excluded),
-                "bins": len(self.edges) - 1, "counts": self.counts, "edges": self.edges.tolist(),
-                "schedule": self.schedule, "descending": self.descending}
+        return {
+            "n_texts": len(self.order),
+            "n_excluded": len(self.excluded),
+            "bins": len(self.edges) - 1,
+            "counts": self.counts,
+            "edges": self.edges.tolist(),
+            "schedule": self.schedule,
+            "descending": self.descending,
+        }
 
 
 def combine_key(terms: list[tuple[np.ndarray, float]], standardize: bool = False) -> np.ndarray:
@@ -89,8 +95,12 @@ def _schedule(k: int, schedule: Literal["increasing", "decreasing"] | list[int])
     return [int(b) for b in schedule]
 
 
-def build_curriculum(key: np.ndarray, bins: int, binning: Literal["count", "width"] = "count",
-                     schedule: Literal["increasing", "decreasing"] | list[int] = "increasing") -> Curriculum:
+def build_curriculum(
+    key: np.ndarray,
+    bins: int,
+    binning: Literal["count", "width"] = "count",
+    schedule: Literal["increasing", "decreasing"] | list[int] = "increasing",
+) -> Curriculum:
     """Sort texts by ``key`` and cut them into ``bins`` bins.
 
     Parameters
@@ -111,15 +121,20 @@ def build_curriculum(key: np.ndarray, bins: int, binning: Literal["count", "widt
         sizes = [len(part) for part in np.array_split(np.arange(n), bins)]
         bin_of = np.repeat(np.arange(bins), sizes)
         starts = np.cumsum([0] + sizes[:-1])
-        edges = np.array([k_sorted[min(s, n - 1)] if n else np.nan for s in starts] +
-                         [k_sorted[-1] if n else np.nan])
+        edges = np.array([k_sorted[min(s, n - 1)] if n else np.nan for s in starts] + [k_sorted[-1] if n else np.nan])
     else:
         lo, hi = (k_sorted[0], k_sorted[-1]) if n else (np.nan, np.nan)
         edges = np.linspace(lo, hi, bins + 1)
         # right-closed last bin: the maximum belongs to bin k-1, not to a bin k past the end
         bin_of = np.clip(np.searchsorted(edges, k_sorted, side="right") - 1, 0, bins - 1)
-    return Curriculum(order, bin_of.astype(np.int64), edges, _schedule(bins, schedule),
-                      schedule == "decreasing", np.flatnonzero(~np.isfinite(key)))
+    return Curriculum(
+        order,
+        bin_of.astype(np.int64),
+        edges,
+        _schedule(bins, schedule),
+        schedule == "decreasing",
+        np.flatnonzero(~np.isfinite(key)),
+    )
 
 
 def write_curriculum(out: Path, cur: Curriculum, key: np.ndarray, index, meta: dict) -> None:
@@ -141,17 +156,32 @@ def write_curriculum(out: Path, cur: Curriculum, key: np.ndarray, index, meta: d
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in index.rows(members))
         files.append(name)
         vals = key[members]
-        bins_meta.append({"bin": b, "file": name, "count": len(members),
-                          "key_min": float(vals.min()) if len(vals) else None,
-                          "key_max": float(vals.max()) if len(vals) else None,
-                          "edge_low": float(cur.edges[b]), "edge_high": float(cur.edges[b + 1])})
+        bins_meta.append(
+            {
+                "bin": b,
+                "file": name,
+                "count": len(members),
+                "key_min": float(vals.min()) if len(vals) else None,
+                "key_max": float(vals.max()) if len(vals) else None,
+                "edge_low": float(cur.edges[b]),
+                "edge_high": float(cur.edges[b + 1]),
+            }
+        )
     _write_order(tmp / "order.csv", cur, key, index.ids)
-    manifest = {**meta, **cur.to_dict(), "shards": bins_meta, "corpus": str(index.path),
-                "excluded_ids": [index.ids[p] for p in cur.excluded]}
+    manifest = {
+        **meta,
+        **cur.to_dict(),
+        "shards": bins_meta,
+        "corpus": str(index.path),
+        "excluded_ids": [index.ids[p] for p in cur.excluded],
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    sched = {"order": cur.schedule, "shards": [files[b] for b in cur.schedule],
-             "counts": [cur.counts[b] for b in cur.schedule],
-             "within_bin": "decreasing key" if cur.descending else "increasing key"}
+    sched = {
+        "order": cur.schedule,
+        "shards": [files[b] for b in cur.schedule],
+        "counts": [cur.counts[b] for b in cur.schedule],
+        "within_bin": "decreasing key" if cur.descending else "increasing key",
+    }
     (tmp / "schedule.json").write_text(json.dumps(sched, indent=2))
     _swap_in(tmp, out)
 

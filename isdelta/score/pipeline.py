@@ -79,8 +79,9 @@ def score_one(cfg, name: str, m, model, tok, store, n_done: int) -> dict:
     from isdelta.score.scorer import Encoder, max_positions, score_chunk
     from isdelta.score.store import stamp_of
 
-    engine = LogProbEngine(EngineConfig(temperature=m.temperature, include_eos=True,
-                                        token_budget=cfg.engine.token_budget, progress=False))
+    engine = LogProbEngine(
+        EngineConfig(temperature=m.temperature, include_eos=True, token_budget=cfg.engine.token_budget, progress=False)
+    )
     encoder = Encoder(tok, cfg.data, max_positions(model))
     records = (r for r in iter_records(cfg.data, resolve_path(cfg.data.path)) if r.index >= n_done)
     seconds, n_texts, n_tokens = 0.0, 0, 0
@@ -91,18 +92,32 @@ def score_one(cfg, name: str, m, model, tok, store, n_done: int) -> dict:
         store.append(rows)
         n_texts += len(rows)
         n_tokens += sum(r["n_tokens"] for r in rows)
-        print(f"[isdelta] {name}: {rows[-1]['index'] + 1} texts scored "
-              f"({n_texts / max(seconds, 1e-9):.1f} texts/s, {n_tokens / max(seconds, 1e-9):.0f} tokens/s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[isdelta] {name}: {rows[-1]['index'] + 1} texts scored "
+            f"({n_texts / max(seconds, 1e-9):.1f} texts/s, {n_tokens / max(seconds, 1e-9):.0f} tokens/s)",
+            file=sys.stderr,
+            flush=True,
+        )
     vocab = sorted(tok.get_vocab().items())
-    info = {"name": name, "path": m.path, "temperature": m.temperature, "dtype": m.dtype,
-            "device": str(next(model.parameters()).device), "n_texts": n_done + n_texts,
-            "resumed_after": n_done,
-            "throughput": {"texts": n_texts, "tokens": n_tokens, "seconds": seconds,
-                           "texts_per_s": n_texts / seconds if seconds else None,
-                           "tokens_per_s": n_tokens / seconds if seconds else None,
-                           "token_budget": cfg.engine.token_budget, "chunk_texts": cfg.engine.chunk_texts},
-            "tokenizer": stamp_of([vocab, tok.bos_token_id, tok.eos_token_id])}
+    info = {
+        "name": name,
+        "path": m.path,
+        "temperature": m.temperature,
+        "dtype": m.dtype,
+        "device": str(next(model.parameters()).device),
+        "n_texts": n_done + n_texts,
+        "resumed_after": n_done,
+        "throughput": {
+            "texts": n_texts,
+            "tokens": n_tokens,
+            "seconds": seconds,
+            "texts_per_s": n_texts / seconds if seconds else None,
+            "tokens_per_s": n_tokens / seconds if seconds else None,
+            "token_budget": cfg.engine.token_budget,
+            "chunk_texts": cfg.engine.chunk_texts,
+        },
+        "tokenizer": stamp_of([vocab, tok.bos_token_id, tok.eos_token_id]),
+    }
     store.finish(info)
     return info
 
@@ -125,8 +140,12 @@ def build_curriculum(cfg, out: Path, corpus: Path) -> dict | None:
     assert len(index.ids) == len(key), "stats rows and corpus records must align one to one"
     cur = _build(key, c.bins, c.binning, c.schedule)
     label = " + ".join(("" if w == 1 else f"{w:g}·") + f"{s}@{m}" for s, m, w in terms)
-    meta = {"key": label, "terms": [{"stat": s, "model": m, "weight": w} for s, m, w in terms],
-            "standardize": c.standardize, "binning": c.binning}
+    meta = {
+        "key": label,
+        "terms": [{"stat": s, "model": m, "weight": w} for s, m, w in terms],
+        "standardize": c.standardize,
+        "binning": c.binning,
+    }
     write_curriculum(out / "curriculum", cur, key, index, meta)
     if cfg.output.plots:
         from isdelta.score.plots import plot_curriculum
@@ -139,8 +158,10 @@ def _extremes(cur, key: np.ndarray, index, n: int = 3) -> dict:
     """The n lowest- and highest-key texts (short excerpts), to show what the key measures."""
     out = {}
     for side, pos in (("lowest", cur.order[:n]), ("highest", cur.order[::-1][:n])):
-        out[side] = [{"id": index.ids[p], "key": float(key[p]), "excerpt": row[index.text_field][:80]}
-                     for p, row in zip(pos, index.rows(pos))]
+        out[side] = [
+            {"id": index.ids[p], "key": float(key[p]), "excerpt": row[index.text_field][:80]}
+            for p, row in zip(pos, index.rows(pos))
+        ]
     return out
 
 
@@ -161,8 +182,10 @@ def build_comparison(cfg, out: Path, infos: dict[str, dict]) -> dict | None:
     d = res.to_dict()
     d["same_tokenizer"] = len({infos[n].get("tokenizer") for n in names}) == 1
     if not d["same_tokenizer"]:
-        d["note"] = ("the models use different tokenizers: per-token statistics average over different "
-                     "tokens; compare nll_sum or bits_per_char across them")
+        d["note"] = (
+            "the models use different tokenizers: per-token statistics average over different "
+            "tokens; compare nll_sum or bits_per_char across them"
+        )
     (out / "compare" / "comparison.json").write_text(json.dumps(d, indent=2))
     if cfg.output.plots:
         from isdelta.score import plots
@@ -197,9 +220,13 @@ def model_table(cfg, out: Path, infos: dict[str, dict]) -> dict[str, dict]:
     for i, name in enumerate(cfg.names):
         _, cols = _store(cfg, out, i).columns(list(KEY_STATS) + ["n_chars"])
         n_chars = cols.pop("n_chars")
-        table[name] = {"path": cfg.models[i].path, "temperature": cfg.models[i].temperature,
-                       **aggregate(cols, n_chars), "n_unscored": int((cols["n_tokens"] == 0).sum()),
-                       "throughput": infos[name]["throughput"]}
+        table[name] = {
+            "path": cfg.models[i].path,
+            "temperature": cfg.models[i].temperature,
+            **aggregate(cols, n_chars),
+            "n_unscored": int((cols["n_tokens"] == 0).sum()),
+            "throughput": infos[name]["throughput"],
+        }
         curves[name] = cols[cfg.compare.stat if cfg.compare else "entropy_mean"]
     if cfg.output.plots:
         from isdelta.score.plots import plot_sorted
@@ -225,9 +252,15 @@ def score(cfg, out: Path | None = None) -> dict:
     infos = score_models(cfg, out, timings)
     _clear_derived(cfg, out)
     with stage("curriculum, comparison, plots", timings):
-        summary = {"name": out.name, "corpus": str(corpus), "models": model_table(cfg, out, infos),
-                   "curriculum": build_curriculum(cfg, out, corpus), "comparison": build_comparison(cfg, out, infos),
-                   "timings": timings, "versions": versions()}
+        summary = {
+            "name": out.name,
+            "corpus": str(corpus),
+            "models": model_table(cfg, out, infos),
+            "curriculum": build_curriculum(cfg, out, corpus),
+            "comparison": build_comparison(cfg, out, infos),
+            "timings": timings,
+            "versions": versions(),
+        }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
     atomic_write(out / "summary.md", summary_markdown(summary))
     print(summary_markdown(summary))
@@ -249,15 +282,22 @@ def _note_derived_change(cfg, out: Path, stamp_of) -> None:
     derived = stamp_of(cfg.model_dump(mode="json", include={"curriculum", "compare"}))
     path = out / "derived_stamp"
     if path.exists() and path.read_text().strip() != derived:
-        print(f"[isdelta] {out}: curriculum/compare settings changed since the last run; rebuilding "
-              "curriculum/ and compare/ from the saved scores (scores are reused).", file=sys.stderr)
+        print(
+            f"[isdelta] {out}: curriculum/compare settings changed since the last run; rebuilding "
+            "curriculum/ and compare/ from the saved scores (scores are reused).",
+            file=sys.stderr,
+        )
     path.write_text(derived + "\n")
 
 
 PROGRAM = program.Program(
-    prog="python -m isdelta.score", description="Characterise a text corpus by entropy and varentropy.",
-    set_example="models.0.temperature=0.7", load=load_score_config, execute=score,
-    errors={ConfigError: (2, ""), CorpusError: (2, ""), StoreError: (2, "")})
+    prog="python -m isdelta.score",
+    description="Characterise a text corpus by entropy and varentropy.",
+    set_example="models.0.temperature=0.7",
+    load=load_score_config,
+    execute=score,
+    errors={ConfigError: (2, ""), CorpusError: (2, ""), StoreError: (2, "")},
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,11 @@ def plot_sorted(path: Path, values: dict[str, np.ndarray], stat: str) -> None:
         v = np.sort(v[np.isfinite(v)])
         if len(v):
             ax.plot(np.linspace(0, 1, len(v)), v, label=f"{name} (mean {v.mean():.3f})", lw=1.5)
-    ax.set(xlabel="quantile of texts", ylabel=f"{stat} (nats)" if "bits" not in stat else stat,
-           title=f"Sorted per-text {stat}")
+    ax.set(
+        xlabel="quantile of texts",
+        ylabel=f"{stat} (nats)" if "bits" not in stat else stat,
+        title=f"Sorted per-text {stat}",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -40,8 +43,7 @@ def plot_rank_scatter(path: Path, X: np.ndarray, names: list[str], spearman: np.
     for ax, (a, b) in zip(axes[0], pairs):
         ax.scatter(R[a], R[b], s=10, alpha=0.7)
         ax.plot([1, R.shape[1]], [1, R.shape[1]], color="grey", lw=0.8, ls="--")
-        ax.set(xlabel=f"rank under {names[a]}", ylabel=f"rank under {names[b]}",
-               title=f"ρ_s = {spearman[a, b]:.3f}")
+        ax.set(xlabel=f"rank under {names[a]}", ylabel=f"rank under {names[b]}", title=f"ρ_s = {spearman[a, b]:.3f}")
         ax.set_aspect("equal")
     fig.suptitle(f"Per-text {stat}: rank vs rank")
     fig.tight_layout()
@@ -59,8 +61,15 @@ def plot_distance(path: Path, D: np.ndarray, names: list[str], metric: str, stat
     ax.set_yticks(range(M), names)
     for i in range(M):
         for j in range(M):
-            ax.text(j, i, f"{D[i, j]:.3g}", ha="center", va="center",
-                    color="white" if D[i, j] < D.max() / 2 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{D[i, j]:.3g}",
+                ha="center",
+                va="center",
+                color="white" if D[i, j] < D.max() / 2 else "black",
+                fontsize=8,
+            )
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(f"{metric} distance of per-text {stat}")
     fig.tight_layout()
@@ -78,8 +87,9 @@ def plot_pca(path: Path, coords: np.ndarray, ratio: np.ndarray, names: list[str]
     for (x, y), n in zip(xy, names):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
     r = list(ratio) + [0.0, 0.0]
-    ax.set(xlabel=f"PC1 ({r[0]:.1%} of variance)", ylabel=f"PC2 ({r[1]:.1%})",
-           title=f"PCA of the models' per-text {stat}")
+    ax.set(
+        xlabel=f"PC1 ({r[0]:.1%} of variance)", ylabel=f"PC2 ({r[1]:.1%})", title=f"PCA of the models' per-text {stat}"
+    )
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.grid(alpha=0.3)

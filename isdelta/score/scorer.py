@@ -73,13 +73,17 @@ class Encoder:
         if d.prefix == "token":
             tid = tok.convert_tokens_to_ids(d.prefix_token)
             if tid is None or (tid == tok.unk_token_id and d.prefix_token != tok.unk_token):
-                raise ConfigError(f"data.prefix_token {d.prefix_token!r} is not a token of this tokenizer; "
-                                 "give a token string from its vocabulary (e.g. its bos or eos token).")
+                raise ConfigError(
+                    f"data.prefix_token {d.prefix_token!r} is not a token of this tokenizer; "
+                    "give a token string from its vocabulary (e.g. its bos or eos token)."
+                )
             return int(tid)
         tid = tok.bos_token_id if d.prefix == "bos" else tok.eos_token_id
         if tid is None:
-            raise ConfigError(f"data.prefix: {d.prefix} but the tokenizer has no {d.prefix} token; "
-                             "set data.prefix to another choice (eos, token, none).")
+            raise ConfigError(
+                f"data.prefix: {d.prefix} but the tokenizer has no {d.prefix} token; "
+                "set data.prefix to another choice (eos, token, none)."
+            )
         return int(tid)
 
     def _template_context(self, prompt: str | None) -> list[int]:
@@ -88,19 +92,23 @@ class Encoder:
         key = prompt if d.wrap == "assistant" else None
         if key not in self._templates:
             if not getattr(self.tok, "chat_template", None):
-                raise ConfigError(f"data.wrap: {d.wrap} needs a tokenizer with a chat template; this one "
-                                 "has none. Use data.wrap: none.")
+                raise ConfigError(
+                    f"data.wrap: {d.wrap} needs a tokenizer with a chat template; this one "
+                    "has none. Use data.wrap: none."
+                )
             msgs = [{"role": "user", "content": _SENTINEL_TEXT}]
             if d.wrap == "assistant":
-                msgs = [{"role": "user", "content": prompt if prompt is not None else d.user_message},
-                        {"role": "assistant", "content": _SENTINEL_TEXT}]
+                msgs = [
+                    {"role": "user", "content": prompt if prompt is not None else d.user_message},
+                    {"role": "assistant", "content": _SENTINEL_TEXT},
+                ]
             rendered = self.tok.apply_chat_template(msgs, tokenize=False)
             if rendered.count(_SENTINEL_TEXT) != 1:
-                raise ConfigError("data.wrap: the chat template does not place the message content verbatim; "
-                                 "use data.wrap: none.")
+                raise ConfigError(
+                    "data.wrap: the chat template does not place the message content verbatim; use data.wrap: none."
+                )
             # the template's own special tokens appear as text, so no extra ones are added here
-            self._templates[key] = self.tok(rendered.split(_SENTINEL_TEXT)[0],
-                                            add_special_tokens=False)["input_ids"]
+            self._templates[key] = self.tok(rendered.split(_SENTINEL_TEXT)[0], add_special_tokens=False)["input_ids"]
         return self._templates[key]
 
     def __call__(self, records: Sequence[Record]) -> list[Encoded]:
@@ -133,8 +141,16 @@ def score_chunk(model, engine, encoder: Encoder, records: Sequence[Record]) -> l
     whole = encoder.data.wrap != "none" or encoder.prefix_id is not None
     rows = []
     for r, e in zip(records, encoded):
-        rows.append({"index": r.index, "id": r.id, "n_tokens": 0, "n_chars": len(r.text),
-                     "truncated": e.truncated, **{k: None for k in STATS if k != "n_tokens"}})
+        rows.append(
+            {
+                "index": r.index,
+                "id": r.id,
+                "n_tokens": 0,
+                "n_chars": len(r.text),
+                "truncated": e.truncated,
+                **{k: None for k in STATS if k != "n_tokens"},
+            }
+        )
     for j, i in enumerate(keep):
         row = rows[i]
         row.update({k: float(v[j]) for k, v in stats.items() if k != "n_tokens"}, n_tokens=len(encoded[i].text))
@@ -151,8 +167,10 @@ def absent_id(texts: Sequence[Sequence[int]], vocab_size: int) -> int:
     for cand in range(vocab_size - 1, -1, -1):
         if cand not in present:
             return cand
-    raise ValueError(f"the chunk uses every one of the {vocab_size} token ids, so no id is free for the "
-                     "sentinel; lower engine.chunk_texts.")
+    raise ValueError(
+        f"the chunk uses every one of the {vocab_size} token ids, so no id is free for the "
+        "sentinel; lower engine.chunk_texts."
+    )
 
 
 def score_records(model, engine, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
@@ -179,9 +197,14 @@ def score_records(model, engine, encoded: Sequence[Encoded]) -> dict[str, np.nda
         raise ValueError("every encoded text needs >= 1 scored token; filter empty texts first.")
     V = head_size(model)
     sentinel = absent_id([e.text for e in encoded], V)
-    ro = Rollouts.from_token_lists([e.context for e in encoded], [e.text + [sentinel] for e in encoded],
-                                   group=list(range(len(encoded))), eos_token_ids=sentinel,
-                                   pad_token_id=sentinel, vocab_size=V)
+    ro = Rollouts.from_token_lists(
+        [e.context for e in encoded],
+        [e.text + [sentinel] for e in encoded],
+        group=list(range(len(encoded))),
+        eos_token_ids=sentinel,
+        pad_token_id=sentinel,
+        vocab_size=V,
+    )
     n_text = np.array([len(e.text) for e in encoded])
     assert (ro.lengths.numpy() == n_text + 1).all(), "the sentinel must be the only stop token"
     return text_stats(engine.score(model, ro).to_numpy(), n_text)

@@ -61,8 +61,10 @@ def text_stats(arrays: dict[str, np.ndarray], n_text: np.ndarray) -> dict[str, n
     """
     n_text = np.asarray(n_text, dtype=np.int64)
     if not (np.asarray(arrays["length"]) == n_text + 1).all():
-        raise ValueError("each row must count its text tokens plus exactly one sentinel position; "
-                         f"lengths {arrays['length'][:8]} vs text tokens {n_text[:8]} (+1)")
+        raise ValueError(
+            "each row must count its text tokens plus exactly one sentinel position; "
+            f"lengths {arrays['length'][:8]} vs text tokens {n_text[:8]} (+1)"
+        )
     H = arrays["token_entropy"].astype(np.float64)  # [N, C]
     VH = arrays["token_varentropy"].astype(np.float64)  # [N, C]
     lp = arrays["token_logp"].astype(np.float64)  # [N, C]
@@ -72,11 +74,17 @@ def text_stats(arrays: dict[str, np.ndarray], n_text: np.ndarray) -> dict[str, n
     h_sum = np.where(text, H, 0.0).sum(1)
     nll_sum = -np.where(text, lp, 0.0).sum(1)
     return {
-        "n_tokens": n_text, "entropy_mean": h_sum / n, "entropy_sum": h_sum,
+        "n_tokens": n_text,
+        "entropy_mean": h_sum / n,
+        "entropy_sum": h_sum,
         "varentropy_mean": np.where(text, VH, 0.0).sum(1) / n,
-        "nll_mean": nll_sum / n, "nll_mean_bits": nll_sum / n / LN2, "nll_sum": nll_sum,
-        "entropy_last": H[rows, n_text - 1], "varentropy_last": VH[rows, n_text - 1],
-        "entropy_next": H[rows, n_text], "varentropy_next": VH[rows, n_text],
+        "nll_mean": nll_sum / n,
+        "nll_mean_bits": nll_sum / n / LN2,
+        "nll_sum": nll_sum,
+        "entropy_last": H[rows, n_text - 1],
+        "varentropy_last": VH[rows, n_text - 1],
+        "entropy_next": H[rows, n_text],
+        "varentropy_next": VH[rows, n_text],
     }
 
 
@@ -95,7 +103,8 @@ def aggregate(cols: dict[str, np.ndarray], n_chars: np.ndarray) -> dict[str, flo
     chars_ok = ok & np.isfinite(cols["bits_per_char"])
     bpc = (cols["nll_sum"][chars_ok].sum() / LN2 / n_chars[chars_ok].sum()) if chars_ok.any() else float("nan")
     return {
-        "n_texts": int(ok.sum()), "n_tokens": int(tokens),
+        "n_texts": int(ok.sum()),
+        "n_tokens": int(tokens),
         "entropy_per_token": float(cols["entropy_sum"][ok].sum() / tokens),
         "entropy_mean_of_texts": float(cols["entropy_mean"][ok].mean()),
         "varentropy_per_token": float((cols["varentropy_mean"][ok] * L[ok]).sum() / tokens),

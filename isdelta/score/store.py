@@ -57,7 +57,8 @@ class ModelStore:
             raise StoreError(
                 f"{self.folder} holds scores of other settings (stamp {sp.read_text().strip()} vs "
                 f"{self.stamp} now: the model entry or the data section changed). Give the model "
-                "another models.N.name, pass --out NEW_DIR, or delete that folder to rescore.")
+                "another models.N.name, pass --out NEW_DIR, or delete that folder to rescore."
+            )
         sp.write_text(self.stamp + "\n")
         return self._complete_lines()
 
@@ -75,8 +76,10 @@ class ModelStore:
         if n:
             last = json.loads(last)
             if last["index"] != n - 1:
-                raise StoreError(f"{self.stats_path}: line {n} has index {last['index']}, expected {n - 1}; "
-                                 "the file is not this tool's output. Delete the folder to rescore.")
+                raise StoreError(
+                    f"{self.stats_path}: line {n} has index {last['index']}, expected {n - 1}; "
+                    "the file is not this tool's output. Delete the folder to rescore."
+                )
         return n
 
     @property

@@ -69,8 +69,9 @@ class TokenThresholds:
         return asdict(self)
 
 
-def classify(top1: np.ndarray, top2: np.ndarray, nucleus: np.ndarray, tail: np.ndarray,
-             thresholds: TokenThresholds | None = None) -> np.ndarray:
+def classify(
+    top1: np.ndarray, top2: np.ndarray, nucleus: np.ndarray, tail: np.ndarray, thresholds: TokenThresholds | None = None
+) -> np.ndarray:
     """Class of each position: ``"lock"``, ``"fork"``, ``"diffuse"`` or ``"mixed"``.
 
     Parameters
@@ -90,8 +91,7 @@ def classify(top1: np.ndarray, top2: np.ndarray, nucleus: np.ndarray, tail: np.n
     t = thresholds or TokenThresholds()
     top1, top2, nucleus, tail = map(np.asarray, (top1, top2, nucleus, tail))
     lock = (top1 >= t.lock_top1) & (nucleus <= t.lock_nucleus) & (tail <= t.lock_tail)
-    fork = ((top2 >= t.fork_ratio * top1) & (top2 >= t.fork_second) & (nucleus <= t.fork_nucleus)
-            & (tail <= t.fork_tail))
+    fork = (top2 >= t.fork_ratio * top1) & (top2 >= t.fork_second) & (nucleus <= t.fork_nucleus) & (tail <= t.fork_tail)
     diffuse = tail >= t.diffuse_tail
     return np.select([lock, fork, diffuse], ["lock", "fork", "diffuse"], "mixed").astype(object)
 

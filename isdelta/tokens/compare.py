@@ -40,8 +40,9 @@ def _options(options: TokenOptions | None, overrides: dict) -> TokenOptions:
     options = options or TokenOptions()
     unknown = sorted(set(overrides) - {f.name for f in fields(TokenOptions)})
     if unknown:
-        raise TypeError(f"compare_tokens got unknown option(s) {unknown}; valid: "
-                        f"{', '.join(f.name for f in fields(TokenOptions))}.")
+        raise TypeError(
+            f"compare_tokens got unknown option(s) {unknown}; valid: {', '.join(f.name for f in fields(TokenOptions))}."
+        )
     return replace(options, **overrides) if overrides else options
 
 
@@ -50,8 +51,16 @@ def _decoder(tokenizer):
     return lambda i: tokenizer.decode([int(i)], skip_special_tokens=False)
 
 
-def compare_tokens(model_a, model_b, rollouts: Rollouts, *, tokenizer=None,
-                   options: TokenOptions | None = None, carrier: str = "", **overrides) -> TokenComparison:
+def compare_tokens(
+    model_a,
+    model_b,
+    rollouts: Rollouts,
+    *,
+    tokenizer=None,
+    options: TokenOptions | None = None,
+    carrier: str = "",
+    **overrides,
+) -> TokenComparison:
     """Compare two models' next-token distributions at selected positions of ``rollouts``.
 
     Parameters
@@ -78,29 +87,46 @@ def compare_tokens(model_a, model_b, rollouts: Rollouts, *, tokenizer=None,
     opts = _options(options, overrides)
     counted = rollouts.mask(opts.include_eos).cpu()  # [N, C]
     comp = rollouts.completion_ids.cpu().numpy()  # [N, C]
-    pieces = (row_pieces(comp, rollouts.completion_lengths.cpu().numpy(), _decoder(tokenizer))
-              if tokenizer is not None else None)
-    select = select_positions(counted.numpy(), opts.positions, seed=opts.seed, pieces=pieces,
-                              patterns=opts.patterns, window=opts.window, n_random=opts.n_random)
+    pieces = (
+        row_pieces(comp, rollouts.completion_lengths.cpu().numpy(), _decoder(tokenizer))
+        if tokenizer is not None
+        else None
+    )
+    select = select_positions(
+        counted.numpy(),
+        opts.positions,
+        seed=opts.seed,
+        pieces=pieces,
+        patterns=opts.patterns,
+        window=opts.window,
+        n_random=opts.n_random,
+    )
     stats = collect_stats(model_a, model_b, rollouts, torch.from_numpy(select), opts)
     order = np.lexsort((stats["cols"], stats["rows"]))
     stats = {k: v[order] for k, v in stats.items()}
     return _build(stats, rollouts, comp, pieces, tokenizer, opts, carrier)
 
 
-def _build(stats: dict, rollouts: Rollouts, comp: np.ndarray, pieces, tokenizer, opts: TokenOptions,
-           carrier: str) -> TokenComparison:
+def _build(
+    stats: dict, rollouts: Rollouts, comp: np.ndarray, pieces, tokenizer, opts: TokenOptions, carrier: str
+) -> TokenComparison:
     """The result table: statistics, classes, decoded contexts and token texts."""
     rows, cols = stats.pop("rows").astype(np.int64), stats.pop("cols").astype(np.int64)
     M, t = len(rows), opts.thresholds
-    table = {"carrier": np.full(M, carrier, dtype=object), "row": rows, "step": cols,
-             "prompt": rollouts.group.cpu().numpy()[rows], "token_id": comp[rows, cols].astype(np.int64)}
+    table = {
+        "carrier": np.full(M, carrier, dtype=object),
+        "row": rows,
+        "step": cols,
+        "prompt": rollouts.group.cpu().numpy()[rows],
+        "token_id": comp[rows, cols].astype(np.int64),
+    }
     table.update(stats)
     add_deltas(table)
     table["a_class"] = classify(stats["a_top1_p"], stats["a_top2_p"], stats["a_nucleus"], stats["a_tail"], t)
     table["b_class"] = classify(stats["b_top1_p"], stats["b_top2_p"], stats["b_nucleus"], stats["b_tail"], t)
-    table["lock_type"] = np.where(table["a_class"] == "lock",
-                                  lock_type(stats["a_topk_id"][:, 0], stats["b_topk_id"][:, 0]), "").astype(object)
+    table["lock_type"] = np.where(
+        table["a_class"] == "lock", lock_type(stats["a_topk_id"][:, 0], stats["b_topk_id"][:, 0]), ""
+    ).astype(object)
     if pieces is not None:
         table["context"] = contexts(pieces, rows, cols, opts.context_tokens)
         near = contexts(pieces, rows, cols, opts.self_correction_tokens)
@@ -115,9 +141,18 @@ def _build(stats: dict, rollouts: Rollouts, comp: np.ndarray, pieces, tokenizer,
 
 
 # ---------------------------------------------------------------------------- the run stage
-def run_tokens(model_a, model_b, carriers: Mapping[str, Rollouts], *, tokenizer=None,
-               options: TokenOptions | None = None, names: tuple[str, str] = ("A", "B"),
-               n_interesting: int = 10, out_dir: str | Path | None = None, plots: bool = True) -> dict:
+def run_tokens(
+    model_a,
+    model_b,
+    carriers: Mapping[str, Rollouts],
+    *,
+    tokenizer=None,
+    options: TokenOptions | None = None,
+    names: tuple[str, str] = ("A", "B"),
+    n_interesting: int = 10,
+    out_dir: str | Path | None = None,
+    plots: bool = True,
+) -> dict:
     """:func:`compare_tokens` on every carrier, the tables and the plots, as the run calls it.
 
     Writes ``tokens.csv`` (one row per position and carrier), ``tokens.json`` (the returned dict),
@@ -131,8 +166,13 @@ def run_tokens(model_a, model_b, carriers: Mapping[str, Rollouts], *, tokenizer=
     for label, ro in carriers.items():
         parts.append(compare_tokens(model_a, model_b, ro, tokenizer=tokenizer, options=options, carrier=label))
     res = TokenComparison.concat(parts)
-    report = {"summary": res.to_dict(), "names": list(names), "timings": {"compare": time.perf_counter() - t0},
-              "plots": [], "files": []}
+    report = {
+        "summary": res.to_dict(),
+        "names": list(names),
+        "timings": {"compare": time.perf_counter() - t0},
+        "plots": [],
+        "files": [],
+    }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

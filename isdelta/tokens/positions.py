@@ -19,14 +19,23 @@ DESIGN.md §2). Only counted positions (the engine's completion mask) are ever s
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["DEFAULT_PATTERNS", "DEFAULT_SELF_CORRECTION", "PositionSpec", "compile_patterns",
-           "contexts", "parse_positions", "row_pieces", "select_positions", "self_correction"]
+__all__ = [
+    "DEFAULT_PATTERNS",
+    "DEFAULT_SELF_CORRECTION",
+    "PositionSpec",
+    "compile_patterns",
+    "contexts",
+    "parse_positions",
+    "row_pieces",
+    "select_positions",
+    "self_correction",
+]
 
 # formatting and reasoning markers (case-sensitive; prefix a pattern with (?i) to ignore case)
 DEFAULT_PATTERNS = (r"\\boxed", r"\bLet\b", r"\bSuppose\b", r"\bWait\b", r"</think>")
@@ -49,8 +58,10 @@ def parse_positions(spec: str | PositionSpec) -> PositionSpec:
     """Parse ``"all"``, ``"every:K"``, ``"random:N"`` or ``"pattern"``; ValueError otherwise."""
     if isinstance(spec, PositionSpec):
         return spec
-    help_ = ('expected "all", "every:K" (every K-th step), "random:N" (N random positions) or '
-             '"pattern" (around regex markers)')
+    help_ = (
+        'expected "all", "every:K" (every K-th step), "random:N" (N random positions) or '
+        '"pattern" (around regex markers)'
+    )
     if not isinstance(spec, str):
         raise TypeError(f"positions must be a string, {help_}; got {type(spec).__name__} {spec!r}.")
     kind, sep, num = spec.strip().partition(":")
@@ -63,8 +74,7 @@ def parse_positions(spec: str | PositionSpec) -> PositionSpec:
             n = 0
         if n >= 1:
             return PositionSpec(kind, n)
-        raise ValueError(f"positions {spec!r}: {kind}:K needs a positive integer after the colon, "
-                         f"e.g. {kind}:8.")
+        raise ValueError(f"positions {spec!r}: {kind}:K needs a positive integer after the colon, e.g. {kind}:8.")
     raise ValueError(f"positions: {help_}; got {spec!r}.")
 
 
@@ -75,8 +85,10 @@ def compile_patterns(patterns: Sequence[str], field: str = "patterns") -> list[r
         try:
             out.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"{field}: {p!r} is not a valid regular expression ({e}). Escape "
-                             r"backslashes in YAML single quotes, e.g. '\\boxed'.") from e
+            raise ValueError(
+                f"{field}: {p!r} is not a valid regular expression ({e}). Escape "
+                r"backslashes in YAML single quotes, e.g. '\\boxed'."
+            ) from e
     return out
 
 
@@ -104,8 +116,9 @@ def row_pieces(completion_ids: np.ndarray, lengths: np.ndarray, decode) -> list[
 
 def contexts(pieces: list[list[str]], rows: np.ndarray, cols: np.ndarray, n_tokens: int) -> np.ndarray:
     """The decoded ``n_tokens`` completion tokens before each position [M] (object array of str)."""
-    return np.array(["".join(pieces[r][max(0, c - n_tokens): c]) for r, c in zip(rows.tolist(), cols.tolist())],
-                    dtype=object)
+    return np.array(
+        ["".join(pieces[r][max(0, c - n_tokens) : c]) for r, c in zip(rows.tolist(), cols.tolist())], dtype=object
+    )
 
 
 def self_correction(context: np.ndarray, patterns: Sequence[str]) -> np.ndarray:
@@ -128,7 +141,7 @@ def _marked(pieces: list[list[str]], C: int, regs: list[re.Pattern], window: int
                 lo, hi = m.start(), max(m.end(), m.start() + 1)
                 hit = np.flatnonzero((starts < hi) & (ends > lo))  # tokens overlapping [lo, hi)
                 if len(hit):
-                    out[r, max(0, hit[0] - window): min(C, hit[-1] + window + 1)] = True
+                    out[r, max(0, hit[0] - window) : min(C, hit[-1] + window + 1)] = True
     return out
 
 
@@ -142,9 +155,16 @@ def _random(counted: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
     return out.reshape(counted.shape)
 
 
-def select_positions(counted: np.ndarray, spec: str | PositionSpec, *, seed: int = 0,
-                     pieces: list[list[str]] | None = None, patterns: Sequence[str] = DEFAULT_PATTERNS,
-                     window: int = 2, n_random: int = 16) -> np.ndarray:
+def select_positions(
+    counted: np.ndarray,
+    spec: str | PositionSpec,
+    *,
+    seed: int = 0,
+    pieces: list[list[str]] | None = None,
+    patterns: Sequence[str] = DEFAULT_PATTERNS,
+    window: int = 2,
+    n_random: int = 16,
+) -> np.ndarray:
     """The selected positions, bool [N, C], always a subset of ``counted``.
 
     Parameters
@@ -166,13 +186,9 @@ def select_positions(counted: np.ndarray, spec: str | PositionSpec, *, seed: int
     if spec.kind == "random":
         return _random(counted, spec.n, rng)
     if pieces is None:
-        raise ValueError('positions="pattern" matches regexes on decoded text: pass the tokenizer '
-                         "(compare_tokens(..., tokenizer=tok)).")
+        raise ValueError(
+            'positions="pattern" matches regexes on decoded text: pass the tokenizer '
+            "(compare_tokens(..., tokenizer=tok))."
+        )
     marked = _marked(pieces, C, compile_patterns(patterns), window) & counted
     return marked | _random(counted & ~marked, n_random, rng)
-
-
-def pieces_lookup(pieces: Mapping[int, str], ids: np.ndarray) -> np.ndarray:
-    """Decoded text of each id in ``ids`` (any shape), as an object array."""
-    flat = [pieces.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel()]
-    return np.array(flat, dtype=object).reshape(np.shape(ids))

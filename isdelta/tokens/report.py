@@ -15,8 +15,14 @@ __all__ = ["category_table", "markdown_lines", "md_token", "rank_table"]
 
 
 def _escape(s: str) -> str:
-    return (s.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-            .replace("|", "\\|").replace("`", "'"))
+    return (
+        s.replace("\\", "\\\\")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+        .replace("|", "\\|")
+        .replace("`", "'")
+    )
 
 
 def md_token(s: str) -> str:
@@ -46,29 +52,38 @@ def _f(x, spec: str = "+.3f") -> str:
 def category_table(res: TokenComparison, carrier: str | None, names: tuple[str, str]) -> list[str]:
     """Per category (A's class): count, share and mean B − A deltas and KLs (full distribution)."""
     a, b = names
-    lines = [f"| category ({a}'s class) | n | share | top-1 Δ | nucleus Δ | tail Δ | ΔH (nats) "
-             f"| KL({a}‖{b}) | KL({b}‖{a}) | same top-1 |", "|---|" + "---|" * 9]
+    lines = [
+        f"| category ({a}'s class) | n | share | top-1 Δ | nucleus Δ | tail Δ | ΔH (nats) "
+        f"| KL({a}‖{b}) | KL({b}‖{a}) | same top-1 |",
+        "|---|" + "---|" * 9,
+    ]
     for r in res.categories(carrier):
         if r["n"] == 0 and r["category"].startswith("lock/"):
             continue
-        lines.append(f"| {r['category']} | {r['n']} | {_f(r['share'], '.0%')} | {_f(r['top1_delta'], '+g')} "
-                     f"| {_f(r['nucleus_delta'], '+.2f')} | {_f(r['tail_delta'], '+g')} "
-                     f"| {_f(r['entropy_delta'], '+g')} | {_f(r['kl_ab'], 'g')} | {_f(r['kl_ba'], 'g')} "
-                     f"| {_f(r['top1_same'], '.0%')} |")
+        lines.append(
+            f"| {r['category']} | {r['n']} | {_f(r['share'], '.0%')} | {_f(r['top1_delta'], '+g')} "
+            f"| {_f(r['nucleus_delta'], '+.2f')} | {_f(r['tail_delta'], '+g')} "
+            f"| {_f(r['entropy_delta'], '+g')} | {_f(r['kl_ab'], 'g')} | {_f(r['kl_ba'], 'g')} "
+            f"| {_f(r['top1_same'], '.0%')} |"
+        )
     return lines
 
 
 def _trunc_table(res: TokenComparison, carrier: str | None, names: tuple[str, str]) -> list[str]:
     """The same on the sampling distribution (after the transform); KL may be ∞."""
     a, b = names
-    lines = [f"| category | top-1 Δ | nucleus Δ | tail Δ | ΔH | KL({a}‖{b}) | KL({b}‖{a}) | positions with KL = ∞ |",
-             "|---|" + "---|" * 7]
+    lines = [
+        f"| category | top-1 Δ | nucleus Δ | tail Δ | ΔH | KL({a}‖{b}) | KL({b}‖{a}) | positions with KL = ∞ |",
+        "|---|" + "---|" * 7,
+    ]
     for r in res.categories(carrier):
         if r["n"] == 0:
             continue
-        lines.append(f"| {r['category']} | {_f(r['top1_delta_trunc'], '+g')} | {_f(r['nucleus_delta_trunc'], '+.2f')} "
-                     f"| {_f(r['tail_delta_trunc'], '+g')} | {_f(r['entropy_delta_trunc'], '+g')} "
-                     f"| {_f(r['kl_ab_trunc'], 'g')} | {_f(r['kl_ba_trunc'], 'g')} | {r['n_inf_trunc']} |")
+        lines.append(
+            f"| {r['category']} | {_f(r['top1_delta_trunc'], '+g')} | {_f(r['nucleus_delta_trunc'], '+.2f')} "
+            f"| {_f(r['tail_delta_trunc'], '+g')} | {_f(r['entropy_delta_trunc'], '+g')} "
+            f"| {_f(r['kl_ab_trunc'], 'g')} | {_f(r['kl_ba_trunc'], 'g')} | {r['n_inf_trunc']} |"
+        )
     return lines
 
 
@@ -83,15 +98,18 @@ def _transition_table(res: TokenComparison, carrier: str | None, names: tuple[st
 def _decile_table(res: TokenComparison, carrier: str | None, names: tuple[str, str]) -> list[str]:
     da, db = res.deciles("a", carrier), res.deciles("b", carrier)
     a, b = names
-    lines = [f"| decile | {a}: entropy (nats) | {a}: commonest tokens | {b}: entropy (nats) | {b}: commonest tokens |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"| decile | {a}: entropy (nats) | {a}: commonest tokens | {b}: entropy (nats) | {b}: commonest tokens |",
+        "|---|---|---|---|---|",
+    ]
 
     def ex(d: dict) -> str:
         return ", ".join(f"{md_token(t)}×{n}" for t, n in d["examples"])
 
     for x, y in zip(da, db):
-        lines.append(f"| {x['decile']} | {x['low']:.3f}–{x['high']:.3f} | {ex(x)} "
-                     f"| {y['low']:.3f}–{y['high']:.3f} | {ex(y)} |")
+        lines.append(
+            f"| {x['decile']} | {x['low']:.3f}–{x['high']:.3f} | {ex(x)} | {y['low']:.3f}–{y['high']:.3f} | {ex(y)} |"
+        )
     return lines
 
 
@@ -100,11 +118,13 @@ def rank_table(res: TokenComparison, i: int, names: tuple[str, str]) -> list[str
     t, (a, b) = res.table, names
     cls = t["a_class"][i] + (f"/{t['lock_type'][i]}" if t["lock_type"][i] else "")
     cls += " (self-correction)" if t["self_correction"][i] else ""
-    head = (f"**{cls}** → {b}: {t['b_class'][i]} — {t['carrier'][i]}, row {t['row'][i]}, step {t['step'][i]}: "
-            f"{_md_context(t['context'][i], res.text(t['token_id'][i]))}  \n"
-            f"KL({a}‖{b}) = {t['kl_ab'][i]:.3g}, KL({b}‖{a}) = {t['kl_ba'][i]:.3g}, "
-            f"H {t['a_entropy'][i]:.4f} → {t['b_entropy'][i]:.4f} nats, top-1 Δ {_f(t['top1_delta'][i], '+g')}, "
-            f"nucleus {t['a_nucleus'][i]} → {t['b_nucleus'][i]}, tail {t['a_tail'][i]:.3g} → {t['b_tail'][i]:.3g}")
+    head = (
+        f"**{cls}** → {b}: {t['b_class'][i]} — {t['carrier'][i]}, row {t['row'][i]}, step {t['step'][i]}: "
+        f"{_md_context(t['context'][i], res.text(t['token_id'][i]))}  \n"
+        f"KL({a}‖{b}) = {t['kl_ab'][i]:.3g}, KL({b}‖{a}) = {t['kl_ba'][i]:.3g}, "
+        f"H {t['a_entropy'][i]:.4f} → {t['b_entropy'][i]:.4f} nats, top-1 Δ {_f(t['top1_delta'][i], '+g')}, "
+        f"nucleus {t['a_nucleus'][i]} → {t['b_nucleus'][i]}, tail {t['a_tail'][i]:.3g} → {t['b_tail'][i]:.3g}"
+    )
     lines = [head, "", f"| rank | {a} token (prob) | {b} token (prob) |", "|---|---|---|"]
     for k, (ta, pa, tb, pb) in enumerate(res.ranks(i), 1):
         lines.append(f"| {k} | {md_token(ta)} ({pa:.3f}) | {md_token(tb)} ({pb:.3f}) |")
@@ -119,8 +139,11 @@ def _examples(res: TokenComparison, names, n_interesting: int) -> list[str]:
         if len(idx):
             out += rank_table(res, int(idx[np.argmax(jeff[idx])]), names) + [""]
     if n_interesting > 0:
-        out += [f"### The {n_interesting} most changed positions (largest KL({names[0]}‖{names[1]}) + "
-                f"KL({names[1]}‖{names[0]}))", ""]
+        out += [
+            f"### The {n_interesting} most changed positions (largest KL({names[0]}‖{names[1]}) + "
+            f"KL({names[1]}‖{names[0]}))",
+            "",
+        ]
         for i in res.interesting(n_interesting):
             out += rank_table(res, int(i), names) + [""]
     return out
@@ -129,30 +152,38 @@ def _examples(res: TokenComparison, names, n_interesting: int) -> list[str]:
 def _intro(res: TokenComparison, names) -> list[str]:
     o, th, (a, b) = res.options, res.options.get("thresholds", {}), names
     tr = o.get("transform", {})
-    return [f"{a} = before, {b} = after the update; deltas are {b} − {a}, entropies and KLs in nats. "
-            f"{len(res)} positions (positions = `{o.get('positions')}`); nucleus = tokens needed to reach "
-            f"p = {o.get('top_p')}; tail = mass beyond the top {o.get('tail_k')} tokens. Classes from {a}'s full "
-            f"distribution: lock = top-1 ≥ {th.get('lock_top1')}, nucleus ≤ {th.get('lock_nucleus')}, tail ≤ "
-            f"{th.get('lock_tail')}; fork = runner-up ≥ {th.get('fork_ratio')}×top-1 and ≥ {th.get('fork_second')}, "
-            f"nucleus ≤ {th.get('fork_nucleus')}, tail ≤ {th.get('fork_tail')}; diffuse = tail ≥ "
-            f"{th.get('diffuse_tail')}; mixed = the rest. Locks are strict (same top-1 under {b}) or swap; "
-            f"self-correction = a lock after one of {list(o.get('self_correction', []))} (overlaps both). "
-            f"Sampling transform of the truncated view: {tr}.", ""]
+    return [
+        f"{a} = before, {b} = after the update; deltas are {b} − {a}, entropies and KLs in nats. "
+        f"{len(res)} positions (positions = `{o.get('positions')}`); nucleus = tokens needed to reach "
+        f"p = {o.get('top_p')}; tail = mass beyond the top {o.get('tail_k')} tokens. Classes from {a}'s full "
+        f"distribution: lock = top-1 ≥ {th.get('lock_top1')}, nucleus ≤ {th.get('lock_nucleus')}, tail ≤ "
+        f"{th.get('lock_tail')}; fork = runner-up ≥ {th.get('fork_ratio')}×top-1 and ≥ {th.get('fork_second')}, "
+        f"nucleus ≤ {th.get('fork_nucleus')}, tail ≤ {th.get('fork_tail')}; diffuse = tail ≥ "
+        f"{th.get('diffuse_tail')}; mixed = the rest. Locks are strict (same top-1 under {b}) or swap; "
+        f"self-correction = a lock after one of {list(o.get('self_correction', []))} (overlaps both). "
+        f"Sampling transform of the truncated view: {tr}.",
+        "",
+    ]
 
 
-def markdown_lines(res: TokenComparison, names: tuple[str, str] = ("A", "B"), n_interesting: int = 10,
-                   plots: list[str] | None = None) -> list[str]:
+def markdown_lines(
+    res: TokenComparison, names: tuple[str, str] = ("A", "B"), n_interesting: int = 10, plots: list[str] | None = None
+) -> list[str]:
     """summary.md lines: per carrier the category, transition and decile tables; examples; plots."""
     out = ["## Token-level diagnostics: where the distribution moved", ""] + _intro(res, names)
     tr = res.options.get("transform", {})
     identity = tr.get("temperature", 1.0) == 1.0 and not tr.get("top_k") and tr.get("top_p", 1.0) >= 1.0
     for c in res.carriers:
         h = res.headline(c)
-        out += [f"### {c} ({h['n']} positions)", "",
-                f"Mean entropy {names[0]} {_f(h['a_entropy'], '.4f')} → {names[1]} {_f(h['b_entropy'], '.4f')} "
-                f"nats (Δ {_f(h['entropy_delta'], '+g')}); mean KL({names[0]}‖{names[1]}) {_f(h['kl_ab'], 'g')}, "
-                f"KL({names[1]}‖{names[0]}) {_f(h['kl_ba'], 'g')}; mean top-1 Δ {_f(h['top1_delta'], '+g')}; "
-                f"top-1 token kept at {_f(h['top1_same'], '.1%')} of positions.", ""]
+        out += [
+            f"### {c} ({h['n']} positions)",
+            "",
+            f"Mean entropy {names[0]} {_f(h['a_entropy'], '.4f')} → {names[1]} {_f(h['b_entropy'], '.4f')} "
+            f"nats (Δ {_f(h['entropy_delta'], '+g')}); mean KL({names[0]}‖{names[1]}) {_f(h['kl_ab'], 'g')}, "
+            f"KL({names[1]}‖{names[0]}) {_f(h['kl_ba'], 'g')}; mean top-1 Δ {_f(h['top1_delta'], '+g')}; "
+            f"top-1 token kept at {_f(h['top1_same'], '.1%')} of positions.",
+            "",
+        ]
         out += category_table(res, c, names) + [""]
         if not identity:
             out += ["After the sampling transform:", ""] + _trunc_table(res, c, names) + [""]

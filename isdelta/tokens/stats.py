@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from isdelta.engine.logprob import EngineConfig, LogProbEngine, SplitLM
+from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
+from isdelta.engine.split import SplitLM
 
 if TYPE_CHECKING:
     from isdelta.tokens.options import TokenOptions
@@ -58,8 +59,9 @@ def _nucleus(p: torch.Tensor, top: torch.Tensor, top_p: float) -> torch.Tensor:
     return n
 
 
-def _view(logp: torch.Tensor, targets: torch.Tensor, opts: TokenOptions, finite: bool,
-          top_id: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def _view(
+    logp: torch.Tensor, targets: torch.Tensor, opts: TokenOptions, finite: bool, top_id: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Statistics [m] / [m, top_k] of one distribution given by log-probs [m, V]; also its probs
     [m, V] and the ids [m, K] of its K most likely tokens, in order.
 
@@ -78,11 +80,16 @@ def _view(logp: torch.Tensor, targets: torch.Tensor, opts: TokenOptions, finite:
     else:
         top = p.gather(-1, top_id)  # [m, K]
     mass = top[:, : opts.tail_k].double().sum(-1)
-    out = {"entropy": entropy, "varentropy": varentropy,
-           "chosen_p": p.gather(-1, targets[:, None]).squeeze(-1),
-           "top1_p": top[:, 0], "top2_p": top[:, 1] if top.shape[1] > 1 else torch.zeros_like(entropy),
-           "topk_p": top[:, : opts.top_k], "nucleus": _nucleus(p, top, opts.top_p),
-           "tail": (1.0 - mass).clamp(min=0).float()}  # ~1e-7 absolute: softmax sums to 1 ± that
+    out = {
+        "entropy": entropy,
+        "varentropy": varentropy,
+        "chosen_p": p.gather(-1, targets[:, None]).squeeze(-1),
+        "top1_p": top[:, 0],
+        "top2_p": top[:, 1] if top.shape[1] > 1 else torch.zeros_like(entropy),
+        "topk_p": top[:, : opts.top_k],
+        "nucleus": _nucleus(p, top, opts.top_p),
+        "tail": (1.0 - mass).clamp(min=0).float(),
+    }  # ~1e-7 absolute: softmax sums to 1 ± that
     return out, p, top_id
 
 
@@ -105,8 +112,9 @@ def _pair(logp_a, logp_b, targets, opts, finite: bool, top_a=None, top_b=None):
     return out, top_a, top_b
 
 
-def position_stats(logits_a: torch.Tensor, logits_b: torch.Tensor, targets: torch.Tensor,
-                   opts: TokenOptions) -> dict[str, torch.Tensor]:
+def position_stats(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, targets: torch.Tensor, opts: TokenOptions
+) -> dict[str, torch.Tensor]:
     """Every per-position statistic of one chunk, on both views.
 
     Parameters
@@ -120,15 +128,23 @@ def position_stats(logits_a: torch.Tensor, logits_b: torch.Tensor, targets: torc
     dict of tensors [m] (``[m, top_k]`` for ``*_topk_p``, ``a_topk_id``, ``b_topk_id``): full-view
     keys as named, truncated-view keys with the suffix ``_trunc``.
     """
-    full, top_a, top_b = _pair(torch.log_softmax(logits_a, -1), torch.log_softmax(logits_b, -1),
-                               targets, opts, finite=True)
+    full, top_a, top_b = _pair(
+        torch.log_softmax(logits_a, -1), torch.log_softmax(logits_b, -1), targets, opts, finite=True
+    )
     full["a_topk_id"], full["b_topk_id"] = top_a[:, : opts.top_k], top_b[:, : opts.top_k]
     t = opts.transform
     if t.is_identity:  # the sampling distribution is the model's: nothing more to compute
         trunc = {k: v for k, v in full.items() if not k.endswith("_id")}
     else:
-        trunc, _, _ = _pair(torch.log_softmax(t(logits_a), -1), torch.log_softmax(t(logits_b), -1),
-                            targets, opts, not t.truncates, top_a, top_b)
+        trunc, _, _ = _pair(
+            torch.log_softmax(t(logits_a), -1),
+            torch.log_softmax(t(logits_b), -1),
+            targets,
+            opts,
+            not t.truncates,
+            top_a,
+            top_b,
+        )
     return {**full, **{f"{k}_trunc": v for k, v in trunc.items()}}
 
 
@@ -147,16 +163,19 @@ def _checked_models(model_a, model_b, rollouts: Rollouts, top_k: int) -> tuple[S
     a, b = SplitLM.of(model_a), SplitLM.of(model_b)
     Va, Vb = a.vocab_size, b.vocab_size
     if Va != Vb:
-        raise ValueError(f"model_a has {Va} output tokens and model_b {Vb}: token-level comparison "
-                         "needs one vocabulary (two checkpoints of one model, or one tokenizer).")
+        raise ValueError(
+            f"model_a has {Va} output tokens and model_b {Vb}: token-level comparison "
+            "needs one vocabulary (two checkpoints of one model, or one tokenizer)."
+        )
     if top_k > Va:
         raise ValueError(f"top_k = {top_k} exceeds the vocabulary ({Va} tokens); pass top_k <= {Va}.")
     rollouts.check_vocab(Va)
     return a, b
 
 
-def collect_stats(model_a, model_b, rollouts: Rollouts, select: torch.Tensor,
-                  opts: TokenOptions) -> dict[str, np.ndarray]:
+def collect_stats(
+    model_a, model_b, rollouts: Rollouts, select: torch.Tensor, opts: TokenOptions
+) -> dict[str, np.ndarray]:
     """:func:`position_stats` at every selected position, plus ``rows`` and ``cols`` [M].
 
     Positions come out in the engine's micro-batch order (rows longest first); the caller sorts.
@@ -167,15 +186,23 @@ def collect_stats(model_a, model_b, rollouts: Rollouts, select: torch.Tensor,
     counted = rollouts.mask(opts.include_eos)  # [N, C]
     select = select.to(counted.device) & counted
     fwd = _forward_mask(counted, select)
-    engine = LogProbEngine(EngineConfig.from_transform(
-        opts.transform, include_eos=opts.include_eos, token_budget=opts.token_budget, progress=False))
+    engine = LogProbEngine(
+        EngineConfig.from_transform(
+            opts.transform, include_eos=opts.include_eos, token_budget=opts.token_budget, progress=False
+        )
+    )
     dev_a, dev_b = lm_a.device, lm_b.device
     step = max(1, opts.chunk_elems // lm_a.vocab_size // _LIVE)
     modes = (ma.training, mb.training)
     ma.eval(), mb.eval()
     parts: list[dict[str, np.ndarray]] = []
-    bar = tqdm(total=int(select.sum()), desc="token stats", unit="pos", leave=False,
-               disable=True if not opts.progress else None)
+    bar = tqdm(
+        total=int(select.sum()),
+        desc="token stats",
+        unit="pos",
+        leave=False,
+        disable=True if not opts.progress else None,
+    )
     try:
         with torch.no_grad():
             for lm in (lm_a, lm_b):
@@ -187,10 +214,10 @@ def collect_stats(model_a, model_b, rollouts: Rollouts, select: torch.Tensor,
                 h_a, h_b, r_idx, cols = h_a[keep], h_b[keep.to(dev_b)], r_idx[keep], cols[keep]
                 targets = rollouts.completion_ids.to(dev_a)[r_idx, cols]  # [M]
                 for s in range(0, len(targets), step):
-                    la = lm_a.logits(h_a[s: s + step])  # [m, V]
-                    lb = lm_b.logits(h_b[s: s + step]).to(dev_a)  # [m, V]
-                    stats = position_stats(la, lb, targets[s: s + step], opts)
-                    stats["rows"], stats["cols"] = r_idx[s: s + step], cols[s: s + step]
+                    la = lm_a.logits(h_a[s : s + step])  # [m, V]
+                    lb = lm_b.logits(h_b[s : s + step]).to(dev_a)  # [m, V]
+                    stats = position_stats(la, lb, targets[s : s + step], opts)
+                    stats["rows"], stats["cols"] = r_idx[s : s + step], cols[s : s + step]
                     parts.append({k: v.cpu().numpy() for k, v in stats.items()})
                     bar.update(len(la))
                     del la, lb, stats

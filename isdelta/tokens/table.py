@@ -43,8 +43,12 @@ _PAIR = ("kl_ab", "kl_ba", "entropy_delta", "top1_delta", "nucleus_delta", "tail
 def add_deltas(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Add the B − A columns (entropy, top-1 p, nucleus, tail) of both views and ``top1_same``."""
     for s in _VIEWS:
-        for name, key in (("entropy_delta", "entropy"), ("top1_delta", "top1_p"),
-                          ("nucleus_delta", "nucleus"), ("tail_delta", "tail")):
+        for name, key in (
+            ("entropy_delta", "entropy"),
+            ("top1_delta", "top1_p"),
+            ("nucleus_delta", "nucleus"),
+            ("tail_delta", "tail"),
+        ):
             table[f"{name}{s}"] = table[f"b_{key}{s}"] - table[f"a_{key}{s}"]
     table["top1_same"] = table["a_topk_id"][:, 0] == table["b_topk_id"][:, 0]
     return table
@@ -116,9 +120,15 @@ class TokenComparison:
         """Position i's top-k: (A token, A p, B token, B p) per rank."""
         s = "_trunc" if trunc else ""
         t = self.table
-        return [(self.text(t["a_topk_id"][i, k]), float(t[f"a_topk_p{s}"][i, k]),
-                 self.text(t["b_topk_id"][i, k]), float(t[f"b_topk_p{s}"][i, k]))
-                for k in range(t["a_topk_id"].shape[1])]
+        return [
+            (
+                self.text(t["a_topk_id"][i, k]),
+                float(t[f"a_topk_p{s}"][i, k]),
+                self.text(t["b_topk_id"][i, k]),
+                float(t[f"b_topk_p{s}"][i, k]),
+            )
+            for k in range(t["a_topk_id"].shape[1])
+        ]
 
     # ------------------------------------------------------------------ aggregates
     def category_index(self, name: str) -> np.ndarray:
@@ -191,9 +201,16 @@ class TokenComparison:
             sel = which == q
             ids, counts = np.unique(r.table["token_id"][sel], return_counts=True)
             top = np.argsort(-counts, kind="stable")[:n_examples]
-            out.append({"decile": q + 1, "low": float(edges[q]), "high": float(edges[q + 1]), "n": int(sel.sum()),
-                        "mean": json_num(_mean(h[sel])),
-                        "examples": [(r.text(ids[j]), int(counts[j])) for j in top]})
+            out.append(
+                {
+                    "decile": q + 1,
+                    "low": float(edges[q]),
+                    "high": float(edges[q + 1]),
+                    "n": int(sel.sum()),
+                    "mean": json_num(_mean(h[sel])),
+                    "examples": [(r.text(ids[j]), int(counts[j])) for j in top],
+                }
+            )
         return out
 
     def headline(self, carrier: str | None = None) -> dict:
@@ -206,15 +223,30 @@ class TokenComparison:
 
     def to_dict(self) -> dict:
         """Headline figures, per-category aggregates and transitions per carrier (JSON-safe)."""
-        return {"n_positions": len(self), "options": self.options,
-                "carriers": {c: {"headline": self.headline(c), "categories": self.categories(c),
-                                 "transitions": self.transitions(c)} for c in self.carriers}}
+        return {
+            "n_positions": len(self),
+            "options": self.options,
+            "carriers": {
+                c: {"headline": self.headline(c), "categories": self.categories(c), "transitions": self.transitions(c)}
+                for c in self.carriers
+            },
+        }
 
     # ------------------------------------------------------------------ csv
     def csv_columns(self) -> list[str]:
         """Scalar columns in CSV order (top-k columns are expanded by :meth:`to_csv`)."""
-        head = ["carrier", "row", "prompt", "step", "token_id", "a_class", "b_class", "lock_type",
-                "self_correction", "top1_same"]
+        head = [
+            "carrier",
+            "row",
+            "prompt",
+            "step",
+            "token_id",
+            "a_class",
+            "b_class",
+            "lock_type",
+            "self_correction",
+            "top1_same",
+        ]
         body = [f"{m}_{k}{s}" for s in _VIEWS for m in "ab" for k in _SCALARS]
         body += [f"{k}{s}" for s in _VIEWS for k in _PAIR]
         return head + body
@@ -230,9 +262,16 @@ class TokenComparison:
             w.writerow(cols[:5] + ["token"] + cols[5:] + rank + ["context"])
             for i in range(len(self)):
                 vals = [_cell(t[c][i]) for c in cols]
-                ranks = [x for m in "ab" for j in range(k)
-                         for x in (self.text(t[f"{m}_topk_id"][i, j]), _cell(t[f"{m}_topk_p"][i, j]),
-                                   _cell(t[f"{m}_topk_p_trunc"][i, j]))]
+                ranks = [
+                    x
+                    for m in "ab"
+                    for j in range(k)
+                    for x in (
+                        self.text(t[f"{m}_topk_id"][i, j]),
+                        _cell(t[f"{m}_topk_p"][i, j]),
+                        _cell(t[f"{m}_topk_p_trunc"][i, j]),
+                    )
+                ]
                 w.writerow(vals[:5] + [self.text(t["token_id"][i])] + vals[5:] + ranks + [t["context"][i]])
 
         atomic_write(path, write, text=True)

@@ -16,6 +16,20 @@ from isdelta.training.monitor import (
 from isdelta.training.rewards import REWARDS, answer_match, boxed_match
 from isdelta.training.update import UpdateResult, ZeroUpdateError, advantages, update
 
-__all__ = ["REWARDS", "EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult",
-           "MonitorStep", "MonitorWarning", "Snapshot", "UpdateResult", "ZeroUpdateError",
-           "advantages", "answer_match", "boxed_match", "gather_rows", "update"]
+__all__ = [
+    "REWARDS",
+    "EntropyMonitor",
+    "MonitorConfig",
+    "MonitorError",
+    "MonitorResult",
+    "MonitorStep",
+    "MonitorWarning",
+    "Snapshot",
+    "UpdateResult",
+    "ZeroUpdateError",
+    "advantages",
+    "answer_match",
+    "boxed_match",
+    "gather_rows",
+    "update",
+]

@@ -37,11 +37,7 @@ def world_size(process_group=None) -> int:
     return dist.get_world_size(group=process_group)
 
 
-def gather_rows(
-    rows: Mapping[str, Any],
-    *,
-    process_group=None,
-) -> dict[str, np.ndarray | None]:
+def gather_rows(rows: Mapping[str, Any], *, process_group=None) -> dict[str, np.ndarray | None]:
     """Concatenate per-row arrays over all ranks, in rank order; every rank gets the result.
 
     A collective: every rank of ``process_group`` must call it, with the same keys. Without an
@@ -105,20 +101,24 @@ def concat_rows(parts: Sequence[Mapping[str, np.ndarray | None]]) -> dict[str, n
         if set(p) != set(keys):
             raise ValueError(
                 f"rank {rank} sent keys {sorted(p)} but rank 0 sent {sorted(keys)}: every rank must "
-                "gather the same fields. Compute the same per-row arrays on every rank.")
+                "gather the same fields. Compute the same per-row arrays on every rank."
+            )
     out: dict[str, np.ndarray | None] = {}
     for k in keys:
         none = [rank for rank, p in enumerate(parts) if p[k] is None]
         if none and len(none) != len(parts):
             raise ValueError(
                 f"rows[{k!r}] is None on ranks {none} but not on the others: a field must be "
-                "present on every rank or on none (e.g. entropy sums: compute them everywhere).")
+                "present on every rank or on none (e.g. entropy sums: compute them everywhere)."
+            )
         if none:
             out[k] = None
             continue
         tails = {p[k].shape[1:] for p in parts}
         if len(tails) > 1:
-            raise ValueError(f"rows[{k!r}] has trailing shapes {sorted(tails)} on different ranks; "
-                             "they must agree (only the row count may differ).")
+            raise ValueError(
+                f"rows[{k!r}] has trailing shapes {sorted(tails)} on different ranks; "
+                "they must agree (only the row count may differ)."
+            )
         out[k] = np.concatenate([p[k] for p in parts], axis=0)
     return out

@@ -50,112 +50,40 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import fields, replace
+from typing import Any
 
 import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
-from isdelta.estimators.inputs import check_options
 from isdelta.training.distributed import all_gather, world_size
 from isdelta.training.model_state import default_eos, free_memory, preserved
+from isdelta.training.options import MonitorConfig
 from isdelta.training.rows import Snapshot, merge, old_logp_tokens, prompt_keys, row_sums, rows_of
-from isdelta.training.verdict import (MonitorError, MonitorResult, MonitorWarning, describe, estimate_rows,
-                                      estimate_rows_per_decision)
+from isdelta.training.verdict import (
+    MonitorError,
+    MonitorResult,
+    MonitorWarning,
+    describe,
+    estimate_rows,
+    estimate_rows_per_decision,
+)
 
-__all__ = ["EntropyMonitor", "MonitorConfig", "MonitorError", "MonitorResult", "MonitorStep",
-           "MonitorWarning", "Snapshot"]
+__all__ = [
+    "EntropyMonitor",
+    "MonitorConfig",
+    "MonitorError",
+    "MonitorResult",
+    "MonitorStep",
+    "MonitorWarning",
+    "Snapshot",
+]
 
 
 # the tensors a trainer holds for one micro-batch (TRL GRPO's names)
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 OLD_LOGP_GAP_WARN = 1e-2  # nats; fp32 engines agree to ~1e-5, bf16 ones to a few 1e-3
-
-
-# ---------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class MonitorConfig:
-    """Options of :class:`EntropyMonitor`, declared once (``EntropyMonitor(model, **options)``).
-
-    Attributes
-    ----------
-    engine : EngineConfig
-        How rows are scored (``EntropyMonitor(engine_config=...)``): the sampling transform
-        (temperature, top-k, top-p: must be the sampler's) and ``token_budget``; ``include_eos``
-        must stay True (whole sequences). Default: temperature 1, no truncation, no progress bar.
-        ``requires_grad`` is forced off.
-    weights : {"psis", "none", "truncate", "clip"}
-        Importance-weight scheme (``clip`` also needs ``clip=c``).
-    clip : float, optional
-        The cap for ``weights="clip"``.
-    level : float
-        Coverage of the confidence intervals.
-    prompts : {"fixed", "sampled"}
-        Standard-error mode of :func:`isdelta.estimators.estimate`.
-    every : int
-        Measure every k-th step (steps are counted by ``after``/``skip`` calls); other steps
-        cost nothing and give ``None``.
-    strict : bool
-        Raise on any failure (for debugging) instead of returning an invalid result.
-    rao_blackwell : {"auto", "always", "never"}
-        Whether to run the p0 forward for entropy sums when ``old_logp`` is given (module doc).
-    group_by : {"prompt", "given"}
-        "prompt": rows with the same real prompt tokens form one group, keyed by a hash of the
-        tokens (global across micro-batches and ranks). "given": the batch's ``group`` (or
-        ``num_generations``) as is; the caller keeps ids unique across micro-batches and ranks
-        (needed when equal prompt tokens are different prompts, e.g. different images).
-    distributed : {"auto", "local"}
-        "auto": gather rows over ``torch.distributed`` ranks when initialised; "local": estimate
-        on this rank's rows only.
-    per_decision : {"cv", "pd", "pd_sn", "off"}
-        The headline estimator when p0's per-position entropies are scored (a p0 forward ran):
-        per-decision Rao–Blackwellised IS (:func:`isdelta.estimators.estimate_tokens`; "cv",
-        with its control variate, has the lowest variance). Sequence-level SNIS is reported
-        beside it (``result.delta_snis``). "off", or no p0 forward: SNIS is the headline.
-    eos_token_ids : int or sequence of int, optional
-        Stop ids for dict batches; default the model's ``generation_config.eos_token_id``.
-    """
-
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(progress=False))
-    weights: Literal["psis", "none", "truncate", "clip"] = "psis"
-    clip: float | None = None
-    level: float = 0.95
-    prompts: Literal["fixed", "sampled"] = "fixed"
-    every: int = 1
-    strict: bool = False
-    rao_blackwell: Literal["auto", "always", "never"] = "auto"
-    group_by: Literal["prompt", "given"] = "prompt"
-    distributed: Literal["auto", "local"] = "auto"
-    per_decision: Literal["cv", "pd", "pd_sn", "off"] = "cv"
-    eos_token_ids: int | Sequence[int] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.engine, EngineConfig):
-            raise TypeError(f"engine_config: expected an isdelta EngineConfig; got "
-                            f"{type(self.engine).__name__}. Build one with EngineConfig(temperature=…).")
-        if not self.engine.include_eos:
-            # Scoring without the stop token would weight rows by a partial ratio, but p0 sampled
-            # the stop token too: the importance weights need the full-sequence ratio.
-            raise ValueError(
-                "engine_config.include_eos=False: the monitor scores whole sequences (the importance "
-                "weights need the full-sequence ratio, stop token included). Pass include_eos=True; "
-                "for entropies without the stop token use isdelta.estimate(include='no_eos', ...) "
-                "with the engine's stop_logp / stop_entropy_sum.")
-        object.__setattr__(self, "engine", replace(self.engine, requires_grad=False))
-        check_options(weights=self.weights, prompts=self.prompts, level=self.level, clip=self.clip)
-        if isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1:
-            raise ValueError(f"every: expected a positive integer (measure every k-th step); "
-                             f"got {self.every!r}.")
-        for name, value, valid in (("rao_blackwell", self.rao_blackwell, ("auto", "always", "never")),
-                                   ("group_by", self.group_by, ("prompt", "given")),
-                                   ("distributed", self.distributed, ("auto", "local")),
-                                   ("per_decision", self.per_decision, ("cv", "pd", "pd_sn", "off"))):
-            if value not in valid:
-                raise ValueError(f"{name}: expected one of {list(valid)}; got {value!r}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class MonitorStep:
@@ -202,11 +130,16 @@ class EntropyMonitor:
         ``eos_token_ids``), each documented there.
     """
 
-    def __init__(self, model: torch.nn.Module, config: MonitorConfig | None = None, *,
-                 engine_config: EngineConfig | None = None, **options) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: MonitorConfig | None = None,
+        *,
+        engine_config: EngineConfig | None = None,
+        **options,
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module (an HF causal LM); got "
-                            f"{type(model).__name__}.")
+            raise TypeError(f"model: expected a torch.nn.Module (an HF causal LM); got {type(model).__name__}.")
         unknown = sorted(set(options) - {f.name for f in fields(MonitorConfig)} - {"engine"})
         if unknown or "engine" in options:
             valid = ["engine_config"] + [f.name for f in fields(MonitorConfig) if f.name != "engine"]
@@ -277,22 +210,33 @@ class EntropyMonitor:
             keys = prompt_keys(batch.prompt_ids, batch.prompt_lengths)
             return replace(batch, group=keys.to(batch.group.device))
         if not isinstance(batch, Mapping):
-            raise TypeError(f"batch: expected an isdelta Rollouts or a mapping with keys "
-                            f"{list(BATCH_KEYS)}; got {type(batch).__name__}.")
+            raise TypeError(
+                f"batch: expected an isdelta Rollouts or a mapping with keys "
+                f"{list(BATCH_KEYS)}; got {type(batch).__name__}."
+            )
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
-            raise ValueError(f"batch: missing keys {missing}; expected {list(BATCH_KEYS)} (left-padded "
-                             f"prompts, right-padded completions); got keys {sorted(map(str, batch))}.")
+            raise ValueError(
+                f"batch: missing keys {missing}; expected {list(BATCH_KEYS)} (left-padded "
+                f"prompts, right-padded completions); got keys {sorted(map(str, batch))}."
+            )
         eos = batch.get("eos_token_ids", self.eos_token_ids)
         if eos is None:
-            raise ValueError("eos_token_ids: the model has no eos_token_id; pass "
-                             "EntropyMonitor(..., eos_token_ids=…) or batch['eos_token_ids'].")
+            raise ValueError(
+                "eos_token_ids: the model has no eos_token_id; pass "
+                "EntropyMonitor(..., eos_token_ids=…) or batch['eos_token_ids']."
+            )
         pm = torch.as_tensor(batch["prompt_mask"])
         group = prompt_keys(batch["prompt_ids"], pm.sum(-1)) if by_prompt else batch.get("group")
         return Rollouts.from_tensors(
-            batch["prompt_ids"], pm, batch["completion_ids"], batch["completion_mask"],
-            eos_token_ids=eos, group=group,
-            num_generations=None if by_prompt else batch.get("num_generations"))
+            batch["prompt_ids"],
+            pm,
+            batch["completion_ids"],
+            batch["completion_mask"],
+            eos_token_ids=eos,
+            group=group,
+            num_generations=None if by_prompt else batch.get("num_generations"),
+        )
 
     def _score_p0(self, rollouts: Rollouts, old_logp) -> dict:
         """S0 (and entropy sums) from ``old_logp`` or from a p0 forward (see ``rao_blackwell``)."""
@@ -309,8 +253,10 @@ class EntropyMonitor:
         ent = None if mode == "never" else scores.entropy_sum.detach().cpu().numpy()
         fields = {"log_p0": scores.logp.detach().cpu().numpy(), "entropy_sum0": ent, "old_logp_gap": gap}
         if ent is not None and self.config.per_decision != "off":
-            fields.update(token_logp0=scores.token_logp.detach().float().cpu().numpy(),  # [N, C]
-                          token_entropy0=scores.token_entropy.detach().float().cpu().numpy())
+            fields.update(
+                token_logp0=scores.token_logp.detach().float().cpu().numpy(),  # [N, C]
+                token_entropy0=scores.token_entropy.detach().float().cpu().numpy(),
+            )
         return fields
 
     # ------------------------------------------------------------------ p1
@@ -346,22 +292,35 @@ class EntropyMonitor:
         est, tokens, rb, n_dropped, notes = None, None, False, 0, []
         c = self.config
         if failure is None:
-            est, rb, n_dropped, notes, failure = estimate_rows(rows, weights=c.weights, clip=c.clip,
-                                                               prompts=c.prompts, level=c.level)
+            est, rb, n_dropped, notes, failure = estimate_rows(
+                rows, weights=c.weights, clip=c.clip, prompts=c.prompts, level=c.level
+            )
         if failure is None and rows.get("token_entropy0") is not None:
-            tokens, failure = estimate_rows_per_decision(rows, method=c.per_decision, prompts=c.prompts,
-                                                         level=c.level)
+            tokens, failure = estimate_rows_per_decision(rows, method=c.per_decision, prompts=c.prompts, level=c.level)
         seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
         gaps = [s.old_logp_gap for s in snaps if s.old_logp_gap is not None]
         gap = max(gaps) if gaps else None
         if gap is not None and gap > OLD_LOGP_GAP_WARN:
-            notes.append(f"old_logp differs from the engine's log p0 by up to {gap:.3g} nats: the "
-                         "trainer scores (or samples) with a different transform or dtype.")
+            notes.append(
+                f"old_logp differs from the engine's log p0 by up to {gap:.3g} nats: the "
+                "trainer scores (or samples) with a different transform or dtype."
+            )
         n_rows = 0 if rows is None else len(rows["log_p0"]) - n_dropped
         reason = None if failure is None else failure[0]
         warned = (est.warnings if est is not None else ()) + (tokens.warnings if tokens is not None else ())
-        result = MonitorResult(step, failure is None, reason, est, rb, n_rows, n_dropped, seconds, gap,
-                               tuple(notes) + warned, tokens=tokens)
+        result = MonitorResult(
+            step,
+            failure is None,
+            reason,
+            est,
+            rb,
+            n_rows,
+            n_dropped,
+            seconds,
+            gap,
+            tuple(notes) + warned,
+            tokens=tokens,
+        )
         self._report(failure, step)
         return result
 
@@ -369,8 +328,10 @@ class EntropyMonitor:
         """This rank's rows of all snapshots, or (None, (reason, exception))."""
         for s in snaps:
             if s.step != step:
-                reason = (f"a snapshot was taken at step {s.step} but the monitor is at step {step}: "
-                          "call after() once per step with that step's snapshots.")
+                reason = (
+                    f"a snapshot was taken at step {s.step} but the monitor is at step {step}: "
+                    "call after() once per step with that step's snapshots."
+                )
                 return None, (reason, None)
             if s.error is not None:
                 return None, (f"scoring p0 failed: {s.error}", None)
@@ -380,7 +341,7 @@ class EntropyMonitor:
                 for s in snaps:
                     sc = self._engine.score(self.model, s.rollouts)
                     parts.append(rows_of(s, sc))
-        except Exception as exc:  # noqa: BLE001 - the failure policy
+        except Exception as exc:
             free_memory(exc)
             return None, (f"scoring p1 failed: {describe(exc)}", exc)
         return merge(parts), None
@@ -391,7 +352,7 @@ class EntropyMonitor:
             return rows, failure
         try:
             parts = all_gather({"rows": rows, "error": None if failure is None else failure[0]})
-        except Exception as exc:  # noqa: BLE001 - the failure policy
+        except Exception as exc:
             return None, (f"gathering rows over ranks failed: {describe(exc)}", exc)
         errors = [f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"] is not None]
         if errors:
@@ -410,6 +371,10 @@ class EntropyMonitor:
         kind = type(exc).__name__ if exc is not None else reason.split(":")[0][:60]
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(f"EntropyMonitor step {step}: {reason} The training run goes on; this "
-                          "step's result has valid=False (further failures of this kind are not "
-                          "warned about; pass strict=True to raise).", MonitorWarning, stacklevel=3)
+            warnings.warn(
+                f"EntropyMonitor step {step}: {reason} The training run goes on; this "
+                "step's result has valid=False (further failures of this kind are not "
+                "warned about; pass strict=True to raise).",
+                MonitorWarning,
+                stacklevel=3,
+            )

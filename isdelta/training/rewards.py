@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 
-__all__ = ["boxed_match", "answer_match", "REWARDS", "last_boxed", "last_number"]
+__all__ = ["REWARDS", "answer_match", "boxed_match", "last_boxed", "last_number"]
 
 # A candidate number: digits with optional comma groups and decimals, or ".5"; a sign.
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
@@ -57,9 +57,23 @@ def last_number(text: str) -> float | None:
 def _strip_markup(s: str) -> str:
     """Drop whitespace, ``$``, ``\\(\\)``, ``\\left``/``\\right``, ``\\text{}``, thin spaces, a final dot."""
     s = re.sub(r"\\text\{([^{}]*)\}|\\mathrm\{([^{}]*)\}", lambda m: m.group(1) or m.group(2) or "", s)
-    for old, new in [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
-                     ("\\ ", ""), ("\\(", ""), ("\\)", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
-                     ("{,}", ","), ("\\$", ""), ("$", ""), ("\\%", ""), ("%", "")]:
+    for old, new in [
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("\\ ", ""),
+        ("\\(", ""),
+        ("\\)", ""),
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("{,}", ","),
+        ("\\$", ""),
+        ("$", ""),
+        ("\\%", ""),
+        ("%", ""),
+    ]:
         s = s.replace(old, new)
     s = re.sub(r"\s+", "", s)
     return s.rstrip(".")
@@ -144,7 +158,4 @@ def answer_match(text: str, answer: str | float) -> float:
     return float(math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9))
 
 
-REWARDS: dict[str, Callable[[str, str | float], float]] = {
-    "boxed_match": boxed_match,
-    "answer_match": answer_match,
-}
+REWARDS: dict[str, Callable[[str, str | float], float]] = {"boxed_match": boxed_match, "answer_match": answer_match}

@@ -18,8 +18,16 @@ from isdelta.engine.logprob import EngineConfig
 from isdelta.engine.rollouts import Rollouts
 from isdelta.training.distributed import concat_rows
 
-__all__ = ["TOKEN_FIELDS", "Snapshot", "merge", "multi_row_groups", "old_logp_tokens", "prompt_keys",
-           "row_sums", "rows_of"]
+__all__ = [
+    "TOKEN_FIELDS",
+    "Snapshot",
+    "merge",
+    "multi_row_groups",
+    "old_logp_tokens",
+    "prompt_keys",
+    "row_sums",
+    "rows_of",
+]
 
 # per-position fields [N, C] of the per-decision estimator (0 where not counted)
 TOKEN_FIELDS = ("token_logp0", "token_logp1", "token_entropy0", "token_entropy1", "mask")
@@ -72,11 +80,17 @@ class Snapshot:
 
     def to_dict(self) -> dict:
         """Summary without per-row data."""
-        return {"step": self.step, "measured": self.measured, "n_rows": self.n_rows,
-                "rao_blackwell": self.entropy_sum0 is not None,
-                "per_decision": self.token_entropy0 is not None,
-                "reused_old_logp": self.reused_old_logp, "old_logp_gap": self.old_logp_gap,
-                "seconds": self.seconds, "error": self.error}
+        return {
+            "step": self.step,
+            "measured": self.measured,
+            "n_rows": self.n_rows,
+            "rao_blackwell": self.entropy_sum0 is not None,
+            "per_decision": self.token_entropy0 is not None,
+            "reused_old_logp": self.reused_old_logp,
+            "old_logp_gap": self.old_logp_gap,
+            "seconds": self.seconds,
+            "error": self.error,
+        }
 
 
 def prompt_keys(prompt_ids, prompt_lengths) -> torch.Tensor:
@@ -88,8 +102,10 @@ def prompt_keys(prompt_ids, prompt_lengths) -> torch.Tensor:
     ids = torch.as_tensor(prompt_ids).detach().cpu().long().numpy()  # [N, P_len]
     lengths = torch.as_tensor(prompt_lengths).detach().cpu().long().tolist()  # [N]
     width = ids.shape[1]
-    keys = [int.from_bytes(hashlib.blake2b(ids[r, width - n:].tobytes(), digest_size=7).digest(), "little")
-            for r, n in enumerate(lengths)]
+    keys = [
+        int.from_bytes(hashlib.blake2b(ids[r, width - n :].tobytes(), digest_size=7).digest(), "little")
+        for r, n in enumerate(lengths)
+    ]
     return torch.tensor(keys, dtype=torch.long)
 
 
@@ -102,13 +118,16 @@ def old_logp_tokens(old_logp, rollouts: Rollouts, engine: EngineConfig) -> torch
             f"old_logp: expected per-token log-probs [N, C] = [{N}, {C}] (one per completion "
             f"column, aligned with completion_ids), floating point; got {t.dtype} "
             f"{list(t.shape)}. Pass the trainer's log-probs of this micro-batch's completion "
-            "tokens (TRL: inputs['old_per_token_logps']), or old_logp=None to rescore p0.")
+            "tokens (TRL: inputs['old_per_token_logps']), or old_logp=None to rescore p0."
+        )
     mask = rollouts.mask(engine.include_eos).to(t.device)  # [N, C]: counted tokens only
     t = torch.where(mask, t.double(), torch.zeros((), dtype=torch.float64, device=t.device))
     bad = ~torch.isfinite(t).all(-1)
     if bad.any():
-        raise ValueError(f"old_logp: rows {bad.nonzero().flatten()[:8].tolist()} hold NaN/inf on "
-                         "counted tokens; pass finite log-probs or old_logp=None to rescore p0.")
+        raise ValueError(
+            f"old_logp: rows {bad.nonzero().flatten()[:8].tolist()} hold NaN/inf on "
+            "counted tokens; pass finite log-probs or old_logp=None to rescore p0."
+        )
     return t
 
 
@@ -124,17 +143,23 @@ def rows_of(snap: Snapshot, p1) -> dict[str, np.ndarray | None]:
     pd = snap.token_entropy0 is not None
     tokens = {k: None for k in TOKEN_FIELDS}
     if pd:
-        tokens = {"token_logp0": snap.token_logp0, "token_entropy0": snap.token_entropy0,
-                  "token_logp1": p1.token_logp.detach().float().cpu().numpy(),
-                  "token_entropy1": p1.token_entropy.detach().float().cpu().numpy(),
-                  "mask": p1.mask.detach().cpu().numpy()}
-    return {**tokens, "log_p0": np.asarray(snap.log_p0, dtype=np.float64),
-            "log_p1": p1.logp.detach().cpu().numpy().astype(np.float64),
-            "length": p1.length.detach().cpu().numpy(),
-            "group": ro.group.detach().cpu().numpy(),
-            "stopped": ro.stopped.detach().cpu().numpy(),
-            "entropy_sum0": snap.entropy_sum0 if rb else None,
-            "entropy_sum1": p1.entropy_sum.detach().cpu().numpy() if rb else None}
+        tokens = {
+            "token_logp0": snap.token_logp0,
+            "token_entropy0": snap.token_entropy0,
+            "token_logp1": p1.token_logp.detach().float().cpu().numpy(),
+            "token_entropy1": p1.token_entropy.detach().float().cpu().numpy(),
+            "mask": p1.mask.detach().cpu().numpy(),
+        }
+    return {
+        **tokens,
+        "log_p0": np.asarray(snap.log_p0, dtype=np.float64),
+        "log_p1": p1.logp.detach().cpu().numpy().astype(np.float64),
+        "length": p1.length.detach().cpu().numpy(),
+        "group": ro.group.detach().cpu().numpy(),
+        "stopped": ro.stopped.detach().cpu().numpy(),
+        "entropy_sum0": snap.entropy_sum0 if rb else None,
+        "entropy_sum1": p1.entropy_sum.detach().cpu().numpy() if rb else None,
+    }
 
 
 def merge(parts: list[dict]) -> dict:

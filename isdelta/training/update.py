@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
 
-__all__ = ["update", "UpdateResult", "ZeroUpdateError", "advantages"]
+__all__ = ["UpdateResult", "ZeroUpdateError", "advantages", "update"]
 
 LossName = Literal["sft", "reinforce"]
 OptimizerName = Literal["sgd", "adamw"]
@@ -145,13 +145,17 @@ def update(
     mask = rollouts.mask(cfg.include_eos)  # [N, C]
     n_tokens = int(mask.sum())
     if n_tokens == 0:
-        raise ValueError("the rollouts hold no counted completion token: nothing to train on. "
-                         "Check the completions (or include_eos=True for rows that stop at once).")
+        raise ValueError(
+            "the rollouts hold no counted completion token: nothing to train on. "
+            "Check the completions (or include_eos=True for rows that stop at once)."
+        )
     weights, mean_reward, active = _row_weights(loss, rewards, rollouts)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no parameter with requires_grad=True: nothing to train. "
-                         "Unfreeze the parameters to update (p.requires_grad_(True)).")
+        raise ValueError(
+            "the model has no parameter with requires_grad=True: nothing to train. "
+            "Unfreeze the parameters to update (p.requires_grad_(True))."
+        )
     engine = LogProbEngine(cfg)
     # rows with zero weight add nothing to the gradient; drop them before batching
     batches = engine.micro_batches(rollouts, mask & (weights != 0).to(mask.device)[:, None])
@@ -159,8 +163,13 @@ def update(
     opt = _make_optimizer(optimizer, params, lr)
     was_training = model.training
     losses, grad_norms = [], []
-    bar = tqdm(total=steps * len(batches), desc=f"update ({loss})", unit="batch", leave=False,
-               disable=True if not progress else None)
+    bar = tqdm(
+        total=steps * len(batches),
+        desc=f"update ({loss})",
+        unit="batch",
+        leave=False,
+        disable=True if not progress else None,
+    )
     try:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
@@ -171,10 +180,20 @@ def update(
         model.train(was_training)
         bar.close()
         opt.zero_grad(set_to_none=True)  # free the gradient buffers
-    change = float(sum(((p.detach().cpu().double() - p0.double()) ** 2).sum()
-                       for p, p0 in zip(params, theta0)) ** 0.5)
-    return UpdateResult(loss, tuple(losses), tuple(grad_norms), n_tokens, rollouts.n_rows,
-                        mean_reward, active, change, float(lr), optimizer, int(steps))
+    change = float(sum(((p.detach().cpu().double() - p0.double()) ** 2).sum() for p, p0 in zip(params, theta0)) ** 0.5)
+    return UpdateResult(
+        loss,
+        tuple(losses),
+        tuple(grad_norms),
+        n_tokens,
+        rollouts.n_rows,
+        mean_reward,
+        active,
+        change,
+        float(lr),
+        optimizer,
+        int(steps),
+    )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -189,8 +208,10 @@ def _check_args(loss, optimizer, lr, steps, rollouts) -> None:
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}.")
     if not isinstance(rollouts, Rollouts):
-        raise TypeError(f"rollouts must be an isdelta Rollouts; got {type(rollouts).__name__}. "
-                        "Build one with Rollouts.from_token_lists or Rollouts.from_tensors.")
+        raise TypeError(
+            f"rollouts must be an isdelta Rollouts; got {type(rollouts).__name__}. "
+            "Build one with Rollouts.from_token_lists or Rollouts.from_tensors."
+        )
 
 
 def _row_weights(loss, rewards, rollouts) -> tuple[torch.Tensor, float | None, float | None]:
@@ -204,8 +225,10 @@ def _row_weights(loss, rewards, rollouts) -> tuple[torch.Tensor, float | None, f
         raise ValueError("loss='reinforce' needs rewards: one float per rollout row [N].")
     R = np.asarray(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards, dtype=np.float64)
     if R.shape != (N,) or not np.isfinite(R).all():
-        raise ValueError(f"rewards must be {N} finite floats (one per rollout row); got shape "
-                         f"{R.shape}{'' if R.shape != (N,) else ' with NaN/inf'}.")
+        raise ValueError(
+            f"rewards must be {N} finite floats (one per rollout row); got shape "
+            f"{R.shape}{'' if R.shape != (N,) else ' with NaN/inf'}."
+        )
     group = rollouts.group.cpu().numpy()
     A = advantages(R, group)
     # floating-point round-off of the group mean must not count as signal
@@ -217,7 +240,8 @@ def _row_weights(loss, rewards, rollouts) -> tuple[torch.Tensor, float | None, f
             "every advantage is zero: the rewards have no variance within any prompt "
             f"(mean reward {R.mean():.4g}), so the reinforce gradient is exactly zero and p1 = p0. "
             "ΔH would be 0 by construction, not by measurement. Use more samples per prompt, "
-            "harder or easier prompts, or a graded reward.")
+            "harder or easier prompts, or a graded reward."
+        )
     return torch.as_tensor(A, dtype=torch.float32), float(R.mean()), active
 
 
@@ -239,7 +263,8 @@ def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> flo
             raise FloatingPointError(
                 f"non-finite loss on rows {rows[:8].tolist()}: a counted token has log p = -inf "
                 "under the engine's transform (a token outside its top-k/top-p set) or the model "
-                "overflowed. Score with the transform the rows were sampled with (sft: no truncation).")
+                "overflowed. Score with the transform the rows were sampled with (sft: no truncation)."
+            )
         if part.requires_grad:  # else no trained parameter reaches the loss: _grad_norm refuses
             part.backward()
         total += float(part.detach())
@@ -250,13 +275,16 @@ def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> flo
 def _grad_norm(params) -> float:
     """Global L2 norm of the accumulated gradients; raises ZeroUpdateError when it is 0."""
     sq = sum(float(p.grad.detach().double().square().sum()) for p in params if p.grad is not None)
-    norm = sq ** 0.5
+    norm = sq**0.5
     if not np.isfinite(norm):
-        raise FloatingPointError(f"the gradient norm is {norm}: the loss overflowed. Lower lr, "
-                                 "or use float32/bfloat16 weights instead of float16.")
+        raise FloatingPointError(
+            f"the gradient norm is {norm}: the loss overflowed. Lower lr, "
+            "or use float32/bfloat16 weights instead of float16."
+        )
     if norm == 0.0:
         raise ZeroUpdateError(
             "the gradient is exactly zero: no trained parameter influences the counted tokens' "
             "log-probs (all relevant parameters frozen?), so p1 = p0 and ΔH would be 0 by "
-            "construction, not by measurement. Unfreeze the parameters to train.")
+            "construction, not by measurement. Unfreeze the parameters to train."
+        )
     return norm

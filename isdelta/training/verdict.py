@@ -18,8 +18,15 @@ import numpy as np
 from isdelta.estimators import EntropyDelta, Estimate, EstimatorWarning, TokenDelta, estimate, estimate_tokens
 from isdelta.training.rows import TOKEN_FIELDS, multi_row_groups
 
-__all__ = ["MonitorError", "MonitorResult", "MonitorWarning", "describe", "estimate_rows",
-           "estimate_rows_per_decision", "verdict"]
+__all__ = [
+    "MonitorError",
+    "MonitorResult",
+    "MonitorWarning",
+    "describe",
+    "estimate_rows",
+    "estimate_rows_per_decision",
+    "verdict",
+]
 
 Failure = tuple[str, BaseException | None]  # (reason, the exception when there was one)
 
@@ -44,9 +51,11 @@ def verdict(est: EntropyDelta, rb: bool) -> Failure | None:
     if not (math.isfinite(d.value) and math.isfinite(d.se)):
         return (f"the ΔH estimate is not finite ({d.value}, se {d.se}).", None)
     if est.khat > 1.0:
-        reason = (f"k̂ = {est.khat:.2f} > 1: the importance ratios p1/p0 have infinite variance at "
-                  f"this sample size ({est.n_rows} rows), so ΔH and its CI are unreliable. The step "
-                  "moved p1 far from p0: use more samples per prompt or a smaller step.")
+        reason = (
+            f"k̂ = {est.khat:.2f} > 1: the importance ratios p1/p0 have infinite variance at "
+            f"this sample size ({est.n_rows} rows), so ΔH and its CI are unreliable. The step "
+            "moved p1 far from p0: use more samples per prompt or a smaller step."
+        )
         return (reason, None)
     return None
 
@@ -61,26 +70,40 @@ def estimate_rows(rows: dict, *, weights: str, clip: float | None, prompts: str,
     try:
         bad = ~(np.isfinite(rows["log_p0"]) & np.isfinite(rows["log_p1"]))
         if bad.any():
-            reason = (f"{int(bad.sum())} of {bad.size} rows have a non-finite log-probability (a "
-                      "token outside the top-k/top-p set of the engine's transform, or a NaN "
-                      "forward): check that the engine's transform is the sampler's.")
+            reason = (
+                f"{int(bad.sum())} of {bad.size} rows have a non-finite log-probability (a "
+                "token outside the top-k/top-p set of the engine's transform, or a NaN "
+                "forward): check that the engine's transform is the sampler's."
+            )
             return None, False, 0, notes, (reason, None)
         keep = multi_row_groups(rows["group"])
         n_dropped = int((~keep).sum())
         if n_dropped:
             notes.append(f"{n_dropped} rows left out: their prompt has a single row in this step.")
         if keep.sum() < 2:
-            reason = ("no prompt has two or more rows in this step: SNIS needs G >= 2 samples per "
-                      "prompt (use num_generations >= 2 and whole groups per optimizer step).")
+            reason = (
+                "no prompt has two or more rows in this step: SNIS needs G >= 2 samples per "
+                "prompt (use num_generations >= 2 and whole groups per optimizer step)."
+            )
             return None, False, n_dropped, notes, (reason, None)
         r = {k: (None if v is None else v[keep]) for k, v in rows.items()}
         rb = r["entropy_sum0"] is not None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EstimatorWarning)  # kept in est.warnings
-            est = estimate(r["log_p0"], r["log_p1"], r["length"], r["group"],
-                           entropy_sum0=r["entropy_sum0"], entropy_sum1=r["entropy_sum1"],
-                           weights=weights, clip=clip, prompts=prompts, level=level, stopped=r["stopped"])
-    except Exception as exc:  # noqa: BLE001 - the failure policy
+            est = estimate(
+                r["log_p0"],
+                r["log_p1"],
+                r["length"],
+                r["group"],
+                entropy_sum0=r["entropy_sum0"],
+                entropy_sum1=r["entropy_sum1"],
+                weights=weights,
+                clip=clip,
+                prompts=prompts,
+                level=level,
+                stopped=r["stopped"],
+            )
+    except Exception as exc:
         return None, False, 0, notes, (f"estimation failed: {describe(exc)}", exc)
     return est, rb, n_dropped, notes, verdict(est, rb)
 
@@ -92,10 +115,18 @@ def estimate_rows_per_decision(rows: dict, *, method: str, prompts: str, level: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EstimatorWarning)  # kept in tokens.warnings
-            tokens = estimate_tokens(r["token_logp0"], r["token_logp1"], r["token_entropy0"],
-                                     r["token_entropy1"], r["mask"], r["group"], method=method,
-                                     prompts=prompts, level=level)
-    except Exception as exc:  # noqa: BLE001 - the failure policy
+            tokens = estimate_tokens(
+                r["token_logp0"],
+                r["token_logp1"],
+                r["token_entropy0"],
+                r["token_entropy1"],
+                r["mask"],
+                r["group"],
+                method=method,
+                prompts=prompts,
+                level=level,
+            )
+    except Exception as exc:
         return None, (f"per-decision estimation failed: {describe(exc)}", exc)
     d = tokens.delta
     if not (math.isfinite(d.value) and math.isfinite(d.se)):
@@ -209,33 +240,49 @@ class MonitorResult:
             h1 = (est.h1_rb if self.rao_blackwell else est.h1) if ok else None
         d, dt, ds = self.delta, self.delta_tok, self.delta_snis
         out = {
-            "delta": val(d), "delta_se": val(d, "se"),
-            "delta_ci_low": val(d, "ci_low"), "delta_ci_high": val(d, "ci_high"),
-            "delta_tok": val(dt), "delta_tok_ci_low": val(dt, "ci_low"), "delta_tok_ci_high": val(dt, "ci_high"),
-            "h0": val(h0), "h1": val(h1),
-            "delta_snis": val(ds), "delta_snis_se": val(ds, "se"),
-            "delta_snis_ci_low": val(ds, "ci_low"), "delta_snis_ci_high": val(ds, "ci_high"),
+            "delta": val(d),
+            "delta_se": val(d, "se"),
+            "delta_ci_low": val(d, "ci_low"),
+            "delta_ci_high": val(d, "ci_high"),
+            "delta_tok": val(dt),
+            "delta_tok_ci_low": val(dt, "ci_low"),
+            "delta_tok_ci_high": val(dt, "ci_high"),
+            "h0": val(h0),
+            "h1": val(h1),
+            "delta_snis": val(ds),
+            "delta_snis_se": val(ds, "se"),
+            "delta_snis_ci_low": val(ds, "ci_low"),
+            "delta_snis_ci_high": val(ds, "ci_high"),
             "delta_tok_snis": val(self.delta_tok_snis),
-            "direct": val(tk.direct if tk else None), "path_shift": val(tk.path_shift if tk else None),
-            "delta1": est.delta1.value if ok else nan, "kl": est.kl if ok else nan,
+            "direct": val(tk.direct if tk else None),
+            "path_shift": val(tk.path_shift if tk else None),
+            "delta1": est.delta1.value if ok else nan,
+            "kl": est.kl if ok else nan,
             "ess_frac": est.ess_frac if est is not None else nan,
             "khat": est.khat if est is not None else nan,
             "prefix_ess_frac": tk.prefix_ess_frac_min if tk is not None else nan,
-            "valid": float(self.valid), "per_decision": float(self.tokens is not None),
+            "valid": float(self.valid),
+            "per_decision": float(self.tokens is not None),
             "rao_blackwell": float(self.rao_blackwell),
-            "n_rows": float(self.n_rows), "seconds": float(self.seconds),
+            "n_rows": float(self.n_rows),
+            "seconds": float(self.seconds),
         }
         return {f"{prefix}{k}": float(v) for k, v in out.items()}
 
     def to_dict(self) -> dict:
         """JSON-safe: the scalars (None for NaN), the reason, warnings and the full estimate."""
-        out: dict[str, Any] = {k: (v if math.isfinite(v) else None)
-                               for k, v in self.scalars(prefix="").items()}
-        out.update(step=self.step, valid=self.valid, reason=self.reason, n_dropped=self.n_dropped,
-                   old_logp_gap=self.old_logp_gap, warnings=list(self.warnings),
-                   method=self.method,
-                   estimate=None if self.estimate is None else self.estimate.to_dict(),
-                   tokens=None if self.tokens is None else self.tokens.to_dict())
+        out: dict[str, Any] = {k: (v if math.isfinite(v) else None) for k, v in self.scalars(prefix="").items()}
+        out.update(
+            step=self.step,
+            valid=self.valid,
+            reason=self.reason,
+            n_dropped=self.n_dropped,
+            old_logp_gap=self.old_logp_gap,
+            warnings=list(self.warnings),
+            method=self.method,
+            estimate=None if self.estimate is None else self.estimate.to_dict(),
+            tokens=None if self.tokens is None else self.tokens.to_dict(),
+        )
         return out
 
     def __str__(self) -> str:

@@ -10,8 +10,13 @@ import isdelta.engine.logprob as logprob_mod
 from isdelta.engine import EngineConfig, LogitTransform, LogProbEngine, Rollouts, completion_mask
 
 TOL = 1e-5  # fp32
-TRANSFORMS = [LogitTransform(), LogitTransform(temperature=0.7), LogitTransform(top_k=7),
-              LogitTransform(top_p=0.8), LogitTransform(temperature=1.3, top_k=20, top_p=0.9)]
+TRANSFORMS = [
+    LogitTransform(),
+    LogitTransform(temperature=0.7),
+    LogitTransform(top_k=7),
+    LogitTransform(top_p=0.8),
+    LogitTransform(temperature=1.3, top_k=20, top_p=0.9),
+]
 
 
 def random_rollouts(rng, P=3, G=3, V=96, eos=(2,), max_prompt=6, max_comp=7, stop_frac=0.6):
@@ -33,9 +38,15 @@ def sampled_rollouts(model, transform, P=3, G=3, max_new_tokens=7, seed=0):
     comps = []
     for p in prompts:
         with torch.no_grad():
-            out = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, num_return_sequences=G,
-                                 pad_token_id=2, eos_token_id=2, **transform.generate_kwargs())
-        for row in out[:, len(p):].tolist():
+            out = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=G,
+                pad_token_id=2,
+                eos_token_id=2,
+                **transform.generate_kwargs(),
+            )
+        for row in out[:, len(p) :].tolist():
             comps.append(row[: row.index(2) + 1] if 2 in row else row)
     return prompts, comps, Rollouts.from_token_lists(prompts, comps, eos_token_ids=2, pad_token_id=2)
 
@@ -45,7 +56,7 @@ def naive_scores(model, prompt, comp, transform=LogitTransform(), eos=(2,), incl
     mask = completion_mask(torch.tensor([comp]), eos, include_eos=include_eos)[0]
     ids = torch.tensor([list(prompt) + list(comp)])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1:-1].float()  # [C, V]
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # [C, V]
     logp = torch.log_softmax(transform(logits), -1)
     p = logp.exp()
     ent = -torch.nan_to_num(p * logp).sum(-1)
@@ -88,16 +99,14 @@ def test_gpt2_needs_explicit_position_ids(tiny_gpt2, rng, monkeypatch):
 @pytest.mark.parametrize("include_eos", [True, False])
 def test_engine_equals_full_logits_reference(tiny_llama, rng, transform, include_eos):
     # random tokens fall outside a top-k/top-p set (log p = -inf), so sample those from the model
-    prompts, comps, ro = (sampled_rollouts(tiny_llama, transform) if transform.truncates
-                          else random_rollouts(rng))
+    prompts, comps, ro = sampled_rollouts(tiny_llama, transform) if transform.truncates else random_rollouts(rng)
     cfg = EngineConfig.from_transform(transform, include_eos=include_eos, progress=False)
     scores = LogProbEngine(cfg).score(tiny_llama, ro)
     assert_matches_naive(tiny_llama, prompts, comps, ro, scores, transform, include_eos)
 
 
 def test_transform_equals_hf_warpers(rng):
-    from transformers.generation.logits_process import (TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.tensor(rng.normal(size=(16, 300)) * 3, dtype=torch.float32)
     t = LogitTransform(temperature=0.8, top_k=40, top_p=0.7)
@@ -105,20 +114,29 @@ def test_transform_equals_hf_warpers(rng):
     torch.testing.assert_close(t(logits), ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("transform", [LogitTransform(temperature=0.9, top_k=12, top_p=0.85),
-                                       LogitTransform(temperature=1.2)], ids=str)
+@pytest.mark.parametrize(
+    "transform", [LogitTransform(temperature=0.9, top_k=12, top_p=0.85), LogitTransform(temperature=1.2)], ids=str
+)
 def test_scores_equal_hf_generate_processed_scores(tiny_llama, transform):
     """The log-probs of sampled tokens equal log_softmax of the scores HF generate sampled from."""
     torch.manual_seed(3)
     prompt_ids = torch.tensor([[2, 2, 5, 6, 7], [8, 9, 10, 11, 12], [2, 2, 2, 13, 14]])
     prompt_mask = (torch.arange(5)[None] >= torch.tensor([[2], [0], [3]])).long()
     with torch.no_grad():
-        out = tiny_llama.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=8,
-                                  output_scores=True, return_dict_in_generate=True, pad_token_id=2,
-                                  eos_token_id=2, **transform.generate_kwargs())
+        out = tiny_llama.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=8,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=2,
+            eos_token_id=2,
+            **transform.generate_kwargs(),
+        )
     comp = out.sequences[:, 5:]
-    ro = Rollouts.from_tensors(prompt_ids, prompt_mask, comp, completion_mask(comp, 2),
-                               eos_token_ids=2, num_generations=1)
+    ro = Rollouts.from_tensors(
+        prompt_ids, prompt_mask, comp, completion_mask(comp, 2), eos_token_ids=2, num_generations=1
+    )
     scores = LogProbEngine(EngineConfig.from_transform(transform, progress=False)).score(tiny_llama, ro)
     hf = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # [N, C, V]
     hf_tok = hf.gather(-1, comp[..., None]).squeeze(-1)
@@ -171,7 +189,7 @@ def test_requires_grad_gives_the_gradient_of_the_reference(tiny_llama, rng):
     for r, comp in enumerate(comps):
         p = prompts[r // 2]
         ids = torch.tensor([p + comp])
-        logp = torch.log_softmax(tiny_llama(ids).logits[0, len(p) - 1:-1].float(), -1)
+        logp = torch.log_softmax(tiny_llama(ids).logits[0, len(p) - 1 : -1].float(), -1)
         m = completion_mask(torch.tensor([comp]), 2)[0]
         total = total + logp[torch.arange(len(comp)), torch.tensor(comp)][m].sum()
     total.backward()
@@ -244,7 +262,7 @@ def test_stop_entropy_sum_is_the_stop_ids_share_of_the_entropy(tiny_llama, rng):
     for r, comp in enumerate(comps):
         p = prompts[r // G]
         with torch.no_grad():
-            logp = torch.log_softmax(tiny_llama(torch.tensor([p + comp])).logits[0, len(p) - 1:-1].float(), -1)
+            logp = torch.log_softmax(tiny_llama(torch.tensor([p + comp])).logits[0, len(p) - 1 : -1].float(), -1)
         m = completion_mask(torch.tensor([comp]), (2, 9))[0]
         want = -(logp.exp()[:, [2, 9]] * logp[:, [2, 9]]).sum(-1)[m].double().sum()
         torch.testing.assert_close(s.stop_entropy_sum[r], want, atol=1e-6, rtol=1e-6)
@@ -274,17 +292,27 @@ def test_entropy_is_accurate_at_a_real_vocabulary_size(rng):
 
     torch.manual_seed(0)
     V = 49152
-    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ro = random_rollouts(rng, P=2, G=2, V=V, max_comp=6)[2]
     s = LogProbEngine(EngineConfig(progress=False)).score(model, ro)
     att = ro.attention_mask
     with torch.no_grad():
-        logits = model(input_ids=ro.input_ids, attention_mask=att,
-                       position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits.double()
-    logp = torch.log_softmax(logits[:, ro.prompt_len - 1:-1], -1)  # [N, C, V] float64
+        logits = model(
+            input_ids=ro.input_ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)
+        ).logits.double()
+    logp = torch.log_softmax(logits[:, ro.prompt_len - 1 : -1], -1)  # [N, C, V] float64
     H = -(logp.exp() * logp).sum(-1)
     varH = (logp.exp() * (logp + H[..., None]) ** 2).sum(-1)
     m = s.mask

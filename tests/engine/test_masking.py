@@ -21,8 +21,7 @@ CASES = [
     ("several stop ids, second one first", [5, 9, 2, 0, 0], 3, {2, 9}, True, [1, 1, 0, 0, 0]),
     ("several stop ids, excluded", [5, 9, 2, 0, 0], 3, {2, 9}, False, [1, 0, 0, 0, 0]),
     ("pad id differs from eos", [5, 6, 2, 0, 0], 3, {2}, True, [1, 1, 1, 0, 0]),
-    ("eos-valued pad past the real length is not a stop", [5, 6, 7, 2, 2], 3, {2}, True,
-     [1, 1, 1, 0, 0]),
+    ("eos-valued pad past the real length is not a stop", [5, 6, 7, 2, 2], 3, {2}, True, [1, 1, 1, 0, 0]),
     ("empty completion", [2, 2, 2, 2, 2], 0, {2}, True, [0, 0, 0, 0, 0]),
 ]
 
@@ -60,5 +59,5 @@ def test_bad_lengths_name_the_rows():
 def test_position_ids_start_at_zero_after_left_pads(n_pads):
     att = torch.tensor([[0] * n_pads + [1] * 4 + [0] * 2])
     pos = position_ids(att)
-    assert pos[0, n_pads:n_pads + 4].tolist() == [0, 1, 2, 3]
+    assert pos[0, n_pads : n_pads + 4].tolist() == [0, 1, 2, 3]
     assert pos[0, :n_pads].tolist() == [0] * n_pads  # clamped, never negative

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from isdelta.engine import (EngineConfig, LogProbEngine, Rollouts, builtin_models, check_compatible,
-                            load_model)
+from isdelta.engine import EngineConfig, LogProbEngine, Rollouts, builtin_models, check_compatible, load_model
 
 
 def word_tokenizer(words, eos="</s>"):
@@ -50,23 +49,36 @@ def test_smollm2_loads_offline_and_scores_a_sampled_chat_completion(smollm2, mon
     assert tok.pad_token_id == tok.eos_token_id  # the case masks must survive
     assert tok.padding_side == "left" and model.config.vocab_size == 49152
     check_compatible(tok, tok)
-    chats = [[{"role": "user", "content": "What is 2 + 3? Answer briefly."}],
-             [{"role": "user", "content": "Name a colour."}]]
-    enc = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
-                                  return_dict=True)
+    chats = [
+        [{"role": "user", "content": "What is 2 + 3? Answer briefly."}],
+        [{"role": "user", "content": "Name a colour."}],
+    ]
+    enc = tok.apply_chat_template(
+        chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+    )
     cfg = EngineConfig(temperature=0.8, top_p=0.95, progress=False)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=24, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **cfg.transform.generate_kwargs())
+        out = model.generate(
+            **enc,
+            max_new_tokens=24,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **cfg.transform.generate_kwargs(),
+        )
     P = enc["input_ids"].shape[1]
     comp = out[:, P:]
     # a mask from positions: real tokens up to and including the first EOS (pad == eos here)
     from isdelta.engine import completion_mask
 
-    ro = Rollouts.from_tensors(enc["input_ids"], enc["attention_mask"], comp,
-                               completion_mask(comp, tok.eos_token_id), eos_token_ids=tok.eos_token_id,
-                               vocab_size=len(tok))
+    ro = Rollouts.from_tensors(
+        enc["input_ids"],
+        enc["attention_mask"],
+        comp,
+        completion_mask(comp, tok.eos_token_id),
+        eos_token_ids=tok.eos_token_id,
+        vocab_size=len(tok),
+    )
     s = LogProbEngine(cfg).score(model, ro)
     assert torch.isfinite(s.logp).all() and (s.length > 0).all()
     for r in range(2):
@@ -81,8 +93,10 @@ def test_smollm2_pad_equal_eos_keeps_the_real_eos(smollm2):
     model, tok = smollm2
     eos = tok.eos_token_id
     prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
-    comps = [tok(" Paris.", add_special_tokens=False)["input_ids"] + [eos],
-             tok(" a city", add_special_tokens=False)["input_ids"]]
+    comps = [
+        tok(" Paris.", add_special_tokens=False)["input_ids"] + [eos],
+        tok(" a city", add_special_tokens=False)["input_ids"],
+    ]
     ro = Rollouts.from_token_lists([prompt], comps, eos_token_ids=eos, pad_token_id=tok.pad_token_id)
     assert ro.lengths.tolist() == [len(comps[0]), len(comps[1])]
     s = LogProbEngine(progress=False).score(model, ro)

@@ -29,30 +29,50 @@ def test_groups_inferred_from_identical_prompts_and_ragged():
 
 def test_from_tensors_matches_from_token_lists():
     a = Rollouts.from_token_lists([[5, 6, 7], [8]], [[11, 2], [12, 13]], eos_token_ids=2, pad_token_id=2)
-    b = Rollouts.from_tensors(a.prompt_ids, a.attention_mask[:, :3], a.completion_ids,
-                              completion_mask(a.completion_ids, 2, a.completion_lengths),
-                              eos_token_ids=2, num_generations=1)
+    b = Rollouts.from_tensors(
+        a.prompt_ids,
+        a.attention_mask[:, :3],
+        a.completion_ids,
+        completion_mask(a.completion_ids, 2, a.completion_lengths),
+        eos_token_ids=2,
+        num_generations=1,
+    )
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
     assert torch.equal(a.completion_mask, b.completion_mask)
 
 
 def test_right_padded_prompt_is_refused():
     with pytest.raises(ValueError, match=r"rows \[1\].*LEFT-padded"):
-        Rollouts.from_tensors(torch.tensor([[5, 6], [7, 0]]), torch.tensor([[1, 1], [1, 0]]),
-                              torch.tensor([[3], [4]]), torch.tensor([[1], [1]]), eos_token_ids=2)
+        Rollouts.from_tensors(
+            torch.tensor([[5, 6], [7, 0]]),
+            torch.tensor([[1, 1], [1, 0]]),
+            torch.tensor([[3], [4]]),
+            torch.tensor([[1], [1]]),
+            eos_token_ids=2,
+        )
 
 
 def test_trainer_mask_past_the_stop_token_is_refused():
     # the trainer counted tokens after the EOS (mask from pad identity, pad != eos): refuse.
     with pytest.raises(ValueError, match=r"rows \[0\].*disagrees"):
-        Rollouts.from_tensors(torch.tensor([[5]]), torch.tensor([[1]]), torch.tensor([[3, 2, 4]]),
-                              torch.tensor([[1, 1, 1]]), eos_token_ids=2)
+        Rollouts.from_tensors(
+            torch.tensor([[5]]),
+            torch.tensor([[1]]),
+            torch.tensor([[3, 2, 4]]),
+            torch.tensor([[1, 1, 1]]),
+            eos_token_ids=2,
+        )
 
 
 def test_non_prefix_completion_mask_is_refused():
     with pytest.raises(ValueError, match="ones-then-zeros"):
-        Rollouts.from_tensors(torch.tensor([[5]]), torch.tensor([[1]]), torch.tensor([[3, 4, 5]]),
-                              torch.tensor([[1, 0, 1]]), eos_token_ids=2)
+        Rollouts.from_tensors(
+            torch.tensor([[5]]),
+            torch.tensor([[1]]),
+            torch.tensor([[3, 4, 5]]),
+            torch.tensor([[1, 0, 1]]),
+            eos_token_ids=2,
+        )
 
 
 def test_ids_beyond_vocab_are_refused():

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from isdelta.engine import EngineConfig, LogitTransform, LogProbEngine
-from isdelta.engine.sampling import Samples, _prompt_batches, sample
+from isdelta.engine.samples import Samples
+from isdelta.engine.sampling import _prompt_batches, sample
 
 PROMPTS = ["hello", [{"role": "user", "content": "2+2?"}], "abc def"]
 TOL = 1e-4  # fp32; generate runs the full model with a KV cache, the engine body + head
 
 
 def draw(model, tok, **kw) -> Samples:
-    kw = {"num_samples": 4, "transform": LogitTransform(), "max_new_tokens": 12, "seed": 0,
-          "progress": False, **kw}
+    kw = {"num_samples": 4, "transform": LogitTransform(), "max_new_tokens": 12, "seed": 0, "progress": False, **kw}
     return sample(model, tok, kw.pop("prompts", PROMPTS), **kw)
 
 
@@ -41,8 +41,11 @@ def test_rows_are_prompt_major(tiny_llama, char_tok):
     assert ro.group.tolist() == [r // G for r in range(12)]
     chat = char_tok.apply_chat_template(PROMPTS[1], tokenize=False, add_generation_prompt=True)
     assert s.prompt_texts == ("hello", chat, "abc def")
-    encoded = [char_tok("hello")["input_ids"], char_tok(chat, add_special_tokens=False)["input_ids"],
-               char_tok("abc def")["input_ids"]]
+    encoded = [
+        char_tok("hello")["input_ids"],
+        char_tok(chat, add_special_tokens=False)["input_ids"],
+        char_tok("abc def")["input_ids"],
+    ]
     for r in range(12):
         real = ro.prompt_ids[r][ro.attention_mask[r, : ro.prompt_len].bool()].tolist()
         assert real == encoded[r // G]
@@ -55,8 +58,7 @@ def test_rows_are_prompt_major(tiny_llama, char_tok):
     assert s.to_dict()["n_rows"] == 12
 
 
-@pytest.mark.parametrize(
-    "transform", [LogitTransform(), LogitTransform(temperature=0.8, top_k=20, top_p=0.9)], ids=str)
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(temperature=0.8, top_k=20, top_p=0.9)], ids=str)
 def test_engine_scores_equal_generate_scores(tiny_llama, char_tok, monkeypatch, transform):
     """log p of each sampled token under the engine = log_softmax of the scores generate sampled from."""
     calls = capture_generate(tiny_llama, monkeypatch)
@@ -74,8 +76,13 @@ def test_engine_scores_equal_generate_scores(tiny_llama, char_tok, monkeypatch, 
 def test_generation_config_does_not_leak(tiny_llama, char_tok, monkeypatch):
     """top_k=50, a repetition penalty, min-p and typical-p in generation_config are overridden."""
     gc = tiny_llama.generation_config
-    for k, v in {"top_k": 50, "repetition_penalty": 1.5, "min_p": 0.2, "typical_p": 0.5,
-                 "no_repeat_ngram_size": 1}.items():
+    for k, v in {
+        "top_k": 50,
+        "repetition_penalty": 1.5,
+        "min_p": 0.2,
+        "typical_p": 0.5,
+        "no_repeat_ngram_size": 1,
+    }.items():
         monkeypatch.setattr(gc, k, v)
     calls = capture_generate(tiny_llama, monkeypatch)
     with pytest.warns(UserWarning, match="overridden to neutral"):
@@ -136,10 +143,10 @@ def test_seed_reproduces_and_restores_caller_rng(tiny_llama, char_tok):
 def test_micro_batches_keep_the_layout(tiny_llama, char_tok):
     one = draw(tiny_llama, char_tok, prompt_batch_size=1)
     assert one.rollouts.group.tolist() == [r // 4 for r in range(12)]
-    assert _prompt_batches([3, 5, 2, 4], G=2, max_new_tokens=4, prompt_batch_size=None,
-                           token_budget=2 * 2 * (5 + 4)) == [[0, 1], [2, 3]]
-    assert _prompt_batches([3, 5, 2], G=2, max_new_tokens=4, prompt_batch_size=2,
-                           token_budget=1) == [[0, 1], [2]]
+    assert _prompt_batches(
+        [3, 5, 2, 4], G=2, max_new_tokens=4, prompt_batch_size=None, token_budget=2 * 2 * (5 + 4)
+    ) == [[0, 1], [2, 3]]
+    assert _prompt_batches([3, 5, 2], G=2, max_new_tokens=4, prompt_batch_size=2, token_budget=1) == [[0, 1], [2]]
 
 
 def test_save_load_round_trip(tiny_llama, char_tok, tmp_path):
@@ -192,8 +199,16 @@ def test_real_model_chat_sampling_matches_generate_scores(smollm2, monkeypatch):
     model, tok = smollm2
     calls = capture_generate(model, monkeypatch)
     transform = LogitTransform(temperature=0.7, top_p=0.95)
-    s = sample(model, tok, [[{"role": "user", "content": "What is 2+3?"}], "The capital of France is"],
-               num_samples=2, transform=transform, max_new_tokens=8, stop_strings=("\n",), progress=False)
+    s = sample(
+        model,
+        tok,
+        [[{"role": "user", "content": "What is 2+3?"}], "The capital of France is"],
+        num_samples=2,
+        transform=transform,
+        max_new_tokens=8,
+        stop_strings=("\n",),
+        progress=False,
+    )
     assert s.rollouts.eos_token_ids == (tok.eos_token_id,)
     assert s.prompt_texts[0].endswith("<|im_start|>assistant\n")
     scores = torch.stack(calls[0]["scores"], 1).log_softmax(-1)  # [N, n_steps, V]

@@ -22,12 +22,7 @@ def rng() -> np.random.Generator:
 
 
 def random_rows(
-    rng: np.random.Generator,
-    sizes: list[int],
-    *,
-    step: float = 0.3,
-    labels: list | None = None,
-    shuffle: bool = True,
+    rng: np.random.Generator, sizes: list[int], *, step: float = 0.3, labels: list | None = None, shuffle: bool = True
 ) -> dict[str, np.ndarray]:
     """Plausible scored rows: ragged prompts of ``sizes`` rows, shuffled, arbitrary labels.
 
@@ -35,11 +30,7 @@ def random_rows(
     covariance term matters), L ≥ 1, entropy sums near −S.
     """
     n = int(np.sum(sizes))
-    labels = (
-        labels
-        if labels is not None
-        else [int(x) for x in rng.choice(10_000, len(sizes), replace=False)]
-    )
+    labels = labels if labels is not None else [int(x) for x in rng.choice(10_000, len(sizes), replace=False)]
     group = np.repeat(np.asarray(labels), sizes)
     length = rng.integers(1, 60, size=n).astype(float)
     log_p0 = -rng.gamma(2.0, 1.0, size=n) * length / 2

@@ -30,10 +30,7 @@ def _toy() -> TabularToy:
 
 def _truth(alpha: float, suffix: str = "") -> dict[str, float]:
     e0, e1 = _toy().enumerate(0.0).exact(), _toy().enumerate(alpha).exact()
-    return {
-        "delta": e1["h" + suffix] - e0["h" + suffix],
-        "delta_tok": e1["h_tok" + suffix] - e0["h_tok" + suffix],
-    }
+    return {"delta": e1["h" + suffix] - e0["h" + suffix], "delta_tok": e1["h_tok" + suffix] - e0["h_tok" + suffix]}
 
 
 @functools.cache
@@ -78,10 +75,7 @@ def test_toy_sampler_draws_the_enumerated_distribution():
         assert np.all(np.abs(freq - prob[p]) < 5 * se + 1e-12)
 
 
-@pytest.mark.parametrize(
-    "alpha, g, weights",
-    [(0.3, 64, "none"), (0.6, 128, "none"), (0.6, 128, "psis")],
-)
+@pytest.mark.parametrize("alpha, g, weights", [(0.3, 64, "none"), (0.6, 128, "none"), (0.6, 128, "psis")])
 def test_ci_covers_exact_delta(alpha, g, weights):
     results = _replicate(alpha, g, weights)
     truth = _truth(alpha)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from toy import TabularToy
 
-from isdelta.estimators import EstimatorWarning, TokenDelta, estimate, estimate_tokens
+from isdelta.estimators import EstimatorWarning, TokenDelta, estimate, estimate_tokens, prefix
 from isdelta.estimators import per_decision as tokens_mod
 
 TOKEN_KEYS = ("token_logp0", "token_logp1", "token_entropy0", "token_entropy1", "mask")
@@ -88,9 +88,7 @@ def test_prefix_ratios_are_a_martingale_and_weight_the_chain_rule_exactly():
     mask = np.broadcast_to(t0.mask, t0.token_logp.shape[1:])
     got = []
     for p in range(toy.n_prompts):
-        tok = tokens_mod._prepare(
-            t0.token_logp[p], t1.token_logp[p], t0.token_entropy[p], t1.token_entropy[p], mask, None
-        )
+        tok = prefix.prepare(t0.token_logp[p], t1.token_logp[p], t0.token_entropy[p], t1.token_entropy[p], mask, None)
         prob = e0.prob[p][:, None]  # [M, 1]
         rho = np.exp(tok.log_rho)
         np.testing.assert_allclose((prob * rho).sum(0), 1.0, rtol=1e-12)
@@ -195,7 +193,7 @@ def test_pd_matches_weighted_ratio_of_uncertainty_py(ragged):
 
     arrays, group = ragged
     res = estimate_tokens(*arrays, group, method="pd")
-    tok = tokens_mod._prepare(*arrays, group)
+    tok = prefix.prepare(*arrays, group)
     g = tok.groups
     u = 1.0 / g.expand(g.sizes.astype(float))
     y1 = (np.exp(tok.log_rho) * tok.a1).sum(1)

@@ -132,10 +132,7 @@ def test_estimators_never_import_torch():
 
 
 def test_import_does_not_load_arviz():
-    code = (
-        "import sys, isdelta.estimators; "
-        "print('arviz' in sys.modules, 'arviz_stats' in sys.modules)"
-    )
+    code = "import sys, isdelta.estimators; print('arviz' in sys.modules, 'arviz_stats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

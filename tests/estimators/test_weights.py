@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from isdelta.estimators import weights
+from isdelta.estimators import psis, weights
 from isdelta.estimators.groups import make_groups
 
 
@@ -159,7 +159,7 @@ def test_arviz1_wrapper_negates_its_input(rng):
         log_w, khat = _arviz_reference(-ary[0])  # reference takes ℓ; 1.x takes −ℓ
         return log_w[None, :], np.array([khat])
 
-    via_1x = weights._arviz1(psislw_1x)(log_r)
+    via_1x = psis._arviz1(psislw_1x)(log_r)
     log_w, khat = _arviz_reference(log_r[0])
     np.testing.assert_allclose(via_1x[0][0], log_w, atol=1e-12)
     assert via_1x[1][0] == pytest.approx(khat, rel=1e-12)
@@ -172,8 +172,8 @@ def test_sign_check_rejects_a_backend_with_the_wrong_sign():
         return -log_w[None, :], np.array([khat])
 
     with pytest.raises(RuntimeError, match="sign check"):
-        weights._check_sign(wrong_sign, "wrong-sign stand-in")
-    weights._check_sign(weights.psis_backend()[1], "installed")  # the real one passes
+        psis._check_sign(wrong_sign, "wrong-sign stand-in")
+    psis._check_sign(psis.psis_backend()[1], "installed")  # the real one passes
 
 
 def test_failed_slices_keep_raw_weights_and_nan_khat(rng):
@@ -190,7 +190,7 @@ def test_failed_slices_keep_raw_weights_and_nan_khat(rng):
         refs = [_arviz_reference(row) for row in batch]
         return np.stack([w for w, _ in refs]), np.array([k for _, k in refs])
 
-    log_w, khat = weights._guarded(flaky)(log_r)
+    log_w, khat = psis._guarded(flaky)(log_r)
     assert np.isnan(khat[[3, 12]]).all() and np.isfinite(np.delete(khat, [3, 12])).all()
     for b in (3, 12):
         np.testing.assert_allclose(log_w[b], np.full(30, -math.log(30)), rtol=1e-12)

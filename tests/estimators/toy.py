@@ -57,9 +57,7 @@ class Enumeration:
             "h_no_eos": float((p * neg_no_eos).sum(1).mean()),
             "h_tok_no_eos": float((p * neg_no_eos).sum(1).mean() / (p * len_no_eos).sum(1).mean()),
             "h_chain_rule": float((p * self.entropy_sum).sum(1).mean()),
-            "h_no_eos_chain_rule": float(
-                (p * (self.entropy_sum - self.eos_entropy_sum)).sum(1).mean()
-            ),
+            "h_no_eos_chain_rule": float((p * (self.entropy_sum - self.eos_entropy_sum)).sum(1).mean()),
         }
 
 

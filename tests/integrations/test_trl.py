@@ -26,9 +26,19 @@ def model_dir(tmp_path_factory, char_tok):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     path = tmp_path_factory.mktemp("tiny-qwen2")
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     char_tok.save_pretrained(path)
@@ -41,15 +51,32 @@ def length_and_ones(completions, **kwargs) -> list[float]:
 
 
 def grpo(model_dir, tmp_path, **overrides) -> GRPOTrainer:
-    args = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8,
-            "num_generations": 4, "gradient_accumulation_steps": 2, "max_completion_length": 8,
-            "max_steps": 2, "learning_rate": 0.01, "logging_steps": 1, "temperature": 0.9,
-            "report_to": "none", "use_cpu": True, "bf16": False, "save_strategy": "no",
-            "disable_tqdm": True, "seed": 0, **overrides}
+    args = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "gradient_accumulation_steps": 2,
+        "max_completion_length": 8,
+        "max_steps": 2,
+        "learning_rate": 0.01,
+        "logging_steps": 1,
+        "temperature": 0.9,
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, not ours
-        return GRPOTrainer(model=str(model_dir), reward_funcs=length_and_ones, args=GRPOConfig(**args),
-                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+        return GRPOTrainer(
+            model=str(model_dir),
+            reward_funcs=length_and_ones,
+            args=GRPOConfig(**args),
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        )
 
 
 def train(trainer) -> None:
@@ -93,8 +120,9 @@ def test_stale_rollouts_are_flagged_and_old_logps_reused(model_dir, tmp_path):
 
 
 def test_engine_config_follows_the_sampler():
-    args = SimpleNamespace(temperature=0.7, top_k=0, top_p=1.0, generation_kwargs={"top_p": 0.9},
-                           min_p=None, repetition_penalty=1.0)
+    args = SimpleNamespace(
+        temperature=0.7, top_k=0, top_p=1.0, generation_kwargs={"top_p": 0.9}, min_p=None, repetition_penalty=1.0
+    )
     cfg = engine_config_from_args(args, {"top_k": 20})
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.include_eos) == (0.7, 20, 0.9, True)
     with pytest.raises(ValueError, match="min_p=0.05"):

@@ -48,8 +48,8 @@ class Enumerable:
 
         def score(params):
             logits = torch.func.functional_call(self.model64, params, (ids,)).logits  # [M, T, V]
-            logits = logits[:, len(prompt) - 1:-1]  # [M, DEPTH, V]: column t scores completion token t
-            tok = torch.log_softmax(logits, -1).gather(-1, ids[:, len(prompt):, None])[..., 0] * mask
+            logits = logits[:, len(prompt) - 1 : -1]  # [M, DEPTH, V]: column t scores completion token t
+            tok = torch.log_softmax(logits, -1).gather(-1, ids[:, len(prompt) :, None])[..., 0] * mask
             stop = tok.gather(1, last[:, None])[:, 0] * torch.as_tensor(self.stopped)
             return tok.sum(-1), stop  # [M], [M]
 
@@ -134,9 +134,18 @@ def enumerable() -> Enumerable:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                      bos_token_id=1, eos_token_id=STOP, pad_token_id=STOP)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=STOP,
+        pad_token_id=STOP,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # far from uniform: entropies move visibly

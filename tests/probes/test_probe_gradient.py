@@ -12,13 +12,7 @@ import torch
 from conftest import PROMPTS
 
 from isdelta.engine import EngineConfig, LogProbEngine
-from isdelta.probes import (
-    gradient_delta,
-    parameter_delta,
-    restore_parameters,
-    snapshot_parameters,
-    step_sweep,
-)
+from isdelta.probes import gradient_delta, parameter_delta, restore_parameters, snapshot_parameters, step_sweep
 
 ENGINE = EngineConfig(progress=False)
 
@@ -50,8 +44,13 @@ def naive_reference(enumerable, ro, index, direction, include: str) -> dict:
     A, B = np.array(A), np.array(B)
     lam = np.mean(L_all)
     h = -np.mean(S_all) / lam
-    return {"seq": A.mean(), "tok": np.mean(A + h * B) / lam, "A": A, "tok_p": (A + h * B) / lam,
-            "row_mean": rowmean / np.sum(sizes)}
+    return {
+        "seq": A.mean(),
+        "tok": np.mean(A + h * B) / lam,
+        "A": A,
+        "tok_p": (A + h * B) / lam,
+        "row_mean": rowmean / np.sum(sizes),
+    }
 
 
 @pytest.mark.parametrize("include", ["all", "no_eos"])
@@ -90,8 +89,9 @@ def test_gradient_is_unbiased_for_the_exact_derivative(enumerable, rng):
         assert est.se < 0.25 * abs(exact)  # the test has power
         assert abs(est.value - exact) < 4 * est.se, (est, exact)
     alpha = 1e-3
-    sweep = step_sweep(enumerable.model, d, ro, [alpha], engine_config=ENGINE, gradient=got,
-                       estimator_kw={"weights": "none"})
+    sweep = step_sweep(
+        enumerable.model, d, ro, [alpha], engine_config=ENGINE, gradient=got, estimator_kw={"weights": "none"}
+    )
     point = sweep.estimates[0]
     assert point.delta1.value / alpha == pytest.approx(got.delta1.value, rel=1e-2)
     assert sweep.delta1_tok_fs[0] / alpha == pytest.approx(got.delta1_tok.value, rel=2e-2)
@@ -117,8 +117,9 @@ def test_micro_batching_does_not_change_the_probe(enumerable, rng):
     ro, _ = enumerable.sample(rng, [PROMPTS[0], PROMPTS[1]], [5, 7])
     d = enumerable.direction(seed=1, scale=0.05)
     big = gradient_delta(enumerable.model, ro, d, per_token=True, engine_config=ENGINE)
-    small = gradient_delta(enumerable.model, ro, d, per_token=True,
-                           engine_config=EngineConfig(progress=False, token_budget=1))
+    small = gradient_delta(
+        enumerable.model, ro, d, per_token=True, engine_config=EngineConfig(progress=False, token_budget=1)
+    )
     assert small.n_backward == 2 * ro.n_rows and big.n_backward == 4
     np.testing.assert_allclose(small.per_prompt, big.per_prompt, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(small.per_prompt_tok, big.per_prompt_tok, rtol=1e-5, atol=1e-7)
@@ -167,8 +168,15 @@ def test_bad_inputs_raise_with_a_fix(enumerable, rng):
 def _llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    base = {"vocab_size": 6, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32}
+    base = {
+        "vocab_size": 6,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 32,
+    }
     return LlamaForCausalLM(LlamaConfig(**{**base, **kw}))
 
 
@@ -189,8 +197,10 @@ def test_parameter_delta_is_theta1_minus_theta0_from_models_or_snapshots(enumera
     assert all(torch.equal(a, b) for a, b in zip(model0.parameters(), model1.parameters()))
 
 
-@pytest.mark.parametrize("change,match", [({"hidden_size": 32, "intermediate_size": 32}, "shape"),
-                                          ({"num_hidden_layers": 2}, "not in model0")])
+@pytest.mark.parametrize(
+    "change,match",
+    [({"hidden_size": 32, "intermediate_size": 32}, "shape"), ({"num_hidden_layers": 2}, "not in model0")],
+)
 def test_parameter_delta_refuses_different_architectures(change, match):
     """A different width (shapes) or depth (names) is named in the error."""
     torch.manual_seed(0)

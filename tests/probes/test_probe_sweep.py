@@ -85,8 +85,9 @@ def test_function_space_meets_the_gradient_as_alpha_to_zero_without_eos(enumerab
     cfg = EngineConfig(progress=False, include_eos=False)
     grad = gradient_delta(enumerable.model, ro, d, per_token=True, engine_config=cfg)
     alpha = 1e-3
-    res = step_sweep(enumerable.model, d, ro, [alpha], engine_config=cfg, gradient=grad,
-                     estimator_kw={"weights": "none"})
+    res = step_sweep(
+        enumerable.model, d, ro, [alpha], engine_config=cfg, gradient=grad, estimator_kw={"weights": "none"}
+    )
     assert res.include == "no_eos"
     assert res.estimates[0].delta1.value / alpha == pytest.approx(grad.delta1.value, rel=1e-2)
     assert res.delta1_tok_fs[0] / alpha == pytest.approx(grad.delta1_tok.value, rel=2e-2)
@@ -116,8 +117,17 @@ def test_run_probe_writes_a_json_safe_report_plots_and_markdown(enumerable, batc
     relative errors are None where ΔH = 0 (α = 0)."""
     ro, d = batch
     before = snapshot_parameters(enumerable.model)
-    rep = run_probe(enumerable.model, d, ro, None, alphas=[0, 0.25, 1, 4], gradient=True,
-                    engine_config=ENGINE, estimator_kw={"weights": "psis"}, out_dir=tmp_path)
+    rep = run_probe(
+        enumerable.model,
+        d,
+        ro,
+        None,
+        alphas=[0, 0.25, 1, 4],
+        gradient=True,
+        engine_config=ENGINE,
+        estimator_kw={"weights": "psis"},
+        out_dir=tmp_path,
+    )
     assert _same(enumerable.model, before)
     assert json.loads((tmp_path / "probe.json").read_text())["summary"] == rep["summary"]
     for name in ("probe.md", "probe_sweep.png", "probe_per_prompt.png"):

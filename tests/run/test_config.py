@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from isdelta.program import ConfigError, apply_overrides
-from isdelta.run.config import RunConfig, config_hash, load_config
+from isdelta.run.config import config_hash, load_config
 
-BASE = {"model": {"path": "smollm2-135m-instruct"}, "data": {"path": "builtin:math"},
-        "update": {"loss": "reinforce"}}
+BASE = {"model": {"path": "smollm2-135m-instruct"}, "data": {"path": "builtin:math"}, "update": {"loss": "reinforce"}}
 
 
 def with_(section: str, **values) -> dict:
@@ -89,10 +88,12 @@ def test_tokens_config_section_validates_and_keeps_old_hashes():
     base = {"model": {"path": "x"}, "data": {"path": "builtin:math"}, "update": {"loss": "reinforce"}}
     cfg = load_config({**base, "tokens": {"positions": "every:4", "thresholds": {"lock_top1": 0.95}}})
     assert cfg.tokens.thresholds == TokenThresholds(lock_top1=0.95) and cfg.tokens.mode == "generations"
-    for bad, pattern in [({"positions": "every:x"}, r"tokens\.positions: .*every:K needs a positive integer"),
-                         ({"patterns": ["(unclosed"]}, r"tokens\.patterns: .*not a valid regular expression"),
-                         ({"thresholds": {"lock_top1": 2}}, r"tokens\.thresholds: .*lock_top1 must lie in \[0, 1\]"),
-                         ({"mode": "teacher"}, r"tokens\.mode: .*'generations', 'teacher_forced' or 'both'")]:
+    for bad, pattern in [
+        ({"positions": "every:x"}, r"tokens\.positions: .*every:K needs a positive integer"),
+        ({"patterns": ["(unclosed"]}, r"tokens\.patterns: .*not a valid regular expression"),
+        ({"thresholds": {"lock_top1": 2}}, r"tokens\.thresholds: .*lock_top1 must lie in \[0, 1\]"),
+        ({"mode": "teacher"}, r"tokens\.mode: .*'generations', 'teacher_forced' or 'both'"),
+    ]:
         with pytest.raises(ConfigError, match=pattern):
             load_config({**base, "tokens": bad})
     # a config without the section hashes as before the section existed (old run folders resume)

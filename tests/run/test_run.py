@@ -12,21 +12,25 @@ import isdelta.run.pipeline as pipeline
 from isdelta.run import RunError, main, run
 from isdelta.run.config import load_config
 
-ROWS = [{"prompt": "1+1=", "answer": "2", "response": "2"},
-        {"prompt": "2+3=", "answer": "5", "response": "5"},
-        {"prompt": "hi", "answer": "0", "response": "hello"}]
-
-
+ROWS = [
+    {"prompt": "1+1=", "answer": "2", "response": "2"},
+    {"prompt": "2+3=", "answer": "5", "response": "5"},
+    {"prompt": "hi", "answer": "0", "response": "hello"},
+]
 
 
 def make_cfg(tmp_path, checkpoint, **sections):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    raw = {"seed": 0, "model": {"path": str(checkpoint)}, "data": {"path": str(data)},
-           "update": {"loss": "sft", "lr": 0.5, "steps": 1},
-           "sampling": {"num_samples": 4, "max_new_tokens": 8, "prompts_per_batch": 2},
-           "estimator": {"weights": "none"},
-           "output": {"dir": str(tmp_path / "out"), "plots": True, "n_trace_samples": 2}}
+    raw = {
+        "seed": 0,
+        "model": {"path": str(checkpoint)},
+        "data": {"path": str(data)},
+        "update": {"loss": "sft", "lr": 0.5, "steps": 1},
+        "sampling": {"num_samples": 4, "max_new_tokens": 8, "prompts_per_batch": 2},
+        "estimator": {"weights": "none"},
+        "output": {"dir": str(tmp_path / "out"), "plots": True, "n_trace_samples": 2},
+    }
     for k, v in sections.items():
         raw[k] = v if v is None or not isinstance(v, dict) else {**raw.get(k, {}), **v}
     return load_config({k: v for k, v in raw.items() if v is not None})
@@ -36,8 +40,18 @@ def test_run_writes_a_complete_report(tmp_path, checkpoint):
     cfg = make_cfg(tmp_path, checkpoint)
     report = run(cfg)
     out = tmp_path / "out"
-    for name in ("report.json", "sequences.csv", "summary.md", "config.yaml", "weights.png",
-                 "per_prompt.png", "entropy_hist.png", "token_entropy.png", "scores0.npz", "scores1.npz"):
+    for name in (
+        "report.json",
+        "sequences.csv",
+        "summary.md",
+        "config.yaml",
+        "weights.png",
+        "per_prompt.png",
+        "entropy_hist.png",
+        "token_entropy.png",
+        "scores0.npz",
+        "scores1.npz",
+    ):
         assert (out / name).exists(), name
     rep = json.loads((out / "report.json").read_text())
     est = rep["estimate"]
@@ -142,8 +156,7 @@ def test_demo_config_end_to_end_on_smollm2(tmp_path):
 
 def test_excluding_eos_changes_lengths_not_weights(tmp_path, checkpoint):
     with_eos = run(make_cfg(tmp_path, checkpoint))["estimate"]
-    cfg = make_cfg(tmp_path, checkpoint, engine={"include_eos": False},
-                   output={"dir": str(tmp_path / "out2")})
+    cfg = make_cfg(tmp_path, checkpoint, engine={"include_eos": False}, output={"dir": str(tmp_path / "out2")})
     no_eos = run(cfg)["estimate"]
     s0 = dict(np.load(tmp_path / "out" / "scores0.npz"))
     assert no_eos["include"] == "no_eos"
@@ -154,8 +167,9 @@ def test_excluding_eos_changes_lengths_not_weights(tmp_path, checkpoint):
 
 
 def test_run_with_probe_sweep(tmp_path, checkpoint):
-    cfg = make_cfg(tmp_path, checkpoint, update={"lr": 0.05},
-                   probe={"gradient": True, "sweep": [0.5, 1.0], "per_token": False})
+    cfg = make_cfg(
+        tmp_path, checkpoint, update={"lr": 0.05}, probe={"gradient": True, "sweep": [0.5, 1.0], "per_token": False}
+    )
     report = run(cfg)
     out = tmp_path / "out"
     assert (out / "probe.json").exists() and (out / "probe_sweep.png").exists()

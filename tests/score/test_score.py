@@ -22,8 +22,16 @@ from isdelta.score.scorer import Encoder, absent_id, score_chunk
 from isdelta.score.stats import STATS
 
 TOL = 1e-5  # fp32 engine vs a float64 reference on fp32 logits
-TEXTS = ["The cat sat.", "2 + 2 = 4", "def f(x):\n    return x", "qzx vbnm plok", "a",
-         "Roses are red, violets are blue.", "hello hello hello hello", "#!@%^&*()"]
+TEXTS = [
+    "The cat sat.",
+    "2 + 2 = 4",
+    "def f(x):\n    return x",
+    "qzx vbnm plok",
+    "a",
+    "Roses are red, violets are blue.",
+    "hello hello hello hello",
+    "#!@%^&*()",
+]
 
 
 def records(texts=TEXTS) -> list[Record]:
@@ -36,15 +44,24 @@ def naive_stats(model, ctx: list[int], text: list[int], T: float = 1.0) -> dict[
     ids = torch.tensor([ctx + text])
     with torch.no_grad():
         logits = model(ids).logits[0].double() / T  # [len, V]
-    logp = torch.log_softmax(logits, -1)[len(ctx) - 1:]  # [n + 1, V]: rows predict t1..tn, then "next"
+    logp = torch.log_softmax(logits, -1)[len(ctx) - 1 :]  # [n + 1, V]: rows predict t1..tn, then "next"
     H = -(logp.exp() * logp).sum(-1)
     VH = (logp.exp() * (logp + H[:, None]) ** 2).sum(-1)
     n = len(text)
     nll = -logp[torch.arange(n), torch.tensor(text)]
-    return {"n_tokens": n, "entropy_mean": H[:n].mean(), "entropy_sum": H[:n].sum(),
-            "varentropy_mean": VH[:n].mean(), "nll_mean": nll.mean(), "nll_mean_bits": nll.mean() / math.log(2),
-            "nll_sum": nll.sum(), "entropy_last": H[n - 1], "varentropy_last": VH[n - 1],
-            "entropy_next": H[n], "varentropy_next": VH[n]}
+    return {
+        "n_tokens": n,
+        "entropy_mean": H[:n].mean(),
+        "entropy_sum": H[:n].sum(),
+        "varentropy_mean": VH[:n].mean(),
+        "nll_mean": nll.mean(),
+        "nll_mean_bits": nll.mean() / math.log(2),
+        "nll_sum": nll.sum(),
+        "entropy_last": H[n - 1],
+        "varentropy_last": VH[n - 1],
+        "entropy_next": H[n],
+        "varentropy_next": VH[n],
+    }
 
 
 def data(**kw) -> ScoreData:
@@ -56,13 +73,20 @@ def engine(T=1.0, budget=16384) -> LogProbEngine:
 
 
 # ---------------------------------------------------------------------------- statistics
-CASES = [("none", "bos", 1.0), ("none", "none", 1.0), ("none", "eos", 0.7), ("user", "bos", 1.0),
-         ("assistant", "bos", 1.3)]
+CASES = [
+    ("none", "bos", 1.0),
+    ("none", "none", 1.0),
+    ("none", "eos", 0.7),
+    ("user", "bos", 1.0),
+    ("assistant", "bos", 1.3),
+]
 
 
 # GPT-2 (absolute positions) breaks visibly if left padding shifts positions (wrap=assistant)
-@pytest.mark.parametrize("model_name,wrap,prefix,T", [("tiny_llama", *c) for c in CASES] +
-                         [("tiny_gpt2", *c) for c in CASES if c[0] != "user"])
+@pytest.mark.parametrize(
+    "model_name,wrap,prefix,T",
+    [("tiny_llama", *c) for c in CASES] + [("tiny_gpt2", *c) for c in CASES if c[0] != "user"],
+)
 def test_stats_match_naive_full_logits_per_text(request, char_tok, model_name, wrap, prefix, T):
     model = request.getfixturevalue(model_name)
     enc = Encoder(char_tok, data(wrap=wrap, prefix=prefix, user_message="hi"), max_positions=256)
@@ -212,15 +236,22 @@ def checkpoint(tmp_path_factory, tiny_llama, char_tok):
 
 def corpus(tmp_path, texts=TEXTS) -> str:
     p = tmp_path / "corpus.jsonl"
-    p.write_text("".join(json.dumps({"id": f"t{i}", "text": t, "extra": i}) + "\n" for i, t in enumerate(texts))
-                 + json.dumps({"id": "empty", "text": ""}) + "\n")
+    p.write_text(
+        "".join(json.dumps({"id": f"t{i}", "text": t, "extra": i}) + "\n" for i, t in enumerate(texts))
+        + json.dumps({"id": "empty", "text": ""})
+        + "\n"
+    )
     return str(p)
 
 
 def cfg_dict(tmp_path, checkpoint, **sections) -> dict:
-    raw = {"models": [{"name": "a", "path": str(checkpoint)}, {"name": "b", "path": str(checkpoint)}],
-           "data": {"path": corpus(tmp_path)}, "engine": {"chunk_texts": 3, "token_budget": 64},
-           "curriculum": {"bins": 3, "key": "entropy_mean"}, "output": {"dir": str(tmp_path / "out"), "plots": False}}
+    raw = {
+        "models": [{"name": "a", "path": str(checkpoint)}, {"name": "b", "path": str(checkpoint)}],
+        "data": {"path": corpus(tmp_path)},
+        "engine": {"chunk_texts": 3, "token_budget": 64},
+        "curriculum": {"bins": 3, "key": "entropy_mean"},
+        "output": {"dir": str(tmp_path / "out"), "plots": False},
+    }
     raw.update(sections)
     return raw
 
@@ -238,7 +269,10 @@ def test_cli_writes_shards_manifest_schedule_and_plots(tmp_path, checkpoint):
     assert [r["id"] for r in stats] == [f"t{i}" for i in range(len(TEXTS))] + ["empty"]
     manifest = json.loads((out / "curriculum" / "manifest.json").read_text())
     assert manifest["excluded_ids"] == ["empty"] and sum(manifest["counts"]) == len(TEXTS)
-    shards = [read_jsonl(out / "curriculum" / s) for s in json.loads((out / "curriculum" / "schedule.json").read_text())["shards"]]
+    shards = [
+        read_jsonl(out / "curriculum" / s)
+        for s in json.loads((out / "curriculum" / "schedule.json").read_text())["shards"]
+    ]
     ids = [r["id"] for s in shards for r in s]
     assert sorted(ids) == sorted(f"t{i}" for i in range(len(TEXTS)))  # the corpus, each text once
     key = {r["id"]: r["entropy_mean"] for r in stats}
@@ -282,8 +316,10 @@ def test_interrupted_run_resumes_without_rescoring(tmp_path, checkpoint, monkeyp
     assert len(scored) == len(TEXTS) - 6  # only the unfinished texts ("empty" needs no forward)
     resumed = read_jsonl(path)
     scored.clear()
-    fresh = score(load_score_config(cfg_dict(tmp_path, checkpoint, models=[{"name": "a", "path": str(checkpoint)}])),
-                  tmp_path / "fresh")
+    fresh = score(
+        load_score_config(cfg_dict(tmp_path, checkpoint, models=[{"name": "a", "path": str(checkpoint)}])),
+        tmp_path / "fresh",
+    )
     assert len(scored) == len(TEXTS) and fresh["models"]["a"]["n_texts"] == len(TEXTS)
     assert resumed == read_jsonl(tmp_path / "fresh" / "models" / "a" / "stats.jsonl")
     scored.clear()
@@ -292,8 +328,7 @@ def test_interrupted_run_resumes_without_rescoring(tmp_path, checkpoint, monkeyp
 
 
 def test_changed_model_settings_are_refused(tmp_path, checkpoint, capsys):
-    raw = cfg_dict(tmp_path, checkpoint, compare=None, curriculum=None,
-                   models=[{"name": "a", "path": str(checkpoint)}])
+    raw = cfg_dict(tmp_path, checkpoint, compare=None, curriculum=None, models=[{"name": "a", "path": str(checkpoint)}])
     score(load_score_config(raw))
     raw["models"][0]["temperature"] = 0.5
     (tmp_path / "cfg.yaml").write_text(json.dumps(raw))
@@ -329,8 +364,10 @@ def test_config_errors_name_the_key_path(patch, pattern):
 
 
 def test_overrides_reach_into_the_models_list():
-    cfg = load_score_config({**BASE, "models": [{"path": "m"}, {"path": "m", "name": "x"}]},
-                            ["models.1.temperature=0.7", "curriculum.key={entropy_mean: 1, nll_mean@x: -1}"])
+    cfg = load_score_config(
+        {**BASE, "models": [{"path": "m"}, {"path": "m", "name": "x"}]},
+        ["models.1.temperature=0.7", "curriculum.key={entropy_mean: 1, nll_mean@x: -1}"],
+    )
     assert cfg.models[1].temperature == 0.7 and cfg.names == ("m", "x")
     with pytest.raises(ConfigError, match=r"models\.0\.temperature"):
         load_score_config(BASE, ["models.0.temperature=-1"])

@@ -74,9 +74,17 @@ def naive_view(logits: torch.Tensor, token: int, k: int, top_p: float, tail_k: i
     while cum < top_p and n < int((p > 0).sum()):
         cum += float(ps[n])
         n += 1
-    return {"entropy": H, "varentropy": float((p * (lp + H) ** 2).sum()), "chosen_p": float(p[token]),
-            "top1_p": float(ps[0]), "topk_p": ps[:k].numpy(), "topk_id": ids[:k].numpy(),
-            "nucleus": n, "tail": float(ps[tail_k:].sum()), "p": p}
+    return {
+        "entropy": H,
+        "varentropy": float((p * (lp + H) ** 2).sum()),
+        "chosen_p": float(p[token]),
+        "top1_p": float(ps[0]),
+        "topk_p": ps[:k].numpy(),
+        "topk_id": ids[:k].numpy(),
+        "nucleus": n,
+        "tail": float(ps[tail_k:].sum()),
+        "p": p,
+    }
 
 
 def naive_kl(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -86,11 +94,19 @@ def naive_kl(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((p[m] * (p[m].log() - q[m].log())).sum())
 
 
-@pytest.mark.parametrize("chunk_elems,token_budget", [(2**23, 16384), (96 * 8 * 3, 20)],
-                         ids=["one-chunk", "many-chunks-and-micro-batches"])
+@pytest.mark.parametrize(
+    "chunk_elems,token_budget", [(2**23, 16384), (96 * 8 * 3, 20)], ids=["one-chunk", "many-chunks-and-micro-batches"]
+)
 def test_statistics_equal_a_naive_per_position_softmax(tiny_llama, model_b, rollouts, chunk_elems, token_budget):
-    opts = {"top_k": 5, "top_p": 0.9, "tail_k": 20, "transform": TRANSFORM, "chunk_elems": chunk_elems,
-            "token_budget": token_budget, "progress": False}
+    opts = {
+        "top_k": 5,
+        "top_p": 0.9,
+        "tail_k": 20,
+        "transform": TRANSFORM,
+        "chunk_elems": chunk_elems,
+        "token_budget": token_budget,
+        "progress": False,
+    }
     res = compare_tokens(tiny_llama, model_b, rollouts, **opts)
     la, lb = naive_logits(tiny_llama, rollouts), naive_logits(model_b, rollouts)
     assert [(int(r), int(c)) for r, c in zip(res["row"], res["step"])] == sorted(la)  # "all" = every counted
@@ -124,8 +140,10 @@ def test_statistics_equal_a_naive_per_position_softmax(tiny_llama, model_b, roll
 def _stats_of(p_rows: list[np.ndarray], top_p: float = 0.9, tail_k: int = 20) -> dict:
     logits = torch.log(torch.tensor(np.array(p_rows), dtype=torch.float32))
     opts = TokenOptions(top_p=top_p, tail_k=tail_k)
-    return {k: v.numpy() for k, v in position_stats(logits, logits, torch.zeros(len(p_rows), dtype=torch.long),
-                                                    opts).items()}
+    return {
+        k: v.numpy()
+        for k, v in position_stats(logits, logits, torch.zeros(len(p_rows), dtype=torch.long), opts).items()
+    }
 
 
 def _dist(head: list[float], V: int = 96) -> np.ndarray:
@@ -135,17 +153,23 @@ def _dist(head: list[float], V: int = 96) -> np.ndarray:
 
 
 def test_hand_built_distributions_get_the_documented_class():
-    rows = {"lock": _dist([0.97, 0.01, 0.005]),          # one token, a small distractor tail
-            "fork": _dist([0.45, 0.40, 0.10]),           # two continuations of similar weight
-            "diffuse": np.full(96, 1 / 96),              # mass beyond the top 20: 76/96
-            "mixed": _dist([0.70, 0.10, 0.08, 0.05])}    # a favourite, but no lock
+    rows = {
+        "lock": _dist([0.97, 0.01, 0.005]),  # one token, a small distractor tail
+        "fork": _dist([0.45, 0.40, 0.10]),  # two continuations of similar weight
+        "diffuse": np.full(96, 1 / 96),  # mass beyond the top 20: 76/96
+        "mixed": _dist([0.70, 0.10, 0.08, 0.05]),
+    }  # a favourite, but no lock
     s = _stats_of(list(rows.values()))
     got = classify(s["a_top1_p"], s["a_top2_p"], s["a_nucleus"], s["a_tail"])
     assert list(got) == list(rows)
     assert s["a_nucleus"][0] == 1 and s["a_nucleus"][1] == 3 and s["a_tail"][2] == pytest.approx(76 / 96)
     # thresholds move the boundaries: a stricter lock makes the first row mixed
-    assert classify(s["a_top1_p"][:1], s["a_top2_p"][:1], s["a_nucleus"][:1], s["a_tail"][:1],
-                    TokenThresholds(lock_top1=0.99))[0] == "mixed"
+    assert (
+        classify(
+            s["a_top1_p"][:1], s["a_top2_p"][:1], s["a_nucleus"][:1], s["a_tail"][:1], TokenThresholds(lock_top1=0.99)
+        )[0]
+        == "mixed"
+    )
 
 
 def test_thresholds_are_validated():
@@ -202,8 +226,8 @@ def test_pattern_positions_surround_the_markers():
     sel = select_positions(counted, "pattern", pieces=pieces, window=1, n_random=0)
     wait, boxed = text.index("Wait"), text.index("\\boxed")
     expected = np.zeros(len(text), dtype=bool)
-    expected[wait - 1: wait + 5] = True
-    expected[boxed - 1: boxed + 7] = True
+    expected[wait - 1 : wait + 5] = True
+    expected[boxed - 1 : boxed + 7] = True
     np.testing.assert_array_equal(sel[0], expected)
     more = select_positions(counted, "pattern", pieces=pieces, window=1, n_random=3, seed=1)
     assert (more >= sel).all() and more.sum() == sel.sum() + 3
@@ -215,11 +239,14 @@ def test_pattern_positions_surround_the_markers():
 
 def test_pattern_and_self_correction_on_decoded_text(char_tok, tiny_llama, model_b):
     prompt = char_tok("Q:")["input_ids"]
-    comps = [char_tok(s, add_special_tokens=False)["input_ids"] + [2]
-             for s in ("abc Wait, 7 is right", "no markers here at all")]
+    comps = [
+        char_tok(s, add_special_tokens=False)["input_ids"] + [2]
+        for s in ("abc Wait, 7 is right", "no markers here at all")
+    ]
     ro = Rollouts.from_token_lists([prompt, prompt], comps, eos_token_ids=2, pad_token_id=2)
-    res = compare_tokens(tiny_llama, model_b, ro, tokenizer=char_tok, positions="pattern", window=0,
-                         n_random=0, progress=False)
+    res = compare_tokens(
+        tiny_llama, model_b, ro, tokenizer=char_tok, positions="pattern", window=0, n_random=0, progress=False
+    )
     assert set(res["row"]) == {0} and "".join(res.text(i) for i in res["token_id"]) == "Wait"
     full = compare_tokens(tiny_llama, model_b, ro, tokenizer=char_tok, self_correction_tokens=6, progress=False)
     flagged = full.table["self_correction"]
@@ -233,8 +260,10 @@ def test_teacher_forced_scores_exactly_the_response_tokens(char_tok, tiny_llama,
     from isdelta.run.config import load_config
     from isdelta.run.data import sft_rollouts
 
-    records = [{"prompt": [{"role": "user", "content": "1+1="}], "response": "2, surely"},
-               {"prompt": [{"role": "user", "content": "name a colour"}], "response": "red"}]
+    records = [
+        {"prompt": [{"role": "user", "content": "1+1="}], "response": "2, surely"},
+        {"prompt": [{"role": "user", "content": "name a colour"}], "response": "red"},
+    ]
     cfg = load_config({"model": {"path": "x"}, "data": {"path": "x"}, "update": {"loss": "sft"}})
     ro = sft_rollouts(char_tok, records, cfg)
     for include_eos in (True, False):
@@ -255,8 +284,9 @@ def test_csv_markdown_and_aggregates(tmp_path, char_tok, tiny_llama, model_b):
     prompt = char_tok("Q:")["input_ids"]
     comps = [char_tok(s, add_special_tokens=False)["input_ids"] + [2] for s in ("ab\nc", "xyz")]
     ro = Rollouts.from_token_lists([prompt, prompt], comps, eos_token_ids=2, pad_token_id=2)
-    res = compare_tokens(tiny_llama, model_b, ro, tokenizer=char_tok, carrier="refs", transform=TRANSFORM,
-                         progress=False)
+    res = compare_tokens(
+        tiny_llama, model_b, ro, tokenizer=char_tok, carrier="refs", transform=TRANSFORM, progress=False
+    )
     both = TokenComparison.concat([res, res.subset(res["row"] == 1)])
     path = tmp_path / "tokens.csv"
     both.to_csv(path)
@@ -273,8 +303,9 @@ def test_csv_markdown_and_aggregates(tmp_path, char_tok, tiny_llama, model_b):
     cats = {r["category"]: r for r in res.categories()}
     assert sum(cats[c]["n"] for c in ("lock", "fork", "diffuse", "mixed")) == cats["all"]["n"] == len(res)
     # a position met on two carriers (same prefix) is listed once among the most changed
-    twice = TokenComparison.concat([res, TokenComparison({**res.table, "carrier": res["carrier"] + "2"},
-                                                         res.vocab, res.options)])
+    twice = TokenComparison.concat(
+        [res, TokenComparison({**res.table, "carrier": res["carrier"] + "2"}, res.vocab, res.options)]
+    )
     np.testing.assert_array_equal(twice.interesting(4), res.interesting(4))
     d = res.to_dict()
     assert d["carriers"]["refs"]["headline"]["n"] == len(res)
@@ -285,10 +316,10 @@ def test_csv_markdown_and_aggregates(tmp_path, char_tok, tiny_llama, model_b):
 
 def test_an_empty_selection_gives_an_empty_table(char_tok, tiny_llama, model_b, tmp_path):
     prompt = char_tok("Q:")["input_ids"]
-    ro = Rollouts.from_token_lists([prompt], [char_tok("abc", add_special_tokens=False)["input_ids"]],
-                                   eos_token_ids=2, pad_token_id=2)
-    res = compare_tokens(tiny_llama, model_b, ro, tokenizer=char_tok, positions="pattern", n_random=0,
-                         progress=False)
+    ro = Rollouts.from_token_lists(
+        [prompt], [char_tok("abc", add_special_tokens=False)["input_ids"]], eos_token_ids=2, pad_token_id=2
+    )
+    res = compare_tokens(tiny_llama, model_b, ro, tokenizer=char_tok, positions="pattern", n_random=0, progress=False)
     assert len(res) == 0 and res["a_topk_p"].shape == (0, 5)
     res.to_csv(tmp_path / "t.csv")
     assert markdown_lines(res)[0].startswith("## Token-level")
@@ -305,8 +336,7 @@ def test_bad_options_say_what_to_fix(tiny_llama, model_b, rollouts):
 
 def test_row_pieces_decode_each_id_once():
     calls = []
-    pieces = row_pieces(np.array([[5, 6, 5, 0], [6, 0, 0, 0]]), np.array([3, 1]),
-                        lambda i: calls.append(i) or f"<{i}>")
+    pieces = row_pieces(np.array([[5, 6, 5, 0], [6, 0, 0, 0]]), np.array([3, 1]), lambda i: calls.append(i) or f"<{i}>")
     assert pieces == [["<5>", "<6>", "<5>"], ["<6>"]] and sorted(calls) == [5, 6]
 
 
@@ -316,10 +346,10 @@ def test_pattern_positions_on_smollm2_tokens(smollm2):
     model, tok = smollm2
     prompt = tok("What is 2 + 3?")["input_ids"]
     comp = tok("Let me see. 2 + 3 = 6. Wait, that is wrong: \\boxed{5}", add_special_tokens=False)["input_ids"]
-    ro = Rollouts.from_token_lists([prompt], [comp + [tok.eos_token_id]], eos_token_ids=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
-    res = compare_tokens(model, model, ro, tokenizer=tok, positions="pattern", window=0, n_random=0,
-                         progress=False)
+    ro = Rollouts.from_token_lists(
+        [prompt], [comp + [tok.eos_token_id]], eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    res = compare_tokens(model, model, ro, tokenizer=tok, positions="pattern", window=0, n_random=0, progress=False)
     marked = "".join(res.text(i) for i in res["token_id"])
     assert "Let" in marked and "Wait" in marked and "\\boxed" in marked and "see" not in marked
     assert (res["kl_ab"] == 0).all() and (res["top1_delta"] == 0).all()

@@ -87,8 +87,7 @@ def fixed_rows(rank: int) -> dict:
     """Ragged per-rank arrays (3 rows on rank 0, 5 on rank 1), one field None everywhere."""
     n, lo = (3, 0) if rank == 0 else (5, 3)
     idx = np.arange(lo, lo + n)
-    return {"log_p0": -0.5 * idx, "group": idx // 2, "token": np.stack([idx, idx + 1], 1),
-            "entropy_sum0": None}
+    return {"log_p0": -0.5 * idx, "group": idx // 2, "token": np.stack([idx, idx + 1], 1), "entropy_sum0": None}
 
 
 def set_p1(model, p1) -> None:
@@ -100,11 +99,15 @@ def set_p1(model, p1) -> None:
 def worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: gather fixed arrays, a key mismatch, two monitored steps (one failing on rank 1)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
-        out = {"merged": {k: (None if v is None else v.tolist())
-                          for k, v in gather_rows(fixed_rows(rank)).items()}}
+        out = {"merged": {k: (None if v is None else v.tolist()) for k, v in gather_rows(fixed_rows(rank)).items()}}
         try:
             gather_rows({"a": np.zeros(2)} if rank == 0 else {"b": np.zeros(2)})
         except ValueError as e:
@@ -140,8 +143,10 @@ def ranks(tmp_path_factory):
 
 
 def test_gather_rows_concatenates_in_rank_order(ranks):
-    expected = {k: (None if k == "entropy_sum0" else np.concatenate([fixed_rows(r)[k] for r in range(WORLD)]))
-                for k in fixed_rows(0)}
+    expected = {
+        k: (None if k == "entropy_sum0" else np.concatenate([fixed_rows(r)[k] for r in range(WORLD)]))
+        for k in fixed_rows(0)
+    }
     for out in ranks:
         assert out["merged"]["entropy_sum0"] is None
         for k in ("log_p0", "group", "token"):
@@ -161,8 +166,21 @@ def test_two_ranks_give_the_estimate_of_one_process_on_all_rows(ranks):
     for out in ranks:
         res = out["result"]
         assert res["valid"] and res["n_rows"] == ro.n_rows == one["n_rows"]
-        for key in ("delta", "delta_se", "delta_ci_low", "delta_ci_high", "delta_tok", "delta1", "h0", "h1",
-                    "delta_snis", "delta_snis_se", "direct", "path_shift", "per_decision"):
+        for key in (
+            "delta",
+            "delta_se",
+            "delta_ci_low",
+            "delta_ci_high",
+            "delta_tok",
+            "delta1",
+            "h0",
+            "h1",
+            "delta_snis",
+            "delta_snis_se",
+            "direct",
+            "path_shift",
+            "per_decision",
+        ):
             assert res[key] == pytest.approx(one[key], abs=1e-5), key
     assert ranks[0]["result"] == ranks[1]["result"] | {"seconds": ranks[0]["result"]["seconds"]}
 

@@ -36,9 +36,13 @@ def random_rollouts(rng, P=4, G=6, V=96, max_prompt=5, max_comp=7) -> Rollouts:
 def trainer_batch(ro: Rollouts) -> dict:
     """The tensors a GRPO trainer holds for these rows (TRL's names)."""
     pl = ro.prompt_len
-    return {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.attention_mask[:, :pl],
-            "completion_ids": ro.completion_ids, "completion_mask": ro.completion_mask.long(),
-            "advantages": torch.zeros(ro.n_rows)}
+    return {
+        "prompt_ids": ro.prompt_ids,
+        "prompt_mask": ro.attention_mask[:, :pl],
+        "completion_ids": ro.completion_ids,
+        "completion_mask": ro.completion_mask.long(),
+        "advantages": torch.zeros(ro.n_rows),
+    }
 
 
 def perturb(model, scale=0.02, seed=0) -> None:
@@ -57,11 +61,25 @@ def by_hand(p0, p1, ro, tokens=False, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if tokens:
-            return estimate_tokens(s0.token_logp.numpy(), s1.token_logp.numpy(), s0.token_entropy.numpy(),
-                                   s1.token_entropy.numpy(), s0.mask.numpy(), ro.group.numpy(), **kw)
-        return estimate(s0.logp.numpy(), s1.logp.numpy(), s0.length.numpy(), ro.group.numpy(),
-                        entropy_sum0=s0.entropy_sum.numpy(), entropy_sum1=s1.entropy_sum.numpy(),
-                        stopped=ro.stopped.numpy(), **kw)
+            return estimate_tokens(
+                s0.token_logp.numpy(),
+                s1.token_logp.numpy(),
+                s0.token_entropy.numpy(),
+                s1.token_entropy.numpy(),
+                s0.mask.numpy(),
+                ro.group.numpy(),
+                **kw,
+            )
+        return estimate(
+            s0.logp.numpy(),
+            s1.logp.numpy(),
+            s0.length.numpy(),
+            ro.group.numpy(),
+            entropy_sum0=s0.entropy_sum.numpy(),
+            entropy_sum1=s1.entropy_sum.numpy(),
+            stopped=ro.stopped.numpy(),
+            **kw,
+        )
 
 
 def naive_token_logp(model, ro) -> torch.Tensor:
@@ -71,7 +89,7 @@ def naive_token_logp(model, ro) -> torch.Tensor:
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=ro.input_ids, attention_mask=att, position_ids=pos).logits.float()
-    logp = torch.log_softmax(logits[:, ro.prompt_len - 1:-1], -1)  # [N, C, V]
+    logp = torch.log_softmax(logits[:, ro.prompt_len - 1 : -1], -1)  # [N, C, V]
     return logp.gather(-1, ro.completion_ids[..., None]).squeeze(-1)  # [N, C]
 
 
@@ -267,8 +285,7 @@ def test_khat_above_one_is_invalid(models, rng, monkeypatch):
     _, model = models
     ro = random_rollouts(rng)
     real = verdict_module.estimate
-    monkeypatch.setattr(verdict_module, "estimate",
-                        lambda *a, **k: dataclasses.replace(real(*a, **k), khat=1.3))
+    monkeypatch.setattr(verdict_module, "estimate", lambda *a, **k: dataclasses.replace(real(*a, **k), khat=1.3))
     mon = EntropyMonitor(model, engine_config=ENGINE)
     snap = mon.before(ro)
     perturb(model)
@@ -307,11 +324,34 @@ def test_scalar_keys_and_bad_options(models, rng):
     res = mon.after(mon.before(ro))  # p1 = p0: ΔH = 0 exactly
     assert res.delta.value == 0.0 and res.delta_tok.value == 0.0
     assert res.delta_snis.value == 0.0 and res.tokens.direct.value == 0.0
-    keys = {"delta", "delta_se", "delta_ci_low", "delta_ci_high", "delta_tok", "delta_tok_ci_low",
-            "delta_tok_ci_high", "h0", "h1", "delta_snis", "delta_snis_se", "delta_snis_ci_low",
-            "delta_snis_ci_high", "delta_tok_snis", "direct", "path_shift", "delta1", "kl",
-            "ess_frac", "khat", "prefix_ess_frac", "valid", "per_decision", "rao_blackwell",
-            "n_rows", "seconds"}
+    keys = {
+        "delta",
+        "delta_se",
+        "delta_ci_low",
+        "delta_ci_high",
+        "delta_tok",
+        "delta_tok_ci_low",
+        "delta_tok_ci_high",
+        "h0",
+        "h1",
+        "delta_snis",
+        "delta_snis_se",
+        "delta_snis_ci_low",
+        "delta_snis_ci_high",
+        "delta_tok_snis",
+        "direct",
+        "path_shift",
+        "delta1",
+        "kl",
+        "ess_frac",
+        "khat",
+        "prefix_ess_frac",
+        "valid",
+        "per_decision",
+        "rao_blackwell",
+        "n_rows",
+        "seconds",
+    }
     assert set(res.scalars()) == {f"entropy/{k}" for k in keys}
     assert all(isinstance(v, float) for v in res.scalars().values())
     with pytest.raises(ValueError, match="weights"):
@@ -341,9 +381,8 @@ def test_per_decision_merges_micro_batches_of_different_widths(models, rng):
     for rows in (short, long):
         sub = ro.select(rows)
         n = int(sub.completion_lengths.max())
-        comps = [sub.completion_ids[i, :int(sub.completion_lengths[i])].tolist() for i in range(sub.n_rows)]
-        prompts = [sub.prompt_ids[i, sub.prompt_len - int(sub.prompt_lengths[i]):].tolist()
-                   for i in range(sub.n_rows)]
+        comps = [sub.completion_ids[i, : int(sub.completion_lengths[i])].tolist() for i in range(sub.n_rows)]
+        prompts = [sub.prompt_ids[i, sub.prompt_len - int(sub.prompt_lengths[i]) :].tolist() for i in range(sub.n_rows)]
         part = Rollouts.from_token_lists(prompts, comps, eos_token_ids=2, pad_token_id=2)
         assert part.completion_ids.shape[1] == n
         parts.append(part)

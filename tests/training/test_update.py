@@ -35,7 +35,7 @@ def naive_loss(model, prompts, comps, weights, transform=LogitTransform()):
         m = completion_mask(torch.tensor([comp]), 2)[0]
         ids = torch.tensor([prompts[r // G] + comp])
         with torch.no_grad():
-            logits = model(ids).logits[0, len(prompts[r // G]) - 1:-1].float()  # [C, V]
+            logits = model(ids).logits[0, len(prompts[r // G]) - 1 : -1].float()  # [C, V]
         logp = torch.log_softmax(transform(logits), -1)[torch.arange(len(comp)), torch.tensor(comp)]
         total += float(weights[r]) * float(logp[m].double().sum())
         n_tokens += int(m.sum())
@@ -150,38 +150,44 @@ def test_bad_arguments(tiny_llama, rng):
 
 
 # ---------------------------------------------------------------------------- rewards
-@pytest.mark.parametrize("text, answer, expected", [
-    (r"so \boxed{12}", "12", 1.0),
-    (r"\boxed{12.0}", "12", 1.0),
-    (r"\boxed{$12$}", 12, 1.0),
-    (r"\boxed{ 1,000 }", "1000", 1.0),
-    (r"\boxed{\frac{1}{2}}", "0.5", 1.0),                  # nested braces
-    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
-    (r"\boxed{x^{2} + 1}", "x^{2}+1", 1.0),                # whitespace normalised, not numeric
-    (r"first \boxed{3} then \boxed{4}", "4", 1.0),         # the LAST box
-    (r"first \boxed{3} then \boxed{4}", "3", 0.0),
-    (r"\boxed{4} but cut off \boxed{5", "4", 1.0),         # an open box is skipped
-    (r"\boxed{-7}", "-7", 1.0),
-    ("the answer is 12", "12", 0.0),                      # no box
-    (r"\boxed{13}", "12", 0.0),
-])
+@pytest.mark.parametrize(
+    "text, answer, expected",
+    [
+        (r"so \boxed{12}", "12", 1.0),
+        (r"\boxed{12.0}", "12", 1.0),
+        (r"\boxed{$12$}", 12, 1.0),
+        (r"\boxed{ 1,000 }", "1000", 1.0),
+        (r"\boxed{\frac{1}{2}}", "0.5", 1.0),  # nested braces
+        (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{x^{2} + 1}", "x^{2}+1", 1.0),  # whitespace normalised, not numeric
+        (r"first \boxed{3} then \boxed{4}", "4", 1.0),  # the LAST box
+        (r"first \boxed{3} then \boxed{4}", "3", 0.0),
+        (r"\boxed{4} but cut off \boxed{5", "4", 1.0),  # an open box is skipped
+        (r"\boxed{-7}", "-7", 1.0),
+        ("the answer is 12", "12", 0.0),  # no box
+        (r"\boxed{13}", "12", 0.0),
+    ],
+)
 def test_boxed_match(text, answer, expected):
     assert boxed_match(text, answer) == expected
 
 
-@pytest.mark.parametrize("text, answer, expected", [
-    ("she has 1,000 apples", "1000", 1.0),
-    ("total: 1,234,567.5", "1234567.5", 1.0),
-    ("it drops to -3.5 degrees", "-3.5", 1.0),
-    ("from 3 to 7 so 3-5", "5", 1.0),                     # a range, not −5
-    ("first 4 then 12.", "12", 1.0),                      # sentence dot, last number
-    ("answer 12.0", "12", 1.0),
-    ("cost $72", "He pays 8*9 = 72 dollars.\n#### 72", 1.0),  # GSM8K reference
-    ("x2 is the variable", "2", 0.0),                     # digits inside a word
-    ("no numbers here", "3", 0.0),
-    ("the answer is 3", "three", 0.0),
-    ("7, 8, 9", "9", 1.0),
-])
+@pytest.mark.parametrize(
+    "text, answer, expected",
+    [
+        ("she has 1,000 apples", "1000", 1.0),
+        ("total: 1,234,567.5", "1234567.5", 1.0),
+        ("it drops to -3.5 degrees", "-3.5", 1.0),
+        ("from 3 to 7 so 3-5", "5", 1.0),  # a range, not −5
+        ("first 4 then 12.", "12", 1.0),  # sentence dot, last number
+        ("answer 12.0", "12", 1.0),
+        ("cost $72", "He pays 8*9 = 72 dollars.\n#### 72", 1.0),  # GSM8K reference
+        ("x2 is the variable", "2", 0.0),  # digits inside a word
+        ("no numbers here", "3", 0.0),
+        ("the answer is 3", "three", 0.0),
+        ("7, 8, 9", "9", 1.0),
+    ],
+)
 def test_answer_match(text, answer, expected):
     assert answer_match(text, answer) == expected
 

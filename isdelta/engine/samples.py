@@ -1,0 +1,203 @@
+"""The sampler's result, :class:`Samples`: the rollouts, their decoded texts and how each
+stopped, with atomic save / load so a long run resumes from its saved parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from isdelta.engine.rollouts import Rollouts
+from isdelta.engine.transform import LogitTransform
+from isdelta.outputs import atomic_write
+
+__all__ = ["Samples", "StopReason"]
+
+StopReason = Literal["eos", "stop_string", "length"]
+_SIDECAR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Samples:
+    """G completions per prompt drawn from p0, in the isdelta layout.
+
+    Attributes
+    ----------
+    rollouts : Rollouts
+        Prompt-major rows (r = p·G + g, ``group[r] = p``); the counted tokens follow DESIGN.md §3.
+    texts : tuple of str [N]
+        Decoded kept completions, special tokens removed (a stop string that ended a row stays in
+        its text, as does the rest of the token that completed it).
+    prompt_texts : tuple of str [P]
+        Each prompt as the model saw it (chat prompts rendered by the chat template).
+    stop_reason : tuple of str [N]
+        ``"eos"`` (a stop token was sampled), ``"stop_string"`` (trimmed after a stop string) or
+        ``"length"`` (cut at ``max_new_tokens``).
+    transform : LogitTransform
+        The sampling distribution; score both models with it.
+    num_samples, max_new_tokens, seed : int
+    stop_strings : tuple of str
+    """
+
+    rollouts: Rollouts
+    texts: tuple[str, ...]
+    prompt_texts: tuple[str, ...]
+    stop_reason: tuple[str, ...]
+    transform: LogitTransform
+    num_samples: int
+    max_new_tokens: int
+    seed: int = 0
+    stop_strings: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        N, P = self.rollouts.n_rows, len(self.prompt_texts)
+        if len(self.texts) != N or len(self.stop_reason) != N:
+            raise ValueError(
+                f"texts ({len(self.texts)}) and stop_reason ({len(self.stop_reason)}) "
+                f"must have one entry per rollout row ({N})."
+            )
+        if self.rollouts.n_prompts != P:
+            raise ValueError(
+                f"prompt_texts has {P} entries but the rollouts hold {self.rollouts.n_prompts} prompt groups."
+            )
+        bad = set(self.stop_reason) - {"eos", "stop_string", "length"}
+        if bad:
+            raise ValueError(f"stop_reason must be 'eos', 'stop_string' or 'length'; got {sorted(bad)}.")
+
+    @property
+    def n_rows(self) -> int:
+        return self.rollouts.n_rows
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompt_texts)
+
+    @property
+    def stopped(self) -> np.ndarray:
+        """bool [N]: the row ended by a stop token or a stop string (not cut at the length limit)."""
+        return np.array([r != "length" for r in self.stop_reason], dtype=bool)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per row (for a csv or jsonl): indices, texts, lengths, stop reason."""
+        group = self.rollouts.group.tolist()
+        lengths = self.rollouts.lengths.tolist()
+        seen: Counter = Counter()
+        records = []
+        for r, (p, text, reason, L) in enumerate(zip(group, self.texts, self.stop_reason, lengths)):
+            records.append(
+                {
+                    "row": r,
+                    "prompt": p,
+                    "sample": seen[p],
+                    "prompt_text": self.prompt_texts[p],
+                    "text": text,
+                    "length": L,
+                    "stop_reason": reason,
+                    "stopped": reason != "length",
+                }
+            )
+            seen[p] += 1
+        return records
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary (no per-row data): sizes, options and how the rows ended."""
+        return {
+            "n_prompts": self.n_prompts,
+            "num_samples": self.num_samples,
+            "n_rows": self.n_rows,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "stop_strings": list(self.stop_strings),
+            "transform": self.transform.to_dict(),
+            "stop_reasons": dict(Counter(self.stop_reason)),
+            "mean_length": float(self.rollouts.lengths.double().mean()),
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tensors to ``path`` (a ``.pt``) and the texts to a ``.json`` beside it.
+
+        Both files are written atomically (temporary file, then rename) and share a random
+        ``save_id``, so :meth:`load` never trusts a half-written or mismatched pair (a run that
+        died between the two writes resamples instead of resuming from garbage).
+        """
+        pt, js = _paths(path)
+        ro, save_id = self.rollouts, uuid.uuid4().hex
+        meta = {
+            "version": _SIDECAR_VERSION,
+            "save_id": save_id,
+            "texts": list(self.texts),
+            "prompt_texts": list(self.prompt_texts),
+            "stop_reason": list(self.stop_reason),
+            "transform": self.transform.to_dict(),
+            "num_samples": self.num_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "stop_strings": list(self.stop_strings),
+        }
+        tensors = {
+            "input_ids": ro.input_ids.cpu(),
+            "attention_mask": ro.attention_mask.cpu(),
+            "completion_mask": ro.completion_mask.cpu(),
+            "group": ro.group.cpu(),
+            "prompt_len": int(ro.prompt_len),
+            "eos_token_ids": list(ro.eos_token_ids),
+            "save_id": save_id,
+        }
+        pt.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(js, json.dumps(meta, ensure_ascii=False))
+        atomic_write(pt, lambda f: torch.save(tensors, f))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Samples:
+        """Read what :meth:`save` wrote (``torch.load(weights_only=True)``: no code runs)."""
+        pt, js = _paths(path)
+        missing = [str(p) for p in (pt, js) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"saved samples incomplete: {missing} missing. Samples.save "
+                "writes both a .pt and a .json; resample to recreate them."
+            )
+        t = torch.load(pt, map_location="cpu", weights_only=True)
+        meta = json.loads(js.read_text())
+        if meta.get("version") != _SIDECAR_VERSION or meta.get("save_id") != t.get("save_id"):
+            raise ValueError(
+                f"{pt} and {js} do not belong to the same save (save_id or version "
+                "differ): the run was interrupted while saving. Delete both and resample."
+            )
+        ro = Rollouts(
+            t["input_ids"],
+            t["attention_mask"],
+            int(t["prompt_len"]),
+            t["completion_mask"],
+            t["group"],
+            tuple(int(i) for i in t["eos_token_ids"]),
+        )
+        return cls(
+            ro,
+            tuple(meta["texts"]),
+            tuple(meta["prompt_texts"]),
+            tuple(meta["stop_reason"]),
+            LogitTransform(**meta["transform"]),
+            int(meta["num_samples"]),
+            int(meta["max_new_tokens"]),
+            int(meta["seed"]),
+            tuple(meta["stop_strings"]),
+        )
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    pt = Path(path)
+    if pt.suffix != ".pt":
+        raise ValueError(
+            f"samples path must end in '.pt' (the texts go to a '.json' beside it); "
+            f"got {str(pt)!r}. Pass e.g. 'run/samples.pt'."
+        )
+    return pt, pt.with_suffix(".json")

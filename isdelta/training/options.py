@@ -1,0 +1,100 @@
+"""The options of :class:`~isdelta.training.EntropyMonitor`, declared and checked once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from isdelta.engine.logprob import EngineConfig
+from isdelta.estimators.inputs import check_options
+
+__all__ = ["MonitorConfig"]
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Options of :class:`EntropyMonitor`, declared once (``EntropyMonitor(model, **options)``).
+
+    Attributes
+    ----------
+    engine : EngineConfig
+        How rows are scored (``EntropyMonitor(engine_config=...)``): the sampling transform
+        (temperature, top-k, top-p: must be the sampler's) and ``token_budget``; ``include_eos``
+        must stay True (whole sequences). Default: temperature 1, no truncation, no progress bar.
+        ``requires_grad`` is forced off.
+    weights : {"psis", "none", "truncate", "clip"}
+        Importance-weight scheme (``clip`` also needs ``clip=c``).
+    clip : float, optional
+        The cap for ``weights="clip"``.
+    level : float
+        Coverage of the confidence intervals.
+    prompts : {"fixed", "sampled"}
+        Standard-error mode of :func:`isdelta.estimators.estimate`.
+    every : int
+        Measure every k-th step (steps are counted by ``after``/``skip`` calls); other steps
+        cost nothing and give ``None``.
+    strict : bool
+        Raise on any failure (for debugging) instead of returning an invalid result.
+    rao_blackwell : {"auto", "always", "never"}
+        Whether to run the p0 forward for entropy sums when ``old_logp`` is given (module doc).
+    group_by : {"prompt", "given"}
+        "prompt": rows with the same real prompt tokens form one group, keyed by a hash of the
+        tokens (global across micro-batches and ranks). "given": the batch's ``group`` (or
+        ``num_generations``) as is; the caller keeps ids unique across micro-batches and ranks
+        (needed when equal prompt tokens are different prompts, e.g. different images).
+    distributed : {"auto", "local"}
+        "auto": gather rows over ``torch.distributed`` ranks when initialised; "local": estimate
+        on this rank's rows only.
+    per_decision : {"cv", "pd", "pd_sn", "off"}
+        The headline estimator when p0's per-position entropies are scored (a p0 forward ran):
+        per-decision Rao–Blackwellised IS (:func:`isdelta.estimators.estimate_tokens`; "cv",
+        with its control variate, has the lowest variance). Sequence-level SNIS is reported
+        beside it (``result.delta_snis``). "off", or no p0 forward: SNIS is the headline.
+    eos_token_ids : int or sequence of int, optional
+        Stop ids for dict batches; default the model's ``generation_config.eos_token_id``.
+    """
+
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(progress=False))
+    weights: Literal["psis", "none", "truncate", "clip"] = "psis"
+    clip: float | None = None
+    level: float = 0.95
+    prompts: Literal["fixed", "sampled"] = "fixed"
+    every: int = 1
+    strict: bool = False
+    rao_blackwell: Literal["auto", "always", "never"] = "auto"
+    group_by: Literal["prompt", "given"] = "prompt"
+    distributed: Literal["auto", "local"] = "auto"
+    per_decision: Literal["cv", "pd", "pd_sn", "off"] = "cv"
+    eos_token_ids: int | Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.engine, EngineConfig):
+            raise TypeError(
+                f"engine_config: expected an isdelta EngineConfig; got "
+                f"{type(self.engine).__name__}. Build one with EngineConfig(temperature=…)."
+            )
+        if not self.engine.include_eos:
+            # Scoring without the stop token would weight rows by a partial ratio, but p0 sampled
+            # the stop token too: the importance weights need the full-sequence ratio.
+            raise ValueError(
+                "engine_config.include_eos=False: the monitor scores whole sequences (the importance "
+                "weights need the full-sequence ratio, stop token included). Pass include_eos=True; "
+                "for entropies without the stop token use isdelta.estimate(include='no_eos', ...) "
+                "with the engine's stop_logp / stop_entropy_sum."
+            )
+        object.__setattr__(self, "engine", replace(self.engine, requires_grad=False))
+        check_options(weights=self.weights, prompts=self.prompts, level=self.level, clip=self.clip)
+        if isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1:
+            raise ValueError(f"every: expected a positive integer (measure every k-th step); got {self.every!r}.")
+        for name, value, valid in (
+            ("rao_blackwell", self.rao_blackwell, ("auto", "always", "never")),
+            ("group_by", self.group_by, ("prompt", "given")),
+            ("distributed", self.distributed, ("auto", "local")),
+            ("per_decision", self.per_decision, ("cv", "pd", "pd_sn", "off")),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name}: expected one of {list(valid)}; got {value!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
