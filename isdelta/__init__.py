@@ -24,9 +24,13 @@ _LAZY = {
     "sample": "isdelta.engine",
     "Samples": "isdelta.engine",
     "update": "isdelta.training",
+    "EntropyMonitor": "isdelta.training",
     "estimate": "isdelta.estimators",
+    "estimate_tokens": "isdelta.estimators",
     "EntropyDelta": "isdelta.estimators",
+    "TokenDelta": "isdelta.estimators",
     "Estimate": "isdelta.estimators",
+    "compare_tokens": "isdelta.tokens",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
-from isdelta.outputs import finite_or_none as _num
+from isdelta.outputs import finite_or_none
 
 if TYPE_CHECKING:
     from isdelta.estimators.weights import Weights
@@ -72,8 +72,8 @@ class Estimate:
     def to_dict(self) -> dict:
         """{value, se, ci_low, ci_high} in nats, the same with a ``_bits`` suffix, level."""
         n, b = self.nats, self.bits
-        out = {k: _num(getattr(n, k)) for k in ("value", "se", "ci_low", "ci_high")}
-        out.update({f"{k}_bits": _num(getattr(b, k)) for k in ("value", "se", "ci_low", "ci_high")})
+        out = {k: finite_or_none(getattr(n, k)) for k in ("value", "se", "ci_low", "ci_high")}
+        out.update({f"{k}_bits": finite_or_none(getattr(b, k)) for k in ("value", "se", "ci_low", "ci_high")})
         out["level"] = self.level
         return out
 
@@ -99,7 +99,7 @@ def fields_to_dict(result) -> dict:
         if hasattr(v, "to_dict"):
             out[f.name] = v.to_dict()
         elif isinstance(v, float):
-            out[f.name] = _num(v)
+            out[f.name] = finite_or_none(v)
         elif isinstance(v, tuple):
             out[f.name] = list(v)
         else:
@@ -219,7 +219,7 @@ class EntropyDelta:
         out = fields_to_dict(self)
         out["khat_status"] = self.khat_status
         for name in ("kl", "cov_term", "kl_term", "nll0_tok", "nll1_tok"):
-            out[f"{name}_bits"] = _num(getattr(self, name) / LN2)
+            out[f"{name}_bits"] = finite_or_none(getattr(self, name) / LN2)
         return out
 
     def summary(self) -> str:

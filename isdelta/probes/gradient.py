@@ -63,7 +63,7 @@ from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.scores import SequenceScores
 from isdelta.estimators.results import Estimate
 from isdelta.estimators.uncertainty import z_value
-from isdelta.outputs import finite_or_none as _finite
+from isdelta.outputs import finite_or_none
 from isdelta.probes.parameters import Direction, check_direction
 
 __all__ = ["GradientDelta", "gradient_delta"]
@@ -130,7 +130,7 @@ class GradientDelta:
             "per_prompt": _json(self.per_prompt),
             "per_prompt_tok": None if tok is None else _json(tok),
             "prompts": [int(p) for p in self.prompts],
-            **{k: _finite(getattr(self, k)) for k in ("h0", "h0_tok", "mean_length", "direction_norm")},
+            **{k: finite_or_none(getattr(self, k)) for k in ("h0", "h0_tok", "mean_length", "direction_norm")},
             "include": self.include,
             "per_token": self.per_token,
             "n_rows": self.n_rows,
@@ -141,7 +141,7 @@ class GradientDelta:
 
 
 def _json(x: np.ndarray) -> list:
-    return [_finite(float(v)) for v in x]
+    return [finite_or_none(float(v)) for v in x]
 
 
 # ---------------------------------------------------------------------------- p0 rows

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isdelta.outputs import atomic_write
-from isdelta.outputs import finite_or_none as _num
+from isdelta.outputs import atomic_write, finite_or_none
 from isdelta.probes.sweep import SweepResult, gap_terms, per_prompt_points
 
 __all__ = ["comparison_rows", "markdown_lines", "probe_report", "run_probe"]
@@ -58,9 +57,9 @@ def comparison_rows(result: SweepResult) -> list[dict]:
                 "delta": e.delta.to_dict(),
                 "delta_tok": e.delta_tok.to_dict(),
                 "delta1_fs": e.delta1.to_dict(),
-                "delta1_tok_fs": _num(fs_tok),
-                "delta1_grad": _num(g),
-                "delta1_grad_tok": _num(gt),
+                "delta1_tok_fs": finite_or_none(fs_tok),
+                "delta1_grad": finite_or_none(g),
+                "delta1_grad_tok": finite_or_none(gt),
                 "rel_err_fs": _rel(fs, truth),
                 "rel_err_grad": _rel(g, truth),
                 "rel_err_tok_fs": _rel(fs_tok, e.delta_tok.value),
@@ -69,14 +68,14 @@ def comparison_rows(result: SweepResult) -> list[dict]:
                 "sign_grad": _sign(g, truth),
                 "in_ci_fs": _inside(fs, e.delta),
                 "in_ci_grad": _inside(g, e.delta),
-                "cov_term": _num(e.cov_term),
-                "kl_term": _num(e.kl_term),
-                "kl": _num(e.kl),
-                **{f"gap_{k}": _num(v) for k, v in gap_terms(result, a).items()},
-                "ess": _num(e.ess),
-                "ess_frac": _num(e.ess_frac),
-                "khat": _num(e.khat),
-                "khat_threshold": _num(e.khat_threshold),
+                "cov_term": finite_or_none(e.cov_term),
+                "kl_term": finite_or_none(e.kl_term),
+                "kl": finite_or_none(e.kl),
+                **{f"gap_{k}": finite_or_none(v) for k, v in gap_terms(result, a).items()},
+                "ess": finite_or_none(e.ess),
+                "ess_frac": finite_or_none(e.ess_frac),
+                "khat": finite_or_none(e.khat),
+                "khat_threshold": finite_or_none(e.khat_threshold),
                 "khat_status": e.khat_status,
                 "weights_used": e.weights_used,
             }
@@ -119,7 +118,7 @@ def _per_prompt_summary(points: list[dict]) -> dict:
         out[name] = {
             "sign_agreement": float(np.mean(signs)) if signs else None,
             "median_abs_rel_err": float(np.median(np.abs(rel))) if rel else None,
-            "correlation": _num(corr) if corr is not None else None,
+            "correlation": finite_or_none(corr) if corr is not None else None,
         }
     return out
 

@@ -26,7 +26,7 @@ import torch
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
 from isdelta.estimators import EntropyDelta, estimate, estimate_per_prompt
-from isdelta.outputs import finite_or_none as _finite
+from isdelta.outputs import finite_or_none
 from isdelta.probes.gradient import (
     GradientDelta,
     ScoresLike,
@@ -147,9 +147,9 @@ class SweepResult:
             d = {
                 "alpha": alpha,
                 **self.estimates[a].to_dict(),
-                "delta1_tok_fs": _finite(self.delta1_tok_fs[a]),
-                "delta1_grad": None if grad is None else _finite(grad[a]),
-                "delta1_grad_tok": None if grad_tok is None else _finite(grad_tok[a]),
+                "delta1_tok_fs": finite_or_none(self.delta1_tok_fs[a]),
+                "delta1_grad": None if grad is None else finite_or_none(grad[a]),
+                "delta1_grad_tok": None if grad_tok is None else finite_or_none(grad_tok[a]),
             }
             points.append(d)
         return {
@@ -369,9 +369,9 @@ def per_prompt_points(result: SweepResult, alpha: float) -> list[dict]:
                 "delta": est.delta.to_dict(),
                 "delta_tok": est.delta_tok.to_dict(),
                 "delta1": est.delta1.to_dict(),
-                "cov_term": _finite(est.cov_term),
-                "kl_term": _finite(est.kl_term),
-                "ess": _finite(est.ess),
+                "cov_term": finite_or_none(est.cov_term),
+                "kl_term": finite_or_none(est.kl_term),
+                "ess": finite_or_none(est.ess),
                 "delta1_grad": grad,
                 "delta1_grad_tok": grad_tok,
             }
