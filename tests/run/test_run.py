@@ -143,7 +143,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 def test_demo_config_end_to_end_on_smollm2(tmp_path):
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [f"output.dir={tmp_path}"])
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "demo.yaml", [f"output.dir={tmp_path}"])
     report = run(cfg)
     est = report["estimate"]
     assert est["n_rows"] == 64 and est["n_prompts"] == 8
