@@ -5,6 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# the tiny Llama of tiny_llama and checkpoint: 2 layers, V = 96 (the char tokenizer's), pad = eos
+TINY_LLAMA = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:
@@ -29,18 +43,7 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    cfg = LlamaConfig(**TINY_LLAMA)
     model = LlamaForCausalLM(cfg).eval()
     # Sharpen the head so distributions are far from uniform (entropy differences are visible).
     with torch.no_grad():
@@ -103,18 +106,7 @@ def checkpoint(tmp_path, char_tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    cfg = LlamaConfig(**TINY_LLAMA)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
