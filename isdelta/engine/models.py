@@ -112,7 +112,9 @@ def load_model(
     -------
     (model, tokenizer)
         The model in eval mode; the tokenizer with ``padding_side='left'`` and a pad token
-        (the EOS token when it had none: masks never rely on the pad id).
+        (the EOS token when it had none: masks never rely on the pad id). A GGUF model comes
+        de-quantised and plain: trainable by HF ``Trainer`` / TRL and savable with
+        ``save_pretrained`` (no quantiser left attached).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,6 +131,8 @@ def load_model(
             else " Nothing is downloaded unless allow_download=True (model.allow_download in the config)."
         )
         raise OSError(f"could not load model {str(spec)!r} from {source!r}: {e}.{hint}") from e
+    if "gguf_file" in extra:
+        _drop_gguf_quantizer(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -136,6 +140,26 @@ def load_model(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """Make a model loaded from GGUF a plain one.
+
+    transformers de-quantises GGUF weights into ordinary float tensors but keeps its GGUF
+    quantiser attached (``is_quantized``, ``hf_quantizer``, ``config.quantization_config``): HF's
+    ``Trainer`` (and TRL) then refuses to train the model ("purely quantized models") and
+    ``save_pretrained`` refuses to save it. Nothing is quantised any more, so the flags go.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "gguf":
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _special_ids(tok) -> dict[str, Any]:

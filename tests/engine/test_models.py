@@ -105,3 +105,21 @@ def test_smollm2_pad_equal_eos_keeps_the_real_eos(smollm2):
     # and the per-token entropies of a real model are in a sane range (nats, ln V = 10.8)
     ent = s.token_entropy[s.mask]
     assert (ent >= 0).all() and (ent < 10.9).all()
+
+
+@pytest.mark.slow
+def test_gguf_model_is_plain_trainable_and_round_trips_bit_for_bit(smollm2, tmp_path):
+    """transformers keeps its GGUF quantiser on de-quantised weights; load_model drops it, so HF's
+    Trainer accepts the model and save_pretrained -> load_model(folder) gives the same tensors."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, tok = smollm2
+    assert not model.is_quantized and model.hf_quantizer is None
+    assert not hasattr(model.config, "quantization_config")
+    validate_quantization_for_training(model)  # what Trainer.__init__ runs: raises on a quantised model
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = load_model(tmp_path)
+    a, b = model.state_dict(), again.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    check_compatible(tok, tok2)
