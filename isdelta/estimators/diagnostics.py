@@ -48,7 +48,7 @@ def _mean_ratio(rows: Rows) -> np.ndarray:
 def diagnose(rows: Rows, wts: Weights) -> dict:
     """The diagnostic fields of :class:`EntropyDelta` (floats and ints)."""
     g = rows.groups
-    u = 1.0 / g.expand(g.sizes.astype(float))  # uniform within-prompt weights under p0
+    u = g.uniform  # uniform within-prompt weights under p0
     kl_p = _kl_per_prompt(rows, wts)
     mean_ratio = _mean_ratio(rows)
     finite = np.isfinite(wts.khat)

@@ -12,6 +12,7 @@ a per-prompt array has shape [P] in the order of ``Groups.labels``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -77,6 +78,21 @@ class Groups:
         """Per-prompt mean of a sorted row array, [N] -> [P]."""
         return self.sum(x) / self.sizes
 
+    @cached_property
+    def row_sizes(self) -> np.ndarray:
+        """G_p of each row's prompt, float64 [N] (sorted order); computed once."""
+        return self.expand(self.sizes.astype(np.float64))
+
+    @cached_property
+    def uniform(self) -> np.ndarray:
+        """1/G_p per row, float64 [N]: the within-prompt weights under p0 (computed once)."""
+        return 1.0 / self.row_sizes
+
+    @cached_property
+    def equal_sizes(self) -> bool:
+        """Every prompt has the same number of rows (then a row array reshapes to [P, G])."""
+        return bool(np.all(self.sizes == self.sizes[0]))
+
     def expand(self, per_prompt: np.ndarray) -> np.ndarray:
         """Broadcast a per-prompt array to the rows, [P] -> [N]."""
         return np.repeat(per_prompt, self.sizes)
@@ -93,6 +109,8 @@ class Groups:
 
     def var(self, x: np.ndarray, ddof: int = 1) -> np.ndarray:
         """Per-prompt variance with ``ddof`` (two-pass, for accuracy), [N] -> [P]."""
+        if self.equal_sizes:  # [P, G]: numpy's own two-pass variance, no [N] temporaries
+            return x.reshape(self.n_prompts, -1).var(axis=1, ddof=ddof)
         centred = x - self.expand(self.mean(x))
         return self.sum(centred * centred) / (self.sizes - ddof)
 

@@ -168,7 +168,7 @@ def _estimates(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
     g = rows.groups
     # 1/G_p, the same float as w̄ when all ratios of a prompt are equal (weights._normalized),
     # so that p1 = p0 gives H1 == H0 bit for bit.
-    u = 1.0 / g.expand(g.sizes.astype(float))
+    u = g.uniform
     pairs = {"": (-rows.s0, -rows.s1)}
     if rows.ent0 is not None:
         pairs["_rb"] = (rows.ent0, rows.ent1)
@@ -192,7 +192,7 @@ def _first_order(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
     change is E_p0[ℓ − δ']: ΔH₁ = −Cov_p0(S0', ℓ) − E_p0[δ' − ℓ].
     """
     g = rows.groups
-    u = 1.0 / g.expand(g.sizes.astype(float))
+    u = g.uniform
     delta = rows.s1 - rows.s0  # δ' [N]
     s0_centred = rows.s0 - g.expand(g.mean(rows.s0))
     # −mean_p((r̃ − 1)(S0 − S̄0)) = −Σ_{i∈p} (w̄_i − 1/G_p)(S0_i − S̄0_p)

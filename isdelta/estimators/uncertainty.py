@@ -66,10 +66,14 @@ def weighted_ratio(w: np.ndarray, f: np.ndarray, g: np.ndarray | None, groups: G
     b = np.ones_like(a) if g is None else groups.sum(w * g)  # [P]
     big_b = b.mean()
     value = a.mean() / big_b
-    e = f - value if g is None else f - value * g  # [N]
     e_bar = a - value * b  # [P], Σ_{i∈p} w_i e_i
-    r_tilde = w * groups.expand(groups.sizes)  # G_p w_i: 1 for uniform weights
-    psi = r_tilde * (e - groups.expand(e_bar)) / big_b
+    # ψ = r̃ (e − ē_p) / B with r̃ = G_p w (1 for uniform weights) and e = f − R g, built in
+    # place: each [N] temporary of a 10^6-row estimate costs a page-faulted allocation
+    psi = f - value if g is None else f - value * g  # e, [N]
+    psi -= groups.expand(e_bar)
+    psi *= w
+    psi *= groups.row_sizes
+    psi /= big_b
     return Linear(float(value), psi, e_bar / big_b)
 
 
@@ -93,8 +97,11 @@ def standard_error(lin: Linear, groups: Groups, prompts: str) -> float:
     n_prompts = groups.n_prompts
     if prompts == "sampled":
         return float(np.std(lin.z, ddof=1) / np.sqrt(n_prompts))
-    var_p = groups.var(lin.psi, ddof=1)  # [P]
-    return float(np.sqrt(np.sum(var_p / groups.sizes)) / n_prompts)
+    # ψ sums to 0 within each prompt (it is centred by construction: Σ_{i∈p} w_i (e_i − ē_p) = 0),
+    # so the one-pass form Σψ² − (Σψ)²/G loses no digits here and saves [N] temporaries
+    psi, g = lin.psi, groups.sizes
+    var_p = (groups.sum(psi * psi) - groups.sum(psi) ** 2 / g) / (g - 1)  # [P]
+    return float(np.sqrt(np.sum(np.maximum(var_p, 0.0) / g)) / n_prompts)
 
 
 def z_value(level: float) -> float:

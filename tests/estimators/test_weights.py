@@ -150,55 +150,64 @@ def test_khat_threshold_and_min_sample_size():
     assert math.isnan(weights.min_sample_size(float("nan")))
 
 
-def test_arviz1_wrapper_negates_its_input(rng):
-    """The ≥ 1.0 code path, exercised on any install: a stand-in with the 1.x convention
-    (weights ∝ exp(−input)), built from arviz 0.x when that is what is installed."""
-    log_r = _pareto_log_ratios(rng, 300, k=0.6)[None, :]
-
-    def psislw_1x(ary, r_eff=1):
-        log_w, khat = _arviz_reference(-ary[0])  # reference takes ℓ; 1.x takes −ℓ
-        return log_w[None, :], np.array([khat])
-
-    via_1x = psis._arviz1(psislw_1x)(log_r)
-    log_w, khat = _arviz_reference(log_r[0])
-    np.testing.assert_allclose(via_1x[0][0], log_w, atol=1e-12)
-    assert via_1x[1][0] == pytest.approx(khat, rel=1e-12)
-
-
-def test_sign_check_rejects_a_backend_with_the_wrong_sign():
-    def wrong_sign(log_r):
-        # smooths the other tail: what passing +ℓ to arviz ≥ 1.0 would do
-        log_w, khat = _arviz_reference(-log_r[0])
-        return -log_w[None, :], np.array([khat])
-
-    with pytest.raises(RuntimeError, match="sign check"):
-        psis._check_sign(wrong_sign, "wrong-sign stand-in")
-    psis._check_sign(psis.psis_backend()[1], "installed")  # the real one passes
+def _rows_of_every_kind(rng) -> list[np.ndarray]:
+    """Light and heavy tails, nearly constant ratios, ties (identical completions), many sizes."""
+    rows = []
+    for S in (25, 26, 30, 40, 64, 100, 226, 500, 1000):
+        rows += [
+            rng.normal(0.0, 0.5, S),
+            _pareto_log_ratios(rng, S, k=0.5),
+            _pareto_log_ratios(rng, S, k=0.9),
+            rng.normal(0.0, 1e-6, S),
+            np.round(rng.normal(0.0, 1.0, S), 1),
+        ]
+    return rows
 
 
-def test_failed_slices_keep_raw_weights_and_nan_khat(rng):
-    """arviz ≥ 1.0 raises for a whole batch if one slice has tied tail values: the batch is
-    bisected so the other slices are still smoothed, in few calls."""
-    log_r = np.stack([_pareto_log_ratios(rng, 30, k=0.5) for _ in range(16)])
-    log_r[[3, 12]] = 0.5  # two tied slices
-    calls = []
+def test_vectorised_psis_equals_installed_arviz_row_by_row(rng):
+    """One batched call over rows of equal S == arviz's own psislw on each row (the reference)."""
+    rows = _rows_of_every_kind(rng)
+    for S in sorted({len(r) for r in rows}):
+        batch = np.stack([r for r in rows if len(r) == S])  # [B, S]
+        log_w, khat = psis.psis(batch)
+        for b, row in enumerate(batch):
+            ref_w, ref_k = _arviz_reference(row)
+            np.testing.assert_allclose(log_w[b], ref_w - np.logaddexp.reduce(ref_w), atol=1e-12)
+            assert (np.isnan(khat[b]) and not np.isfinite(ref_k)) or khat[b] == pytest.approx(ref_k, abs=1e-12)
 
-    def flaky(batch):
-        calls.append(batch.shape[0])
-        if np.any(np.all(batch == batch[:, :1], axis=1)):
-            raise ValueError("All tail values are the same")
-        refs = [_arviz_reference(row) for row in batch]
-        return np.stack([w for w, _ in refs]), np.array([k for _, k in refs])
 
-    log_w, khat = psis._guarded(flaky)(log_r)
-    assert np.isnan(khat[[3, 12]]).all() and np.isfinite(np.delete(khat, [3, 12])).all()
-    for b in (3, 12):
-        np.testing.assert_allclose(log_w[b], np.full(30, -math.log(30)), rtol=1e-12)
-    for b in (0, 7, 15):
-        ref_w, ref_k = _arviz_reference(log_r[b])
-        np.testing.assert_allclose(log_w[b], ref_w, atol=1e-12)
-        assert khat[b] == pytest.approx(ref_k, rel=1e-12)
-    assert len(calls) < 16  # bisection, not one call per slice
+def test_vectorised_psis_equals_arviz_stats_1x(rng):
+    """The arviz ≥ 1.0 convention (tail size, tie rule, guards) against arviz-stats itself, where
+    installed (Python ≥ 3.12); it takes −ℓ and raises on a tail of equal values."""
+    try:
+        from arviz_stats.base.array import array_stats
+    except ImportError:
+        pytest.skip("arviz-stats ≥ 1.0 is not installed (Python < 3.12 resolves arviz 0.x)")
+    for row in _rows_of_every_kind(rng):
+        log_w, khat = psis.psis(row[None], "arviz1")
+        try:
+            ref_w, ref_k = array_stats.psislw(-row[None], r_eff=1)
+        except ValueError:  # all tail values equal: isdelta keeps the raw weights, k̂ = nan
+            assert np.isnan(khat[0])
+            np.testing.assert_allclose(log_w[0], row - np.logaddexp.reduce(row), atol=1e-12)
+            continue
+        ref_k = float(np.ravel(ref_k)[0])
+        np.testing.assert_allclose(log_w[0], np.ravel(ref_w), atol=1e-12)
+        assert (np.isnan(khat[0]) and not np.isfinite(ref_k)) or khat[0] == pytest.approx(ref_k, abs=1e-12)
+
+
+@pytest.mark.parametrize("flavour", ["arviz0", "arviz1"])
+def test_psis_flavours_agree_on_what_they_share(rng, flavour):
+    """Either convention: smoothed weights rise with the raw ones, a heavy tail reads heavy and a
+    light one light, a tail of equal values is left raw with k̂ = nan, rows do not interact."""
+    heavy, light = _pareto_log_ratios(rng, 400, k=0.8), rng.normal(0.0, 0.1, 400)
+    tied = np.concatenate([rng.normal(0.0, 1.0, 300), np.full(100, 5.0)])
+    log_w, khat = psis.psis(np.stack([heavy, light, tied]), flavour)
+    order = np.argsort(heavy)
+    assert np.all(np.diff(log_w[0][order]) >= -1e-12) and 0.6 < khat[0] < 1.0 and khat[1] < 0.3
+    assert np.isnan(khat[2]) and np.allclose(log_w[2], tied - np.logaddexp.reduce(tied), atol=1e-12)
+    alone = psis.psis(light[None], flavour)
+    np.testing.assert_array_equal(alone[0][0], log_w[1])
 
 
 def test_weights_to_dict_is_json_ready(rng):
