@@ -128,7 +128,7 @@ def _gpdfit(tail: np.ndarray, flavour: Flavour) -> tuple[np.ndarray, np.ndarray]
 
 
 def _gpdfit_rows(tail: np.ndarray, flavour: Flavour) -> tuple[np.ndarray, np.ndarray]:
-    R, n = tail.shape
+    n = tail.shape[1]
     m = 30 + int(n**0.5)
     xstar = tail[:, int(n / 4 + 0.5) - 1]  # first quartile of the tail
     b = (1 - np.sqrt(m / (np.arange(1, m + 1) - 0.5)))[None, :] / (3 * xstar[:, None]) + 1 / tail[:, -1:]  # [R, m]
