@@ -60,6 +60,8 @@ def diagnose(rows: Rows, wts: Weights) -> dict:
     ess = pooled_ess(wts.ess)
     return {
         "kl": float(kl_p.mean()),
+        "kl_max": float(kl_p.max()),
+        "g_min": int(g.sizes.min()),
         "ess": ess,
         "ess_min": float(wts.ess.min()),
         "ess_mean": float(wts.ess.mean()),

@@ -137,8 +137,11 @@ class EntropyDelta:
     cov_term, kl_term : float
         ΔĤ = cov_term + kl_term exactly: −mean_p((r̃ − 1)(S0 − S̄0)) and −Σ w̄ δ, with the
         weights used.
-    kl : float
-        KL(p1‖p0) ≈ (1/P) Σ_p Σ_{i∈p} w̄_i ℓ_i (nats).
+    kl, kl_max : float
+        KL(p1‖p0) ≈ (1/P) Σ_p Σ_{i∈p} w̄_i ℓ_i (nats), and the largest per-prompt KL_p.
+    g_min : int
+        The smallest number of samples of a prompt (G_p); importance sampling needs
+        G_p ≳ exp(KL_p) (Chatterjee & Diaconis 2018).
     ess, ess_frac : float
         Pooled ESS = P² / Σ_p 1/ESS_p, and ESS / N.
     ess_min, ess_mean : float
@@ -183,6 +186,8 @@ class EntropyDelta:
     cov_term: float
     kl_term: float
     kl: float
+    kl_max: float
+    g_min: int
     ess: float
     ess_min: float
     ess_mean: float

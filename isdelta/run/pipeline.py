@@ -22,7 +22,7 @@ from isdelta.run.stages import (
     probe_stage,
     sample_stage,
     score_stage,
-    token_estimate,
+    token_estimates,
     tokens_stage,
 )
 from isdelta.training.update import ZeroUpdateError
@@ -65,7 +65,8 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     """Run every stage (resuming from `out`); return the report dict."""
     import torch
 
-    from isdelta.estimators import estimate, estimate_per_prompt
+    from isdelta.engine import SplitLM
+    from isdelta.estimators import estimate, estimate_per_prompt, headline
     from isdelta.run.report import headline_lines, write_report
 
     out = Path(out or cfg.output.dir)
@@ -76,6 +77,8 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     with stage("load p0", timings):
         model0, tok = cfg.model.load()
     device = str(next(model0.parameters()).device)
+    # tokens a next-token distribution can spread over: per-token entropies above log of it are impossible
+    support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
     with stage("sample", timings):
         rollouts, texts, stopped, transform = sample_stage(cfg, model0, tok, records, out)
     with stage("score p0", timings):
@@ -104,7 +107,9 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
         res = estimate(*args, **kw)
         per_prompt = estimate_per_prompt(*args, **kw)
     with stage("estimate per decision", timings):
-        tok_est = token_estimate(cfg, s0, s1)
+        per_decision = token_estimates(cfg, s0, s1)
+        decision = headline(res, *per_decision, support_size=support)
+    tok_est = per_decision[0] if per_decision else None
     with stage("report", timings):
         meta = {
             "name": out.name,
@@ -132,12 +137,13 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
             texts,
             meta,
             per_prompt,
+            decision,
             tok=tok_est,
             plots=cfg.output.plots,
             n_trace=cfg.output.n_trace_samples,
         )
     print(res.summary())
-    print("\n" + "\n".join(headline_lines(res, tok_est)))
+    print("\n" + "\n".join(headline_lines(res, decision)))
     if tokens is not None:
         for carrier, lines in tokens.get("category_tables", {}).items():
             print(f"\ntoken classes on {carrier} (p0's class; deltas p1 − p0):\n" + "\n".join(lines))

@@ -127,36 +127,35 @@ def _token_section(tok, res) -> list[str]:
     return out
 
 
-def headline(res, tok=None) -> dict:
-    """The run's answer: ΔH per sequence and per token by the best method available (per-decision
-    with a control variate when it ran, else Rao–Blackwellised SNIS), with SNIS beside it."""
-    if tok is not None:
-        best, best_tok, method = tok.delta, tok.delta_tok, f"per-decision ({tok.method})"
-    else:
-        best, best_tok, method = res.delta_rb, res.delta_tok_rb, "sequence-level SNIS, Rao–Blackwellised"
+def headline(res, decision) -> dict:
+    """The run's answer for report.json: the headline policy's verdict (method, why, or why not
+    and what would help) with its estimates, and sequence-level SNIS beside it."""
     return {
-        "method": method,
-        "delta": best.to_dict(),
-        "delta_tok": best_tok.to_dict(),
+        **decision.to_dict(),
         "delta_snis": res.delta.to_dict(),
         "delta_tok_snis": res.delta_tok.to_dict(),
         "weights": res.weights_used,
     }
 
 
-def headline_lines(res, tok=None) -> list[str]:
-    """Two lines for the terminal and summary.md: the best estimate, and SNIS beside it."""
-    h = headline(res, tok)
-    best = tok.delta if tok is not None else res.delta_rb
-    best_tok = tok.delta_tok if tok is not None else res.delta_tok_rb
+def headline_lines(res, decision) -> list[str]:
+    """Two lines for the terminal and summary.md: the headline (or plainly that there is no valid
+    one, why, and what would make it readable), and sequence-level SNIS beside it."""
+    if not decision.valid:
+        return [
+            f"ΔH: not valid on these samples — {decision.reason}",
+            f"{decision.advice} Sequence-level SNIS, for inspection only: ΔH {res.delta}; per token {res.delta_tok}",
+        ]
+    best, best_tok = decision.delta, decision.delta_tok
     return [
-        f"ΔH = {best} per sequence ({best.bits.value:+.4g} bits); per token {best_tok} — {h['method']}",
+        f"ΔH = {best} per sequence ({best.bits.value:+.4g} bits); per token {best_tok} — {decision.method} "
+        f"({decision.why})",
         f"sequence-level SNIS beside it: ΔH {res.delta}; per token {res.delta_tok}"
-        + (f" (SE ratio {se_ratio(best.se, res.delta.se)})" if tok is not None else ""),
+        + (f" (SE ratio {se_ratio(best.se, res.delta.se)})" if decision.method != "snis" else ""),
     ]
 
 
-def summary_markdown(res, meta: dict[str, Any], tok=None) -> str:
+def summary_markdown(res, meta: dict[str, Any], decision, tok=None) -> str:
     """summary.md: headline, estimates, diagnostics, sanity figures, update, warnings, timings."""
     out = [
         f"# isdelta run — {meta.get('name', '')}",
@@ -165,7 +164,7 @@ def summary_markdown(res, meta: dict[str, Any], tok=None) -> str:
         f"({meta['transform']}), nats (bits = nats / ln 2).",
         "",
     ]
-    best, beside = headline_lines(res, tok)
+    best, beside = headline_lines(res, decision)
     out += [f"**{best}**", "", beside]
     out += ["", "## Estimates (sequence-level SNIS)", ""]
     out += _estimate_table(res)
@@ -247,6 +246,7 @@ def write_report(
     texts: list[str],
     meta: dict[str, Any],
     per_prompt: dict,
+    decision,
     tok=None,
     plots: bool = True,
     n_trace: int = 4,
@@ -254,7 +254,8 @@ def write_report(
     """Write report.json, sequences.csv, summary.md and (optionally) plots; return report dict.
 
     ``res`` is the sequence-level estimate (with the weights it used), ``per_prompt`` the
-    estimates within each prompt (``estimate_per_prompt``) and ``tok`` the per-decision estimate
+    estimates within each prompt (``estimate_per_prompt``), ``decision`` the headline policy's
+    verdict (:func:`isdelta.estimators.headline`) and ``tok`` the per-decision estimate
     (``estimate_tokens``), shown beside sequence-level SNIS.
     """
     out = Path(out)
@@ -273,7 +274,7 @@ def write_report(
         "timings": meta.get("timings"),
         "update": meta.get("update"),
         "transform": meta.get("transform"),
-        "headline": headline(res, tok),
+        "headline": headline(res, decision),
         "estimate": res.to_dict(),
         "estimate_tokens": None if tok is None else tok.to_dict(),
         "probe": meta.get("probe"),
@@ -283,5 +284,5 @@ def write_report(
     }
     atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
     write_sequences_csv(out / "sequences.csv", s0, s1, texts, res.weights)
-    atomic_write(out / "summary.md", summary_markdown(res, meta, tok))
+    atomic_write(out / "summary.md", summary_markdown(res, meta, decision, tok))
     return report

@@ -18,7 +18,15 @@ from isdelta.outputs import atomic_write
 from isdelta.run.config import RunConfig
 from isdelta.run.data import RunError, sft_rollouts
 
-__all__ = ["estimate_inputs", "make_p1", "probe_stage", "sample_stage", "score_stage", "token_estimate", "tokens_stage"]
+__all__ = [
+    "estimate_inputs",
+    "make_p1",
+    "probe_stage",
+    "sample_stage",
+    "score_stage",
+    "token_estimates",
+    "tokens_stage",
+]
 
 
 def sample_stage(cfg: RunConfig, model, tok, records: list[dict], out: Path, subdir: str = "samples"):
@@ -155,28 +163,20 @@ def estimate_inputs(cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray) -> 
     return (s0["logp"], s1["logp"], s0["length"], s0["group"]), kw
 
 
-def token_estimate(cfg: RunConfig, s0: dict, s1: dict):
-    """The per-decision, control-variate ΔH (lower variance than sequence-level SNIS).
+def token_estimates(cfg: RunConfig, s0: dict, s1: dict) -> list:
+    """The per-decision estimates the headline policy tries first: ``cv`` (control variate, the
+    lowest variance) and ``pd_sn`` (self-normalised, bounded by the data).
 
-    Its masks count the stop token (the prefix ratio must include it), so it is reported only
-    when the run measures all positions (engine.include_eos = true).
+    Their masks count the stop token (the prefix ratio must include it), so they run only when
+    the run measures all positions (engine.include_eos = true); else the list is empty.
     """
     from isdelta.estimators import estimate_tokens
 
     if not cfg.engine.include_eos:
-        return None
+        return []
     e = cfg.estimator
-    return estimate_tokens(
-        s0["token_logp"],
-        s1["token_logp"],
-        s0["token_entropy"],
-        s1["token_entropy"],
-        s0["mask"],
-        s0["group"],
-        method="cv",
-        prompts=e.prompts,
-        level=e.level,
-    )
+    args = (s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"], s0["mask"], s0["group"])
+    return [estimate_tokens(*args, method=m, prompts=e.prompts, level=e.level) for m in ("cv", "pd_sn")]
 
 
 def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, out: Path) -> dict:

@@ -57,6 +57,8 @@ import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
+from isdelta.engine.split import SplitLM
+from isdelta.estimators import headline
 from isdelta.training.distributed import all_gather, world_size
 from isdelta.training.model_state import default_eos, free_memory, preserved
 from isdelta.training.options import MonitorConfig
@@ -289,14 +291,20 @@ class EntropyMonitor:
         t0 = time.perf_counter()
         rows, failure = self._p1_rows(snaps, step)
         rows, failure = self._exchange(rows, failure)
-        est, tokens, rb, n_dropped, notes = None, None, False, 0, []
+        est, per_decision, rb, n_dropped, notes = None, [], False, 0, []
         c = self.config
         if failure is None:
             est, rb, n_dropped, notes, failure = estimate_rows(
                 rows, weights=c.weights, clip=c.clip, prompts=c.prompts, level=c.level
             )
         if failure is None and rows.get("token_entropy0") is not None:
-            tokens, failure = estimate_rows_per_decision(rows, method=c.per_decision, prompts=c.prompts, level=c.level)
+            methods = tuple(dict.fromkeys((c.per_decision, "pd_sn")))  # the policy's order, cv first
+            per_decision, failure = estimate_rows_per_decision(rows, methods=methods, prompts=c.prompts, level=c.level)
+        chosen = None
+        if failure is None:
+            chosen = headline(est, *per_decision, support_size=self._support_size())
+            if not chosen.valid:
+                failure = (f"{chosen.reason} {chosen.advice}", None)
         seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
         gaps = [s.old_logp_gap for s in snaps if s.old_logp_gap is not None]
         gap = max(gaps) if gaps else None
@@ -307,6 +315,7 @@ class EntropyMonitor:
             )
         n_rows = 0 if rows is None else len(rows["log_p0"]) - n_dropped
         reason = None if failure is None else failure[0]
+        tokens = per_decision[0] if per_decision else None
         warned = (est.warnings if est is not None else ()) + (tokens.warnings if tokens is not None else ())
         result = MonitorResult(
             step,
@@ -320,9 +329,19 @@ class EntropyMonitor:
             gap,
             tuple(notes) + warned,
             tokens=tokens,
+            headline=chosen,
         )
         self._report(failure, step)
         return result
+
+    def _support_size(self) -> int | None:
+        """Tokens a next-token distribution can spread over: the vocabulary, or top-k."""
+        try:
+            V = SplitLM.of(self.model).vocab_size
+        except TypeError:
+            return None
+        k = self.config.engine.top_k
+        return min(V, k) if k else V
 
     def _p1_rows(self, snaps: list[Snapshot], step: int) -> tuple[dict | None, tuple | None]:
         """This rank's rows of all snapshots, or (None, (reason, exception))."""

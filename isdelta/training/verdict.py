@@ -1,9 +1,10 @@
-"""A monitored step's verdict: the estimates on the step's rows, whether they may be reported as
-valid, and the :class:`MonitorResult` a training loop logs.
+"""A monitored step's verdict: the estimates on the step's rows, the headline the policy of
+DESIGN.md §5.4 picks from them, and the :class:`MonitorResult` a training loop logs.
 
 A step is invalid, with the reason, when its rows cannot be estimated (non-finite scores, no
-prompt with two rows), an estimator fails, or the estimate is unreliable (k̂ > 1, a non-finite
-ΔH); nothing here raises into the training loop.
+prompt with two rows), an estimator fails, or no method's preconditions hold on the sample
+(:func:`isdelta.estimators.headline`: then the reason names the failed checks and the advice
+what would make the step readable); nothing here raises into the training loop.
 """
 
 from __future__ import annotations
@@ -15,18 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from isdelta.estimators import EntropyDelta, Estimate, EstimatorWarning, TokenDelta, estimate, estimate_tokens
+from isdelta.estimators import EntropyDelta, Estimate, EstimatorWarning, Headline, TokenDelta, estimate, estimate_tokens
 from isdelta.training.rows import TOKEN_FIELDS, multi_row_groups
 
-__all__ = [
-    "MonitorError",
-    "MonitorResult",
-    "MonitorWarning",
-    "describe",
-    "estimate_rows",
-    "estimate_rows_per_decision",
-    "verdict",
-]
+__all__ = ["MonitorError", "MonitorResult", "MonitorWarning", "describe", "estimate_rows", "estimate_rows_per_decision"]
 
 Failure = tuple[str, BaseException | None]  # (reason, the exception when there was one)
 
@@ -43,21 +36,6 @@ def describe(exc: BaseException, limit: int = 400) -> str:
     """``Type: message``, shortened."""
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def verdict(est: EntropyDelta, rb: bool) -> Failure | None:
-    """Why an estimate is not reported as valid (non-finite ΔH, k̂ > 1), or None."""
-    d = est.delta_rb if rb else est.delta
-    if not (math.isfinite(d.value) and math.isfinite(d.se)):
-        return (f"the ΔH estimate is not finite ({d.value}, se {d.se}).", None)
-    if est.khat > 1.0:
-        reason = (
-            f"k̂ = {est.khat:.2f} > 1: the importance ratios p1/p0 have infinite variance at "
-            f"this sample size ({est.n_rows} rows), so ΔH and its CI are unreliable. The step "
-            "moved p1 far from p0: use more samples per prompt or a smaller step."
-        )
-        return (reason, None)
-    return None
 
 
 def estimate_rows(rows: dict, *, weights: str, clip: float | None, prompts: str, level: float):
@@ -105,33 +83,21 @@ def estimate_rows(rows: dict, *, weights: str, clip: float | None, prompts: str,
             )
     except Exception as exc:
         return None, False, 0, notes, (f"estimation failed: {describe(exc)}", exc)
-    return est, rb, n_dropped, notes, verdict(est, rb)
+    return est, rb, n_dropped, notes, None
 
 
-def estimate_rows_per_decision(rows: dict, *, method: str, prompts: str, level: float):
-    """``(TokenDelta, failure)`` of the per-decision estimator on the rows ``estimate_rows`` kept."""
+def estimate_rows_per_decision(rows: dict, *, methods: tuple[str, ...], prompts: str, level: float):
+    """``(TokenDelta per method, failure)``: the per-decision estimators on the rows that
+    ``estimate_rows`` kept, in the policy's order (e.g. ``("cv", "pd_sn")``)."""
     keep = multi_row_groups(rows["group"])
     r = {k: rows[k][keep] for k in TOKEN_FIELDS + ("group",)}
+    arrays = (r["token_logp0"], r["token_logp1"], r["token_entropy0"], r["token_entropy1"], r["mask"], r["group"])
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", EstimatorWarning)  # kept in tokens.warnings
-            tokens = estimate_tokens(
-                r["token_logp0"],
-                r["token_logp1"],
-                r["token_entropy0"],
-                r["token_entropy1"],
-                r["mask"],
-                r["group"],
-                method=method,
-                prompts=prompts,
-                level=level,
-            )
+            warnings.simplefilter("ignore", EstimatorWarning)  # kept in each result's warnings
+            return [estimate_tokens(*arrays, method=m, prompts=prompts, level=level) for m in methods], None
     except Exception as exc:
-        return None, (f"per-decision estimation failed: {describe(exc)}", exc)
-    d = tokens.delta
-    if not (math.isfinite(d.value) and math.isfinite(d.se)):
-        return tokens, (f"the per-decision ΔH estimate is not finite ({d.value}, se {d.se}).", None)
-    return tokens, None
+        return [], (f"per-decision estimation failed: {describe(exc)}", exc)
 
 
 # ---------------------------------------------------------------------------- the result
@@ -143,12 +109,13 @@ class MonitorResult:
     ----------
     step : int
     valid : bool
-        False when the step could not be measured or the estimate is unreliable (k̂ > 1).
+        False when the step could not be measured, or the headline policy found no method whose
+        preconditions hold on the step's samples (``headline.reason``, ``headline.advice``).
     reason : str or None
-        Why ``valid`` is False.
+        Why ``valid`` is False (with what would make the step readable, when known).
     estimate : EntropyDelta or None
-        Everything :func:`isdelta.estimators.estimate` found: sequence-level SNIS (kept even
-        when k̂ > 1).
+        Everything :func:`isdelta.estimators.estimate` found: sequence-level SNIS (kept for
+        inspection even when the step is not valid).
     rao_blackwell : bool
         The SNIS numbers are the Rao–Blackwellised ones (p0's entropies were scored).
     n_rows, n_dropped : int
@@ -160,9 +127,11 @@ class MonitorResult:
     warnings : tuple of str
         The estimators' diagnostic warnings and the monitor's notes.
     tokens : TokenDelta or None
-        The per-decision estimate (:func:`isdelta.estimators.estimate_tokens`, method
-        ``MonitorConfig.per_decision``) when p0's per-position entropies were scored; it is
-        the headline (``delta``, ``delta_tok``): same estimand as SNIS, lower variance.
+        The per-decision estimate of ``MonitorConfig.per_decision`` when p0's per-position
+        entropies were scored (the policy's first candidate).
+    headline : Headline or None
+        The policy's choice (:func:`isdelta.estimators.headline`): the method, why, and the
+        estimates ``delta``, ``delta_tok``, ``h0``, ``h1``… that this result reports.
     """
 
     step: int
@@ -176,27 +145,25 @@ class MonitorResult:
     old_logp_gap: float | None = None
     warnings: tuple[str, ...] = ()
     tokens: TokenDelta | None = None
+    headline: Headline | None = None
 
     @property
     def method(self) -> str:
-        """The headline's estimator: "cv" / "pd" / "pd_sn" (per decision), "snis_rb" or "snis"."""
-        if self.tokens is not None:
-            return self.tokens.method
-        return "snis_rb" if self.rao_blackwell else "snis"
+        """The headline's estimator: "cv", "pd", "pd_sn", "snis_rb", "snis", or "none" (not valid)."""
+        return self.headline.method if self.headline is not None and self.valid else "none"
+
+    def _pick(self, name: str) -> Estimate | None:
+        return getattr(self.headline, name) if self.headline is not None and self.valid else None
 
     @property
     def delta(self) -> Estimate | None:
-        """ΔH per completion (nats) by ``method``; None without an estimate."""
-        if self.tokens is not None:
-            return self.tokens.delta
-        return self.delta_snis
+        """ΔH per completion (nats) by ``method``; None when the step is not valid."""
+        return self._pick("delta")
 
     @property
     def delta_tok(self) -> Estimate | None:
-        """ΔH per token (entropy rate, nats) by ``method``."""
-        if self.tokens is not None:
-            return self.tokens.delta_tok
-        return self.delta_tok_snis
+        """ΔH per token (entropy rate, nats) by ``method``; None when the step is not valid."""
+        return self._pick("delta_tok")
 
     @property
     def delta_snis(self) -> Estimate | None:
@@ -217,14 +184,16 @@ class MonitorResult:
 
         Keys (after ``prefix``): the headline ``delta``, ``delta_se``, ``delta_ci_low``,
         ``delta_ci_high``, ``delta_tok``, ``delta_tok_ci_low``, ``delta_tok_ci_high``, ``h0``,
-        ``h1`` (by ``method``); beside them sequence-level SNIS ``delta_snis``,
-        ``delta_snis_se``, ``delta_snis_ci_low``, ``delta_snis_ci_high``, ``delta_tok_snis``;
-        ``direct`` and ``path_shift`` (per-decision split of ΔH, NaN without it), ``delta1``
-        (first-order prediction), ``kl``, ``ess_frac``, ``khat``, ``prefix_ess_frac`` (smallest
-        prefix-weight ESS/G), ``valid``, ``per_decision``, ``rao_blackwell`` (1.0 / 0.0),
-        ``n_rows``, ``seconds``. Estimates are NaN when the result is invalid (a logger that
-        averages over steps must not mix in unreliable values); the diagnostics ``ess_frac``
-        and ``khat`` stay, as they say why.
+        ``h1`` and per token ``h0_tok``, ``h1_tok`` (the figure trainers log as ``entropy``), by
+        ``method``, itself logged as a number (``method``: 0 none, 1 snis, 2 snis_rb, 3 pd_sn,
+        4 cv, 5 pd; :data:`isdelta.estimators.METHOD_CODES`); beside them sequence-level SNIS
+        ``delta_snis``, ``delta_snis_se``, ``delta_snis_ci_low``, ``delta_snis_ci_high``,
+        ``delta_tok_snis``; ``direct`` and ``path_shift`` (per-decision split of ΔH, NaN without
+        it), ``delta1`` (first-order prediction), ``kl``, ``ess_frac``, ``khat``,
+        ``prefix_ess_frac`` (smallest prefix-weight ESS/G), ``valid``, ``per_decision``,
+        ``rao_blackwell`` (1.0 / 0.0), ``n_rows``, ``seconds``. Estimates are NaN when the
+        result is invalid (a logger that averages over steps must not mix in unreliable
+        values); the diagnostics ``ess_frac``, ``khat`` and ``kl`` stay, as they say why.
         """
         nan = float("nan")
         est, ok = self.estimate, self.valid and self.estimate is not None
@@ -233,11 +202,6 @@ class MonitorResult:
         def val(e: Estimate | None, attr: str = "value") -> float:
             return getattr(e, attr) if (ok and e is not None) else nan
 
-        if tk is not None:
-            h0, h1 = tk.h0, tk.h1
-        else:
-            h0 = (est.h0_rb if self.rao_blackwell else est.h0) if ok else None
-            h1 = (est.h1_rb if self.rao_blackwell else est.h1) if ok else None
         d, dt, ds = self.delta, self.delta_tok, self.delta_snis
         out = {
             "delta": val(d),
@@ -247,8 +211,8 @@ class MonitorResult:
             "delta_tok": val(dt),
             "delta_tok_ci_low": val(dt, "ci_low"),
             "delta_tok_ci_high": val(dt, "ci_high"),
-            "h0": val(h0),
-            "h1": val(h1),
+            **{k: val(self._pick(k)) for k in ("h0", "h1", "h0_tok", "h1_tok")},
+            "method": float(self.headline.code) if self.headline is not None and self.valid else 0.0,
             "delta_snis": val(ds),
             "delta_snis_se": val(ds, "se"),
             "delta_snis_ci_low": val(ds, "ci_low"),
@@ -257,7 +221,7 @@ class MonitorResult:
             "direct": val(tk.direct if tk else None),
             "path_shift": val(tk.path_shift if tk else None),
             "delta1": est.delta1.value if ok else nan,
-            "kl": est.kl if ok else nan,
+            "kl": est.kl if est is not None else nan,
             "ess_frac": est.ess_frac if est is not None else nan,
             "khat": est.khat if est is not None else nan,
             "prefix_ess_frac": tk.prefix_ess_frac_min if tk is not None else nan,
@@ -280,6 +244,7 @@ class MonitorResult:
             old_logp_gap=self.old_logp_gap,
             warnings=list(self.warnings),
             method=self.method,
+            headline=None if self.headline is None else self.headline.to_dict(),
             estimate=None if self.estimate is None else self.estimate.to_dict(),
             tokens=None if self.tokens is None else self.tokens.to_dict(),
         )

@@ -88,7 +88,7 @@ def train(trainer) -> None:
 def test_grpo_logs_delta_h_with_ci_every_step(model_dir, tmp_path):
     """Two accumulated micro-batches per step (a shuffled generation batch: prompts split over
     them); every step logs a finite ΔH inside its CI, measured on all 16 rows."""
-    trainer = grpo(model_dir, tmp_path)
+    trainer = grpo(model_dir, tmp_path, learning_rate=1e-3)  # steps the headline policy can read
     cb = attach(trainer)
     assert isinstance(cb, EntropyCallback) and cb.monitor.config.engine.temperature == 0.9
     train(trainer)
@@ -108,7 +108,8 @@ def test_grpo_logs_delta_h_with_ci_every_step(model_dir, tmp_path):
 def test_stale_rollouts_are_flagged_and_old_logps_reused(model_dir, tmp_path):
     """One generation serves two optimizer steps: step 1 reuses TRL's old_per_token_logps (plain
     estimates), step 2 trains on rollouts of the previous model and is flagged stale."""
-    trainer = grpo(model_dir, tmp_path, gradient_accumulation_steps=1, steps_per_generation=2)
+    # a small step: plain SNIS (no p0 entropies) with G = 4 reads only while exp(KL) < 4
+    trainer = grpo(model_dir, tmp_path, gradient_accumulation_steps=1, steps_per_generation=2, learning_rate=1e-3)
     cb = attach(trainer)
     train(trainer)
     first, second = cb.results
@@ -131,3 +132,24 @@ def test_engine_config_follows_the_sampler():
         engine_config_from_args(args, model_generation_config=SimpleNamespace(no_repeat_ngram_size=3))
     with pytest.raises(TypeError, match="GRPOTrainer"):
         attach(object())
+
+
+def test_a_large_adamw_step_never_logs_an_impossible_valid_number(model_dir, tmp_path):
+    """The field report in miniature: AdamW steps so large that the importance weights collapse.
+    Every step that logs valid = 1 respects the physical bounds (entropies ≥ 0, per token ≤ log V,
+    ΔH ≥ −H0); every other step logs no number and carries the failed checks and the advice."""
+    trainer = grpo(model_dir, tmp_path, learning_rate=0.03, max_steps=3)
+    cb = attach(trainer)
+    train(trainer)
+    logs = [h for h in trainer.state.log_history if "entropy/valid" in h]
+    assert len(logs) == len(cb.results) == 3
+    log_v = math.log(96)
+    for h, res in zip(logs, cb.results):
+        if h["entropy/valid"] == 1.0:
+            assert h["entropy/h1"] >= 0 and 0 <= h["entropy/h1_tok"] <= log_v and h["entropy/h0_tok"] <= log_v
+            assert h["entropy/delta"] >= -h["entropy/h0"] and h["entropy/method"] > 0
+            assert res.headline.valid and res.reason is None
+        else:
+            assert h["entropy/delta"] is None and h["entropy/method"] == 0.0  # the NaN dropped by GRPO
+            assert res.headline is not None and "needs" in res.reason and "would make it readable" in res.reason
+    assert any(not r.valid for r in cb.results)  # the step was large enough to be unreadable

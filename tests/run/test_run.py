@@ -37,7 +37,7 @@ def make_cfg(tmp_path, checkpoint, **sections):
 
 
 def test_run_writes_a_complete_report(tmp_path, checkpoint):
-    cfg = make_cfg(tmp_path, checkpoint)
+    cfg = make_cfg(tmp_path, checkpoint, update={"lr": 0.003})  # a step the headline policy can read
     report = run(cfg)
     out = tmp_path / "out"
     for name in (
@@ -73,12 +73,24 @@ def test_run_writes_a_complete_report(tmp_path, checkpoint):
     assert "ΔH per sequence" in summary and "ESS" in summary and "Per-decision estimates" in summary
     tok = rep["estimate_tokens"]
     assert tok["method"] == "cv" and tok["n_rows"] == 12 and tok["delta"]["se"] > 0
-    # the headline is the per-decision estimate; sequence-level SNIS is reported beside it
+    # the headline is the per-decision estimate (its checks hold); sequence-level SNIS beside it
     head = rep["headline"]
-    assert head["method"] == "per-decision (cv)" and head["delta"] == tok["delta"]
-    assert head["delta_snis"] == rep["estimate"]["delta"]
+    assert head["valid"] and head["method"] == "cv" and head["delta"] == tok["delta"]
+    assert head["delta_snis"] == rep["estimate"]["delta"] and "prefix ESS / G" in head["why"]
     first = summary.split("\n")[4]
-    assert first.startswith("**ΔH = ") and "per-decision (cv)" in first
+    assert first.startswith("**ΔH = ") and "— cv (" in first
+
+
+def test_an_unreadable_step_is_reported_as_not_valid(tmp_path, checkpoint, capsys):
+    """SFT at lr 0.5 moves p1's mass where p0's 4 samples per prompt never went: no number is
+    reported as the headline; the failed checks and what would help are."""
+    report = run(make_cfg(tmp_path, checkpoint))
+    head = report["headline"]
+    assert not head["valid"] and head["method"] == "none" and head["delta"] is None
+    assert "mean ratio p1/p0" in head["reason"] and "samples per prompt" in head["advice"]
+    first = (tmp_path / "out" / "summary.md").read_text().split("\n")[4]
+    assert first.startswith("**ΔH: not valid on these samples — ")
+    assert "ΔH: not valid" in capsys.readouterr().out
 
 
 def test_scoring_p0_twice_gives_zero_delta_exactly(tmp_path, checkpoint):

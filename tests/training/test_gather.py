@@ -64,10 +64,10 @@ class ToyLM(torch.nn.Module):
 
 
 def tiny_model():
-    """p0 and the parameters of p1 (p0 plus seeded noise)."""
+    """p0 and the parameters of p1 (p0 plus seeded noise, small enough for a readable step)."""
     model = ToyLM(seed=0).eval()
     gen = torch.Generator().manual_seed(1)
-    p1 = [p.detach() + 0.1 * torch.randn(p.shape, generator=gen) for p in model.parameters()]
+    p1 = [p.detach() + 0.02 * torch.randn(p.shape, generator=gen) for p in model.parameters()]
     return model, p1
 
 

@@ -1,0 +1,452 @@
+"""Ground truth on the real model: every estimator's ΔH against direct Monte Carlo, real update steps.
+
+For a grid of update steps on SmolLM2-135M-Instruct (SFT and REINFORCE, SGD and AdamW, step sizes
+from "invisible" to "ESS collapses"), the truth ΔH = H(p1) − H(p0) comes from independent samples
+of p1 and of p0 (T per prompt, Rao–Blackwellised: each sample's Σ_t H_t), drawn with the same seeds
+so that the pairs are coupled (identical completions where the step did not move the sampler),
+which shrinks the paired SE. The estimators see only a sample of p0: a pool of M completions per
+prompt is drawn once, scored under p0 and under every p1, and cut into M / G disjoint sample sets
+of G per prompt (independent, since the pool is i.i.d.). Every method's value, SE and CI on every
+sample set, and the headline policy's verdict, are compared with the truth:
+
+    python benchmarks/bench_truth.py sample            # phase A: samples and scores (resumable)
+    python benchmarks/bench_truth.py analyse           # phase B: estimates, coverage, the table
+    python benchmarks/bench_truth.py bf16              # is a tiny AdamW step visible in bf16?
+
+Phase A writes ``runs/truth/`` (arrays per model, resumable: a finished model is never redone);
+phase B writes ``benchmarks/results/truth.jsonl`` (one line per step × G × method) and
+``benchmarks/results/truth.md`` (the table in benchmarks/README.md). Cost on 2 CPU cores: p0
+about 10 minutes, then about 7 minutes per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+import warnings
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: (loss, optimizer, lr)
+STEPS = {
+    "sft-sgd-3e-3": ("sft", "sgd", 3e-3),
+    "sft-sgd-1e-2": ("sft", "sgd", 1e-2),
+    "sft-sgd-3e-2": ("sft", "sgd", 3e-2),
+    "sft-adamw-1e-6": ("sft", "adamw", 1e-6),
+    "sft-adamw-3e-6": ("sft", "adamw", 3e-6),
+    "sft-adamw-1e-5": ("sft", "adamw", 1e-5),
+    "rl-sgd-3e-2": ("reinforce", "sgd", 3e-2),
+    "rl-adamw-3e-6": ("reinforce", "adamw", 3e-6),
+}
+POOL_SEED, TRUTH_SEED, TRAIN_SEED = 11, 22, 33
+METHODS = ("snis", "snis_psis", "snis_rb", "cv", "pd", "pd_sn")
+
+
+# ---------------------------------------------------------------------------- phase A
+def records() -> list[dict]:
+    text = (files("isdelta") / "data" / "math.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def chat(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def score(model, rollouts, path: Path) -> dict:
+    """Whole-sequence and per-position scores (numpy), saved to ``path``."""
+    from isdelta.engine import EngineConfig, LogProbEngine
+    from isdelta.outputs import atomic_write
+
+    keys = ("logp", "length", "entropy_sum", "group", "stopped", "token_logp", "token_entropy", "mask")
+    arrays = LogProbEngine(EngineConfig(progress=False)).score(model, rollouts).to_numpy()
+    arrays = {k: arrays[k] for k in keys}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return arrays
+
+
+def draw(model, tok, prompts, n: int, seed: int, max_new_tokens: int, path: Path):
+    """Samples of ``model`` (saved; reloaded when they exist)."""
+    from isdelta.engine import LogitTransform, Samples, sample
+
+    if path.exists():
+        return Samples.load(path)
+    s = sample(
+        model,
+        tok,
+        prompts,
+        num_samples=n,
+        transform=LogitTransform(),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        progress=False,
+    )
+    s.save(path)
+    return s
+
+
+def train_batches(model0, tok, out: Path, args):
+    """The update's batches: reference responses (SFT) and p0 samples with rewards (REINFORCE),
+    on all 12 prompts of the shipped data (the entropy is measured on the first ``prompts``)."""
+    from isdelta.engine import Rollouts
+    from isdelta.training import REWARDS
+
+    recs = records()
+    sft_prompts = [tok.apply_chat_template(chat(r["prompt"]), add_generation_prompt=True, tokenize=True) for r in recs]
+    sft_prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in sft_prompts]
+    comps = [tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in recs]
+    sft = Rollouts.from_token_lists(sft_prompts, comps, eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    rl = draw(model0, tok, [chat(r["prompt"]) for r in recs], 8, TRAIN_SEED, 48, out / "train_rl.pt")
+    answers = [recs[g]["answer"] for g in rl.rollouts.group.tolist()]
+    rewards = np.array([REWARDS["answer_match"](t, str(a)) for t, a in zip(rl.texts, answers)])
+    return sft, (rl.rollouts, rewards)
+
+
+def make_p1(model0, name: str, batches):
+    import torch
+
+    from isdelta.engine import EngineConfig
+    from isdelta.training import update
+
+    loss, optimizer, lr = STEPS[name]
+    model1 = copy.deepcopy(model0)
+    torch.manual_seed(0)
+    if loss == "sft":
+        info = update(
+            model1,
+            loss="sft",
+            rollouts=batches[0],
+            optimizer=optimizer,
+            lr=lr,
+            engine_config=EngineConfig(token_budget=4096),
+            progress=False,
+        )
+    else:
+        ro, rewards = batches[1]
+        info = update(
+            model1,
+            loss="reinforce",
+            rollouts=ro,
+            rewards=rewards,
+            optimizer=optimizer,
+            lr=lr,
+            engine_config=EngineConfig(token_budget=4096),
+            progress=False,
+        )
+    return model1, info.to_dict()
+
+
+def phase_sample(args) -> None:
+    import torch
+
+    from isdelta.engine import load_model
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model0, tok = load_model("smollm2-135m-instruct")
+    prompts = [chat(r["prompt"]) for r in records()[: args.prompts]]
+    t0 = time.perf_counter()
+    pool = draw(model0, tok, prompts, args.pool, POOL_SEED, args.new_tokens, out / "pool.pt")
+    truth0 = draw(model0, tok, prompts, args.truth, TRUTH_SEED, args.new_tokens, out / "truth_p0.pt")
+    if not (out / "pool_p0.npz").exists():
+        score(model0, pool.rollouts, out / "pool_p0.npz")
+    if not (out / "truth_p0.npz").exists():
+        score(model0, truth0.rollouts, out / "truth_p0.npz")
+    print(f"[truth] p0 ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    batches = train_batches(model0, tok, out, args)
+    for name in args.steps or STEPS:
+        if (out / f"pool_{name}.npz").exists() and (out / f"truth_{name}.npz").exists():
+            continue
+        t0 = time.perf_counter()
+        model1, info = make_p1(model0, name, batches)
+        truth1 = draw(model1, tok, prompts, args.truth, TRUTH_SEED, args.new_tokens, out / f"truth_{name}.pt")
+        score(model1, truth1.rollouts, out / f"truth_{name}.npz")
+        score(model1, pool.rollouts, out / f"pool_{name}.npz")
+        (out / f"update_{name}.json").write_text(json.dumps(info, indent=2, default=str))
+        print(f"[truth] {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        del model1
+
+
+# ---------------------------------------------------------------------------- phase B
+def load(out: Path, name: str) -> tuple[dict, dict]:
+    with np.load(out / f"pool_{name}.npz") as z:
+        pool = dict(z)
+    with np.load(out / f"truth_{name}.npz") as z:
+        truth = dict(z)
+    return pool, truth
+
+
+def truth_delta(t0: dict, t1: dict) -> dict:
+    """ΔH per sequence and per token from coupled samples of p1 and p0 (Rao–Blackwellised), with
+    paired SEs: pairs share a seed and are independent across rows (prompt mass 1/P)."""
+    g = t0["group"]
+    prompts = np.unique(g)
+    P = len(prompts)
+    d = t1["entropy_sum"] - t0["entropy_sum"]  # [T·P] paired differences
+    seq = np.mean([d[g == p].mean() for p in prompts])
+    se = math.sqrt(sum(d[g == p].var(ddof=1) / (g == p).sum() for p in prompts)) / P
+    # per token: Σ_p E[H] / Σ_p E[L] under each model; delta method on the paired rows
+    h1, l1, h0, l0 = (
+        np.array([x[g == p].mean() for p in prompts])
+        for x in (t1["entropy_sum"], t1["length"], t0["entropy_sum"], t0["length"])
+    )
+    r1, r0 = h1.sum() / l1.sum(), h0.sum() / l0.sum()
+    psi = (t1["entropy_sum"] - r1 * t1["length"]) / l1.mean() - (t0["entropy_sum"] - r0 * t0["length"]) / l0.mean()
+    se_tok = math.sqrt(sum(psi[g == p].var(ddof=1) / (g == p).sum() for p in prompts)) / P
+    return {
+        "delta": float(seq),
+        "se": se,
+        "delta_tok": float(r1 - r0),
+        "se_tok": se_tok,
+        "h0": float(np.mean(h0)),
+        "h1": float(np.mean(h1)),
+        "h0_tok": float(r0),
+        "h1_tok": float(r1),
+    }
+
+
+def replicate_estimates(p0: dict, p1: dict, rows: np.ndarray) -> dict:
+    """Every method on one sample set (row indices of the pool): {method: (value, se, ci_lo, ci_hi)}
+    plus the diagnostics and the headline policy's verdict."""
+    from isdelta.estimators import estimate, estimate_tokens, headline
+
+    a = {k: v[rows] for k, v in p0.items()}
+    b = {k: v[rows] for k, v in p1.items()}
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = (a["logp"], b["logp"], a["length"], a["group"])
+        for method, kw in (("snis", {"weights": "none"}), ("snis_psis", {"weights": "psis"})):
+            e = estimate(*args, **kw)
+            out[method] = e.delta
+        rb = estimate(
+            *args, entropy_sum0=a["entropy_sum"], entropy_sum1=b["entropy_sum"], weights="psis", stopped=a["stopped"]
+        )
+        out["snis_rb"] = rb.delta_rb
+        toks = {}
+        for m in ("cv", "pd", "pd_sn"):
+            toks[m] = estimate_tokens(
+                a["token_logp"],
+                b["token_logp"],
+                a["token_entropy"],
+                b["token_entropy"],
+                a["mask"],
+                a["group"],
+                method=m,
+            )
+            out[m] = toks[m].delta
+        verdict = headline(rb, toks["cv"], toks["pd_sn"])
+    res = {m: (e.value, e.se, e.ci_low, e.ci_high) for m, e in out.items()}
+    diag = {
+        "ess_frac": rb.ess_frac,
+        "khat": rb.khat,
+        "kl": rb.kl,
+        "mean_ratio_min": rb.mean_ratio_min,
+        "mean_ratio_max": rb.mean_ratio_max,
+        "prefix_ess_frac": toks["cv"].prefix_ess_frac_min,
+    }
+    return {"estimates": res, "diag": diag, "verdict": verdict.to_dict()}
+
+
+def phase_analyse(args) -> None:
+    out = Path(args.out)
+    names = [n for n in (args.steps or STEPS) if (out / f"pool_{n}.npz").exists()]
+    with np.load(out / "pool_p0.npz") as z:
+        pool0 = dict(z)
+    with np.load(out / "truth_p0.npz") as z:
+        truth0 = dict(z)
+    lines, rows_out = [], []
+    g = pool0["group"]
+    prompts = np.unique(g)
+    M = int((g == prompts[0]).sum())
+    for name in names:
+        pool1, truth1 = load(out, name)
+        truth = truth_delta(truth0, truth1)
+        for G in args.G:
+            n_sets = M // G
+            per_method = {m: [] for m in METHODS}
+            verdicts = []
+            for r in range(n_sets):
+                rows = np.concatenate([np.flatnonzero(g == p)[r * G : (r + 1) * G] for p in prompts])
+                rep = replicate_estimates(pool0, pool1, rows)
+                verdicts.append(rep)
+                for m in METHODS:
+                    per_method[m].append(rep["estimates"][m])
+            summary = summarise(name, G, truth, per_method, verdicts)
+            rows_out.append(summary)
+            print(json.dumps({k: summary[k] for k in ("step", "G", "truth", "sets")}), file=sys.stderr, flush=True)
+    results = ROOT / "benchmarks" / "results"
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    with open(results / "truth.jsonl", "w") as f:
+        for r in rows_out:
+            f.write(json.dumps({**r, "commit": commit}) + "\n")
+    lines = markdown(rows_out)
+    (results / "truth.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def summarise(name: str, G: int, truth: dict, per_method: dict, verdicts: list[dict]) -> dict:
+    """Coverage, bias in SE units, SD / mean SE and readability per method; the policy's choices."""
+    z = 1.959963984540054
+    t, t_se = truth["delta"], truth["se"]
+    methods = {}
+    for m, ests in per_method.items():
+        v = np.array([e[0] for e in ests])
+        se = np.array([e[1] for e in ests])
+        ok = np.isfinite(v) & np.isfinite(se)
+        v, se = v[ok], se[ok]
+        covers = np.abs(v - t) <= z * se
+        covers_joint = np.abs(v - t) <= z * np.sqrt(se**2 + t_se**2)
+        methods[m] = {
+            "n": int(ok.sum()),
+            "coverage": float(covers.mean()) if len(v) else None,
+            "coverage_joint": float(covers_joint.mean()) if len(v) else None,
+            "bias_se": float((v.mean() - t) / se.mean()) if len(v) else None,
+            "sd_over_se": float(v.std(ddof=1) / se.mean()) if len(v) > 1 else None,
+            "mean_se": float(se.mean()) if len(v) else None,
+            "mean": float(v.mean()) if len(v) else None,
+        }
+    chosen = [rep["verdict"] for rep in verdicts]
+    valid = [c for c in chosen if c["valid"]]
+    by_method = {}
+    for c in chosen:
+        if c["valid"]:
+            est = c["delta"]
+            by_method.setdefault(c["method"], []).append(
+                abs(est["value"] - t) <= z * math.sqrt(est["se"] ** 2 + t_se**2)
+            )
+    diag = {k: float(np.nanmedian([rep["diag"][k] for rep in verdicts])) for k in verdicts[0]["diag"]}
+    return {
+        "step": name,
+        "G": G,
+        "sets": len(verdicts),
+        "truth": truth,
+        "methods": methods,
+        "diag_median": diag,
+        "policy": {
+            "valid_frac": len(valid) / len(chosen),
+            "methods": {m: {"n": len(c), "coverage_joint": float(np.mean(c))} for m, c in by_method.items()},
+            "reasons": sorted({c["reason"].split(":")[0] for c in chosen if not c["valid"]}),
+        },
+    }
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    out = [
+        "| step | G | sets | truth ΔH ± SE (nats) | ESS/S | k̂ | KL | method: coverage (joint) · bias/SE · SD/SE | "
+        "policy: valid · chosen (coverage) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, d, p = r["truth"], r["diag_median"], r["policy"]
+        meth = "<br>".join(
+            f"{m}: {v['coverage']:.0%} ({v['coverage_joint']:.0%}) · {v['bias_se']:+.2f} · {v['sd_over_se']:.2f}"
+            for m, v in r["methods"].items()
+            if v["n"] > 1
+        )
+        chosen = ", ".join(f"{m} {v['n']} ({v['coverage_joint']:.0%})" for m, v in p["methods"].items()) or "–"
+        out.append(
+            f"| {r['step']} | {r['G']} | {r['sets']} | {t['delta']:+.3f} ± {t['se']:.3f} | {d['ess_frac']:.2f} | "
+            f"{d['khat']:.2f} | {d['kl']:.3g} | {meth} | {p['valid_frac']:.0%} · {chosen} |"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- bf16
+def phase_bf16(args) -> None:
+    """An AdamW step at lr 1e-6 on fp32 weights, scored in fp32 and with bf16 copies of p0 and p1."""
+    import torch
+
+    from isdelta.engine import LogitTransform, load_model, sample
+    from isdelta.estimators import estimate, estimate_tokens
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    model0, tok = load_model("smollm2-135m-instruct")
+    prompts = [chat(r["prompt"]) for r in records()[: args.prompts]]
+    smp = sample(
+        model0,
+        tok,
+        prompts,
+        num_samples=16,
+        transform=LogitTransform(),
+        max_new_tokens=args.new_tokens,
+        seed=POOL_SEED,
+        progress=False,
+    )
+    batches = train_batches(model0, tok, out, args)
+    STEPS["sft-adamw-1e-6"] = ("sft", "adamw", 1e-6)
+    model1, _ = make_p1(model0, "sft-adamw-1e-6", batches)
+    report = {}
+    for dtype in ("float32", "bfloat16"):
+        m0 = copy.deepcopy(model0).to(getattr(torch, dtype))
+        m1 = copy.deepcopy(model1).to(getattr(torch, dtype))
+        moved = sum(int((a != b).sum()) for a, b in zip(m0.parameters(), m1.parameters()))
+        total = sum(p.numel() for p in m0.parameters())
+        s0 = score(m0, smp.rollouts, out / f"bf16_{dtype}_p0.npz")
+        s1 = score(m1, smp.rollouts, out / f"bf16_{dtype}_p1.npz")
+        s00 = score(m0, smp.rollouts, out / f"bf16_{dtype}_p0b.npz")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            e = estimate(
+                s0["logp"],
+                s1["logp"],
+                s0["length"],
+                s0["group"],
+                entropy_sum0=s0["entropy_sum"],
+                entropy_sum1=s1["entropy_sum"],
+            )
+            t = estimate_tokens(
+                s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"], s0["mask"], s0["group"]
+            )
+            same = estimate(
+                s0["logp"],
+                s00["logp"],
+                s0["length"],
+                s0["group"],
+                entropy_sum0=s0["entropy_sum"],
+                entropy_sum1=s00["entropy_sum"],
+            )
+        delta_tok = np.abs((s1["token_logp"] - s0["token_logp"])[s0["mask"]])
+        report[dtype] = {
+            "weights_changed_frac": moved / total,
+            "delta_rb": e.delta_rb.to_dict(),
+            "cv": t.delta.to_dict(),
+            "kl": e.kl,
+            "token_logratio_abs_mean": float(delta_tok.mean()),
+            "token_logratio_abs_max": float(delta_tok.max()),
+            "p1_is_p0_delta": same.delta.value,
+        }
+        print(dtype, json.dumps(report[dtype]), file=sys.stderr, flush=True)
+    (ROOT / "benchmarks" / "results" / "truth_bf16.json").write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("phase", choices=("sample", "analyse", "bf16"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "truth"), help="arrays (resumable)")
+    ap.add_argument("--steps", nargs="*", help=f"subset of {list(STEPS)}")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument("--truth", type=int, default=256, help="truth samples per prompt and model")
+    ap.add_argument("--pool", type=int, default=512, help="p0 samples per prompt, cut into sets of G")
+    ap.add_argument("--G", type=int, nargs="*", default=[8, 16, 64])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    {"sample": phase_sample, "analyse": phase_analyse, "bf16": phase_bf16}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The headline policy (DESIGN.md §5.4): one number per step that is never impossible, and never
+looks valid when it is not.
+
+A user reads one ΔH per optimizer step. :func:`headline` picks it from the estimates computed on
+that step's samples: the lowest-variance method whose preconditions hold on this sample, in the
+order per-decision with a control variate (``cv``) → self-normalised per-decision (``pd_sn``) →
+sequence-level SNIS (Rao–Blackwellised when entropy sums were scored). Every precondition is a
+named :class:`Check` (a diagnostic, its value and its threshold), and every method must also
+respect the physical bounds of entropy:
+
+- every entropy is ≥ 0 (so ΔH ≥ −H0), per sequence and per token;
+- a per-token entropy is ≤ log |support| (the vocabulary, or top-k, when the caller knows it).
+
+A Pareto k̂ above 1 (the ratio p1/p0 has no finite mean) rules out every method. When no method
+qualifies the result is ``valid=False`` with the failed checks as the reason and
+what would make the step readable (samples per prompt, or a smaller step) as the advice.
+
+Preconditions and why (thresholds measured on SmolLM2 steps, benchmarks/README.md "Ground truth"):
+
+- every method: the mean full-sequence ratio p1/p0 of every prompt in [1/``RATIO_BAND``,
+  ``RATIO_BAND``] (it is 1 under p0; far from 1, p1's mass lies where no sample went).
+- ``cv`` and ``pd`` are unbiased but unbounded: they rely on E_p0[ρ_t] = 1 holding *in the
+  sample*, i.e. on prefix ratios that many rows share. Check: the smallest per-(prompt, position)
+  prefix ESS / G ≥ ``CV_PREFIX_ESS``.
+- ``pd_sn`` is bounded by the data (a weighted mean of observed entropies per position) and
+  consistent: its prefix ESS / G ≥ ``SN_PREFIX_ESS``.
+- SNIS: the pooled ESS / S ≥ ``SNIS_ESS``, and every prompt has G_p ≥ exp(KL_p) samples
+  (Chatterjee & Diaconis 2018: fewer cannot reach where p1 puts its mass).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from isdelta.estimators.results import EntropyDelta, Estimate, TokenDelta
+
+__all__ = ["METHOD_CODES", "Check", "Headline", "headline"]
+
+CV_PREFIX_ESS = 0.5  # cv / pd: smallest prefix ESS / G
+RATIO_BAND = 2.0  # cv / pd: mean full-sequence ratio per prompt within [1/2, 2]
+SN_PREFIX_ESS = 0.2  # pd_sn: smallest prefix ESS / G
+SNIS_ESS = 0.1  # SNIS: pooled ESS / S
+# a number per method for metrics loggers (entropy/method); 0: no valid estimate
+METHOD_CODES = {"none": 0, "snis": 1, "snis_rb": 2, "pd_sn": 3, "cv": 4, "pd": 5}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One precondition: ``name`` (what is measured), ``value``, the rule (``op`` ``threshold``)."""
+
+    name: str
+    value: float
+    op: str  # "≥" or "≤"
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        if not math.isfinite(self.value):
+            return False
+        return self.value >= self.threshold if self.op == "≥" else self.value <= self.threshold
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.value:.3g} {'✓' if self.passed else '✗'} (needs {self.op} {self.threshold:.3g})"
+
+    def to_dict(self) -> dict:
+        v = self.value if math.isfinite(self.value) else None
+        return {"name": self.name, "value": v, "op": self.op, "threshold": self.threshold, "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The step's one number, by :func:`headline`.
+
+    Attributes
+    ----------
+    valid : bool
+        Some method's preconditions and the physical bounds hold; False: report no number.
+    method : str
+        "cv", "pd", "pd_sn", "snis_rb" or "snis" (the chosen one), "none" when not valid.
+    why : str
+        Which checks chose it (or, when not valid, that none qualified).
+    reason, advice : str or None
+        When not valid: the failed checks of every method, and what would make the step
+        readable (samples per prompt, or a smaller step).
+    delta, delta_tok, h0, h1, h0_tok, h1_tok : Estimate or None
+        The chosen method's estimates (None when not valid).
+    checks : dict of str -> tuple of Check
+        Every method's preconditions as evaluated, in the order tried.
+    """
+
+    valid: bool
+    method: str
+    why: str
+    reason: str | None = None
+    advice: str | None = None
+    delta: Estimate | None = None
+    delta_tok: Estimate | None = None
+    h0: Estimate | None = None
+    h1: Estimate | None = None
+    h0_tok: Estimate | None = None
+    h1_tok: Estimate | None = None
+    checks: dict = field(default_factory=dict)
+
+    @property
+    def code(self) -> int:
+        """``METHOD_CODES[method]``: the method as a number for a metrics logger."""
+        return METHOD_CODES[self.method]
+
+    def to_dict(self) -> dict:
+        out = {
+            "valid": self.valid,
+            "method": self.method,
+            "why": self.why,
+            "reason": self.reason,
+            "advice": self.advice,
+            "code": self.code,
+        }
+        for k in ("delta", "delta_tok", "h0", "h1", "h0_tok", "h1_tok"):
+            e = getattr(self, k)
+            out[k] = None if e is None else e.to_dict()
+        out["checks"] = {m: [c.to_dict() for c in cs] for m, cs in self.checks.items()}
+        return out
+
+    def __str__(self) -> str:
+        if not self.valid:
+            return f"ΔH not valid: {self.reason} {self.advice or ''}".rstrip()
+        return f"ΔH = {self.delta} per sequence; per token {self.delta_tok} — {self.method} ({self.why})"
+
+
+def _bounds(est, log_support: float | None) -> list[Check]:
+    """The physical bounds of a result's entropies, as checks (values are the point estimates)."""
+    checks = [
+        Check("H(p1) per sequence", est.h1.value, "≥", 0.0),
+        Check("H(p1) per token", est.h1_tok.value, "≥", 0.0),
+        Check("H(p0) per sequence", est.h0.value, "≥", 0.0),
+    ]
+    if log_support is not None:
+        checks += [
+            Check("H(p1) per token vs log|support|", est.h1_tok.value, "≤", log_support),
+            Check("H(p0) per token vs log|support|", est.h0_tok.value, "≤", log_support),
+        ]
+    finite = all(math.isfinite(e.value) and math.isfinite(e.se) for e in (est.delta, est.delta_tok))
+    return checks + [Check("ΔH and its SE finite", 1.0 if finite else math.nan, "≥", 1.0)]
+
+
+def _coverage_checks(snis: EntropyDelta) -> list[Check]:
+    """What every method needs: p0's samples reach where p1 puts its mass. Under p0 the mean
+    full-sequence ratio r = p1/p0 is 1 in every prompt; a sample mean far from 1 (often 10⁻¹⁰
+    after a large step) means p1's mass lies where no sample went, and a self-normalised
+    estimate, bounded as it is, would still report a confident wrong number."""
+    lo = min(snis.mean_ratio_min, 1.0 / max(snis.mean_ratio_max, 1e-300))  # distance from 1, both ways
+    return [Check("mean ratio p1/p0 per prompt (farthest from 1, as min(r, 1/r))", lo, "≥", 1.0 / RATIO_BAND)]
+
+
+def _per_decision_checks(tok: TokenDelta) -> list[Check]:
+    threshold = SN_PREFIX_ESS if tok.method == "pd_sn" else CV_PREFIX_ESS
+    return [Check("prefix ESS / G (smallest)", tok.prefix_ess_frac_min, "≥", threshold)]
+
+
+def _snis_checks(snis: EntropyDelta) -> list[Check]:
+    need = math.exp(min(snis.kl_max, 700.0))
+    return [
+        Check("ESS / S (pooled)", snis.ess_frac, "≥", SNIS_ESS),
+        Check("samples per prompt / exp(KL) (smallest prompt vs largest KL)", snis.g_min / need, "≥", 1.0),
+    ]
+
+
+def _advice(snis: EntropyDelta) -> str:
+    """Samples per prompt, or the factor by which to shrink the step, that would make SNIS read."""
+    G = snis.g_min
+    need = max(math.exp(min(snis.kl_max, 700.0)), G * SNIS_ESS / max(snis.ess_frac, 1e-12))
+    # KL grows as the step squared; ESS/S ≈ exp(−2 KL) for small steps (log-normal weights)
+    target = min(math.log(max(G, 2)), -math.log(SNIS_ESS) / 2)
+    shrink = math.sqrt(max(snis.kl_max, 1e-12) / target)
+    need_txt = f"{need:.3g}" if need < 1e9 else "more than 10⁹"
+    return (
+        f"ESS {snis.ess:.1f} of {snis.n_rows} rows, KL(p1‖p0) up to {snis.kl_max:.3g} nats: about {need_txt} "
+        f"samples per prompt (now {G}), or a step about {max(shrink, 1.0):.2g}× smaller, would make it readable."
+    )
+
+
+def headline(snis: EntropyDelta, *per_decision: TokenDelta | None, support_size: int | None = None) -> Headline:
+    """The step's headline ΔH by the policy of DESIGN.md §5.4 (module docstring).
+
+    Parameters
+    ----------
+    snis : EntropyDelta
+        ``estimate`` on the step's rows (Rao–Blackwellised estimates are used when present).
+    *per_decision : TokenDelta or None
+        ``estimate_tokens`` results on the same rows, tried first and in this order (e.g. the
+        ``cv`` one, then the ``pd_sn`` one); None entries are skipped.
+    support_size : int, optional
+        Tokens a next-token distribution can spread over (the vocabulary, or top-k): per-token
+        entropies above log of it are impossible.
+
+    Returns
+    -------
+    Headline
+    """
+    log_support = math.log(support_size) if support_size else None
+    if math.isfinite(snis.khat) and snis.khat > 1.0:  # no method survives an infinite-mean ratio
+        reason = (
+            f"k̂ = {snis.khat:.2f} > 1: the ratios p1/p0 look like they have no finite mean under p0, so no "
+            "importance-sampling estimate of H1 or ΔH is reliable at any sample size."
+        )
+        return Headline(
+            False,
+            "none",
+            "k̂ > 1",
+            reason=reason,
+            advice=_advice(snis),
+            checks={"all": (Check("Pareto k̂ of the sequence ratios", snis.khat, "≤", 1.0),)},
+        )
+    rb = snis.delta_rb is not None
+    snis_view = _SnisView(snis, rb)
+    candidates: list[tuple[str, object, list[Check]]] = [
+        (tok.method, tok, _per_decision_checks(tok)) for tok in per_decision if tok is not None
+    ]
+    candidates.append(("snis_rb" if rb else "snis", snis_view, _snis_checks(snis)))
+    checks: dict[str, tuple[Check, ...]] = {}
+    coverage = _coverage_checks(snis)
+    for method, est, pre in candidates:
+        pre = coverage + pre
+        all_checks = tuple(pre + _bounds(est, log_support))
+        checks[method] = all_checks
+        if all(c.passed for c in all_checks):
+            why = "; ".join(str(c) for c in pre)
+            return Headline(
+                True,
+                method,
+                why,
+                delta=est.delta,
+                delta_tok=est.delta_tok,
+                h0=est.h0,
+                h1=est.h1,
+                h0_tok=est.h0_tok,
+                h1_tok=est.h1_tok,
+                checks=checks,
+            )
+    failed = "; ".join(f"{m}: " + ", ".join(str(c) for c in cs if not c.passed) for m, cs in checks.items())
+    return Headline(
+        False,
+        "none",
+        "no method's preconditions hold on this sample",
+        reason=failed,
+        advice=_advice(snis),
+        checks=checks,
+    )
+
+
+@dataclass(frozen=True)
+class _SnisView:
+    """Sequence-level SNIS estimates as one method: the Rao–Blackwellised ones when present."""
+
+    res: EntropyDelta
+    rb: bool
+
+    def __getattr__(self, name: str) -> Estimate:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.res, f"{name}_rb" if self.rb else name)
