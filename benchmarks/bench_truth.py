@@ -11,6 +11,8 @@ sample set, and the headline policy's verdict, are compared with the truth:
 
     python benchmarks/bench_truth.py sample            # phase A: samples and scores (resumable)
     python benchmarks/bench_truth.py analyse           # phase B: estimates, coverage, the table
+    python benchmarks/bench_truth.py calibrate         # the warnings' false alarms and detection
+    python benchmarks/bench_truth.py policy            # the headline policy's thresholds, on a grid
     python benchmarks/bench_truth.py bf16              # is a tiny AdamW step visible in bf16?
 
 Phase A writes ``runs/truth/`` (arrays per model, resumable: a finished model is never redone);
@@ -39,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 # name: (loss, optimizer, lr)
 STEPS = {
+    "sft-sgd-3e-4": ("sft", "sgd", 3e-4),
+    "sft-sgd-1e-3": ("sft", "sgd", 1e-3),
     "sft-sgd-3e-3": ("sft", "sgd", 3e-3),
-    "sft-sgd-1e-2": ("sft", "sgd", 1e-2),
-    "sft-sgd-3e-2": ("sft", "sgd", 3e-2),
     "sft-adamw-1e-6": ("sft", "adamw", 1e-6),
     "sft-adamw-3e-6": ("sft", "adamw", 3e-6),
     "sft-adamw-1e-5": ("sft", "adamw", 1e-5),
-    "rl-sgd-3e-2": ("reinforce", "sgd", 3e-2),
+    "rl-sgd-1e-3": ("reinforce", "sgd", 1e-3),
     "rl-adamw-3e-6": ("reinforce", "adamw", 3e-6),
 }
 POOL_SEED, TRUTH_SEED, TRAIN_SEED = 11, 22, 33
@@ -219,20 +221,25 @@ def replicate_estimates(p0: dict, p1: dict, rows: np.ndarray) -> dict:
     """Every method on one sample set (row indices of the pool): {method: (value, se, ci_lo, ci_hi)}
     plus the diagnostics and the headline policy's verdict."""
     from isdelta.estimators import estimate, estimate_tokens, headline
+    from isdelta.estimators.groups import make_groups
+    from isdelta.estimators.psis import pooled_khat
+    from isdelta.estimators.weights import khat_threshold
 
     a = {k: v[rows] for k, v in p0.items()}
     b = {k: v[rows] for k, v in p1.items()}
-    out = {}
+    out, out_tok = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = (a["logp"], b["logp"], a["length"], a["group"])
         for method, kw in (("snis", {"weights": "none"}), ("snis_psis", {"weights": "psis"})):
             e = estimate(*args, **kw)
             out[method] = e.delta
+            out_tok[method] = e.delta_tok
         rb = estimate(
             *args, entropy_sum0=a["entropy_sum"], entropy_sum1=b["entropy_sum"], weights="psis", stopped=a["stopped"]
         )
         out["snis_rb"] = rb.delta_rb
+        out_tok["snis_rb"] = rb.delta_tok_rb
         toks = {}
         for m in ("cv", "pd", "pd_sn"):
             toks[m] = estimate_tokens(
@@ -245,15 +252,27 @@ def replicate_estimates(p0: dict, p1: dict, rows: np.ndarray) -> dict:
                 method=m,
             )
             out[m] = toks[m].delta
+            out_tok[m] = toks[m].delta_tok
         verdict = headline(rb, toks["cv"], toks["pd_sn"])
-    res = {m: (e.value, e.se, e.ci_low, e.ci_high) for m, e in out.items()}
+    res = {m: (e.value, e.se, e.ci_low, e.ci_high, out_tok[m].value, out_tok[m].se) for m, e in out.items()}
+    order = np.argsort(a["group"], kind="stable")  # the pool is prompt-major already
+    groups = make_groups(*np.unique(a["group"], return_inverse=True)[::-1])
+    k_pooled, S = pooled_khat((b["logp"] - a["logp"])[order], groups)
     diag = {
         "ess_frac": rb.ess_frac,
         "khat": rb.khat,
+        "khat_threshold": rb.khat_threshold,
         "kl": rb.kl,
+        "kl_max": rb.kl_max,
         "mean_ratio_min": rb.mean_ratio_min,
         "mean_ratio_max": rb.mean_ratio_max,
         "prefix_ess_frac": toks["cv"].prefix_ess_frac_min,
+        "prefix_ess_frac_sn": toks["pd_sn"].prefix_ess_frac_min,
+        "khat_pooled": k_pooled,
+        "khat_pooled_threshold": float(khat_threshold(S)),
+        "h0": rb.h0_rb.value,
+        "h0_tok": rb.h0_tok_rb.value,
+        "g_min": rb.g_min,
     }
     return {"estimates": res, "diag": diag, "verdict": verdict.to_dict()}
 
@@ -265,7 +284,7 @@ def phase_analyse(args) -> None:
         pool0 = dict(z)
     with np.load(out / "truth_p0.npz") as z:
         truth0 = dict(z)
-    lines, rows_out = [], []
+    lines, rows_out, replicates = [], [], []
     g = pool0["group"]
     prompts = np.unique(g)
     M = int((g == prompts[0]).sum())
@@ -280,6 +299,7 @@ def phase_analyse(args) -> None:
                 rows = np.concatenate([np.flatnonzero(g == p)[r * G : (r + 1) * G] for p in prompts])
                 rep = replicate_estimates(pool0, pool1, rows)
                 verdicts.append(rep)
+                replicates.append({"step": name, "G": G, "set": r, "truth": truth, **rep})
                 for m in METHODS:
                     per_method[m].append(rep["estimates"][m])
             summary = summarise(name, G, truth, per_method, verdicts)
@@ -292,6 +312,9 @@ def phase_analyse(args) -> None:
     with open(results / "truth.jsonl", "w") as f:
         for r in rows_out:
             f.write(json.dumps({**r, "commit": commit}) + "\n")
+    with open(out / "replicates.jsonl", "w") as f:
+        for r in replicates:
+            f.write(json.dumps(r, default=float) + "\n")
     lines = markdown(rows_out)
     (results / "truth.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -364,9 +387,115 @@ def markdown(rows: list[dict]) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------- diagnostics
+RULES = {  # warning rule -> does it fire on this sample set's diagnostics
+    "k̂ per fit (worst; per prompt when G ≥ 25)": lambda d: d["khat"] > d["khat_threshold"],
+    "k̂ pooled over prompts (ratio / prompt mean)": lambda d: d["khat_pooled"] > d["khat_pooled_threshold"],
+    "ESS/S < 0.1": lambda d: d["ess_frac"] < 0.1,
+    "mean ratio outside [0.5, 2]": lambda d: d["mean_ratio_min"] < 0.5 or d["mean_ratio_max"] > 2.0,
+}
+
+
+def phase_calibrate(args) -> None:
+    """False-alarm and detection rates of each warning rule: steps × G where SNIS's CI covers the
+    truth at ≥ 90% are "light", at ≤ 75% "heavy" (the rest ambiguous, left out)."""
+    reps = [json.loads(x) for x in (Path(args.out) / "replicates.jsonl").read_text().splitlines()]
+    z = 1.959963984540054
+    cover: dict = {}
+    for r in reps:
+        t, (v, se, _, _) = r["truth"], r["estimates"]["snis_rb"]
+        cover.setdefault((r["step"], r["G"]), []).append(abs(v - t["delta"]) <= z * math.hypot(se, t["se"]))
+    kind = {k: ("light" if np.mean(c) >= 0.9 else "heavy" if np.mean(c) <= 0.75 else None) for k, c in cover.items()}
+    lines = ["| G | rule | false alarms on light steps | detection on heavy steps |", "|---|---|---|---|"]
+    for G in sorted({r["G"] for r in reps}):
+        for name, fires in {**RULES, "headline not valid": None}.items():
+            rate = {}
+            for k in ("light", "heavy"):
+                sel = [r for r in reps if r["G"] == G and kind[(r["step"], r["G"])] == k]
+                hits = [(not r["verdict"]["valid"]) if fires is None else bool(fires(r["diag"])) for r in sel]
+                rate[k] = f"{np.mean(hits):.0%} of {len(hits)}" if hits else "–"
+            lines.append(f"| {G} | {name} | {rate['light']} | {rate['heavy']} |")
+    steps = {k: (v, f"{np.mean(cover[k]):.0%}") for k, v in kind.items()}
+    lines += [
+        "",
+        "Steps × G classified (SNIS-RB coverage): "
+        + "; ".join(f"{s} G={G}: {v} ({c})" for (s, G), (v, c) in sorted(steps.items())),
+    ]
+    (ROOT / "benchmarks" / "results" / "truth_diagnostics.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------- policy thresholds
+def policy_replica(rep: dict, cv_ess: float, sn_ess: float, snis_ess: float, band: float) -> str:
+    """The method isdelta.estimators.headline would choose on a stored sample set, for candidate
+    thresholds ("none": not valid); mirrors its checks (coverage, per-method, bounds)."""
+    d, e = rep["diag"], rep["estimates"]
+    lo = min(d["mean_ratio_min"], 1.0 / max(d["mean_ratio_max"], 1e-300))
+    if (math.isfinite(d["khat"]) and d["khat"] > 1.0) or not lo >= 1.0 / band:
+        return "none"
+
+    def bounded(m: str) -> bool:
+        v, se, _, _, vt, set_ = e[m]
+        ok = all(math.isfinite(x) for x in (v, se, vt, set_))
+        return ok and v >= -d["h0"] and vt >= -d["h0_tok"]
+
+    if d["prefix_ess_frac"] >= cv_ess and bounded("cv"):
+        return "cv"
+    if d["prefix_ess_frac"] >= sn_ess and bounded("pd_sn"):
+        return "pd_sn"
+    if d["ess_frac"] >= snis_ess and d["g_min"] >= math.exp(min(d["kl_max"], 700)) and bounded("snis_rb"):
+        return "snis_rb"
+    return "none"
+
+
+def phase_policy(args) -> None:
+    """Grid of the policy's thresholds on the stored sample sets: per candidate, the fraction of
+    sets called valid and the worst per-(step, G) coverage of what it chose (joint with the
+    truth's SE), so the thresholds can be chosen where coverage is 90–98% wherever valid."""
+    reps = [json.loads(x) for x in (Path(args.out) / "replicates.jsonl").read_text().splitlines()]
+    z = 1.959963984540054
+    rows = []
+    for cv_ess in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
+        for sn_ess in (0.1, 0.2, 0.3, 0.5, 0.7, 1.01):
+            for snis_ess in (0.1, 0.2, 0.3, 0.5, 1.01):
+                for band in (1.5, 2.0, 3.0):
+                    cells: dict = {}
+                    for r in reps:
+                        m = policy_replica(r, cv_ess, sn_ess, snis_ess, band)
+                        c = cells.setdefault((r["step"], r["G"]), {"n": 0, "valid": 0, "cover": 0})
+                        c["n"] += 1
+                        if m != "none":
+                            v, se = r["estimates"][m][:2]
+                            c["valid"] += 1
+                            c["cover"] += abs(v - r["truth"]["delta"]) <= z * math.hypot(se, r["truth"]["se"])
+                    covs = [c["cover"] / c["valid"] for c in cells.values() if c["valid"] >= 4]
+                    rows.append(
+                        {
+                            "cv_ess": cv_ess,
+                            "sn_ess": sn_ess,
+                            "snis_ess": snis_ess,
+                            "band": band,
+                            "valid": sum(c["valid"] for c in cells.values()) / len(reps),
+                            "worst_cover": min(covs) if covs else None,
+                            "pooled_cover": sum(c["cover"] for c in cells.values())
+                            / max(1, sum(c["valid"] for c in cells.values())),
+                        }
+                    )
+    good = sorted(
+        (r for r in rows if r["worst_cover"] is not None and r["worst_cover"] >= 0.9), key=lambda r: -r["valid"]
+    )
+    for r in good[:15] or sorted(rows, key=lambda r: -(r["worst_cover"] or 0))[:15]:
+        print(json.dumps(r))
+
+
 # ---------------------------------------------------------------------------- bf16
 def phase_bf16(args) -> None:
-    """An AdamW step at lr 1e-6 on fp32 weights, scored in fp32 and with bf16 copies of p0 and p1."""
+    """An AdamW step at lr 1e-6 on fp32 weights (the trainer's master copy), scored four ways on the
+    same 16 samples per prompt: fp32 weights in fp32 (the reference); bf16 copies of p0 and p1 in
+    bf16 (what a trainer scoring a bf16 copy sees); the same bf16 copies computed in fp32 (what
+    upcasting a bf16 model buys); fp32 weights under a bf16 autocast (mixed-precision forward)."""
+    import contextlib
+
     import torch
 
     from isdelta.engine import LogitTransform, load_model, sample
@@ -386,56 +515,57 @@ def phase_bf16(args) -> None:
         seed=POOL_SEED,
         progress=False,
     )
-    batches = train_batches(model0, tok, out, args)
     STEPS["sft-adamw-1e-6"] = ("sft", "adamw", 1e-6)
-    model1, _ = make_p1(model0, "sft-adamw-1e-6", batches)
+    model1, _ = make_p1(model0, "sft-adamw-1e-6", train_batches(model0, tok, out, args))
+    bf16 = [copy.deepcopy(m).to(torch.bfloat16) for m in (model0, model1)]
+    variants = {
+        "fp32 weights, fp32 compute": ((model0, model1), contextlib.nullcontext),
+        "bf16 weights, bf16 compute": (tuple(bf16), contextlib.nullcontext),
+        "bf16 weights, fp32 compute": (tuple(copy.deepcopy(m).float() for m in bf16), contextlib.nullcontext),
+        "fp32 weights, bf16 autocast": ((model0, model1), lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    }
     report = {}
-    for dtype in ("float32", "bfloat16"):
-        m0 = copy.deepcopy(model0).to(getattr(torch, dtype))
-        m1 = copy.deepcopy(model1).to(getattr(torch, dtype))
+    for name, ((m0, m1), ctx) in variants.items():
         moved = sum(int((a != b).sum()) for a, b in zip(m0.parameters(), m1.parameters()))
         total = sum(p.numel() for p in m0.parameters())
-        s0 = score(m0, smp.rollouts, out / f"bf16_{dtype}_p0.npz")
-        s1 = score(m1, smp.rollouts, out / f"bf16_{dtype}_p1.npz")
-        s00 = score(m0, smp.rollouts, out / f"bf16_{dtype}_p0b.npz")
+        key = name.replace(" ", "_").replace(",", "")
+        with ctx():
+            s0 = score(m0, smp.rollouts, out / f"bf16_{key}_p0.npz")
+            s1 = score(m1, smp.rollouts, out / f"bf16_{key}_p1.npz")
+            s00 = score(m0, smp.rollouts, out / f"bf16_{key}_p0_again.npz")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            e = estimate(
-                s0["logp"],
-                s1["logp"],
-                s0["length"],
-                s0["group"],
-                entropy_sum0=s0["entropy_sum"],
-                entropy_sum1=s1["entropy_sum"],
-            )
+            kw = dict(entropy_sum0=s0["entropy_sum"], entropy_sum1=s1["entropy_sum"])
+            e = estimate(s0["logp"], s1["logp"], s0["length"], s0["group"], **kw)
             t = estimate_tokens(
                 s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"], s0["mask"], s0["group"]
             )
-            same = estimate(
-                s0["logp"],
-                s00["logp"],
-                s0["length"],
-                s0["group"],
-                entropy_sum0=s0["entropy_sum"],
-                entropy_sum1=s00["entropy_sum"],
-            )
-        delta_tok = np.abs((s1["token_logp"] - s0["token_logp"])[s0["mask"]])
-        report[dtype] = {
+            same = estimate(s0["logp"], s00["logp"], s0["length"], s0["group"])
+        d = np.abs((s1["token_logp"] - s0["token_logp"])[s0["mask"]])
+        report[name] = {
             "weights_changed_frac": moved / total,
             "delta_rb": e.delta_rb.to_dict(),
             "cv": t.delta.to_dict(),
             "kl": e.kl,
-            "token_logratio_abs_mean": float(delta_tok.mean()),
-            "token_logratio_abs_max": float(delta_tok.max()),
+            "token_logratio_abs_mean": float(d.mean()),
+            "token_logratio_abs_max": float(d.max()),
+            "direct": t.direct.to_dict(),
             "p1_is_p0_delta": same.delta.value,
         }
-        print(dtype, json.dumps(report[dtype]), file=sys.stderr, flush=True)
+        print(
+            name,
+            json.dumps({k: v for k, v in report[name].items() if not isinstance(v, dict)}),
+            f"ΔH_rb {e.delta_rb}",
+            f"cv {t.delta}",
+            file=sys.stderr,
+            flush=True,
+        )
     (ROOT / "benchmarks" / "results" / "truth_bf16.json").write_text(json.dumps(report, indent=2))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=("sample", "analyse", "bf16"))
+    ap.add_argument("phase", choices=("sample", "analyse", "calibrate", "policy", "bf16"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "truth"), help="arrays (resumable)")
     ap.add_argument("--steps", nargs="*", help=f"subset of {list(STEPS)}")
     ap.add_argument("--prompts", type=int, default=4)
@@ -445,7 +575,9 @@ def main() -> None:
     ap.add_argument("--G", type=int, nargs="*", default=[8, 16, 64])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    {"sample": phase_sample, "analyse": phase_analyse, "bf16": phase_bf16}[args.phase](args)
+    {"sample": phase_sample, "analyse": phase_analyse, "calibrate": phase_calibrate, "bf16": phase_bf16}[args.phase](
+        args
+    )
 
 
 if __name__ == "__main__":

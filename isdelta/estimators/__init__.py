@@ -7,7 +7,7 @@ and a multi-rank run (merge rows first) all call ``estimate`` the same way.
 - ``snis``          sequence-level SNIS: :func:`estimate`, :func:`estimate_per_prompt`
 - ``per_decision``  per-decision (prefix-ratio) estimators: :func:`estimate_tokens`
 - ``results``       ``Estimate``, ``EntropyDelta``, ``TokenDelta``
-- ``headline``      the headline policy (DESIGN §5.4): one valid number per step, or why not
+- ``policy``        the headline policy (DESIGN §5.4): one valid number per step, or why not
 - ``weights``       normalisation, PSIS (arviz), truncation, clipping, ESS, k̂
 - ``uncertainty``   SEs by linearisation; ``diagnostics`` the warnings; ``inputs`` the checks;
   ``groups`` vectorised per-prompt reductions
@@ -21,7 +21,7 @@ and a multi-rank run (merge rows first) all call ``estimate`` the same way.
 from __future__ import annotations
 
 from isdelta.estimators import weights
-from isdelta.estimators.headline import METHOD_CODES, Check, Headline, headline
+from isdelta.estimators.policy import METHOD_CODES, Check, Headline, headline
 from isdelta.estimators.per_decision import estimate_tokens
 from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning, TokenDelta
 from isdelta.estimators.snis import estimate, estimate_per_prompt

@@ -190,3 +190,18 @@ def pareto_smooth(
             out = log_w[0]
         fit_sizes, constant = np.array([log_r.shape[0]]), np.array([np.ptp(log_r) == 0])
     return out, khat, fit_sizes, constant
+
+
+def pooled_khat(log_r: np.ndarray, groups: Groups) -> tuple[float, int]:
+    """k̂ of one tail fit over every row of the ratios relative to their prompt's mean ratio:
+    ``(khat, S)`` with S = N rows; nan when N < ``MIN_TAIL_FIT`` or the ratios are all equal.
+
+    ℓ_i − log mean_{j∈p} r_j puts every prompt on one scale (each prompt's mean ratio is 1 under
+    p0), so a heavy tail in any prompt reaches the pooled tail, and the fit has N rows where a
+    per-prompt fit has G: its threshold min(1 − 1/log10 S, 0.7) is higher and its noise lower.
+    """
+    n = log_r.shape[0]
+    rel = log_r - groups.expand(groups.logsumexp(log_r) - np.log(groups.sizes))
+    if n < MIN_TAIL_FIT or not np.ptp(rel) > 0:
+        return float("nan"), n
+    return float(psis(rel[None, :])[1][0]), n

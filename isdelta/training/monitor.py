@@ -315,7 +315,9 @@ class EntropyMonitor:
             )
         n_rows = 0 if rows is None else len(rows["log_p0"]) - n_dropped
         reason = None if failure is None else failure[0]
-        tokens = per_decision[0] if per_decision else None
+        # the per-decision result the headline chose (its direct / path-shift split is logged), else the first
+        chosen_method = chosen.method if chosen is not None else None
+        tokens = next((t for t in per_decision if t.method == chosen_method), per_decision[0] if per_decision else None)
         warned = (est.warnings if est is not None else ()) + (tokens.warnings if tokens is not None else ())
         result = MonitorResult(
             step,

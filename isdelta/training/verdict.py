@@ -127,8 +127,8 @@ class MonitorResult:
     warnings : tuple of str
         The estimators' diagnostic warnings and the monitor's notes.
     tokens : TokenDelta or None
-        The per-decision estimate of ``MonitorConfig.per_decision`` when p0's per-position
-        entropies were scored (the policy's first candidate).
+        When p0's per-position entropies were scored: the per-decision estimate the headline
+        chose, else that of ``MonitorConfig.per_decision`` (the policy's first candidate).
     headline : Headline or None
         The policy's choice (:func:`isdelta.estimators.headline`): the method, why, and the
         estimates ``delta``, ``delta_tok``, ``h0``, ``h1``… that this result reports.

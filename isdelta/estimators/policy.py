@@ -86,7 +86,7 @@ class Headline:
     delta, delta_tok, h0, h1, h0_tok, h1_tok : Estimate or None
         The chosen method's estimates (None when not valid).
     checks : dict of str -> tuple of Check
-        Every method's preconditions as evaluated, in the order tried.
+        Every candidate method's preconditions and bounds as evaluated, in the order tried.
     """
 
     valid: bool
@@ -169,7 +169,8 @@ def _snis_checks(snis: EntropyDelta) -> list[Check]:
 def _advice(snis: EntropyDelta) -> str:
     """Samples per prompt, or the factor by which to shrink the step, that would make SNIS read."""
     G = snis.g_min
-    need = max(math.exp(min(snis.kl_max, 700.0)), G * SNIS_ESS / max(snis.ess_frac, 1e-12))
+    # at least twice the samples: a check failing at G says nothing finer about what would pass
+    need = max(math.exp(min(snis.kl_max, 700.0)), G * SNIS_ESS / max(snis.ess_frac, 1e-12), 2 * G)
     # KL grows as the step squared; ESS/S ≈ exp(−2 KL) for small steps (log-normal weights)
     target = min(math.log(max(G, 2)), -math.log(SNIS_ESS) / 2)
     shrink = math.sqrt(max(snis.kl_max, 1e-12) / target)
@@ -220,24 +221,13 @@ def headline(snis: EntropyDelta, *per_decision: TokenDelta | None, support_size:
     candidates.append(("snis_rb" if rb else "snis", snis_view, _snis_checks(snis)))
     checks: dict[str, tuple[Check, ...]] = {}
     coverage = _coverage_checks(snis)
+    for method, est, pre in candidates:  # every candidate's checks, for the record
+        checks[method] = tuple(coverage + pre + _bounds(est, log_support))
     for method, est, pre in candidates:
-        pre = coverage + pre
-        all_checks = tuple(pre + _bounds(est, log_support))
-        checks[method] = all_checks
-        if all(c.passed for c in all_checks):
-            why = "; ".join(str(c) for c in pre)
-            return Headline(
-                True,
-                method,
-                why,
-                delta=est.delta,
-                delta_tok=est.delta_tok,
-                h0=est.h0,
-                h1=est.h1,
-                h0_tok=est.h0_tok,
-                h1_tok=est.h1_tok,
-                checks=checks,
-            )
+        if all(c.passed for c in checks[method]):
+            why = "; ".join(str(c) for c in coverage + pre)
+            picked = {k: getattr(est, k) for k in ("delta", "delta_tok", "h0", "h1", "h0_tok", "h1_tok")}
+            return Headline(True, method, why, **picked, checks=checks)
     failed = "; ".join(f"{m}: " + ", ".join(str(c) for c in cs if not c.passed) for m, cs in checks.items())
     return Headline(
         False,
