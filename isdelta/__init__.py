@@ -31,6 +31,8 @@ _LAZY = {
     "TokenDelta": "isdelta.estimators",
     "Estimate": "isdelta.estimators",
     "compare_tokens": "isdelta.tokens",
+    "audit_batch": "isdelta.engine.audit",
+    "assert_batch_ok": "isdelta.engine.audit",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -35,3 +35,4 @@ def test_console_script_dispatches(capsys):
     assert main([]) == 2 and "usage: isdelta" in capsys.readouterr().out
     assert main(["run", "missing.yaml"]) == 2 and "does not exist" in capsys.readouterr().err
     assert main(["score", "missing.yaml"]) == 2 and "does not exist" in capsys.readouterr().err
+    assert main(["audit", "missing.pt"]) == 2 and "no such file" in capsys.readouterr().err
