@@ -21,8 +21,8 @@ and a multi-rank run (merge rows first) all call ``estimate`` the same way.
 from __future__ import annotations
 
 from isdelta.estimators import weights
-from isdelta.estimators.policy import METHOD_CODES, Check, Headline, headline
 from isdelta.estimators.per_decision import estimate_tokens
+from isdelta.estimators.policy import METHOD_CODES, Check, Headline, headline
 from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning, TokenDelta
 from isdelta.estimators.snis import estimate, estimate_per_prompt
 

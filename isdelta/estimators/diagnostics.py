@@ -11,13 +11,15 @@ Ann. Appl. Probab. 28(2):1099-1135. https://doi.org/10.1214/17-AAP1326 (S ≈ ex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from isdelta.estimators.groups import Groups
 from isdelta.estimators.inputs import Rows
 from isdelta.estimators.weights import Weights, khat_threshold, min_sample_size, pooled_ess
 
-__all__ = ["ESS_FRAC_MIN", "RATIO_RANGE", "collect_warnings", "diagnose"]
+__all__ = ["ESS_FRAC_MIN", "RATIO_RANGE", "PerPrompt", "collect_warnings", "diagnose"]
 
 RATIO_RANGE = (0.5, 2.0)  # mean r per prompt outside this: missed mass / different support
 ESS_FRAC_MIN = 0.1  # pooled ESS / N below this: a handful of rows carry the estimate
@@ -26,6 +28,8 @@ FLAT_SPAN = 0.2  # max ℓ − min ℓ below this (ratios within ~22%): a k̂ wa
 
 def _ratio_mean(x: np.ndarray, w: np.ndarray, keep: np.ndarray, groups: Groups) -> float:
     """(1/P') Σ_p Σ_{i∈p, keep} w_i x_i / Σ_{i∈p, keep} w_i over the P' prompts with mass."""
+    if keep.all():  # the usual case: every row counts (w sums to 1 in each prompt)
+        return float(np.mean(groups.sum(w * x)))
     wk = np.where(keep, w, 0.0)
     mass = groups.sum(wk)
     ok = mass > 0
@@ -34,23 +38,28 @@ def _ratio_mean(x: np.ndarray, w: np.ndarray, keep: np.ndarray, groups: Groups) 
     return float(np.mean(groups.sum(wk * np.where(keep, x, 0.0))[ok] / mass[ok]))
 
 
-def _kl_per_prompt(rows: Rows, wts: Weights) -> np.ndarray:
-    """KL_p(p1‖p0) ≈ Σ_{i∈p} w̄_i ℓ_i, [P]."""
-    return rows.groups.sum(wts.w * rows.log_r)
+@dataclass(frozen=True)
+class PerPrompt:
+    """The per-prompt diagnostics behind both the result's fields and the warnings (computed once).
+
+    kl : KL_p(p1‖p0) ≈ Σ_{i∈p} w̄_i ℓ_i, [P].
+    mean_ratio : mean_{i∈p} r_i of the raw ratios, [P] (log-space mean, then exp).
+    """
+
+    kl: np.ndarray
+    mean_ratio: np.ndarray
+
+    @classmethod
+    def of(cls, rows: Rows, wts: Weights) -> PerPrompt:
+        g = rows.groups
+        return cls(g.sum(wts.w * rows.log_r), np.exp(g.logsumexp(rows.log_r) - np.log(g.sizes)))
 
 
-def _mean_ratio(rows: Rows) -> np.ndarray:
-    """mean_{i∈p} r_i of the raw ratios, [P] (log-space mean, then exp)."""
-    g = rows.groups
-    return np.exp(g.logsumexp(rows.log_r) - np.log(g.sizes))
-
-
-def diagnose(rows: Rows, wts: Weights) -> dict:
+def diagnose(rows: Rows, wts: Weights, pp: PerPrompt) -> dict:
     """The diagnostic fields of :class:`EntropyDelta` (floats and ints)."""
     g = rows.groups
     u = g.uniform  # uniform within-prompt weights under p0
-    kl_p = _kl_per_prompt(rows, wts)
-    mean_ratio = _mean_ratio(rows)
+    kl_p, mean_ratio = pp.kl, pp.mean_ratio
     finite = np.isfinite(wts.khat)
     worst = float(np.max(wts.khat[finite])) if finite.any() else float("nan")
     nonempty = rows.length > 0
@@ -142,8 +151,7 @@ def _ess_warning(d: dict) -> list[str]:
     ]
 
 
-def _kl_warning(rows: Rows, wts: Weights) -> list[str]:
-    kl_p = _kl_per_prompt(rows, wts)
+def _kl_warning(rows: Rows, kl_p: np.ndarray) -> list[str]:
     short = rows.groups.sizes < np.exp(np.minimum(kl_p, 700.0))
     if not short.any():
         return []
@@ -156,8 +164,7 @@ def _kl_warning(rows: Rows, wts: Weights) -> list[str]:
     ]
 
 
-def _ratio_warning(rows: Rows) -> list[str]:
-    ratio = _mean_ratio(rows)
+def _ratio_warning(rows: Rows, ratio: np.ndarray) -> list[str]:
     lo, hi = RATIO_RANGE
     off = (ratio < lo) | (ratio > hi)
     if not off.any():
@@ -183,12 +190,12 @@ def _empty_warning(d: dict) -> list[str]:
     ]
 
 
-def collect_warnings(rows: Rows, wts: Weights, d: dict) -> list[str]:
+def collect_warnings(rows: Rows, wts: Weights, d: dict, pp: PerPrompt) -> list[str]:
     """Every diagnostic warning for one estimate, in a fixed order."""
     return [
         *_khat_warnings(wts, rows),
         *_ess_warning(d),
-        *_kl_warning(rows, wts),
-        *_ratio_warning(rows),
+        *_kl_warning(rows, pp.kl),
+        *_ratio_warning(rows, pp.mean_ratio),
         *_empty_warning(d),
     ]

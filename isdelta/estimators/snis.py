@@ -143,8 +143,9 @@ def estimate(
     wts = weigh(rows.log_r, rows.groups, weights, clip)
     fields = _estimates(rows, wts, prompts, level)
     fields.update(_first_order(rows, wts, prompts, level))
-    diag = diagnostics.diagnose(rows, wts)
-    messages = diagnostics.collect_warnings(rows, wts, diag)
+    per_prompt = diagnostics.PerPrompt.of(rows, wts)
+    diag = diagnostics.diagnose(rows, wts, per_prompt)
+    messages = diagnostics.collect_warnings(rows, wts, diag, per_prompt)
     for message in messages:
         warnings.warn(message, EstimatorWarning, stacklevel=2)
     return EntropyDelta(
@@ -198,7 +199,7 @@ def _first_order(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
     # −mean_p((r̃ − 1)(S0 − S̄0)) = −Σ_{i∈p} (w̄_i − 1/G_p)(S0_i − S̄0_p)
     cov_term = -g.sum((wts.w - u) * s0_centred).mean()
     kl_term = -g.sum(wts.w * delta).mean()
-    lin = covariance(rows.s0, rows.log_r, g)
+    lin = covariance(rows.s0, rows.log_r, g, x_centred=s0_centred)
     lin = Linear(-lin.value, -lin.psi, -lin.z)
     extra = delta - rows.log_r  # 0 exactly with include="all"
     if np.any(extra != 0):

@@ -77,13 +77,14 @@ def weighted_ratio(w: np.ndarray, f: np.ndarray, g: np.ndarray | None, groups: G
     return Linear(float(value), psi, e_bar / big_b)
 
 
-def covariance(x: np.ndarray, y: np.ndarray, groups: Groups) -> Linear:
+def covariance(x: np.ndarray, y: np.ndarray, groups: Groups, *, x_centred: np.ndarray | None = None) -> Linear:
     """(1/P) Σ_p Cov_p(x, y) with the unbiased (ddof = 1) within-prompt covariance.
 
     ψ_i = (x_i − x̄_p)(y_i − ȳ_p) − mean_p of the same, the influence term of a sample
-    covariance (its O(1/G) correction is ignored in the SE).
+    covariance (its O(1/G) correction is ignored in the SE). ``x_centred``: x − x̄_p when the
+    caller has it already.
     """
-    xc = x - groups.expand(groups.mean(x))
+    xc = x - groups.expand(groups.mean(x)) if x_centred is None else x_centred
     yc = y - groups.expand(groups.mean(y))
     u = xc * yc  # [N]
     cov_p = groups.sum(u) / (groups.sizes - 1)  # [P]

@@ -18,12 +18,15 @@ rollouts; for SFT on reference data ΔH is not defined by this estimator). Rows 
 only one row in the step are left out (SNIS normalises weights within a prompt, and one row gives
 no information about H(p1)); ``result.n_dropped`` counts them.
 
-The headline estimate is per-decision (``per_decision="cv"``,
-:func:`isdelta.estimators.estimate_tokens`): each position's exact next-token entropy under p1 is
-weighted by the ratio of its *prefix* rather than of the whole sequence, with a martingale
-control variate, which cuts the standard error about in half against sequence-level SNIS on the
-same rows (benchmarks/README.md). SNIS is still reported beside it (``result.delta_snis``,
-``entropy/delta_snis``). It needs p0's per-position entropies, i.e. the p0 forward below.
+The headline is chosen by the policy of DESIGN.md §5.4 (:func:`isdelta.estimators.headline`):
+the per-decision estimator with a control variate (``per_decision="cv"``,
+:func:`isdelta.estimators.estimate_tokens`: each position's exact next-token entropy under p1
+weighted by the ratio of its *prefix* rather than of the whole sequence), then the
+self-normalised per-decision one, then sequence-level SNIS, the first whose preconditions hold on
+the step's samples and whose numbers respect the physical bounds of entropy; when none does, the
+result is invalid with the reason and what would make the step readable. SNIS is reported beside
+the headline (``result.delta_snis``, ``entropy/delta_snis``). The per-decision estimators need
+p0's per-position entropies, i.e. the p0 forward below.
 
 The cost of the p0 forward: the trainer's own per-token log-probs of the sampled tokens
 (``old_logp``, e.g. TRL's ``old_per_token_logps``) give log p0(x_i) for free, but not the entropy
