@@ -233,3 +233,20 @@ def test_row_weights_are_the_weights_estimate_uses(rng):
     assert res.h1.value == pytest.approx(h1, rel=1e-12)
     for p in (2, 4, 9):
         assert w[group == p].sum() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_pooled_khat_fits_ratios_relative_to_their_prompt(rng):
+    """One tail fit over all rows of r / mean_p(r): a prompt's scale does not matter, a heavy tail
+    in one prompt does; fewer than 25 rows give nan."""
+    sizes = [16, 16, 16, 16]
+    group = np.repeat(np.arange(4), 16)
+    groups = make_groups(group, np.arange(4))
+    light = rng.normal(0.0, 0.3, 64)
+    shifted = light + np.repeat([0.0, 3.0, -2.0, 7.0], sizes)  # each prompt's mean ratio moved
+    k_light, S = psis.pooled_khat(light, groups)
+    assert S == 64 and psis.pooled_khat(shifted, groups)[0] == pytest.approx(k_light, abs=1e-9)
+    heavy = light.copy()
+    heavy[:16] = _pareto_log_ratios(rng, 16, k=1.5)
+    assert psis.pooled_khat(heavy, groups)[0] > k_light + 0.2
+    small = make_groups(np.repeat([0, 1], 10), np.arange(2))
+    assert math.isnan(psis.pooled_khat(rng.normal(size=20), small)[0])
