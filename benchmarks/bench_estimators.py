@@ -19,8 +19,9 @@ S → ∞ Var(RB) / Var(plain) of raw SNIS for every toy in ``TOYS``, by enumera
 them): value and SE of every method, and SE ratios against SNIS.
 
 ``timing``: wall time of ``estimate`` on N = 10³ … 10⁶ synthetic rows (prompt groups of G rows)
-for each weight scheme: median of warm calls, against a bare numpy SNIS point estimate of ΔH
-measured in the same run; and the cold first call in a fresh process (arviz import included).
+for each weight scheme: median of warm calls, against a bare numpy SNIS (ΔH and its paired SE,
+:func:`bare_snis`) timed on the same arrays, interleaved call by call; and the cold first call in
+a fresh process.
 
     python benchmarks/bench_estimators.py toy                  # ~8 min on 2 shared cores
     python benchmarks/bench_estimators.py toy --toy long --alphas 0.3 0.6 1.0 --S 64 256 1024 --reps 400
@@ -494,13 +495,18 @@ def timing_rows(n_prompts: int, g: int, seed: int) -> dict:
     }
 
 
-def bare_snis(x: dict, g: int) -> float:
-    """The ΔH point estimate alone in plain numpy (no SE, no diagnostics): the floor."""
+def bare_snis(x: dict, g: int) -> tuple[float, float]:
+    """ΔH and its paired SE by plain SNIS in a few lines of numpy, the floor ``estimate`` is
+    held to: per-prompt softmax weights, the weighted means of −S1 and −S0, and the within-prompt
+    variance of the paired influence ψ = G w (−S1 − H1_p) − (−S0 − H0_p) (rows prompt-major)."""
     s0, s1 = x["log_p0"].reshape(-1, g), x["log_p1"].reshape(-1, g)  # [P, G]
     log_r = s1 - s0
-    r = np.exp(log_r - log_r.max(1, keepdims=True))
-    w = r / r.sum(1, keepdims=True)
-    return float(np.mean(-(w * s1).sum(1)) + np.mean(s0.mean(1)))
+    w = np.exp(log_r - log_r.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    h0, h1 = -s0.mean(1), -(w * s1).sum(1)  # [P]
+    psi = g * w * (-s1 - h1[:, None]) - (-s0 - h0[:, None])  # [P, G]
+    se = np.sqrt((psi.var(1, ddof=1) / g).sum()) / len(h0)
+    return float((h1 - h0).mean()), float(se)
 
 
 def _call(x: dict, scheme: str):
@@ -522,31 +528,37 @@ def _median_time(fn, repeats: int) -> list[float]:
 
 
 def warm_records(sizes: list[int], gs: list[int], seed: int) -> list[dict]:
-    """Median warm wall time of ``estimate`` per (N, G, scheme), with ratios to bare SNIS and
-    to weights='none' measured in the same run."""
+    """Warm wall time of ``estimate`` per (N, G, scheme) and of :func:`bare_snis` on the same
+    arrays, interleaved call by call (a busy machine slows both alike), after one warm-up each."""
     records = []
     for g in gs:
         for n in sizes:
             p = max(2, round(n / g))
             x = timing_rows(p, g, seed)
-            repeats = 3 if p * g >= 500_000 else 7
-            bare = float(np.median(_median_time(lambda x=x, g=g: bare_snis(x, g), repeats)))
+            repeats = 5 if p * g >= 500_000 else 9
+            fns = {"bare": lambda x=x, g=g: bare_snis(x, g)} | {s: (lambda x=x, s=s: _call(x, s)) for s in WEIGHTS}
+            times: dict[str, list[float]] = {k: [] for k in fns}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                for fn in fns.values():
+                    fn()
+                for _ in range(repeats):
+                    for k, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        times[k].append(time.perf_counter() - t0)
+                bare = float(np.median(times["bare"]))
                 for scheme in WEIGHTS:
-                    times = _median_time(lambda x=x, s=scheme: _call(x, s), repeats)
-                    res = _call(x, scheme)
-                    med = float(np.median(times))
+                    res, ts = _call(x, scheme), times[scheme]
+                    med = float(np.median(ts))
                     records.append({"part": "timing", "N": p * g, "G": g, "P": p, "weights": scheme,
-                                    "repeats": repeats, "times_s": times, "median_s": med,
-                                    "min_s": min(times),
-                                    "bare_snis_s": bare, "over_bare": med / bare,
-                                    "rows_per_s": p * g / med, "weights_used": res.weights_used,
+                                    "repeats": repeats, "times_s": ts, "median_s": med, "min_s": min(ts),
+                                    "bare_snis_s": bare, "bare_snis_times_s": times["bare"],
+                                    "over_bare": med / bare, "rows_per_s": p * g / med,
+                                    "over_none": med / float(np.median(times["none"])),
+                                    "weights_used": res.weights_used,
                                     "ess_frac": res.ess_frac, "khat": res.khat})  # fmt: skip
-                    print(f"timing N={p * g} G={g} {scheme}: {med:.4f} s", file=sys.stderr)
-            none = records[-3]["median_s"]
-            for r in records[-3:]:
-                r["over_none"] = r["median_s"] / none
+                    print(f"timing N={p * g} G={g} {scheme}: {med:.4f} s ({med / bare:.1f}× bare)", file=sys.stderr)
     return records
 
 
@@ -581,15 +593,17 @@ def cold_records(n: int, g: int) -> list[dict]:
 
 def timing_tables(warm: list[dict], cold: list[dict]) -> str:
     lines = [
-        ("| N | G | P | weights (where) | median s | min s | rows / s | × bare SNIS | × none | ESS/S | k̂ |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| N | G | P | weights (where) | median s | min s | rows / s | bare SNIS ms | × bare SNIS | × none | ESS/S | k̂ |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in warm:
         where = "pooled" if "pooled" in r["weights_used"] else "per prompt"
         lines.append(
             f"| {r['N']} | {r['G']} | {r['P']} | {r['weights']} ({where}) | {r['median_s']:.4f} | "
             f"{r['min_s']:.4f} | "
-            f"{r['rows_per_s']:.3g} | {r['over_bare']:.0f} | {r['over_none']:.2f} | "
+            f"{r['rows_per_s']:.3g} | {r['bare_snis_s'] * 1e3:.2f} | {r['over_bare']:.1f} | {r['over_none']:.2f} | "
             f"{r['ess_frac']:.2f} | {r['khat']:.2f} |"
         )
     lines += [
@@ -629,7 +643,7 @@ def _parser() -> argparse.ArgumentParser:
     timing = sub.add_parser("timing", help="estimate wall time, warm and cold")
     timing.add_argument("--N", type=int, nargs="+", default=[10**3, 10**4, 10**5, 10**6],
                         dest="sizes")  # fmt: skip
-    timing.add_argument("--G", type=int, nargs="+", default=[64, 8], dest="gs")
+    timing.add_argument("--G", type=int, nargs="+", default=[100, 8], dest="gs")
     timing.add_argument("--cold-N", type=int, default=10**4)
     cold = sub.add_parser("cold", help="internal: one cold call in this fresh process")
     cold.add_argument("n_prompts", type=int)

@@ -253,7 +253,7 @@ def replicate_estimates(p0: dict, p1: dict, rows: np.ndarray) -> dict:
             )
             out[m] = toks[m].delta
             out_tok[m] = toks[m].delta_tok
-        verdict = headline(rb, toks["cv"], toks["pd_sn"])
+        verdict = headline(rb, toks["cv"], toks["pd"], toks["pd_sn"])
     res = {m: (e.value, e.se, e.ci_low, e.ci_high, out_tok[m].value, out_tok[m].se) for m, e in out.items()}
     order = np.argsort(a["group"], kind="stable")  # the pool is prompt-major already
     groups = make_groups(*np.unique(a["group"], return_inverse=True)[::-1])
@@ -315,7 +315,8 @@ def phase_analyse(args) -> None:
     with open(out / "replicates.jsonl", "w") as f:
         for r in replicates:
             f.write(json.dumps(r, default=float) + "\n")
-    lines = markdown(rows_out)
+    lines = map_markdown(rows_out) + ["", "Every method (coverage without and with the truth's SE):", ""]
+    lines += markdown(rows_out)
     (results / "truth.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -343,10 +344,11 @@ def summarise(name: str, G: int, truth: dict, per_method: dict, verdicts: list[d
         }
     chosen = [rep["verdict"] for rep in verdicts]
     valid = [c for c in chosen if c["valid"]]
-    by_method = {}
+    by_method, chosen_se = {}, []
     for c in chosen:
         if c["valid"]:
             est = c["delta"]
+            chosen_se.append(est["se"])
             by_method.setdefault(c["method"], []).append(
                 abs(est["value"] - t) <= z * math.sqrt(est["se"] ** 2 + t_se**2)
             )
@@ -361,9 +363,35 @@ def summarise(name: str, G: int, truth: dict, per_method: dict, verdicts: list[d
         "policy": {
             "valid_frac": len(valid) / len(chosen),
             "methods": {m: {"n": len(c), "coverage_joint": float(np.mean(c))} for m, c in by_method.items()},
+            "coverage_joint": float(np.mean([x for c in by_method.values() for x in c])) if valid else None,
+            "mean_se": float(np.mean(chosen_se)) if chosen_se else None,
             "reasons": sorted({c["reason"].split(":")[0] for c in chosen if not c["valid"]}),
         },
     }
+
+
+def map_markdown(rows: list[dict]) -> list[str]:
+    """The user's map: per step × G, is ΔH readable, is the CI honest, which method."""
+    out = [
+        "| step (update, optimizer, lr) | KL | truth ΔH ± SE | G | ESS/S | headline valid | chosen: coverage | "
+        r"SE / \|ΔH\| | smallest honest SE (coverage ≥ 90%, SD/SE ≤ 1.2) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, d, p = r["truth"], r["diag_median"], r["policy"]
+        chosen = ", ".join(f"{m} {v['n']}: {v['coverage_joint']:.0%}" for m, v in p["methods"].items()) or "–"
+        readable = f"{p['mean_se'] / abs(t['delta']):.2f}" if p["mean_se"] else "–"
+        honest = [
+            (v["mean_se"], m)
+            for m, v in r["methods"].items()
+            if v["n"] > 1 and v["coverage_joint"] >= 0.9 and v["sd_over_se"] <= 1.2
+        ]
+        best = f"{min(honest)[1]} ({min(honest)[0]:.2f})" if honest else "none ≥ 90%"
+        out.append(
+            f"| {r['step']} | {d['kl']:.3g} | {t['delta']:+.2f} ± {t['se']:.2f} | {r['G']} | {d['ess_frac']:.2f} | "
+            f"{p['valid_frac']:.0%} | {chosen} | {readable} | {best} |"
+        )
+    return out
 
 
 def markdown(rows: list[dict]) -> list[str]:
@@ -391,8 +419,14 @@ def markdown(rows: list[dict]) -> list[str]:
 RULES = {  # warning rule -> does it fire on this sample set's diagnostics
     "k̂ per fit (worst; per prompt when G ≥ 25)": lambda d: d["khat"] > d["khat_threshold"],
     "k̂ pooled over prompts (ratio / prompt mean)": lambda d: d["khat_pooled"] > d["khat_pooled_threshold"],
-    "ESS/S < 0.1": lambda d: d["ess_frac"] < 0.1,
-    "mean ratio outside [0.5, 2]": lambda d: d["mean_ratio_min"] < 0.5 or d["mean_ratio_max"] > 2.0,
+    "k̂ pooled, and ESS/S < 0.5": lambda d: d["khat_pooled"] > d["khat_pooled_threshold"] and d["ess_frac"] < 0.5,
+    "k̂ per fit, and ESS/S < 0.5 (isdelta's k̂ warning)": lambda d: (
+        d["khat"] > d["khat_threshold"] and d["ess_frac"] < 0.5
+    ),
+    "ESS/S < 0.1 (isdelta's warning)": lambda d: d["ess_frac"] < 0.1,
+    "ESS/S < 0.3": lambda d: d["ess_frac"] < 0.3,
+    "mean ratio outside [0.5, 2] (isdelta's warning)": lambda d: d["mean_ratio_min"] < 0.5 or d["mean_ratio_max"] > 2.0,
+    "G < exp(KL_max)": lambda d: d["g_min"] < math.exp(min(d["kl_max"], 700)),
 }
 
 
@@ -403,7 +437,7 @@ def phase_calibrate(args) -> None:
     z = 1.959963984540054
     cover: dict = {}
     for r in reps:
-        t, (v, se, _, _) = r["truth"], r["estimates"]["snis_rb"]
+        t, (v, se) = r["truth"], r["estimates"]["snis_rb"][:2]
         cover.setdefault((r["step"], r["G"]), []).append(abs(v - t["delta"]) <= z * math.hypot(se, t["se"]))
     kind = {k: ("light" if np.mean(c) >= 0.9 else "heavy" if np.mean(c) <= 0.75 else None) for k, c in cover.items()}
     lines = ["| G | rule | false alarms on light steps | detection on heavy steps |", "|---|---|---|---|"]
@@ -426,12 +460,13 @@ def phase_calibrate(args) -> None:
 
 
 # ---------------------------------------------------------------------------- policy thresholds
-def policy_replica(rep: dict, cv_ess: float, sn_ess: float, snis_ess: float, band: float) -> str:
+def policy_replica(rep: dict, cv_ess: float, pd_ess: float, sn_ess: float, snis_ess: float, band: float) -> str:
     """The method isdelta.estimators.headline would choose on a stored sample set, for candidate
-    thresholds ("none": not valid); mirrors its checks (coverage, per-method, bounds)."""
+    thresholds ("none": not valid; a threshold above 1 leaves the method out); mirrors its checks
+    (k̂ > 1, coverage, per-method, bounds) with the chain cv → pd → pd_sn → SNIS."""
     d, e = rep["diag"], rep["estimates"]
     lo = min(d["mean_ratio_min"], 1.0 / max(d["mean_ratio_max"], 1e-300))
-    if (math.isfinite(d["khat"]) and d["khat"] > 1.0) or not lo >= 1.0 / band:
+    if (math.isfinite(d["khat"]) and d["khat"] > 1.0 and d["ess_frac"] < 0.5) or not lo >= 1.0 / band:
         return "none"
 
     def bounded(m: str) -> bool:
@@ -439,10 +474,9 @@ def policy_replica(rep: dict, cv_ess: float, sn_ess: float, snis_ess: float, ban
         ok = all(math.isfinite(x) for x in (v, se, vt, set_))
         return ok and v >= -d["h0"] and vt >= -d["h0_tok"]
 
-    if d["prefix_ess_frac"] >= cv_ess and bounded("cv"):
-        return "cv"
-    if d["prefix_ess_frac"] >= sn_ess and bounded("pd_sn"):
-        return "pd_sn"
+    for m, thr in (("cv", cv_ess), ("pd", pd_ess), ("pd_sn", sn_ess)):
+        if d["prefix_ess_frac"] >= thr and bounded(m):
+            return m
     if d["ess_frac"] >= snis_ess and d["g_min"] >= math.exp(min(d["kl_max"], 700)) and bounded("snis_rb"):
         return "snis_rb"
     return "none"
@@ -455,34 +489,42 @@ def phase_policy(args) -> None:
     reps = [json.loads(x) for x in (Path(args.out) / "replicates.jsonl").read_text().splitlines()]
     z = 1.959963984540054
     rows = []
-    for cv_ess in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
-        for sn_ess in (0.1, 0.2, 0.3, 0.5, 0.7, 1.01):
-            for snis_ess in (0.1, 0.2, 0.3, 0.5, 1.01):
-                for band in (1.5, 2.0, 3.0):
-                    cells: dict = {}
-                    for r in reps:
-                        m = policy_replica(r, cv_ess, sn_ess, snis_ess, band)
-                        c = cells.setdefault((r["step"], r["G"]), {"n": 0, "valid": 0, "cover": 0})
-                        c["n"] += 1
-                        if m != "none":
-                            v, se = r["estimates"][m][:2]
-                            c["valid"] += 1
-                            c["cover"] += abs(v - r["truth"]["delta"]) <= z * math.hypot(se, r["truth"]["se"])
-                    covs = [c["cover"] / c["valid"] for c in cells.values() if c["valid"] >= 4]
-                    rows.append(
-                        {
-                            "cv_ess": cv_ess,
-                            "sn_ess": sn_ess,
-                            "snis_ess": snis_ess,
-                            "band": band,
-                            "valid": sum(c["valid"] for c in cells.values()) / len(reps),
-                            "worst_cover": min(covs) if covs else None,
-                            "pooled_cover": sum(c["cover"] for c in cells.values())
-                            / max(1, sum(c["valid"] for c in cells.values())),
-                        }
-                    )
+    for cv_ess in (0.5, 0.7, 0.8, 0.9, 0.95, 1.01):
+        for pd_ess in (0.3, 0.4, 0.5, 0.7, 0.9, 1.01):
+            for sn_ess in (0.2, 0.3, 0.4, 0.5, 0.7, 1.01):
+                for snis_ess in (0.1, 0.3, 0.5, 1.01):
+                    for band in (1.5, 2.0, 3.0):
+                        cells: dict = {}
+                        chosen: dict = {}  # (step, G, method) -> [covers]
+                        for r in reps:
+                            m = policy_replica(r, cv_ess, pd_ess, sn_ess, snis_ess, band)
+                            c = cells.setdefault((r["step"], r["G"]), {"n": 0, "valid": 0, "cover": 0})
+                            c["n"] += 1
+                            if m != "none":
+                                v, se = r["estimates"][m][:2]
+                                hit = abs(v - r["truth"]["delta"]) <= z * math.hypot(se, r["truth"]["se"])
+                                c["valid"] += 1
+                                c["cover"] += hit
+                                chosen.setdefault((r["step"], r["G"], m), []).append(hit)
+                        covs = [c["cover"] / c["valid"] for c in cells.values() if c["valid"] >= 4]
+                        by_method = [np.mean(h) for h in chosen.values() if len(h) >= 5]
+                        rows.append(
+                            {
+                                "cv_ess": cv_ess,
+                                "pd_ess": pd_ess,
+                                "sn_ess": sn_ess,
+                                "snis_ess": snis_ess,
+                                "band": band,
+                                "valid": sum(c["valid"] for c in cells.values()) / len(reps),
+                                "worst_cover": min(covs) if covs else None,
+                                "worst_method_cover": float(min(by_method)) if by_method else None,
+                                "pooled_cover": sum(c["cover"] for c in cells.values())
+                                / max(1, sum(c["valid"] for c in cells.values())),
+                            }
+                        )
     good = sorted(
-        (r for r in rows if r["worst_cover"] is not None and r["worst_cover"] >= 0.9), key=lambda r: -r["valid"]
+        (r for r in rows if r["worst_method_cover"] is not None and r["worst_method_cover"] >= 0.9),
+        key=lambda r: -r["valid"],
     )
     for r in good[:15] or sorted(rows, key=lambda r: -(r["worst_cover"] or 0))[:15]:
         print(json.dumps(r))
@@ -575,9 +617,14 @@ def main() -> None:
     ap.add_argument("--G", type=int, nargs="*", default=[8, 16, 64])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    {"sample": phase_sample, "analyse": phase_analyse, "calibrate": phase_calibrate, "bf16": phase_bf16}[args.phase](
-        args
-    )
+    phases = {
+        "sample": phase_sample,
+        "analyse": phase_analyse,
+        "calibrate": phase_calibrate,
+        "policy": phase_policy,
+        "bf16": phase_bf16,
+    }
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

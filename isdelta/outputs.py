@@ -1,4 +1,5 @@
-"""Leaf helpers for writing results: atomic writes, JSON-safe numbers, versions, the pyplot loader.
+"""Leaf helpers for writing results: atomic writes, file checksums, JSON-safe numbers, versions,
+the pyplot loader.
 
 Imports nothing of isdelta and nothing heavy at import time, so every layer (library and
 programs) can use it: the estimators (numpy only) as much as the run and score programs.
@@ -6,6 +7,7 @@ programs) can use it: the estimators (numpy only) as much as the run and score p
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import platform
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "finite_or_none", "json_num", "pyplot", "versions"]
+__all__ = ["atomic_write", "file_sha256", "finite_or_none", "json_num", "pyplot", "versions"]
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], Any], *, text: bool = False) -> None:
@@ -80,3 +82,12 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (corpora and checkpoints can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

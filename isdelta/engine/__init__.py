@@ -9,7 +9,7 @@
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.masking import completion_mask, first_stop_index, position_ids
-from isdelta.engine.models import builtin_models, check_compatible, load_model
+from isdelta.engine.models import builtin_models, check_compatible, context_size, load_model, load_tokenizer
 from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.samples import Samples
 from isdelta.engine.sampling import sample
@@ -28,8 +28,10 @@ __all__ = [
     "builtin_models",
     "check_compatible",
     "completion_mask",
+    "context_size",
     "first_stop_index",
     "load_model",
+    "load_tokenizer",
     "position_ids",
     "sample",
 ]

@@ -15,6 +15,7 @@ never exist.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -30,7 +31,7 @@ from isdelta.engine.scores import SequenceScores
 from isdelta.engine.split import SplitLM
 from isdelta.engine.transform import LogitTransform
 
-__all__ = ["EngineConfig", "LogProbEngine", "SequenceScores", "SplitLM"]
+__all__ = ["EngineConfig", "LogProbEngine", "SequenceScores", "SplitLM", "check_fp32_weights"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,13 @@ class EngineConfig:
     check_head : once per model, compare body + head against ``model(...).logits`` on one row, so
         an architecture that transforms logits in a way the engine does not know fails loudly.
     progress : show a progress bar over rows (auto-hidden when not on a terminal).
+    fp32 : score in float32 with the model's own float32 weights: any active autocast is turned
+        off for the forward, and a model whose floating parameters are not float32 is refused.
+        Use it when training keeps fp32 master weights but computes in bf16 (autocast, or a
+        bf16 copy for scoring): rounding weights to bf16 turns a small step into a much larger
+        random one (AdamW lr 1e-6 on SmolLM2: KL 0.007 in fp32, 0.41–0.45 through bf16
+        weights; ``benchmarks/README.md``, bf16). Off: the model scores as it is, under
+        whatever autocast the caller has active.
     """
 
     temperature: float = 1.0
@@ -61,6 +69,7 @@ class EngineConfig:
     requires_grad: bool = False
     check_head: bool = True
     progress: bool = True
+    fp32: bool = False
 
     def __post_init__(self) -> None:
         LogitTransform(self.temperature, self.top_k, self.top_p)  # validates them
@@ -96,6 +105,19 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if main < V:
         out = out + torch.einsum("mv,mv->m", a[:, main:], b[:, main:])
     return out
+
+
+def check_fp32_weights(model: torch.nn.Module) -> None:
+    """EngineConfig(fp32=True) scores float32 weights; refuse a model that has others."""
+    low = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} - {"float32"}
+    )
+    if low:
+        raise ValueError(
+            f"EngineConfig(fp32=True) scores the model's float32 weights, but its parameters are {', '.join(low)}: "
+            "the update was already rounded to that precision. Score the fp32 master weights (a model kept in "
+            "float32 and trained under autocast), or set fp32=False to score this model as it is."
+        )
 
 
 @dataclass
@@ -146,10 +168,15 @@ class LogProbEngine:
         lm = SplitLM.of(model)
         rollouts.check_vocab(lm.vocab_size)
         mask = rollouts.mask(cfg.include_eos)  # [N, C]
+        if cfg.fp32:
+            check_fp32_weights(lm.model)
         was_training = lm.model.training
         lm.model.eval()  # dropout off: scores must be a function of the parameters
         try:
-            with torch.enable_grad() if cfg.requires_grad else torch.no_grad():
+            with (
+                torch.enable_grad() if cfg.requires_grad else torch.no_grad(),
+                torch.autocast(lm.device.type, enabled=False) if cfg.fp32 else contextlib.nullcontext(),
+            ):
                 if cfg.check_head:
                     self.check_head(lm, rollouts, mask)
                 chunks = [self._score_batch(lm, rollouts, mask, rows) for rows in self._progress(rollouts, mask)]

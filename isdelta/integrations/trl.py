@@ -228,7 +228,7 @@ class EntropyCallback(TrainerCallback):
             self.trainer.log(scalars)
 
 
-def attach(trainer, *, token_budget: int | None = None, **options) -> EntropyCallback:
+def attach(trainer, *, token_budget: int | None = None, fp32: bool = False, **options) -> EntropyCallback:
     """Monitor ΔH of every optimizer step of a TRL ``GRPOTrainer`` (call before ``train()``).
 
     Parameters
@@ -236,6 +236,10 @@ def attach(trainer, *, token_budget: int | None = None, **options) -> EntropyCal
     trainer : trl.GRPOTrainer
     token_budget : int, optional
         Tokens per scoring forward (default: the engine's).
+    fp32 : bool
+        Score the fp32 weights with autocast off (``EngineConfig.fp32``): set it when the trainer
+        runs in bf16 mixed precision (``bf16=True``) on a float32 model and the steps are small
+        (AdamW lr ≲ 1e-5), where bf16 rounding of the weights swamps the step.
     **options
         Any option of :class:`isdelta.training.MonitorConfig` but the engine (made from the
         trainer's sampling arguments) and the stop ids (the trainer's): ``every``, ``weights``,
@@ -263,7 +267,7 @@ def attach(trainer, *, token_budget: int | None = None, **options) -> EntropyCal
             f"trainer: expected a trl.GRPOTrainer; {type(trainer).__name__} lacks "
             f"{missing}. For other loops use isdelta.training.EntropyMonitor directly."
         )
-    extra = {} if token_budget is None else {"token_budget": int(token_budget)}
+    extra = {"fp32": bool(fp32)} | ({} if token_budget is None else {"token_budget": int(token_budget)})
     cfg = engine_config_from_args(
         trainer.args,
         getattr(trainer, "generation_kwargs", None),

@@ -1,8 +1,8 @@
 """The run's cfg.yaml schema (frozen pydantic sections, see :mod:`isdelta.program`).
 
 A run is fully described by one YAML file plus ``--set a.b=value`` overrides; the resolved
-config is saved beside the outputs and its hash guards them (a changed config never mixes with
-an old run's samples).
+config is saved beside the outputs and its hash, with the data's content hash, stamps them (a
+changed config or data file never mixes with an old run's samples).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -45,7 +45,7 @@ class SamplingConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop_strings: tuple[str, ...] = ()
+    stop_strings: tuple[Annotated[str, Field(min_length=1)], ...] = ()  # an empty one would stop at once
     prompts_per_batch: int = Field(8, ge=1)
 
 

@@ -2,9 +2,12 @@
 
 Stages: load p0 → sample G completions per prompt → score under p0 → make p1 (an in-process
 update step, or a second checkpoint) → score under p1 → tokens, probe (when configured) →
-estimate → report. Every stage's output is written to the output folder as soon as it exists
-(samples chunk by chunk); rerunning the same config resumes from them, and a folder holding a
-different config's results is refused.
+estimate → report. Every check that needs only the config, the data file and the tokenizers
+runs before the first sample is drawn. Every stage's output is written to the output folder as
+soon as it exists (samples chunk by chunk) and recorded with its checksum and the identity of its
+inputs (:class:`isdelta.program.OutputFolder`); rerunning the same command resumes from the parts
+that verify and recomputes the others. A folder holding another config's results, or results
+for other data, is refused; a second run into a folder in use is refused.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import json
 from pathlib import Path
 
 from isdelta import program
-from isdelta.program import ConfigError, stage
+from isdelta.outputs import atomic_write
+from isdelta.program import OutputFolder, stage, stamp_of
+from isdelta.program.folder import MANIFEST
 from isdelta.run.config import RunConfig, config_hash, load_config
-from isdelta.run.data import RunError, load_records
+from isdelta.run.data import RunError, check_prompts, check_records, load_records, records_digest
 from isdelta.run.stages import (
+    check_tokenizers,
     estimate_inputs,
     make_p1,
     probe_stage,
@@ -27,94 +33,140 @@ from isdelta.run.stages import (
 )
 from isdelta.training.update import ZeroUpdateError
 
-__all__ = ["PROGRAM", "main", "prepare_output", "run"]
+__all__ = ["PROGRAM", "main", "progress", "run"]
 
-
-def prepare_output(cfg: RunConfig, out: Path) -> None:
-    """Create the folder, or check that what it holds came from this config (resume or refuse)."""
-    import yaml
-
-    out.mkdir(parents=True, exist_ok=True)
-    h = config_hash(cfg)
-    stamp = out / "config_hash"
-    if stamp.exists() and stamp.read_text().strip() != h:
-        raise RunError(
-            f"output folder {out} holds results of a different config (hash {stamp.read_text().strip()} "
-            f"vs {h} now); isdelta never mixes them. Pass --out NEW_DIR, or delete {out} to start over."
-        )
-    stamp.write_text(h + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-def _p1_done(cfg: RunConfig, out: Path, probe, tokens) -> bool:
-    """Whether a resumed run needs no model change: p1's scores and the update record exist, and
-    neither a probe (it needs the update's direction) nor the token stage (p1) is still due."""
-    return (
-        (out / "scores1.npz").exists()
-        and (out / "update.json").exists()
-        and (cfg.probe is None or probe is not None)
-        and (cfg.tokens is None or tokens is not None)
-    )
+NAME = "isdelta.run"
+# what a run writes; present without a manifest, it cannot be verified (an older isdelta wrote it)
+RESULTS = ("samples", "samples_p1", "scores0.npz", "scores1.npz", "update.json", "probe.json", "tokens.json")
 
 
 def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def run(cfg: RunConfig, out: Path | None = None) -> dict:
-    """Run every stage (resuming from `out`); return the report dict."""
+    """Run every stage (resuming from the verified parts in `out`); return the report dict.
+
+    Everything that needs only the config, the data file and the tokenizers is checked before
+    the output folder is touched (the data's records, the devices, ``updated``'s tokenizer
+    against p0's), and the prompts' lengths against p0's context before the first sample.
+    """
+    import yaml
+
+    key = "--out" if out else "output.dir"
+    out = Path(out or cfg.output.dir)
+    records = load_records(cfg)
+    check_records(cfg, records)
+    cfg.model.check_device("model")
+    if cfg.updated is not None:
+        cfg.updated.check_device("updated")
+        check_tokenizers(cfg.model.load_tokenizer("model"), cfg.updated.load_tokenizer("updated"))
+    if (out / "derived_stamp").exists():  # written by the score program only
+        raise RunError(f"{key} {out}: the folder holds an isdelta.score run", fix="pass another --out for the run")
+    stamp = {"config": config_hash(cfg), "data": records_digest(records)}
+    with OutputFolder(out, key, NAME, stamp, RESULTS, error=RunError) as folder:
+        atomic_write(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return _run(cfg, folder, records)
+
+
+def _saved_p1(cfg: RunConfig, folder, samples_id: str):
+    """``(update info, p1's scores, probe, tokens)`` saved by an earlier run for these samples
+    (each None when absent or not verified)."""
+    update_info = folder.load("update.json", samples_id, _read_json)
+    if update_info is None:
+        return None, None, None, None
+    p1_id = stamp_of([samples_id, folder.digest("update.json")])
+    s1 = score_stage(cfg, None, None, None, folder, "scores1.npz", p1_id)
+    probe = folder.load("probe.json", p1_id, _read_json) if cfg.probe is not None else None
+    tokens = folder.load("tokens.json", p1_id, _read_json) if cfg.tokens is not None else None
+    return update_info, s1, probe, tokens
+
+
+def _non_finite(cfg: RunConfig, which: str, e: FloatingPointError) -> RunError:
+    """The engine's "non-finite logits" as a message that names the likely cause for this run."""
+    section = cfg.model if which == "p0" or cfg.updated is None else cfg.updated
+    half = section.dtype == "float16"
+    if which == "p1" and cfg.update is not None:
+        why = f"the update step (update.lr {cfg.update.lr:g}) moved the weights so far that the logits overflow"
+        fix = "lower update.lr" + (", or load in float32/bfloat16" if half else "")
+    else:
+        key = "model" if which == "p0" else "updated"
+        why = "its weights are broken, or the logits overflow" + (" in float16" if half else "")
+        fix = f"set {key}.dtype: float32 or bfloat16" if half else f"check the checkpoint at {key}.path"
+    first = str(e).split(":")[0]
+    return RunError(f"scoring {which} gave NaN/inf logits ({first})", why, fix)
+
+
+def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
     import torch
 
     from isdelta.engine import SplitLM
     from isdelta.estimators import estimate, estimate_per_prompt, headline
-    from isdelta.run.report import headline_lines, write_report
+    from isdelta.run.bounds import Shown
+    from isdelta.run.report import headline_lines, terminal_summary, write_report
 
-    out = Path(out or cfg.output.dir)
-    prepare_output(cfg, out)
+    out = folder.path
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
-    records = load_records(cfg)
     with stage("load p0", timings):
-        model0, tok = cfg.model.load()
+        model0, tok = cfg.model.load("model")
+    check_prompts(cfg, model0, tok, records)  # before the first sample is drawn
     device = str(next(model0.parameters()).device)
     # tokens a next-token distribution can spread over: per-token entropies above log of it are impossible
     support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
     with stage("sample", timings):
-        rollouts, texts, stopped, transform = sample_stage(cfg, model0, tok, records, out)
+        rollouts, texts, stopped, transform, names = sample_stage(cfg, model0, tok, records, folder)
+    samples_id = folder.digest(*names)
     with stage("score p0", timings):
-        s0 = score_stage(cfg, model0, rollouts, transform, out / "scores0.npz")
-    probe, tokens = _read_json(out / "probe.json"), _read_json(out / "tokens.json")
-    if _p1_done(cfg, out, probe, tokens):
-        update_info = _read_json(out / "update.json")
-        s1 = score_stage(cfg, None, rollouts, transform, out / "scores1.npz")
-    else:
+        try:
+            s0 = score_stage(cfg, model0, rollouts, transform, folder, "scores0.npz", samples_id)
+        except FloatingPointError as e:
+            raise _non_finite(cfg, "p0", e) from None
+    update_info, s1, probe, tokens = _saved_p1(cfg, folder, samples_id)
+    if s1 is None or (cfg.probe is not None and probe is None) or (cfg.tokens is not None and tokens is None):
         keep_p0 = cfg.probe is not None or cfg.tokens is not None  # stages that need both models
         with stage("make p1", timings):
             model1, update_info = make_p1(cfg, model0, tok, rollouts, texts, records, transform, keep_p0)
         if not keep_p0:
             model0 = None  # an in-process update turned these weights into p1
-        (out / "update.json").write_text(json.dumps(update_info, indent=2, default=str))
+        atomic_write(out / "update.json", json.dumps(update_info, indent=2, default=str))
+        folder.record("update.json", inputs=samples_id)
+        p1_id = stamp_of([samples_id, folder.digest("update.json")])
         with stage("score p1", timings):
-            s1 = score_stage(cfg, model1, rollouts, transform, out / "scores1.npz")
+            try:
+                s1 = score_stage(cfg, model1, rollouts, transform, folder, "scores1.npz", p1_id)
+            except FloatingPointError as e:
+                raise _non_finite(cfg, "p1", e) from None
         if cfg.tokens is not None and tokens is None:
             with stage("tokens", timings):
-                tokens = tokens_stage(cfg, model0, model1, tok, records, rollouts, transform, out)
+                tokens = tokens_stage(cfg, model0, model1, tok, records, rollouts, transform, folder, p1_id)
+            folder.record("tokens.json", inputs=p1_id)
         if cfg.probe is not None:
             with stage("probe", timings):
                 probe = probe_stage(cfg, model0, model1, rollouts, s0, transform, out)
+            folder.record("probe.json", inputs=p1_id)
     args, kw = estimate_inputs(cfg, s0, s1, stopped)
-    with stage("estimate", timings):
-        res = estimate(*args, **kw)
-        per_prompt = estimate_per_prompt(*args, **kw)
-    with stage("estimate per decision", timings):
-        per_decision = token_estimates(cfg, s0, s1)
-        decision = headline(res, *per_decision, support_size=support)
+    try:
+        with stage("estimate", timings):
+            res = estimate(*args, **kw)
+            per_prompt = estimate_per_prompt(*args, **kw)
+        with stage("estimate per decision", timings):
+            per_decision = token_estimates(cfg, s0, s1)
+            decision = headline(res, *per_decision, support_size=support)
+    except ValueError as e:  # the estimators' input checks: what arrived and the fix
+        why = str(e)
+        if "-inf" in why and not transform.truncates:  # no top-k/top-p: only an overflow gives p = 0
+            why = "p1 gives probability 0 to tokens p0 sampled, and no top-k/top-p is configured: its logits overflow"
+            raise RunError("the estimators refused these scores", why, "take a smaller step (update.lr)") from None
+        raise RunError("the estimators refused these scores", why) from None
     tok_est = per_decision[0] if per_decision else None
+    shown = Shown.of(decision, support, cfg.sampling.max_new_tokens)
     with stage("report", timings):
         meta = {
             "name": out.name,
             "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg),
+            "data_hash": folder.stamp["data"],
             "device": device,
             "timings": timings,
             "update": update_info,
@@ -141,14 +193,26 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
             tok=tok_est,
             plots=cfg.output.plots,
             n_trace=cfg.output.n_trace_samples,
+            shown=shown,
         )
-    print(res.summary())
-    print("\n" + "\n".join(headline_lines(res, decision)))
+    print(terminal_summary(res, shown, tok_est))
+    print("\n" + "\n".join(headline_lines(res, decision, shown)))
     if tokens is not None:
         for carrier, lines in tokens.get("category_tables", {}).items():
             print(f"\ntoken classes on {carrier} (p0's class; deltas p1 − p0):\n" + "\n".join(lines))
     print(f"\nreport: {out / 'summary.md'}  (report.json, sequences.csv, plots)")
     return report
+
+
+def progress(cfg: RunConfig, out: Path) -> list[str]:
+    """What the folder holds that a rerun reuses (the verified parts), for the Ctrl-C message."""
+    parts = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["parts"]
+    lines = []
+    for sub, what in (("samples/", "p0's samples"), ("samples_p1/", "p1's samples")):
+        n = sum(1 for p in parts if p.startswith(sub) and p.endswith(".pt"))
+        if n:
+            lines.append(f"{what} for {n} chunk(s) of {cfg.sampling.prompts_per_batch} prompts ({sub})")
+    return lines + [n for n in ("scores0.npz", "update.json", "scores1.npz", "tokens.json", "probe.json") if n in parts]
 
 
 PROGRAM = program.Program(
@@ -158,11 +222,10 @@ PROGRAM = program.Program(
     load=load_config,
     execute=run,
     errors={
-        ConfigError: (2, ""),
-        RunError: (2, ""),
         # never reported as a measured ΔH = 0: the update did not move the model at all
-        ZeroUpdateError: (3, "the update did not change the model, so there is no ΔH to measure: "),
+        ZeroUpdateError: (3, "the update did not change the model, so there is no ΔH to measure: ")
     },
+    progress=progress,
 )
 
 

@@ -35,9 +35,11 @@ def plot_weights(path: Path, res, group: np.ndarray) -> None:
 
 
 def plot_per_prompt(path: Path, res, per_prompt: list[dict]) -> None:
-    """ΔH per prompt with its CI, and the pooled ΔH band."""
+    """ΔH per prompt with its CI, and the pooled ΔH band (prompts whose ΔH is outside the
+    physical bounds, ``delta: None``, are left out; report.json says why)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    per_prompt = [r for r in per_prompt if r["delta"] is not None and r["delta"]["value"] is not None]
     x = [r["prompt"] for r in per_prompt]
     v = np.array([r["delta"]["value"] for r in per_prompt], dtype=float)
     lo = np.array([r["delta"]["ci_low"] if r["delta"]["ci_low"] is not None else np.nan for r in per_prompt])

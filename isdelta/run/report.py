@@ -16,24 +16,26 @@ from typing import Any
 import numpy as np
 
 from isdelta.outputs import atomic_write, versions
+from isdelta.run.bounds import Shown, na
 
-__all__ = ["headline", "headline_lines", "per_prompt_rows", "summary_markdown", "write_report"]
+__all__ = ["headline", "headline_lines", "per_prompt_rows", "summary_markdown", "terminal_summary", "write_report"]
 
 LN2 = math.log(2.0)
 
 
-def per_prompt_rows(per_prompt: dict) -> list[dict]:
-    """The per-prompt table of report.json (and the plot) from ``estimate_per_prompt``'s results."""
-    return [
-        {"prompt": int(p), "delta": r.delta.to_dict(), "delta_tok": r.delta_tok.to_dict(), "ess": r.ess, "n": r.n_rows}
-        for p, r in per_prompt.items()
-    ]
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:+.{digits}f}" if isinstance(x, float) else str(x)
+def per_prompt_rows(per_prompt: dict, shown: Shown | None = None) -> list[dict]:
+    """The per-prompt table of report.json (and the plot) from ``estimate_per_prompt``'s results;
+    a prompt whose ΔH is outside the physical bounds gets ``delta: None`` and the reason."""
+    rows = []
+    for p, r in per_prompt.items():
+        row = {"prompt": int(p), "delta": r.delta.to_dict(), "delta_tok": r.delta_tok.to_dict(), "ess": r.ess}
+        why = None
+        if shown is not None:
+            why = shown.reason("h1", r.h1.value, "") or shown.reason("delta", r.delta.value, "", h0=r.h0.value)
+        if why:
+            row.update(delta=None, delta_tok=None, not_shown=why)
+        rows.append({**row, "n": r.n_rows})
+    return rows
 
 
 _SNIS_ROWS = [
@@ -47,55 +49,104 @@ _SNIS_ROWS = [
     ("ΔH per token, Rao–Blackwellised", "delta_tok_rb"),
     ("ΔH₁ (first order)", "delta1"),
 ]
+_TOKEN_ROWS = [
+    ("**ΔH per sequence**", "delta"),
+    ("**ΔH per token**", "delta_tok"),
+    ("H(p1) per sequence", "h1"),
+    ("ΔH on p0's own paths", "direct"),
+    ("ΔH from path shift", "path_shift"),
+]
+_HEAD = ["quantity", "nats", "± SE", "CI (nats)", "bits", "CI (bits)"]
 
 
-def _estimate_table(res, names: list[tuple[str, str]] | None = None) -> list[str]:
-    lines = ["| quantity | nats | ± SE | CI (nats) | bits | CI (bits) |", "|---|---|---|---|---|---|"]
-    names = names or _SNIS_ROWS
+def _h0_for(res, key: str) -> float | None:
+    """H(p0) in the unit of ``key`` (per sequence or per token), for ΔH's lower bound."""
+    name = "h0_tok" if "_tok" in key else "h0"
+    e = getattr(res, name, None)
+    return None if e is None else e.value
+
+
+def _estimate_rows(res, names, shown: Shown, method: str, h0_source=None) -> list[list[str]]:
+    """[label, nats, se, CI, bits, CI bits] per estimate; ``n/a (reason)`` where not shown."""
+    rows = []
     for label, key in names:
         e = getattr(res, key, None)
         if e is None:
             continue
+        why = shown.reason(key, e.value, method, h0=_h0_for(h0_source or res, key))
+        if why:
+            rows.append([label, na(why), "", "", "", ""])
+            continue
         b = e.bits
-        lines.append(
-            f"| {label} | {e.value:+.4f} | {e.se:.4f} | [{e.ci_low:+.4f}, {e.ci_high:+.4f}] | "
-            f"{b.value:+.4f} | [{b.ci_low:+.4f}, {b.ci_high:+.4f}] |"
+        rows.append(
+            [
+                label,
+                f"{e.value:+.4f}",
+                f"{e.se:.4f}",
+                f"[{e.ci_low:+.4f}, {e.ci_high:+.4f}]",
+                f"{b.value:+.4f}",
+                f"[{b.ci_low:+.4f}, {b.ci_high:+.4f}]",
+            ]
         )
-    return lines
+    return rows
 
 
-def _diagnostics_table(res) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The same rows, padded for a terminal (markdown emphasis dropped); an ``n/a (reason)`` row
+    runs across the value columns without widening them."""
+    rows = [[c.replace("**", "") for c in r] for r in [head, *rows]]
+    sized = [r for r in rows if not r[1].startswith("n/a (") or len(r) == 2]
+    widths = [max(len(r[i]) for r in (rows if i == 0 else sized)) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _snis_method(res) -> str:
+    return "snis_rb" if res.delta_rb is not None else "snis"
+
+
+def _diagnostics_rows(res, shown: Shown) -> list[list[str]]:
+    khat = f"{res.khat:.3f} ({res.khat_threshold:.2f}) — {res.khat_status}"
+    if not math.isfinite(res.khat):
+        khat = na(f"{res.khat_status}: the tail fit needs ≥ 25 rows with distinct log-ratios")
+    s_min = f"{res.s_min:.3g}" if math.isfinite(res.s_min) else na("k̂ not estimable, or ≥ 1")
+    kl_why = shown.kl(res.kl)
     d = [
         ("ESS (pooled)", f"{res.ess:.1f} of {res.n_rows} ({res.ess_frac:.0%})"),
         ("ESS per prompt (min / mean)", f"{res.ess_min:.1f} / {res.ess_mean:.1f}"),
-        ("Pareto k̂ (threshold)", f"{res.khat:.3f} ({res.khat_threshold:.2f}) — {res.khat_status}"),
-        ("S_min for this k̂", f"{res.s_min:.3g}"),
-        ("KL(p1‖p0), nats", f"{res.kl:.4g}"),
-        ("mean ratio per prompt (min / max)", f"{res.mean_ratio_min:.3f} / {res.mean_ratio_max:.3f}"),
+        ("Pareto k̂ (threshold)", khat),
+        ("S_min for this k̂", s_min),
+        ("KL(p1‖p0), nats", na(kl_why) if kl_why else f"{res.kl:.4g}"),
+        ("mean ratio per prompt (min / max)", f"{res.mean_ratio_min:.3g} / {res.mean_ratio_max:.3g}"),
         ("weights", res.weights_used),
         ("uncertainty", f"prompts = {res.prompts}"),
         ("first-order gap terms (cov, KL)", f"{res.cov_term:+.4f}, {res.kl_term:+.4f}"),
     ]
-    return ["| diagnostic | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in d]
+    return [[k, v] for k, v in d]
 
 
-def _sanity_table(res) -> list[str]:
+def _sanity_rows(res, shown: Shown) -> list[list[str]]:
+    why1 = shown.method_reason(_snis_method(res)) or ("negative" if res.nll1_tok < 0 else None)
+    nll1 = na(why1) if why1 else f"{res.nll1_tok:.4f} nats = {res.nll1_tok / LN2:.4f} bits"
     d = [
         ("prompts × samples", f"{res.n_prompts} prompts, {res.n_rows} rows"),
         ("mean generated length (tokens)", f"{res.mean_length:.1f}"),
         ("per-token NLL under p0", f"{res.nll0_tok:.4f} nats = {res.nll0_tok / LN2:.4f} bits"),
-        ("per-token NLL under p1 (SNIS)", f"{res.nll1_tok:.4f} nats = {res.nll1_tok / LN2:.4f} bits"),
+        ("per-token NLL under p1 (SNIS)", nll1),
         ("rows without a stop token", "n/a" if res.no_stop_frac is None else f"{res.no_stop_frac:.0%}"),
         ("rows with L = 0", str(res.n_empty)),
     ]
-    return ["| sanity figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in d]
+    return [[k, v] for k, v in d]
 
 
 def se_ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}×" if b > 0 else "n/a (zero SE)"
+    return f"{a / b:.2f}×" if b > 0 and math.isfinite(a / b) else "n/a (zero or non-finite SE)"
 
 
-def _token_section(tok, res) -> list[str]:
+def _token_section(tok, res, shown: Shown) -> list[str]:
     """Per-decision (variance-reduced) estimates beside the sequence-level SNIS ones."""
     out = [
         "",
@@ -105,21 +156,17 @@ def _token_section(tok, res) -> list[str]:
         "control variate (see `estimate_tokens`). Same samples as above.",
         "",
     ]
-    out += _estimate_table(
-        tok,
-        [
-            ("**ΔH per sequence**", "delta"),
-            ("**ΔH per token**", "delta_tok"),
-            ("H(p1) per sequence", "h1"),
-            ("ΔH on p0's own paths", "direct"),
-            ("ΔH from path shift", "path_shift"),
-        ],
+    out += markdown_table(_HEAD, _estimate_rows(tok, _TOKEN_ROWS, shown, tok.method, h0_source=tok))
+    hidden = shown.method_reason(tok.method) or shown.method_reason(_snis_method(res))
+    ratio = (
+        na(hidden)
+        if hidden
+        else f"ΔH {se_ratio(tok.delta.se, res.delta.se)}, ΔH per token {se_ratio(tok.delta_tok.se, res.delta_tok.se)}"
     )
     out += [
         "",
         f"- control variate: {tok.beta}",
-        f"- SE relative to sequence-level SNIS: ΔH {se_ratio(tok.delta.se, res.delta.se)}, "
-        f"ΔH per token {se_ratio(tok.delta_tok.se, res.delta_tok.se)}",
+        f"- SE relative to sequence-level SNIS: {ratio}",
         f"- prefix ESS min {tok.prefix_ess_min:.1f} ({tok.prefix_ess_frac_min:.0%} of G), "
         f"max |log ρ| {tok.max_log_rho:.3g}",
     ]
@@ -138,40 +185,66 @@ def headline(res, decision) -> dict:
     }
 
 
-def headline_lines(res, decision) -> list[str]:
+def _snis_beside(res, shown: Shown | None) -> str:
+    """Sequence-level SNIS's ΔH for the second headline line, or why it is not shown."""
+    if shown is not None:
+        why = shown.reason("delta", res.delta.value, _snis_method(res), h0=res.h0.value)
+        why = why or shown.reason("delta_tok", res.delta_tok.value, _snis_method(res), h0=res.h0_tok.value)
+        if why:
+            return f"ΔH {na(why)} (its raw numbers are in report.json, for inspection only)"
+    return f"ΔH {res.delta}; per token {res.delta_tok}"
+
+
+def headline_lines(res, decision, shown: Shown | None = None) -> list[str]:
     """Two lines for the terminal and summary.md: the headline (or plainly that there is no valid
-    one, why, and what would make it readable), and sequence-level SNIS beside it."""
+    one, why, and what would make it readable), and sequence-level SNIS beside it (or, when the
+    policy rejected it too, why its numbers are not shown)."""
     if not decision.valid:
         return [
             f"ΔH: not valid on these samples — {decision.reason}",
-            f"{decision.advice} Sequence-level SNIS, for inspection only: ΔH {res.delta}; per token {res.delta_tok}",
+            f"{decision.advice} Sequence-level SNIS: {_snis_beside(res, shown)}",
         ]
     best, best_tok = decision.delta, decision.delta_tok
+    beside = _snis_beside(res, shown)
+    same = decision.method != "snis" and not beside.startswith("ΔH n/a")
     return [
         f"ΔH = {best} per sequence ({best.bits.value:+.4g} bits); per token {best_tok} — {decision.method} "
         f"({decision.why})",
-        f"sequence-level SNIS beside it: ΔH {res.delta}; per token {res.delta_tok}"
-        + (f" (SE ratio {se_ratio(best.se, res.delta.se)})" if decision.method != "snis" else ""),
+        f"sequence-level SNIS beside it: {beside}" + (f" (SE ratio {se_ratio(best.se, res.delta.se)})" if same else ""),
     ]
 
 
-def summary_markdown(res, meta: dict[str, Any], decision, tok=None) -> str:
+def terminal_summary(res, shown: Shown, tok=None) -> str:
+    """The estimates and diagnostics for the terminal, with the same n/a rules as summary.md."""
+    out = [f"sequence-level SNIS ({res.n_rows} rows, {res.n_prompts} prompts):"]
+    out += text_table(_HEAD, _estimate_rows(res, _SNIS_ROWS, shown, _snis_method(res)))
+    if tok is not None:
+        out += ["", f"per-decision ({tok.method}):"]
+        out += text_table(_HEAD, _estimate_rows(tok, _TOKEN_ROWS, shown, tok.method, h0_source=tok))
+    out += [""] + text_table(["diagnostic", "value"], _diagnostics_rows(res, shown))
+    out += [f"warning: {w}" for w in res.warnings]
+    return "\n".join(out)
+
+
+def summary_markdown(res, meta: dict[str, Any], decision, tok=None, shown: Shown | None = None) -> str:
     """summary.md: headline, estimates, diagnostics, sanity figures, update, warnings, timings."""
+    shown = shown or Shown(math.inf, 1)
     out = [
         f"# isdelta run — {meta.get('name', '')}",
         "",
         f"p0: `{meta['p0']}`; p1: {meta['p1']}. Entropies of the sampling distribution "
-        f"({meta['transform']}), nats (bits = nats / ln 2).",
+        f"({meta['transform']}), nats (bits = nats / ln 2). A figure the headline policy rejects, or "
+        "one outside the physical bounds of entropy, is printed as n/a (reason).",
         "",
     ]
-    best, beside = headline_lines(res, decision)
+    best, beside = headline_lines(res, decision, shown)
     out += [f"**{best}**", "", beside]
     out += ["", "## Estimates (sequence-level SNIS)", ""]
-    out += _estimate_table(res)
+    out += markdown_table(_HEAD, _estimate_rows(res, _SNIS_ROWS, shown, _snis_method(res)))
     if tok is not None:
-        out += _token_section(tok, res)
-    out += ["", "## Diagnostics", ""] + _diagnostics_table(res)
-    out += ["", "## Sanity figures", ""] + _sanity_table(res)
+        out += _token_section(tok, res, shown)
+    out += ["", "## Diagnostics", ""] + markdown_table(["diagnostic", "value"], _diagnostics_rows(res, shown))
+    out += ["", "## Sanity figures", ""] + markdown_table(["sanity figure", "value"], _sanity_rows(res, shown))
     if meta.get("update"):
         u = meta["update"]
         out += ["", "## Update", "", "| field | value |", "|---|---|"]
@@ -250,16 +323,20 @@ def write_report(
     tok=None,
     plots: bool = True,
     n_trace: int = 4,
+    shown: Shown | None = None,
 ) -> dict:
     """Write report.json, sequences.csv, summary.md and (optionally) plots; return report dict.
 
     ``res`` is the sequence-level estimate (with the weights it used), ``per_prompt`` the
     estimates within each prompt (``estimate_per_prompt``), ``decision`` the headline policy's
     verdict (:func:`isdelta.estimators.headline`) and ``tok`` the per-decision estimate
-    (``estimate_tokens``), shown beside sequence-level SNIS.
+    (``estimate_tokens``), shown beside sequence-level SNIS. ``shown`` says which figures the
+    reports print as ``n/a (reason)``; report.json keeps every raw value and lists those under
+    ``not_shown``.
     """
     out = Path(out)
-    per_prompt = per_prompt_rows(per_prompt)
+    shown = shown or Shown(math.inf, 1)
+    per_prompt = per_prompt_rows(per_prompt, shown)
     plot_files = []
     if plots:
         from isdelta.run.plots import draw_all
@@ -280,9 +357,27 @@ def write_report(
         "probe": meta.get("probe"),
         "tokens": None if not meta.get("tokens") else {k: v for k, v in meta["tokens"].items() if k != "markdown"},
         "per_prompt": per_prompt,
+        "not_shown": not_shown(res, tok, shown),
         "plots": plot_files,
     }
     atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
     write_sequences_csv(out / "sequences.csv", s0, s1, texts, res.weights)
-    atomic_write(out / "summary.md", summary_markdown(res, meta, decision, tok))
+    atomic_write(out / "summary.md", summary_markdown(res, meta, decision, tok, shown))
     return report
+
+
+def not_shown(res, tok, shown: Shown) -> dict[str, str]:
+    """``"estimate.delta"``-style keys of report.json -> why the reports print n/a for them."""
+    out = {}
+    for prefix, result, names, method in (
+        ("estimate", res, _SNIS_ROWS, _snis_method(res)),
+        ("estimate_tokens", tok, _TOKEN_ROWS, None if tok is None else tok.method),
+    ):
+        for _, key in names if result is not None else []:
+            e = getattr(result, key, None)
+            h0 = _h0_for(result, key)
+            if e is not None and (why := shown.reason(key, e.value, method, h0=h0)):
+                out[f"{prefix}.{key}"] = why
+    if why := shown.kl(res.kl):
+        out["estimate.kl"] = why
+    return out

@@ -1,4 +1,6 @@
-"""The run's stages, each reading what it needs from the config and the output folder.
+"""The run's stages, each reading what it needs from the config and the output folder (an
+:class:`isdelta.program.OutputFolder`: a saved part is reused only when its checksum and inputs
+match, else it is recomputed).
 
 sample (p0's completions, saved chunk by chunk) → score (one model's arrays, saved) → make p1 (an
 in-process update step, or a second checkpoint) → estimate → probe → tokens. The models are two
@@ -15,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from isdelta.outputs import atomic_write
+from isdelta.program import stamp_of
 from isdelta.run.config import RunConfig
 from isdelta.run.data import RunError, sft_rollouts
 
 __all__ = [
+    "check_tokenizers",
     "estimate_inputs",
     "make_p1",
     "probe_stage",
@@ -29,53 +33,65 @@ __all__ = [
 ]
 
 
-def sample_stage(cfg: RunConfig, model, tok, records: list[dict], out: Path, subdir: str = "samples"):
-    """Sample in chunks of prompts; each chunk is saved when done and reloaded on resume."""
+def sample_stage(cfg: RunConfig, model, tok, records: list[dict], folder, subdir: str = "samples", inputs: str = ""):
+    """Sample in chunks of prompts; each chunk is saved when done and reused on resume when its
+    checksums and ``inputs`` (the sampling model's identity) match.
+
+    Returns ``(rollouts, texts, stopped, transform, names)``, ``names`` the saved files.
+    """
     from isdelta.engine import LogitTransform, Rollouts
     from isdelta.engine.samples import Samples
     from isdelta.engine.sampling import sample
 
     s = cfg.sampling
     transform = LogitTransform(s.temperature, s.top_k, s.top_p)
-    parts_dir = out / subdir
-    parts_dir.mkdir(exist_ok=True)
+    (folder.path / subdir).mkdir(exist_ok=True)
     k = s.prompts_per_batch
-    parts = []
+    parts, names = [], []
     for c, start in enumerate(range(0, len(records), k)):
-        path = parts_dir / f"part-{c:04d}.pt"
-        if path.exists():
-            parts.append(Samples.load(path))
-            continue
-        part = sample(
-            model,
-            tok,
-            [r["prompt"] for r in records[start : start + k]],
-            num_samples=s.num_samples,
-            transform=transform,
-            max_new_tokens=s.max_new_tokens,
-            stop_strings=s.stop_strings,
-            seed=cfg.seed * 100_003 + c,
-        )
-        part.save(path)
+        pt, js = f"{subdir}/part-{c:04d}.pt", f"{subdir}/part-{c:04d}.json"
+        names += [pt, js]
+        part_inputs = stamp_of([inputs, subdir, c])
+        part = folder.load((pt, js), part_inputs, Samples.load)
+        if part is None:
+            part = sample(
+                model,
+                tok,
+                [r["prompt"] for r in records[start : start + k]],
+                num_samples=s.num_samples,
+                transform=transform,
+                max_new_tokens=s.max_new_tokens,
+                stop_strings=s.stop_strings,
+                seed=cfg.seed * 100_003 + c,
+            )
+            part.save(folder.path / pt)
+            folder.record(pt, js, inputs=part_inputs)
         parts.append(part)
     rollouts = Rollouts.concat([p.rollouts for p in parts], pad_token_id=tok.pad_token_id)
     texts = [t for p in parts for t in p.texts]
     stopped = np.concatenate([np.asarray(p.stopped) for p in parts])
-    return rollouts, texts, stopped, transform
+    return rollouts, texts, stopped, transform, names
 
 
-def score_stage(cfg: RunConfig, model, rollouts, transform, path: Path) -> dict:
-    """Scores as numpy arrays; saved to `path` (npz) and reloaded on resume."""
-    if path.exists():
-        with np.load(path) as z:
-            return dict(z)
+def _read_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return dict(z)
+
+
+def score_stage(cfg: RunConfig, model, rollouts, transform, folder, name: str, inputs: str) -> dict | None:
+    """Scores as numpy arrays, saved as ``name`` (npz) and reused on resume when verified;
+    None when no verified copy exists and ``model`` is None (the caller makes p1 first)."""
+    saved = folder.load(name, inputs, _read_npz)
+    if saved is not None or model is None:
+        return saved
     from isdelta.engine import EngineConfig, LogProbEngine
 
     # Always score whole sequences: the importance weights need the full ratio (p0 sampled the
     # stop token too); engine.include_eos=false is applied in the estimator (include="no_eos").
     ecfg = EngineConfig.from_transform(transform, include_eos=True, token_budget=cfg.engine.token_budget)
     arrays = LogProbEngine(ecfg).score(model, rollouts).to_numpy()
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(folder.path / name, lambda f: np.savez(f, **arrays))
+    folder.record(name, inputs=inputs)
     return arrays
 
 
@@ -86,14 +102,22 @@ def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
     models), else to ``model0``'s own weights: they are p1 afterwards, and the caller must not
     use the name ``model0`` again.
     """
-    from isdelta.engine import EngineConfig, check_compatible
-
     if cfg.updated is not None:
-        model1, tok1 = cfg.updated.load()
-        check_compatible(tok, tok1)
+        model1, tok1 = cfg.updated.load("updated")
+        check_tokenizers(tok, tok1)
+        _check_finite(model1, "updated.path: the checkpoint's weights hold NaN or inf", "check the checkpoint")
         return model1, {"kind": "checkpoint", "path": cfg.updated.path}
+    try:
+        return _update(cfg, model0, tok, rollouts, texts, records, transform, keep_p0)
+    except FloatingPointError as e:  # the update library's own account of the overflow
+        raise RunError(f"update: the step (update.lr {cfg.update.lr:g}) failed", str(e), "lower update.lr") from None
+
+
+def _update(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, keep_p0: bool):
+    """The in-process step of :func:`make_p1`."""
     import torch
 
+    from isdelta.engine import EngineConfig
     from isdelta.training import REWARDS, update
 
     u = cfg.update
@@ -103,9 +127,7 @@ def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
     ecfg = EngineConfig.from_transform(transform, token_budget=cfg.engine.token_budget)
     torch.manual_seed(cfg.seed)
     if u.loss == "reinforce":
-        answers = [records[g]["answer"] for g in rollouts.group.tolist()]
-        if any(a is None for a in answers):
-            raise RunError(f"update.loss=reinforce needs data.answer_field ('{cfg.data.answer_field}') on every row.")
+        answers = [records[g]["answer"] for g in rollouts.group.tolist()]  # present: check_records
         rewards = np.array([REWARDS[u.reward](t, str(a)) for t, a in zip(texts, answers)])
         result = update(
             model1,
@@ -131,6 +153,27 @@ def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
     if u.loss == "reinforce":
         info.update(reward=u.reward, mean_reward=float(rewards.mean()), samples_per_prompt=cfg.sampling.num_samples)
     return model1, info
+
+
+def check_tokenizers(tok0, tok1) -> None:
+    """p0's and p1's tokenizers map text to the same ids (RunError naming ``updated.path``)."""
+    from isdelta.engine import check_compatible
+
+    try:
+        check_compatible(tok0, tok1)
+    except ValueError as e:
+        raise RunError(
+            "updated.path: its tokenizer is not model.path's", str(e).removeprefix("the two models' ")
+        ) from None
+
+
+def _check_finite(model, what: str, fix: str) -> None:
+    """RunError when a parameter holds NaN or inf (scores would be NaN, the hint misleading)."""
+    import torch
+
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RunError(what, f"{len(bad)} parameter tensors, e.g. {bad[:3]}", fix)
 
 
 def estimate_inputs(cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray) -> tuple[tuple, dict]:
@@ -164,8 +207,9 @@ def estimate_inputs(cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray) -> 
 
 
 def token_estimates(cfg: RunConfig, s0: dict, s1: dict) -> list:
-    """The per-decision estimates the headline policy tries first: ``cv`` (control variate, the
-    lowest variance) and ``pd_sn`` (self-normalised, bounded by the data).
+    """The per-decision estimates the headline policy tries first, in its order: ``cv`` (control
+    variate, the lowest variance), ``pd`` (plain) and ``pd_sn`` (self-normalised, bounded by the
+    data).
 
     Their masks count the stop token (the prefix ratio must include it), so they run only when
     the run measures all positions (engine.include_eos = true); else the list is empty.
@@ -176,7 +220,7 @@ def token_estimates(cfg: RunConfig, s0: dict, s1: dict) -> list:
         return []
     e = cfg.estimator
     args = (s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"], s0["mask"], s0["group"])
-    return [estimate_tokens(*args, method=m, prompts=e.prompts, level=e.level) for m in ("cv", "pd_sn")]
+    return [estimate_tokens(*args, method=m, prompts=e.prompts, level=e.level) for m in ("cv", "pd", "pd_sn")]
 
 
 def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, out: Path) -> dict:
@@ -206,7 +250,7 @@ def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, o
     )
 
 
-def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transform, out: Path) -> dict:
+def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transform, folder, p1_id: str) -> dict:
     """Token-level diagnostics of p0 vs p1 on the configured carriers (tokens.csv/json/md, plots).
 
     Carriers: p0's samples and p1's own (sampled with the same transform and seeds), and/or the
@@ -218,7 +262,7 @@ def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transfo
     carriers = {}
     if t.mode in ("generations", "both"):
         carriers["p0 samples"] = rollouts
-        carriers["p1 samples"] = sample_stage(cfg, model1, tok, records, out, subdir="samples_p1")[0]
+        carriers["p1 samples"] = sample_stage(cfg, model1, tok, records, folder, "samples_p1", p1_id)[0]
     if t.mode in ("teacher_forced", "both"):
         why = f"tokens.mode={t.mode} (without responses use tokens.mode=generations)"
         carriers["reference"] = sft_rollouts(tok, records, cfg, why=why)
@@ -233,6 +277,6 @@ def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transfo
         options=opts,
         names=("p0", "p1"),
         n_interesting=t.n_interesting,
-        out_dir=out,
+        out_dir=folder.path,
         plots=cfg.output.plots,
     )

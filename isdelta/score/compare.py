@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from isdelta.outputs import finite_or_none
+
 __all__ = ["PCA", "Comparison", "compare_models", "distance_matrix", "pca"]
 
 
@@ -38,7 +40,7 @@ class PCA:
     def to_dict(self, names: list[str]) -> dict[str, Any]:
         return {
             "explained_variance": self.explained_variance.tolist(),
-            "explained_variance_ratio": self.explained_variance_ratio.tolist(),
+            "explained_variance_ratio": [finite_or_none(r) for r in self.explained_variance_ratio],
             "coords": {n: c.tolist() for n, c in zip(names, self.coords)},
         }
 
@@ -117,8 +119,8 @@ class Comparison:
     pca: PCA
 
     def to_dict(self) -> dict[str, Any]:
-        def mat(a):
-            return {n: dict(zip(self.names, map(float, row))) for n, row in zip(self.names, a)}
+        def mat(a):  # JSON-safe: an undefined correlation (constant values) is null
+            return {n: dict(zip(self.names, map(finite_or_none, row))) for n, row in zip(self.names, a)}
 
         return {
             "stat": self.stat,

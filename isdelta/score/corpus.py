@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from isdelta.program import ProgramError
+
 __all__ = [
     "CorpusError",
     "CorpusIndex",
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 
-class CorpusError(ValueError):
+class CorpusError(ProgramError, ValueError):
     """A corpus file that cannot be read as configured; the message names the file and line."""
 
 
@@ -61,7 +63,10 @@ def resolve_path(path: str) -> Path:
     else:
         p = Path(path).expanduser()
     if not p.is_file():
-        raise CorpusError(f"data.path: {p} does not exist (a jsonl or txt file, or builtin:score_demo).")
+        raise CorpusError(
+            f"data.path: {p} does not exist" + (" as a file" if p.exists() else ""),
+            fix="give a jsonl or txt file, or builtin:score_demo",
+        )
     return p
 
 
@@ -81,10 +86,13 @@ def iter_records(data, path: Path | None = None) -> Iterator[Record]:
     for lineno, offset, raw in spans:
         if not raw.strip():
             continue
-        if jsonl:
-            rid, text, prompt = _from_json(data, i, raw, path, lineno)
-        else:
-            rid, text, prompt = i, raw.decode("utf-8").rstrip("\r\n"), None
+        try:
+            if jsonl:
+                rid, text, prompt = _from_json(data, i, raw, path, lineno)
+            else:
+                rid, text, prompt = i, raw.decode("utf-8").rstrip("\r\n"), None
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}:{lineno}: not UTF-8 text", str(e), "save the corpus as UTF-8") from None
         yield Record(i, rid, text, prompt, (offset, len(raw)))
         i += 1
         if data.limit and i >= data.limit:

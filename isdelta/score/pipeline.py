@@ -27,37 +27,39 @@ from pathlib import Path
 import numpy as np
 
 from isdelta import program
-from isdelta.outputs import atomic_write, versions
-from isdelta.program import ConfigError, stage
+from isdelta.outputs import atomic_write, file_sha256, versions
+from isdelta.program import ConfigError, ExitCode, folder_lock, stage
+from isdelta.program.folder import MANIFEST, make_folder
 from isdelta.score.config import load_score_config
 from isdelta.score.corpus import CorpusError
 from isdelta.score.report import summary_markdown
 from isdelta.score.store import StoreError
 
-__all__ = ["PROGRAM", "main", "score", "score_models"]
+__all__ = ["PROGRAM", "check_corpus", "main", "progress", "score", "score_models"]
 
 
-def _store(cfg, out: Path, i: int):
+def _store(cfg, out: Path, i: int, corpus_hash: str = ""):
+    """Model i's result folder (``corpus_hash`` given: ready to be opened and written)."""
     from isdelta.score.store import ModelStore, stamp_of
 
     m = cfg.models[i]
     # what the scores depend on: the model entry and the data section (the name is the folder
     # itself; engine.token_budget / chunk_texts are left out: scores do not depend on batching)
     key = {"model": m.model_dump(mode="json", exclude={"name"}), "data": cfg.data.model_dump(mode="json")}
-    return ModelStore(out / "models" / cfg.names[i], stamp_of(key))
+    return ModelStore(out / "models" / cfg.names[i], stamp_of(key), corpus_hash)
 
 
 # ---------------------------------------------------------------------------- scoring
-def score_models(cfg, out: Path, timings: dict) -> dict[str, dict]:
+def score_models(cfg, out: Path, timings: dict, corpus_hash: str = "") -> dict[str, dict]:
     """Score the corpus under every model (resuming); return each model's ``done.json`` info.
 
     Consecutive entries that share path, dtype and device (e.g. one model at two temperatures)
     reuse the loaded weights.
     """
-    stores = [_store(cfg, out, i) for i in range(len(cfg.models))]
+    stores = [_store(cfg, out, i, corpus_hash) for i in range(len(cfg.models))]
     n_done_all = [s.open() for s in stores]  # every folder checked before any model is loaded
     infos, loaded = {}, None
-    for name, m, store, n_done in zip(cfg.names, cfg.models, stores, n_done_all):
+    for i, (name, m, store, n_done) in enumerate(zip(cfg.names, cfg.models, stores, n_done_all)):
         if store.done is not None:
             print(f"[isdelta] {name}: all texts already scored ({store.stats_path})", file=sys.stderr)
             infos[name] = store.done
@@ -66,7 +68,7 @@ def score_models(cfg, out: Path, timings: dict) -> dict[str, dict]:
         if loaded is None or loaded[0] != load_key:
             loaded = None  # the only reference: the previous weights are freed before the next load
             with stage(f"load {name} ({m.path})", timings):
-                loaded = (load_key, *m.load())
+                loaded = (load_key, *m.load(f"models.{i}"))
         with stage(f"score {name}", timings):
             infos[name] = score_one(cfg, name, m, loaded[1], loaded[2], store, n_done)
     return infos
@@ -137,7 +139,13 @@ def build_curriculum(cfg, out: Path, corpus: Path) -> dict | None:
     cols = [(_store(cfg, out, cfg.names.index(model)).columns([stat])[1][stat], w) for stat, model, w in terms]
     key = combine_key(cols, c.standardize)
     index = CorpusIndex.build(cfg.data, corpus)
-    assert len(index.ids) == len(key), "stats rows and corpus records must align one to one"
+    if len(index.ids) != len(key):  # the stamps and checksums make this a damaged folder
+        raise StoreError(
+            f"{out / 'models'}: the saved statistics hold {len(key)} texts, the corpus {len(index.ids)}",
+            "the folder was changed by hand",
+            f"delete {out / 'models'} to rescore",
+            code=ExitCode.OUTPUT_FOLDER,
+        )
     cur = _build(key, c.bins, c.binning, c.schedule)
     label = " + ".join(("" if w == 1 else f"{w:g}·") + f"{s}@{m}" for s, m, w in terms)
     meta = {
@@ -176,6 +184,8 @@ def build_comparison(cfg, out: Path, infos: dict[str, dict]) -> dict | None:
     stores = [_store(cfg, out, i) for i in range(len(names))]
     X = np.vstack([s.columns([stat])[1][stat] for s in stores])  # [M, n]
     ok = np.isfinite(X).all(0)
+    if ok.sum() < 3:  # e.g. a corpus of empty texts: no ranks to correlate
+        return {"skipped": f"only {int(ok.sum())} texts have a finite {stat} under every model; ranks need ≥ 3"}
     res = compare_models(X[:, ok], names, stat, cfg.compare.distance)
     (out / "compare").mkdir(exist_ok=True)
     _side_by_side(out / "compare" / "side_by_side.csv", stores, names, KEY_STATS)
@@ -236,25 +246,60 @@ def model_table(cfg, out: Path, infos: dict[str, dict]) -> dict[str, dict]:
     return table
 
 
+def check_corpus(cfg, corpus: Path) -> int:
+    """Read the whole corpus once before any model loads (every record readable); its text count."""
+    from isdelta.score.corpus import iter_records
+
+    n = sum(1 for _ in iter_records(cfg.data, corpus))
+    if n == 0:
+        raise CorpusError(f"data.path: {corpus} holds no texts", fix="give a jsonl or txt file with texts")
+    if cfg.compare is not None and len(cfg.models) > 1 and n < 3:
+        raise ConfigError(
+            f"compare: rank correlations need ≥ 3 texts, the corpus has {n}",
+            fix="score a larger corpus, or set compare: null",
+        )
+    return n
+
+
 def score(cfg, out: Path | None = None) -> dict:
-    """Score, build the curriculum and the comparison, write the summary; return it as a dict."""
-    import yaml
+    """Score, build the curriculum and the comparison, write the summary; return it as a dict.
 
+    The corpus, the devices and the folder are checked before any model loads; the output
+    folder is locked while the run writes it.
+    """
     from isdelta.score.corpus import resolve_path
-    from isdelta.score.store import stamp_of
 
+    key = "--out" if out else "output.dir"
     out = Path(out or cfg.output.dir)
     corpus = resolve_path(cfg.data.path)
+    check_corpus(cfg, corpus)
+    for i, m in enumerate(cfg.models):
+        m.check_device(f"models.{i}")
+    make_folder(out, key)
+    with folder_lock(out, key):
+        if (out / MANIFEST).exists():
+            raise ConfigError(
+                f"{key} {out}: the folder holds an isdelta.run run", fix="pass another --out for the score program"
+            )
+        return _score(cfg, out, corpus, file_sha256(corpus)[:16])
+
+
+def _score(cfg, out: Path, corpus: Path, corpus_hash: str) -> dict:
+    import yaml
+
+    from isdelta.score.store import stamp_of
+
     (out / "plots").mkdir(parents=True, exist_ok=True)
     _note_derived_change(cfg, out, stamp_of)
     atomic_write(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     timings: dict[str, float] = {}
-    infos = score_models(cfg, out, timings)
+    infos = score_models(cfg, out, timings, corpus_hash)
     _clear_derived(cfg, out)
     with stage("curriculum, comparison, plots", timings):
         summary = {
             "name": out.name,
             "corpus": str(corpus),
+            "corpus_sha256": corpus_hash,
             "models": model_table(cfg, out, infos),
             "curriculum": build_curriculum(cfg, out, corpus),
             "comparison": build_comparison(cfg, out, infos),
@@ -290,13 +335,23 @@ def _note_derived_change(cfg, out: Path, stamp_of) -> None:
     path.write_text(derived + "\n")
 
 
+def progress(cfg, out: Path) -> list[str]:
+    """Texts scored and saved per model, for the Ctrl-C message."""
+    lines = []
+    for i, name in enumerate(cfg.names):
+        n = _store(cfg, out, i).n_saved()
+        if n:
+            lines.append(f"{n} texts scored under {name} (models/{name}/stats.jsonl)")
+    return lines
+
+
 PROGRAM = program.Program(
     prog="python -m isdelta.score",
     description="Characterise a text corpus by entropy and varentropy.",
     set_example="models.0.temperature=0.7",
     load=load_score_config,
     execute=score,
-    errors={ConfigError: (2, ""), CorpusError: (2, ""), StoreError: (2, "")},
+    progress=progress,
 )
 
 

@@ -8,8 +8,9 @@ import numpy as np
 __all__ = ["summary_markdown"]
 
 
-def _fmt(x, spec: str = ".4f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+def _fmt(x, spec: str = ".4f", why: str = "no scored tokens") -> str:
+    """A number, or ``n/a (why)``: summary.md never shows nan."""
+    return f"n/a ({why})" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
 def summary_markdown(summary: dict) -> str:
@@ -52,10 +53,12 @@ def summary_markdown(summary: dict) -> str:
             lines.append(f"| {b} | {c} | [{_fmt(cur['edges'][b])}, {_fmt(cur['edges'][b + 1])}] |")
         for side in ("lowest", "highest"):
             lines += ["", f"{side.capitalize()} key:"] + [
-                f"- `{e['id']}` ({e['key']:.3f}): {e['excerpt']!r}" for e in cur["extremes"][side]
+                f"- `{e['id']}` ({_fmt(e['key'], '.3f')}): {e['excerpt']!r}" for e in cur["extremes"][side]
             ]
     cmp_ = summary.get("comparison")
-    if cmp_:
+    if cmp_ and cmp_.get("skipped"):
+        lines += ["", f"## Comparison: n/a ({cmp_['skipped']})"]
+    elif cmp_:
         lines += ["", f"## Comparison on per-text {cmp_['stat']} ({cmp_['n_texts']} texts)", ""]
         for title, mat in (
             ("Spearman ρ", cmp_["spearman"]),
@@ -64,10 +67,14 @@ def summary_markdown(summary: dict) -> str:
         ):
             names = list(mat)
             lines += [f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-            lines += [f"| {a} | " + " | ".join(f"{mat[a][b]:.4f}" for b in names) + " |" for a in names] + [""]
+            lines += [
+                f"| {a} | " + " | ".join(_fmt(mat[a][b], why="constant values: no ranks") for b in names) + " |"
+                for a in names
+            ] + [""]
         ratio = cmp_["pca"]["explained_variance_ratio"]
         lines.append(
-            "PCA explained variance ratio: " + ", ".join(f"PC{i + 1} {_fmt(r, '.1%')}" for i, r in enumerate(ratio))
+            "PCA explained variance ratio: "
+            + ", ".join(f"PC{i + 1} {_fmt(r, '.1%', 'the models coincide')}" for i, r in enumerate(ratio))
         )
         if cmp_.get("note"):
             lines += ["", f"Note: {cmp_['note']}."]

@@ -46,8 +46,10 @@ def head_size(model) -> int:
 
 
 def max_positions(model) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    """The model's context size (:func:`isdelta.engine.context_size`)."""
+    from isdelta.engine.models import context_size
+
+    return context_size(model)
 
 
 class Encoder:

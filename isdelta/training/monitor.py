@@ -51,6 +51,7 @@ the rows of all ranks (:func:`isdelta.training.gather_rows`) so every rank estim
 from __future__ import annotations
 
 import time
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
@@ -58,7 +59,7 @@ from typing import Any
 
 import torch
 
-from isdelta.engine.logprob import EngineConfig, LogProbEngine
+from isdelta.engine.logprob import EngineConfig, LogProbEngine, check_fp32_weights
 from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.split import SplitLM
 from isdelta.estimators import headline
@@ -128,7 +129,9 @@ class EntropyMonitor:
     config : MonitorConfig, optional
         All options at once; or any of them as keywords (``**options``).
     engine_config : EngineConfig, optional
-        ``MonitorConfig.engine``: how rows are scored (the sampler's transform).
+        ``MonitorConfig.engine``: how rows are scored (the sampler's transform). With
+        ``fp32=True`` (mixed-precision training with fp32 weights, small steps) a model whose
+        weights are not float32 is refused here, with a ValueError.
     **options
         Any other field of :class:`MonitorConfig` (``weights``, ``clip``, ``level``, ``prompts``,
         ``every``, ``strict``, ``rao_blackwell``, ``group_by``, ``distributed``, ``per_decision``,
@@ -152,12 +155,15 @@ class EntropyMonitor:
         if engine_config is not None:
             options["engine"] = engine_config
         self.config = replace(config or MonitorConfig(), **options)
+        if self.config.engine.fp32:
+            check_fp32_weights(model)  # refused here, before the training loop, not at a step
         self.model = model
         eos = self.config.eos_token_ids
         self.eos_token_ids = eos if eos is not None else default_eos(model)
         self._engine = LogProbEngine(self.config.engine)
         self._n_steps = 0
         self._warned: set[str] = set()
+        self._token = uuid.uuid4().hex  # marks this monitor's snapshots
 
     @property
     def n_steps(self) -> int:
@@ -194,7 +200,7 @@ class EntropyMonitor:
         """
         step = self._n_steps
         if step % self.config.every:
-            return Snapshot(step, measured=False)
+            return Snapshot(step, measured=False, monitor=self._token)
         t0 = time.perf_counter()
         try:
             rollouts = self._rollouts(batch)
@@ -203,8 +209,8 @@ class EntropyMonitor:
             if self.config.strict:
                 raise
             free_memory(exc)
-            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=describe(exc))
-        return Snapshot(step, True, rollouts, **fields, seconds=time.perf_counter() - t0)
+            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=describe(exc), monitor=self._token)
+        return Snapshot(step, True, rollouts, **fields, seconds=time.perf_counter() - t0, monitor=self._token)
 
     def _rollouts(self, batch) -> Rollouts:
         """The batch in the isdelta layout, groups keyed as ``group_by`` says."""
@@ -301,7 +307,7 @@ class EntropyMonitor:
                 rows, weights=c.weights, clip=c.clip, prompts=c.prompts, level=c.level
             )
         if failure is None and rows.get("token_entropy0") is not None:
-            methods = tuple(dict.fromkeys((c.per_decision, "pd_sn")))  # the policy's order, cv first
+            methods = tuple(dict.fromkeys((c.per_decision, "pd", "pd_sn")))  # the policy's order, cv first
             per_decision, failure = estimate_rows_per_decision(rows, methods=methods, prompts=c.prompts, level=c.level)
         chosen = None
         if failure is None:
@@ -351,6 +357,11 @@ class EntropyMonitor:
     def _p1_rows(self, snaps: list[Snapshot], step: int) -> tuple[dict | None, tuple | None]:
         """This rank's rows of all snapshots, or (None, (reason, exception))."""
         for s in snaps:
+            if s.monitor is not None and s.monitor != self._token:
+                return None, (
+                    "a snapshot was taken by another EntropyMonitor (another model?): pass each its own",
+                    None,
+                )
             if s.step != step:
                 reason = (
                     f"a snapshot was taken at step {s.step} but the monitor is at step {step}: "

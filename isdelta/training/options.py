@@ -47,10 +47,11 @@ class MonitorConfig:
         "auto": gather rows over ``torch.distributed`` ranks when initialised; "local": estimate
         on this rank's rows only.
     per_decision : {"cv", "pd", "pd_sn", "off"}
-        The headline estimator when p0's per-position entropies are scored (a p0 forward ran):
-        per-decision Rao–Blackwellised IS (:func:`isdelta.estimators.estimate_tokens`; "cv",
-        with its control variate, has the lowest variance). Sequence-level SNIS is reported
-        beside it (``result.delta_snis``). "off", or no p0 forward: SNIS is the headline.
+        The first per-decision estimator (:func:`isdelta.estimators.estimate_tokens`) the
+        headline policy tries when p0's per-position entropies are scored (a p0 forward ran);
+        then "pd", "pd_sn" and sequence-level SNIS, the first whose checks hold
+        (:func:`isdelta.estimators.headline`). "off", or no p0 forward: SNIS only. SNIS is
+        reported beside the headline either way (``result.delta_snis``).
     eos_token_ids : int or sequence of int, optional
         Stop ids for dict batches; default the model's ``generation_config.eos_token_id``.
     """

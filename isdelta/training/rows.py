@@ -60,6 +60,8 @@ class Snapshot:
         Wall time of ``before``.
     error : str or None
         Why p0 could not be scored (non-strict mode); ``after`` turns it into an invalid result.
+    monitor : str or None
+        The token of the monitor that took it: another monitor's ``after`` refuses it.
     """
 
     step: int
@@ -73,6 +75,7 @@ class Snapshot:
     token_entropy0: np.ndarray | None = None
     seconds: float = 0.0
     error: str | None = None
+    monitor: str | None = None
 
     @property
     def n_rows(self) -> int:

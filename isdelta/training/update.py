@@ -171,15 +171,24 @@ def update(
         disable=True if not progress else None,
     )
     try:
-        for _ in range(steps):
+        for step in range(steps):
             opt.zero_grad(set_to_none=True)
-            losses.append(_accumulate(engine, model, rollouts, weights, batches, n_tokens, bar))
+            try:
+                losses.append(_accumulate(engine, model, rollouts, weights, batches, n_tokens, bar))
+            except FloatingPointError as e:
+                if not step:
+                    raise
+                raise FloatingPointError(
+                    f"step {step + 1} of {steps}: the model gives NaN/inf after step {step} (lr {lr:g}, "
+                    f"gradient norm {grad_norms[-1]:.3g}) moved its weights too far. Lower lr."
+                ) from e
             grad_norms.append(_grad_norm(params))
             opt.step()
     finally:
         model.train(was_training)
         bar.close()
         opt.zero_grad(set_to_none=True)  # free the gradient buffers
+    _check_finite(params, lr, grad_norms[-1])
     change = float(sum(((p.detach().cpu().double() - p0.double()) ** 2).sum() for p, p0 in zip(params, theta0)) ** 0.5)
     return UpdateResult(
         loss,
@@ -260,11 +269,15 @@ def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> flo
         # token_logp is 0 on uncounted positions, so the row sum is S_i
         part = -(w * scores.token_logp.sum(-1)).sum() / n_tokens
         if not torch.isfinite(part):
-            raise FloatingPointError(
-                f"non-finite loss on rows {rows[:8].tolist()}: a counted token has log p = -inf "
-                "under the engine's transform (a token outside its top-k/top-p set) or the model "
-                "overflowed. Score with the transform the rows were sampled with (sft: no truncation)."
+            cause = (
+                "a counted token has log p = -inf under the engine's transform (a token outside its "
+                "top-k/top-p set) or the model overflowed. Score with the transform the rows were "
+                "sampled with (sft: no truncation)"
+                if engine.config.transform.truncates
+                else "the model's logits overflowed (no top-k/top-p is configured, so no token is "
+                "excluded): its weights are broken or a previous step was too large; lower lr"
             )
+            raise FloatingPointError(f"non-finite loss on rows {rows[:8].tolist()}: {cause}.")
         if part.requires_grad:  # else no trained parameter reaches the loss: _grad_norm refuses
             part.backward()
         total += float(part.detach())
@@ -272,14 +285,26 @@ def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> flo
     return total
 
 
+def _check_finite(params, lr: float, grad_norm: float) -> None:
+    """FloatingPointError when the step left a parameter NaN or inf (p1 would score as NaN, and
+    the engine could only guess at the cause)."""
+    bad = sum(1 for p in params if not torch.isfinite(p.detach()).all())
+    if bad:
+        raise FloatingPointError(
+            f"the update made {bad} of {len(params)} trained parameter tensors NaN or inf: lr {lr:g} "
+            f"times a gradient of norm {grad_norm:.3g} overflows the weights. Lower lr."
+        )
+
+
 def _grad_norm(params) -> float:
     """Global L2 norm of the accumulated gradients; raises ZeroUpdateError when it is 0."""
     sq = sum(float(p.grad.detach().double().square().sum()) for p in params if p.grad is not None)
     norm = sq**0.5
     if not np.isfinite(norm):
+        half = any(p.dtype == torch.float16 for p in params)
         raise FloatingPointError(
-            f"the gradient norm is {norm}: the loss overflowed. Lower lr, "
-            "or use float32/bfloat16 weights instead of float16."
+            f"the gradient norm is {norm}: the loss overflowed. Lower lr"
+            + (", or use float32/bfloat16 weights instead of float16." if half else ".")
         )
     if norm == 0.0:
         raise ZeroUpdateError(

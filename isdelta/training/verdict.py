@@ -50,8 +50,9 @@ def estimate_rows(rows: dict, *, weights: str, clip: float | None, prompts: str,
         if bad.any():
             reason = (
                 f"{int(bad.sum())} of {bad.size} rows have a non-finite log-probability (a "
-                "token outside the top-k/top-p set of the engine's transform, or a NaN "
-                "forward): check that the engine's transform is the sampler's."
+                "token outside the top-k/top-p set of the engine's transform, or a NaN or "
+                "overflowing forward): check that the engine's transform is the sampler's, and "
+                "that the step did not break the weights (lr)."
             )
             return None, False, 0, notes, (reason, None)
         keep = multi_row_groups(rows["group"])

@@ -284,6 +284,55 @@ def test_bf16_model_scores_in_fp32_close_to_the_fp32_model(tiny_llama, rng):
     assert torch.equal(LogProbEngine(progress=False).score(half, ro).logp, s16.logp)
 
 
+def _tiny_adamw_step(model, ro, lr):
+    """p1: one AdamW step of lr on the mean log-likelihood of ``ro`` (every weight moves ≈ lr)."""
+    import copy
+
+    p1 = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(p1.parameters(), lr=lr, weight_decay=0.0)
+    s = LogProbEngine(progress=False, requires_grad=True, check_head=False).score(p1, ro)
+    (-s.logp.mean()).backward()
+    opt.step()
+    return p1.eval()
+
+
+def test_bf16_autocast_blows_up_a_tiny_step_and_fp32_scoring_sees_it_as_it_is(tiny_llama, rng):
+    """An AdamW step of 1e-6 scored under a bf16 autocast: rounding the weights to bf16 turns it
+    into a far larger random change; EngineConfig(fp32=True) turns autocast off and scores the
+    fp32 weights, bit for bit as with no autocast at all (benchmarks/README.md, bf16)."""
+    _, _, ro = random_rollouts(rng, P=4, G=4)
+    p1 = _tiny_adamw_step(tiny_llama, ro, 1e-6)
+    plain, fp32 = LogProbEngine(progress=False), LogProbEngine(progress=False, fp32=True)
+    m = plain.score(tiny_llama, ro).mask
+
+    def moved(engine) -> float:
+        return float((engine.score(p1, ro).token_logp - engine.score(tiny_llama, ro).token_logp)[m].abs().mean())
+
+    true_move = moved(plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded, kept = moved(plain), moved(fp32)
+    assert kept == true_move  # autocast off: the same fp32 arithmetic
+    assert rounded > 3 * true_move  # bf16 weights: mostly rounding noise (5× here, 20× on SmolLM2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = fp32.score(p1, ro).logp
+    assert torch.equal(same, plain.score(p1, ro).logp)
+
+
+def test_fp32_scoring_refuses_bf16_weights_and_p1_equal_p0_is_exactly_zero_in_bf16(tiny_llama, rng):
+    import copy
+
+    from isdelta.estimators import estimate
+
+    _, _, ro = random_rollouts(rng)
+    half = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"fp32=True.*bfloat16.*master weights"):
+        LogProbEngine(progress=False, fp32=True).score(half, ro)
+    a, b = (LogProbEngine(progress=False).score(half, ro) for _ in range(2))
+    group = ro.group.numpy()
+    est = estimate(a.logp.numpy(), b.logp.numpy(), a.length.numpy(), group)
+    assert est.delta.value == 0.0 and est.delta.se == 0.0
+
+
 def test_entropy_is_accurate_at_a_real_vocabulary_size(rng):
     """V = 49152 (SmolLM2's) with near-uniform rows, the worst case for a long fp32 sum: entropy
     and varentropy within fp32's own limit of the float64 reference (a flat fp32 dot along V was

@@ -134,6 +134,15 @@ def test_engine_config_follows_the_sampler():
         attach(object())
 
 
+def test_fp32_scoring_is_passed_on_and_refused_before_training_for_bf16_weights(model_dir, tmp_path):
+    trainer = grpo(model_dir, tmp_path)
+    cb = attach(trainer, fp32=True)
+    assert cb.monitor.config.engine.fp32 and not attach(trainer).monitor.config.engine.fp32
+    trainer.model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        attach(trainer, fp32=True)
+
+
 def test_a_large_adamw_step_never_logs_an_impossible_valid_number(model_dir, tmp_path):
     """The field report in miniature: AdamW steps so large that the importance weights collapse.
     Every step that logs valid = 1 respects the physical bounds (entropies ≥ 0, per token ≤ log V,

@@ -37,7 +37,7 @@ def make_cfg(tmp_path, checkpoint, **sections):
 
 
 def test_run_writes_a_complete_report(tmp_path, checkpoint):
-    cfg = make_cfg(tmp_path, checkpoint, update={"lr": 0.003})  # a step the headline policy can read
+    cfg = make_cfg(tmp_path, checkpoint, update={"lr": 0.001})  # a step the headline policy reads with cv
     report = run(cfg)
     out = tmp_path / "out"
     for name in (

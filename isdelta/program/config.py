@@ -1,53 +1,43 @@
-"""What the two programs (``isdelta.run``, ``isdelta.score``) share: config plumbing, the stage
-timer and one command-line ``main``.
+"""Config plumbing of both programs: frozen sections, the model section, ``--set`` overrides and
+error messages that name the key path.
 
 A program is described by one YAML file plus ``--set a.b=value`` overrides, read into frozen
-pydantic models (:class:`Section`): unknown keys are rejected with the list of valid ones, and
-every error names its key path (``models.1.temperature``). A section that configures a library
-feature does not re-declare the library's options: :func:`options_section` builds it from the
-library's frozen dataclass, and ``section.options(...)`` converts back.
-
-The library (``engine`` … ``integrations``) never imports this module; the programs do.
+pydantic models (:class:`Section`): unknown keys are rejected with the list of valid ones, numbers
+must be finite, and every error names its key path (``models.1.temperature``). A section that
+configures a library feature does not re-declare the library's options: :func:`options_section`
+builds it from the library's frozen dataclass, and ``section.options(...)`` converts back.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
-import time
+import re
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-__all__ = [
-    "ConfigError",
-    "ModelConfig",
-    "Program",
-    "Section",
-    "apply_overrides",
-    "format_errors",
-    "load_yaml_config",
-    "main",
-    "options_section",
-    "stage",
-]
+from isdelta.program.errors import ConfigError
 
+__all__ = ["ModelConfig", "Section", "apply_overrides", "format_errors", "load_yaml_config", "options_section"]
 
-class ConfigError(ValueError):
-    """A config file or override that does not validate; the message lists every problem."""
+# where a model can be put: torch device strings the programs support
+_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+_MODEL_FIX = (
+    "give a local HF folder, a .gguf file, a builtin name (smollm2-135m-instruct) or a hub id "
+    "(fetched only with allow_download: true)"
+)
 
 
 class Section(BaseModel):
-    """A config section: frozen, unknown keys rejected."""
+    """A config section: frozen, unknown keys rejected, numbers finite (``.inf`` and ``.nan`` are
+    refused here, not after minutes of work)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -59,17 +49,59 @@ class ModelConfig(Section):
     trust_remote_code: bool = False  # run code shipped with a checkpoint: only when said in so many words
     allow_download: bool = False  # a hub id may be fetched from the network
 
-    def load(self):
-        """``(model, tokenizer)`` by :func:`isdelta.engine.load_model` with these settings."""
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N, mps, xpu or xpu:N")
+        return value
+
+    def check_device(self, key: str = "model") -> None:
+        """Raise ConfigError when ``device`` is not on this machine (before any model loads)."""
+        import torch
+
+        dev = torch.device(self.device)
+        if dev.type == "cpu":
+            return
+        backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": torch.backends.mps}[dev.type]
+        if backend is None or not backend.is_available():
+            raise ConfigError(
+                f"{key}.device: {self.device} is not available on this machine",
+                f"torch {torch.__version__} sees no {dev.type} device",
+                "set device: cpu, or run where that device is",
+            )
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(
+                f"{key}.device: {self.device} does not exist",
+                f"this machine has {count} {dev.type} device(s), numbered from 0",
+                f"use {dev.type}:0 … {dev.type}:{count - 1}",
+            )
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"trust_remote_code": self.trust_remote_code, "allow_download": self.allow_download}
+
+    def load(self, key: str = "model"):
+        """``(model, tokenizer)`` by :func:`isdelta.engine.load_model`; a failure is a ConfigError
+        naming ``key.path`` (or ``key.device``)."""
         from isdelta.engine import load_model
 
-        return load_model(
-            self.path,
-            dtype=self.dtype,
-            device=self.device,
-            trust_remote_code=self.trust_remote_code,
-            allow_download=self.allow_download,
-        )
+        self.check_device(key)
+        try:
+            return load_model(self.path, dtype=self.dtype, device=self.device, **self._kwargs())
+        except (OSError, ValueError) as e:
+            fix = "check the path" if isinstance(e, FileNotFoundError) else _MODEL_FIX
+            raise ConfigError(f"{key}.path: cannot load the model {self.path!r}", str(e), fix) from e
+
+    def load_tokenizer(self, key: str = "model"):
+        """The model's tokenizer alone (no weights), for checks before any work; errors as :meth:`load`."""
+        from isdelta.engine import load_tokenizer
+
+        try:
+            return load_tokenizer(self.path, **self._kwargs())
+        except (OSError, ValueError) as e:
+            fix = "check the path" if isinstance(e, FileNotFoundError) else _MODEL_FIX
+            raise ConfigError(f"{key}.path: cannot load the tokenizer of {self.path!r}", str(e), fix) from e
 
 
 # ---------------------------------------------------------------------------- library options
@@ -172,8 +204,23 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set update.lr=1e-4")
-        _set_path(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"--set {item}: the value is not valid YAML",
+                _yaml_problem(e),
+                "quote a string that holds YAML syntax, e.g. --set 'data.path=\"a: b.jsonl\"'",
+            ) from None
+        _set_path(raw, key.strip(), parsed)
     return raw
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what, from a YAML parser error (line and column counted from 1)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def load_yaml_config(root: type[BaseModel], source: str | Path | dict, overrides: Sequence[str] = ()):
@@ -181,12 +228,7 @@ def load_yaml_config(root: type[BaseModel], source: str | Path | dict, overrides
     if isinstance(source, dict):
         raw = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+        raw = _read_yaml(Path(source))
     raw = apply_overrides(raw, overrides)
     try:
         return root.model_validate(raw)
@@ -194,57 +236,24 @@ def load_yaml_config(root: type[BaseModel], source: str | Path | dict, overrides
         raise ConfigError(format_errors(e, root)) from None
 
 
-# ---------------------------------------------------------------------------- running
-@contextmanager
-def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Announce a stage on stderr and record its wall time in ``timings[name]``."""
-    print(f"[isdelta] {name} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    yield
-    timings[name] = time.perf_counter() - t0
-    print(f"[isdelta] {name} done in {timings[name]:.1f} s", file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Program:
-    """A command line: ``prog CONFIG.yaml [--set KEY=VALUE ...] [--out DIR]``.
-
-    Attributes
-    ----------
-    prog, description : what ``--help`` shows.
-    set_example : an override for the ``--set`` help, e.g. ``update.lr=1e-4``.
-    load : (config path, overrides) -> config.
-    execute : (config, output folder or None) -> anything (the folder defaults to the config's).
-    errors : exception type -> (exit code, message prefix): anticipated failures, printed as
-        ``error: <prefix><message>`` without a traceback.
-    """
-
-    prog: str
-    description: str
-    set_example: str
-    load: Callable[[str, Sequence[str]], Any]
-    execute: Callable[[Any, Path | None], Any]
-    errors: Mapping[type[BaseException], tuple[int, str]]
-
-
-def main(program: Program, argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, load the config, run the program; return the exit code."""
-    ap = argparse.ArgumentParser(prog=program.prog, description=program.description)
-    ap.add_argument("config", help="the YAML config (see configs/)")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a config value, e.g. --set {program.set_example} (repeatable)",
-    )
-    ap.add_argument("--out", help="output folder (default: output.dir of the config)")
-    args = ap.parse_args(argv)
+def _read_yaml(path: Path) -> dict:
+    """The config file as a dict; every way it can be unreadable is a ConfigError naming it."""
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist", fix="check the path (configs/ holds examples)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file", fix="pass the YAML file itself")
     try:
-        cfg = program.load(args.config, args.set)
-        program.execute(cfg, Path(args.out) if args.out else None)
-    except tuple(program.errors) as e:
-        code, prefix = next(v for t, v in program.errors.items() if isinstance(e, t))
-        print(f"error: {prefix}{e}", file=sys.stderr)
-        return code
-    return 0
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text", str(e), "save it as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML", _yaml_problem(e), "fix that line") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read", e.strerror, "check its permissions") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config file {path}: the top level is a {type(raw).__name__}",
+            "a config is a mapping of sections",
+            "start it with sections such as model:, data:",
+        )
+    return raw

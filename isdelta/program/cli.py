@@ -1,0 +1,223 @@
+"""One command line for both programs, and its error boundary.
+
+``main(Program, argv)`` parses ``prog CONFIG.yaml [--set KEY=VALUE ...] [--out DIR]``, loads the
+config and runs the program. Whatever happens, the terminal gets one readable line, never a
+traceback:
+
+- an anticipated failure (:class:`ProgramError`, or a library exception the program maps in
+  ``Program.errors``) prints ``error: <what> — <why> — <fix>`` and exits with its code;
+- Ctrl-C (or SIGTERM) prints what was saved and that the same command resumes, exit 130;
+- anything else is a bug: one line plus "please report", the traceback in ``OUT/error.log`` (or a
+  temporary file when the output folder is unknown or not writable), exit 1.
+
+The exit codes are :class:`isdelta.program.errors.ExitCode`; ``--help`` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from isdelta.program.errors import EXIT_CODES, ExitCode, ProgramError
+
+__all__ = ["Program", "main", "stage"]
+
+
+@contextmanager
+def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Announce a stage on stderr and record its wall time in ``timings[name]``."""
+    print(f"[isdelta] {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0
+    print(f"[isdelta] {name} done in {timings[name]:.1f} s", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A command line: ``prog CONFIG.yaml [--set KEY=VALUE ...] [--out DIR]``.
+
+    Attributes
+    ----------
+    prog, description : what ``--help`` shows.
+    set_example : an override for the ``--set`` help, e.g. ``update.lr=1e-4``.
+    load : (config path, overrides) -> config.
+    execute : (config, output folder or None) -> anything (the folder defaults to ``output.dir``).
+    errors : library exception type -> (exit code, message prefix): anticipated failures of the
+        library, printed as ``error: <prefix><message>``. The program's own are ProgramErrors.
+    progress : (config, output folder) -> lines saying what the folder holds (for Ctrl-C).
+    """
+
+    prog: str
+    description: str
+    set_example: str
+    load: Callable[[str, Sequence[str]], Any]
+    execute: Callable[[Any, Path | None], Any]
+    errors: Mapping[type[BaseException], tuple[int, str]] = dataclasses.field(default_factory=dict)
+    progress: Callable[[Any, Path], list[str]] | None = None
+
+
+def _parser(program: Program) -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {int(c):>3}  {text}" for c, text in EXIT_CODES.items())
+    ap = argparse.ArgumentParser(
+        prog=program.prog,
+        description=program.description,
+        epilog="exit codes:\n" + codes,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("config", help="the YAML config (see configs/)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {program.set_example} (repeatable)",
+    )
+    ap.add_argument("--out", help="output folder (default: output.dir of the config)")
+    return ap
+
+
+def main(program: Program, argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, load the config, run the program; return the exit code."""
+    args = _parser(program).parse_args(argv)
+    cfg = None
+    with _terminate_as_interrupt(), _one_line_warnings():
+        try:
+            cfg = program.load(args.config, args.set)
+            program.execute(cfg, Path(args.out) if args.out else None)
+        except KeyboardInterrupt:
+            return _interrupted(program, cfg, _out(cfg, args.out))
+        except ProgramError as e:
+            return _fail(str(e), e.code)
+        except tuple(program.errors) as e:
+            code, prefix = next(v for t, v in program.errors.items() if isinstance(e, t))
+            return _fail(f"{prefix}{e}", code)
+        except MemoryError as e:  # torch.OutOfMemoryError too (a RuntimeError; matched by name below)
+            return _out_of_memory(e)
+        except Exception as e:
+            if type(e).__name__ == "OutOfMemoryError":
+                return _out_of_memory(e)
+            return _unexpected(program, e, _out(cfg, args.out), argv)
+    return ExitCode.OK
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return int(code)
+
+
+def _out(cfg, out: str | None) -> Path | None:
+    """The output folder, once known."""
+    if out:
+        return Path(out)
+    folder = getattr(getattr(cfg, "output", None), "dir", None)
+    return Path(folder) if folder else None
+
+
+def _out_of_memory(e: BaseException) -> int:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return _fail(
+        f"out of memory — {first[:200]} — lower engine.token_budget (and sampling.prompts_per_batch), "
+        "or use a smaller model or dtype; the same command resumes from the saved parts",
+        ExitCode.BAD_INPUT,
+    )
+
+
+def _interrupted(program: Program, cfg, out: Path | None) -> int:
+    saved: list[str] = []
+    if cfg is not None and out is not None and program.progress is not None:
+        try:
+            saved = program.progress(cfg, out)
+        except Exception:  # a report of progress must not turn an interrupt into a crash
+            saved = []
+    if saved:
+        what = f"saved in {out}: " + "; ".join(saved)
+        print(f"interrupted — {what} — rerun the same command to resume from them", file=sys.stderr)
+    else:
+        print("interrupted — nothing was saved yet — rerun the same command to start again", file=sys.stderr)
+    return ExitCode.INTERRUPTED
+
+
+def _unexpected(program: Program, exc: BaseException, out: Path | None, argv) -> int:
+    """One line and the log's path on the terminal; the traceback in the log."""
+    log = _write_log(program, exc, out, argv)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    where = f"the traceback is in {log}" if log else "no log could be written"
+    print(
+        f"error: unexpected {type(exc).__name__}: {first} — this is a bug in isdelta — "
+        f"please report it to the isdelta maintainers with your config and that log; {where}",
+        file=sys.stderr,
+    )
+    return ExitCode.UNEXPECTED
+
+
+def _write_log(program: Program, exc: BaseException, out: Path | None, argv) -> Path | None:
+    from isdelta.outputs import versions
+
+    text = (
+        f"{program.prog} {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+        f"at {datetime.datetime.now().isoformat(timespec='seconds')}, pid {os.getpid()}\n"
+        f"versions: {versions()}\n\n" + "".join(traceback.format_exception(exc))
+    )
+    candidates = [out / "error.log"] if out is not None and out.is_dir() else []
+    for path in candidates:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+            return path
+        except OSError:
+            pass
+    try:
+        fd, name = tempfile.mkstemp(prefix="isdelta-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        return None
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings as ``[isdelta] warning: <message>`` (the source line Python adds reads like a
+    traceback to a user)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"[isdelta] warning: {message}", file=file or sys.stderr, flush=True)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, ``kill``) ends the run like Ctrl-C: files closed, lock freed,
+    the same message. Only the main thread can install a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
