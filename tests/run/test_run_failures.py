@@ -123,7 +123,9 @@ def test_a_step_that_breaks_float32_weights_names_the_step(tmp_path, checkpoint)
 
 
 def test_ctrl_c_says_what_was_saved_and_the_same_command_resumes(tmp_path, checkpoint):
-    cfg = write_cfg(tmp_path, checkpoint, probe={"sweep": [1.0], "per_token": False})
+    # 300 update steps keep "make p1" busy for a few seconds, so the signal lands inside it
+    # whatever the machine's load (one step finished before a loaded test runner sent it)
+    cfg = write_cfg(tmp_path, checkpoint, update={"steps": 300}, probe={"sweep": [1.0], "per_token": False})
     proc = subprocess.Popen(
         [sys.executable, "-m", "isdelta.run", cfg],
         stderr=subprocess.PIPE,
