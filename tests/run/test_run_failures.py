@@ -132,6 +132,9 @@ def test_ctrl_c_says_what_was_saved_and_the_same_command_resumes(tmp_path, check
         stdout=subprocess.DEVNULL,
         text=True,
         env=ENV,
+        # as in a terminal: a test runner started in the background (`cmd &`) ignores SIGINT, and
+        # its children would inherit that and never see the Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stderr:
         if line.startswith("[isdelta] make p1 ..."):
