@@ -3,7 +3,11 @@
 Modes, each in its own long-lived worker process (the model is loaded once per worker):
 
   (a) body       ``model.base_model(...)``, hidden states only: the limit.
-  (b) engine     ``LogProbEngine.score``: log p, entropy and varentropy of every counted token.
+  (b) engine     ``LogProbEngine.score``: log p, entropy and varentropy of every counted token,
+                 with ``EngineConfig(fused=--fused)`` (default "on": the compiled chunk statistics;
+                 their compile happens in the untimed warm-up, whose time is recorded).
+  (h) eager      the same with ``fused="off"``: the eager chunk statistics, which ``fused="auto"``
+                 keeps for calls below its break-even (every shape here on CPU).
   (c) full       ``model(...).logits.float()`` -> log_softmax -> gather -> entropy: the common
                  approach. Its first step, the plain ``model(...).logits`` forward, is timed on its
                  own too (row "c0": the compute floor when every position is a completion position).
@@ -37,8 +41,7 @@ scheduled (8 ms instead of 3 us for a small elementwise op), which swamps the co
 
     python benchmarks/bench_engine.py --quick                        # smoke run, about 1 min
     python benchmarks/bench_engine.py --threads 1                    # CPU tables, ~30 min
-    python benchmarks/bench_engine.py --device cuda --dtype bfloat16 \
-        --model smollm2-135m-instruct,llama-1b-random
+    python benchmarks/bench_engine.py --gpu                          # CUDA: bf16 Llama-3.2-1B shapes, V = 49k and 128k
     python benchmarks/bench_engine.py --table benchmarks/results/engine_cpu_smollm2-135m-instruct.jsonl
 
 One JSON line per measurement, appended to ``benchmarks/results/engine_<device>_<model>.jsonl``;
@@ -68,10 +71,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-MODES = {"a": "body", "b": "engine", "c": "full", "d": "trl", "e": "naive", "f": "head", "g": "trl_fused"}
+MODES = {"a": "body", "b": "engine", "c": "full", "d": "trl", "e": "naive", "f": "head", "g": "trl_fused", "h": "eager"}
 LABELS = {
     "a": "(a) body forward",
     "b": "**(b) engine.score**",
+    "h": "(h) engine.score, eager statistics",
     "c0": "(c0) plain `model(...).logits`",
     "c": "(c) full logits + log_softmax fp32",
     "d": "(d) TRL selective_log_softmax",
@@ -84,6 +88,13 @@ DEFAULT_SHAPES = {  # N x (prompt + completion); T = 1024 is the memory target's
     "smollm2-135m-instruct": ("4x64+512", "4x512+64", "2x64+960"),
     "tiny-llama-random": ("16x64+512", "16x512+64", "4x64+960"),
     "llama-1b-random": ("8x64+512", "8x512+64", "4x64+960"),
+    "llama-1b-random-49k": ("8x64+512", "8x512+64", "4x64+960"),
+}
+GPU_PRESET = {  # --gpu: the engine against the body, logits and TRL's heads at V = 49k and 128k
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "model": "llama-1b-random-49k,llama-1b-random",
+    "modes": "abcdfgh",
 }
 QUICK_SHAPES = {"tiny-llama-random": ("4x32+48", "4x96+16"), "smollm2-135m-instruct": ("2x32+64",)}
 QUICK_MODELS = ("tiny-llama-random",)
@@ -109,6 +120,8 @@ RANDOM_CONFIGS = {  # LlamaConfig kwargs: random weights, SmolLM2's tokenizer fo
         "tie_word_embeddings": True,
     },
 }
+# The same body with SmolLM2's vocabulary: V = 49152 against 128256 at equal model cost.
+RANDOM_CONFIGS["llama-1b-random-49k"] = dict(RANDOM_CONFIGS["llama-1b-random"], vocab_size=49152)
 CHECK_TOL = {"float32": 1e-4}  # x max(1, |value|): the agreement reported as met / not met
 ABORT_TOL = 1e-2  # x max(1, |value|), fp32: beyond it a mode computes something else; stop
 SPREAD_FLAG = 0.10  # (max - min) / median above this marks a cell as disturbed
@@ -290,7 +303,7 @@ class Modes:
         self.model, self.tok, self.args = model, tok, args
         self.head = model.get_output_embeddings()
         self.V = self.head.weight.shape[0]
-        cfg = EngineConfig(progress=False)
+        cfg = EngineConfig(progress=False, chunk_elems=args.chunk_elems or EngineConfig.chunk_elems)
         self.step = max(1, cfg.chunk_elems // self.V)  # (f) uses the engine's head chunk
         self.engine_cfg = cfg
         self.engine = None
@@ -299,11 +312,12 @@ class Modes:
         """Per-shape preparation; a reason string when the mode cannot run here."""
         from isdelta.engine import LogProbEngine
 
-        if mode == "b":  # one micro-batch, like every other mode
+        if mode in ("b", "h"):  # one micro-batch, like every other mode
             from dataclasses import replace
 
             tokens = x.ro.n_rows * x.ro.input_ids.shape[1]
-            self.engine = LogProbEngine(replace(self.engine_cfg, token_budget=max(16384, tokens)))
+            fused = self.args.fused if mode == "b" else "off"
+            self.engine = LogProbEngine(replace(self.engine_cfg, token_budget=max(16384, tokens), fused=fused))
         if mode in ("d", "g"):
             try:
                 from trl.trainer.utils import add_fused_lm_head
@@ -320,6 +334,8 @@ class Modes:
     def b(self, x: Data, clock: Clock):
         s = self.engine.score(self.model, x.ro)
         return {"logp": s.token_logp, "entropy": s.token_entropy}
+
+    h = b  # with fused="off" (setup)
 
     def c(self, x: Data, clock: Clock):
         import torch
@@ -490,6 +506,10 @@ class Worker:
             str(args.threads),
             "--naive-positions",
             str(args.naive_positions),
+            "--fused",
+            args.fused,
+            "--chunk-elems",
+            str(args.chunk_elems or 0),
         ]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), **MALLOC_ENV[args.malloc])
         self.p = subprocess.Popen(
@@ -612,6 +632,9 @@ def _warm_up(workers, letters, shape, args, tmp, common, write):
             _say(f"({m}) skipped: {rep['skip']}")
             continue
         active.append(m)
+        write(dict(common, mode=MODES[m], letter=m, warmup=rep["warmup"]))  # (b): includes the compile
+        if m == "b":
+            _say(f"({m}) warm-up {rep['warmup']['seconds']:.1f} s (fused={args.fused}: includes any compile)")
         if path.exists():
             files[m] = path
     return active, files
@@ -720,7 +743,7 @@ def table(path: Path, run: str | None = None) -> str:
     head = (
         f"{r0['model']} (V = {r0['vocab']}), {r0['device']} ({r0.get('cpu', '')}), {r0['dtype']}, "
         f"{r0['threads']} threads, malloc {r0.get('malloc', 'default')}, torch {r0['torch']}, transformers {r0['transformers']}, "
-        f"TRL {r0.get('trl') or '—'}, commit {r0['commit']}"
+        f"TRL {r0.get('trl') or '—'}, (b) fused={r0.get('fused', 'auto')}, commit {r0['commit']}"
         f"{' + uncommitted changes' if r0.get('dirty') else ''}, run {r0['run_id']}; "
         f"{n_runs} interleaved rounds. Times and peaks are medians; × columns are medians of the "
         "ratios within each round; spread = (max − min) / median of the times."
@@ -737,9 +760,10 @@ def table(path: Path, run: str | None = None) -> str:
     targets, notes = [], []
     for (N, P, C), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] > kv[0][2], kv[0])):
         by, shape = _by_repeat(rs), f"{N} × ({P} + {C})"
-        lines += [_mode_row(setup, shape, m, by, N, C) for m in ("a", "b", "c0", "c", "d", "g", "f", "e") if m in by]
+        order = ("a", "b", "h", "c0", "c", "d", "g", "f", "e")
+        lines += [_mode_row(setup, shape, m, by, N, C) for m in order if m in by]
         chk = next((r for r in rs if r["mode"] == "check"), None)
-        targets += _targets(shape, P, C, by, r0["device"], chk)
+        targets += _targets(shape, P, C, by, r0["device"], chk, r0["model"])
         notes += _check_notes(N, P, C, rs)
     lines += [
         "",
@@ -749,8 +773,8 @@ def table(path: Path, run: str | None = None) -> str:
     return "\n".join(lines + [""] + notes)
 
 
-def _targets(shape: str, P: int, C: int, by: dict, device: str, chk: dict | None) -> list[str]:
-    """Rows of the targets table for one shape."""
+def _targets(shape: str, P: int, C: int, by: dict, device: str, chk: dict | None, model: str = "") -> list[str]:
+    """Rows of the targets table for one shape (issue 6, and issue 15's for the fused engine)."""
     rows = []
 
     def row(name: str, r, op: str, bound: float, applies: bool, why: str = "", spec=".3f") -> None:
@@ -766,7 +790,7 @@ def _targets(shape: str, P: int, C: int, by: dict, device: str, chk: dict | None
     if chk and chk.get("max_rel_diff_vs_engine") is not None:
         v = chk["max_rel_diff_vs_engine"]
         row(
-            "max \\|Δ\\| / max(1, \\|value\\|) of log p and H, (c) (d) (e) (g) vs (b)",
+            "max \\|Δ\\| / max(1, \\|value\\|) of log p and H, (c) (d) (e) (g) (h) vs (b)",
             (v, v, v, v),
             "≤",
             chk["tol_rel"] or 1e-4,
@@ -775,15 +799,12 @@ def _targets(shape: str, P: int, C: int, by: dict, device: str, chk: dict | None
             ".1e",
         )
     row("time (b) / plain logits forward (c0)", _paired(by, "b", "c0", "s"), "≤", 1.05, True)
-    row(
-        "time (b) / body + head at completions (f)",
-        _paired(by, "b", "f", "s"),
-        "≤",
-        1.05,
-        P > C,
-        "target set for long prompts",
-    )
-    row("peak (b) / peak (a)", _paired(by, "b", "a", "peak"), "≤", 1.1, P + C == 1024, "target set at T = 1024")
+    # issue 15: 1.05 × (f) where the body dominates; 1.5 × on a vocabulary-bound model (hidden 64)
+    bound = 1.5 if model.startswith("tiny") else 1.05
+    row("time (b) / body + head at completions (f)", _paired(by, "b", "f", "s"), "≤", bound, True)
+    row("time (b) / TRL selective_log_softmax (d)", _paired(by, "b", "d", "s"), "≤", 1.0, True)
+    row("time (h) / body + head at completions (f)", _paired(by, "h", "f", "s"), "≤", bound, False, "eager, no target")
+    row("peak (b) / peak (a)", _paired(by, "b", "a", "peak"), "≤", 1.1, True)
     row("peak (c) / peak (b)", _paired(by, "c", "b", "peak"), "≥", 2, True)
     row("peak (d) / peak (b)", _paired(by, "d", "b", "peak"), "≥", 2, True)
     row("peak (g) / peak (b)", _paired(by, "g", "b", "peak"), "≥", 2, False, "no target")
@@ -841,6 +862,8 @@ def meta_info(args) -> dict:
         "quick": args.quick,
         "malloc": args.malloc,
         "mem_kind": "cuda_max_memory_allocated" if args.device.startswith("cuda") else "rss",
+        "fused": args.fused,  # EngineConfig.fused of (b)
+        "chunk_elems": args.chunk_elems,
     }
 
 
@@ -854,10 +877,19 @@ def main() -> None:
     ap.add_argument("--shapes", help="comma list of NxP+C (default: per model, see DEFAULT_SHAPES)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--modes", default="abcdefg", help="letters of the modes to run (see above)")
+    ap.add_argument("--modes", default="abcdefgh", help="letters of the modes to run (see above)")
     ap.add_argument("--repeats", type=int, default=5, help="timed interleaved calls per mode")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads per worker")
     ap.add_argument("--naive-positions", type=int, default=64, help="positions the naive loop (e) times")
+    ap.add_argument(
+        "--fused", default="on", choices=["auto", "on", "off"], help="EngineConfig.fused of (b); (h) is always off"
+    )
+    ap.add_argument("--chunk-elems", type=int, help="EngineConfig.chunk_elems of (b), (h), (f) (default 2**23)")
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="CUDA preset: " + ", ".join(f"--{k} {v}" for k, v in GPU_PRESET.items()) + " (each can be overridden)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--malloc",
@@ -872,6 +904,17 @@ def main() -> None:
     ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)  # the worker's model / tokenizer folder
     args = ap.parse_args()
+    if args.gpu:
+        for k, v in GPU_PRESET.items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(
+                f"bench_engine.py --device {args.device} needs a CUDA GPU; this torch ({torch.__version__}) sees none."
+            )
     if args.worker:
         return worker(args)
     if args.table:

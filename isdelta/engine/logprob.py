@@ -10,7 +10,9 @@ Which logits score which tokens (prompt_len = 3, one row, `_` left pad)::
 The model body runs once per micro-batch; the LM head runs only on the hidden states of counted
 completion positions, in row chunks of at most ``chunk_elems / V`` tokens, each chunk upcast to
 fp32 and reduced to log p(token), entropy and varentropy in the same pass. [N, T, V] fp32 logits
-never exist.
+never exist. That reduction is either the eager one below (``_token_stats``: the reference, the
+only one with a graph and with top-k / top-p) or one compiled pass over the vocabulary
+(``fused.py``), chosen once per score call by ``EngineConfig.fused``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from isdelta.engine.fused import chunk_stats, worth_fusing
 from isdelta.engine.masking import position_ids as _position_ids
 from isdelta.engine.rollouts import Rollouts, _rows
 from isdelta.engine.scores import SequenceScores
@@ -58,6 +61,15 @@ class EngineConfig:
         random one (AdamW lr 1e-6 on SmolLM2: KL 0.007 in fp32, 0.41–0.45 through bf16
         weights; ``benchmarks/README.md``, bf16). Off: the model scores as it is, under
         whatever autocast the caller has active.
+    fused : the chunk statistics in one compiled pass over the vocabulary (``torch.compile``:
+        vectorised C++ on CPU, Triton on CUDA; ``isdelta/engine/fused.py``) instead of six to
+        eight eager passes. "auto": when a score call reaches ``fused.FUSE_MIN_LOGITS`` logits
+        (counted tokens × V; 2**30 on CPU, where the compile pays for itself within the call);
+        "on": always (the first call compiles, ~2.5–10 s on CPU); "off": never. Top-k / top-p
+        and ``requires_grad`` always use the eager path; if the compile fails (no C++ compiler,
+        an unsupported platform) the engine stays eager, silently. The two paths agree to ~1e-6
+        relative, not bit for bit: score p0 and p1 with one config (the rule depends only on the
+        call's size, so the same rollouts take the same path).
     """
 
     temperature: float = 1.0
@@ -70,9 +82,12 @@ class EngineConfig:
     check_head: bool = True
     progress: bool = True
     fp32: bool = False
+    fused: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         LogitTransform(self.temperature, self.top_k, self.top_p)  # validates them
+        if self.fused not in ("auto", "on", "off"):
+            raise ValueError(f"fused must be 'auto', 'on' or 'off'; got {self.fused!r}.")
         if self.token_budget < 1 or self.chunk_elems < 1:
             raise ValueError(f"token_budget and chunk_elems must be >= 1; got {self.token_budget}, {self.chunk_elems}.")
 
@@ -179,10 +194,19 @@ class LogProbEngine:
             ):
                 if cfg.check_head:
                     self.check_head(lm, rollouts, mask)
-                chunks = [self._score_batch(lm, rollouts, mask, rows) for rows in self._progress(rollouts, mask)]
+                fused = self.fuses(int(mask.sum()) * lm.vocab_size, lm.device)
+                chunks = [self._score_batch(lm, rollouts, mask, rows, fused) for rows in self._progress(rollouts, mask)]
         finally:
             lm.model.train(was_training)
         return self._assemble(chunks, rollouts, mask, lm.device)
+
+    def fuses(self, n_logits: int, device: torch.device) -> bool:
+        """Whether a score call of ``n_logits`` logits (counted tokens × V) on ``device`` takes the
+        compiled chunk statistics (``fused.py``) rather than the eager ones (see ``EngineConfig.fused``)."""
+        cfg = self.config
+        if cfg.fused == "off" or cfg.requires_grad or cfg.transform.truncates:
+            return False
+        return cfg.fused == "on" or worth_fusing(n_logits, device)
 
     # ------------------------------------------------------------------ batching
     def micro_batches(self, rollouts: Rollouts, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -256,7 +280,7 @@ class LogProbEngine:
         r_loc, cols = m.nonzero(as_tuple=True)  # [M]
         return hs[r_loc, cols], rows.to(device)[r_loc], cols
 
-    def _score_batch(self, lm: SplitLM, rollouts, mask, rows) -> _Chunk:
+    def _score_batch(self, lm: SplitLM, rollouts, mask, rows, fused: bool = False) -> _Chunk:
         device = lm.device
         h, r_idx, cols = self.hidden_states(lm, rollouts, mask, rows)  # [M, D], [M], [M]
         comp = rollouts.completion_ids
@@ -264,13 +288,17 @@ class LogProbEngine:
         step = max(1, self.config.chunk_elems // lm.vocab_size)
         M = h.shape[0]
         eos = torch.tensor(rollouts.eos_token_ids, dtype=torch.long, device=device)
+        temperature = torch.tensor([self.config.temperature], dtype=torch.float32, device=device)
         # Without a graph the results go into one preallocated buffer: small per-chunk tensors
         # kept alive between large freed ones fragment the CPU heap (RSS grew ~60 MiB a chunk).
         out = None if self.config.requires_grad else torch.empty(4, M, dtype=torch.float32, device=device)
         parts = []
         for s in range(0, M, step):
-            # no local name for the [m, V] logits: _token_stats frees them after log_softmax
-            stats = self._token_stats(lm.logits(h[s : s + step]), targets[s : s + step], r_idx[s : s + step], eos)
+            chunk = (targets[s : s + step], r_idx[s : s + step], eos)
+            if fused:  # the head's own dtype: the kernel upcasts as it reads
+                stats = self._fused_stats(lm.final(lm.head(h[s : s + step])), *chunk, temperature)
+            else:  # no local name for the [m, V] logits: _token_stats frees them after log_softmax
+                stats = self._token_stats(lm.logits(h[s : s + step]), *chunk)
             if out is None:
                 parts.append(stats)
             else:
@@ -280,6 +308,15 @@ class LogProbEngine:
         if out is None:
             out = [torch.cat(x) for x in zip(*parts)] if parts else [h.new_zeros(0).float()] * 4
         return _Chunk(r_idx, cols, *out)
+
+    def _fused_stats(self, logits, targets, rows, eos, temperature):
+        """``_token_stats`` by one compiled pass (``fused.chunk_stats``); the eager path where that
+        is unavailable, and for a chunk whose statistics are not finite (it names the rows)."""
+        stats = chunk_stats(logits, targets, eos, temperature)
+        # finite logits give finite H and Var (S0 >= 1); NaN/inf anywhere in a row reaches both
+        if stats is None or not bool(torch.isfinite(stats[1] + stats[2]).all()):
+            return self._token_stats(logits.float(), targets, rows, eos)
+        return stats
 
     def _token_stats(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, eos: torch.Tensor):
         """log p(target), entropy, varentropy and the stop ids' entropy share [m] of fp32 logits

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+import isdelta.engine.fused as fused_mod
 import isdelta.engine.logprob as logprob_mod
 from isdelta.engine import EngineConfig, LogitTransform, LogProbEngine, Rollouts, completion_mask
 
@@ -65,10 +68,10 @@ def naive_scores(model, prompt, comp, transform=LogitTransform(), eos=(2,), incl
     return tok[mask], ent[mask], var[mask]
 
 
-def assert_matches_naive(model, prompts, comps, ro, scores, transform=LogitTransform(), include_eos=True):
+def assert_matches_naive(model, prompts, comps, ro, scores, transform=LogitTransform(), include_eos=True, eos=(2,)):
     G = len(comps) // len(prompts)
     for r, comp in enumerate(comps):
-        tok, ent, var = naive_scores(model, prompts[r // G], comp, transform, include_eos=include_eos)
+        tok, ent, var = naive_scores(model, prompts[r // G], comp, transform, eos, include_eos=include_eos)
         L = int(scores.length[r])
         assert L == len(tok)
         m = scores.mask[r]
@@ -178,9 +181,10 @@ def test_row_fields_and_empty_rows(tiny_llama):
     assert arrays["logp"].dtype == np.float64 and arrays["token_logp"].shape == (3, 3)
 
 
-def test_requires_grad_gives_the_gradient_of_the_reference(tiny_llama, rng):
+@pytest.mark.parametrize("fused", ["off", "on"])  # "on": the graph keeps the eager path
+def test_requires_grad_gives_the_gradient_of_the_reference(tiny_llama, rng, fused):
     prompts, comps, ro = random_rollouts(rng, P=2, G=2)
-    s = LogProbEngine(requires_grad=True, progress=False).score(tiny_llama, ro)
+    s = LogProbEngine(requires_grad=True, progress=False, fused=fused).score(tiny_llama, ro)
     tiny_llama.zero_grad()
     s.logp.sum().backward()
     g_engine = tiny_llama.model.layers[0].mlp.up_proj.weight.grad.clone()
@@ -333,10 +337,11 @@ def test_fp32_scoring_refuses_bf16_weights_and_p1_equal_p0_is_exactly_zero_in_bf
     assert est.delta.value == 0.0 and est.delta.se == 0.0
 
 
-def test_entropy_is_accurate_at_a_real_vocabulary_size(rng):
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_entropy_is_accurate_at_a_real_vocabulary_size(rng, fused):
     """V = 49152 (SmolLM2's) with near-uniform rows, the worst case for a long fp32 sum: entropy
     and varentropy within fp32's own limit of the float64 reference (a flat fp32 dot along V was
-    off by ~9e-5 nats here)."""
+    off by ~9e-5 nats here), on the eager and on the compiled path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -355,7 +360,7 @@ def test_entropy_is_accurate_at_a_real_vocabulary_size(rng):
     )
     model = LlamaForCausalLM(cfg).eval()
     ro = random_rollouts(rng, P=2, G=2, V=V, max_comp=6)[2]
-    s = LogProbEngine(EngineConfig(progress=False)).score(model, ro)
+    s = LogProbEngine(EngineConfig(progress=False, fused=fused)).score(model, ro)
     att = ro.attention_mask
     with torch.no_grad():
         logits = model(
@@ -374,3 +379,125 @@ def test_row_dot_equals_the_plain_sum_for_any_width():
     for V in (7, 1024, 1500, 4096, 5000):
         a, b = torch.rand(3, V, dtype=torch.float64), torch.rand(3, V, dtype=torch.float64)
         assert torch.allclose(logprob_mod._row_dot(a, b), (a * b).sum(-1), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------- the compiled path (fused.py)
+FUSED_TRANSFORMS = [LogitTransform(), LogitTransform(temperature=0.7), LogitTransform(temperature=1.6)]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the engine's calls of the compiled chunk statistics."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return fused_mod.chunk_stats(*args)
+
+    monkeypatch.setattr(logprob_mod, "chunk_stats", spy)
+    return calls
+
+
+@pytest.mark.parametrize("transform", FUSED_TRANSFORMS, ids=str)
+@pytest.mark.parametrize("include_eos", [True, False])
+def test_fused_engine_equals_the_naive_reference_and_the_eager_engine(
+    tiny_llama, rng, transform, include_eos, fused_calls
+):
+    prompts, comps, ro = random_rollouts(rng, eos=(2, 9))
+    cfg = EngineConfig.from_transform(transform, include_eos=include_eos, progress=False)
+    on = LogProbEngine(replace(cfg, fused="on")).score(tiny_llama, ro)
+    assert fused_calls, "the compiled path did not run"
+    assert_matches_naive(tiny_llama, prompts, comps, ro, on, transform, include_eos, eos=(2, 9))
+    off = LogProbEngine(replace(cfg, fused="off")).score(tiny_llama, ro)
+    for name in ("token_logp", "token_entropy", "token_varentropy"):
+        torch.testing.assert_close(getattr(on, name), getattr(off, name), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(on.stop_entropy_sum, off.stop_entropy_sum, atol=1e-6, rtol=1e-6)
+    # the same configuration twice is bit-identical on this path too: ΔH = 0 exactly when p1 = p0
+    assert torch.equal(LogProbEngine(replace(cfg, fused="on")).score(tiny_llama, ro).logp, on.logp)
+
+
+def test_fused_one_row_chunks_and_micro_batches_equal_one_chunk(tiny_llama, rng):
+    _, _, ro = random_rollouts(rng, eos=(2, 9))
+    one = LogProbEngine(progress=False, fused="on").score(tiny_llama, ro)
+    rows = LogProbEngine(progress=False, fused="on", chunk_elems=96, token_budget=17).score(tiny_llama, ro)
+    # the body's batch composition moves hidden states by ~1e-7; the statistics add nothing
+    torch.testing.assert_close(rows.token_logp, one.token_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows.token_varentropy, one.token_varentropy, atol=1e-5, rtol=0)
+
+
+def test_fused_auto_compiles_only_past_the_break_even(tiny_llama, rng, fused_calls, monkeypatch):
+    _, _, ro = random_rollouts(rng, eos=(2, 9))
+    LogProbEngine(progress=False).score(tiny_llama, ro)  # auto, ~100 tokens × 96 logits
+    assert fused_calls == []
+    n_logits = int(ro.mask(True).sum()) * 96
+    monkeypatch.setitem(fused_mod.FUSE_MIN_LOGITS, "cpu", n_logits)
+    LogProbEngine(progress=False).score(tiny_llama, ro)
+    assert fused_calls
+    engine = LogProbEngine(progress=False)
+    assert engine.fuses(n_logits, torch.device("cpu")) and not engine.fuses(n_logits - 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(fused="off"), dict(fused="on", top_k=7), dict(fused="on", top_p=0.8), dict(fused="on", requires_grad=True)],
+)
+def test_truncation_and_gradients_keep_the_eager_path(tiny_llama, rng, fused_calls, kw):
+    prompts, comps, ro = sampled_rollouts(tiny_llama, EngineConfig(**kw).transform)
+    s = LogProbEngine(progress=False, **kw).score(tiny_llama, ro)
+    assert fused_calls == []
+    assert_matches_naive(tiny_llama, prompts, comps, ro, s, EngineConfig(**kw).transform)
+
+
+def test_a_failed_compile_falls_back_to_eager_silently_once(tiny_llama, rng, monkeypatch, caplog):
+    """No C++ compiler, no Triton, an unsupported platform: torch.compile raises on its first call."""
+    import logging
+    import warnings
+
+    attempts = []
+
+    def broken(*args):
+        attempts.append(1)
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(fused_mod, "_compiled", lambda: broken)
+    monkeypatch.setattr(fused_mod, "_failed", set())
+    _, _, ro = random_rollouts(rng, eos=(2, 9))
+    with caplog.at_level(logging.DEBUG, logger="isdelta.engine.fused"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = LogProbEngine(progress=False, fused="on").score(tiny_llama, ro)
+        b = LogProbEngine(progress=False, fused="on").score(tiny_llama, ro)
+    assert len(attempts) == 1 and not LogProbEngine(progress=False).fuses(2**62, torch.device("cpu"))
+    notes = [r for r in caplog.records if r.name == "isdelta.engine.fused"]
+    assert len(notes) == 1 and notes[0].levelno == logging.DEBUG and "eager" in notes[0].getMessage()
+    eager = LogProbEngine(progress=False, fused="off").score(tiny_llama, ro)
+    assert torch.equal(a.logp, eager.logp) and torch.equal(b.token_varentropy, eager.token_varentropy)
+
+
+def test_non_finite_logits_name_the_rows_on_the_fused_path(tiny_llama, rng):
+    import copy
+
+    broken = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        broken.lm_head.weight[5] = float("nan")
+    _, _, ro = random_rollouts(rng, eos=(2, 9))
+    with pytest.raises(FloatingPointError, match="non-finite logits for rows"):
+        LogProbEngine(progress=False, check_head=False, fused="on").score(broken, ro)
+
+
+def test_fused_bf16_model_equals_the_eager_bf16_scores(tiny_llama, rng):
+    """bf16 body and head, fp32 statistics: the compiled path reads the bf16 logits and upcasts them
+    as it goes; the eager path copies them to fp32 first. Same numbers."""
+    import copy
+
+    half = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    _, _, ro = random_rollouts(rng, eos=(2, 9))
+    on = LogProbEngine(progress=False, fused="on").score(half, ro)
+    off = LogProbEngine(progress=False, fused="off").score(half, ro)
+    assert on.token_logp.dtype == torch.float32
+    torch.testing.assert_close(on.token_logp, off.token_logp, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(on.token_entropy, off.token_entropy, atol=TOL, rtol=TOL)
+
+
+def test_fused_option_is_validated():
+    with pytest.raises(ValueError, match="fused must be 'auto', 'on' or 'off'"):
+        EngineConfig(fused="yes")
