@@ -6,7 +6,7 @@ the fused chunk statistics save per logit (``isdelta/engine/fused.py``, ``FUSE_M
    an empty inductor cache (``cold``: the first run on a machine) and once more with the cache
    that run left (``warm``: every later run; inductor keeps it under /tmp/torchinductor_<user>).
 2. Saving: one [m, V] chunk of random logits (m = the engine's chunk, 2**23 // V rows) through
-   the eager statistics (``LogProbEngine._token_stats``) and the fused ones, interleaved, medians.
+   the eager statistics (``chunks.token_stats``) and the fused ones, interleaved, medians.
 
 Break-even = compile cost / saving per logit: the logits (counted tokens × V) a score call must
 reach for compiling to pay within that call.
@@ -92,14 +92,15 @@ def saving(args, V: int, threads: int) -> dict:
     """Median seconds of one chunk, eager and fused, over interleaved repeats."""
     import torch
 
+    from isdelta.engine.chunks import token_stats
     from isdelta.engine.fused import chunk_stats
-    from isdelta.engine.logprob import LogProbEngine
+    from isdelta.engine.transform import LogitTransform
 
     torch.set_num_threads(threads)
     z, t, eos, temp = _chunk(V, args.device)
     rows = torch.zeros_like(t)
-    eager = LogProbEngine(progress=False)._token_stats
-    calls = {"eager": lambda: eager(z.clone(), t, rows, eos), "fused": lambda: chunk_stats(z, t, eos, temp)}
+    eager = lambda: token_stats(z.clone(), t, rows, eos, LogitTransform())
+    calls = {"eager": eager, "fused": lambda: chunk_stats(z, t, eos, temp)}
     copy = lambda: z.clone()  # the eager path frees its input: time the copy and subtract it
     times: dict[str, list[float]] = {k: [] for k in (*calls, "copy")}
     with torch.no_grad():

@@ -10,7 +10,7 @@ Per row of an [m, V] chunk of LM-head logits z and temperature T (no top-k / top
 
 and the stop ids' share −Σ_e p(e) log p(e) from d at those ids. ``torch.compile`` (inductor)
 turns this into one loop over rows, each row read twice while it sits in cache: vectorised C++
-on CPU, a Triton reduction on CUDA. The eager path (``LogProbEngine._token_stats``) reads and
+on CPU, a Triton reduction on CUDA. The eager path (``chunks.token_stats``) reads and
 writes the whole chunk six to eight times (log_softmax, exp, two row dots, the centring,
 squares); on one core of an AMD EPYC (AVX-512) a [170, 49152] chunk takes 6.0 ms here
 against 59 ms eager (``benchmarks/bench_fused.py``, run 20261130T091646).
@@ -93,7 +93,7 @@ def chunk_stats(
 
     Naive equivalent: ``logp = log_softmax(logits.float() / T, -1)``; ``token_logp =
     logp.gather(-1, targets)``; ``H = −(p·logp).sum(-1)``; ``Var = (p·(logp + H)²).sum(-1)``;
-    ``stop = −(p[:, eos]·logp[:, eos]).sum(-1)`` (``LogProbEngine._token_stats``; the tests
+    ``stop = −(p[:, eos]·logp[:, eos]).sum(-1)`` (``chunks.token_stats``; the tests
     compare both with float64 logits at V = 49152, 50257, 128257 and 151936).
 
     Parameters

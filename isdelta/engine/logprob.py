@@ -10,7 +10,7 @@ Which logits score which tokens (prompt_len = 3, one row, `_` left pad)::
 The model body runs once per micro-batch; the LM head runs only on the hidden states of counted
 completion positions, in row chunks of at most ``chunk_elems / V`` tokens, each chunk upcast to
 fp32 and reduced to log p(token), entropy and varentropy in the same pass. [N, T, V] fp32 logits
-never exist. That reduction is either the eager one below (``_token_stats``: the reference, the
+never exist. That reduction is either the eager one (``chunks.token_stats``: the reference, the
 only one with a graph and with top-k / top-p) or one compiled pass over the vocabulary
 (``fused.py``), chosen once per score call by ``EngineConfig.fused``.
 """
@@ -27,6 +27,7 @@ from typing import ClassVar, Literal
 import torch
 from tqdm.auto import tqdm
 
+from isdelta.engine.chunks import token_stats
 from isdelta.engine.fused import chunk_stats, worth_fusing
 from isdelta.engine.masking import position_ids as _position_ids
 from isdelta.engine.rollouts import Rollouts, _rows
@@ -61,15 +62,11 @@ class EngineConfig:
         random one (AdamW lr 1e-6 on SmolLM2: KL 0.007 in fp32, 0.41–0.45 through bf16
         weights; ``benchmarks/README.md``, bf16). Off: the model scores as it is, under
         whatever autocast the caller has active.
-    fused : the chunk statistics in one compiled pass over the vocabulary (``torch.compile``:
-        vectorised C++ on CPU, Triton on CUDA; ``isdelta/engine/fused.py``) instead of six to
-        eight eager passes. "auto": when a score call reaches ``fused.FUSE_MIN_LOGITS`` logits
-        (counted tokens × V; 2**30 on CPU, where the compile pays for itself within the call);
-        "on": always (the first call compiles, ~2.5–10 s on CPU); "off": never. Top-k / top-p
-        and ``requires_grad`` always use the eager path; if the compile fails (no C++ compiler,
-        an unsupported platform) the engine stays eager, silently. The two paths agree to ~1e-6
-        relative, not bit for bit: score p0 and p1 with one config (the rule depends only on the
-        call's size, so the same rollouts take the same path).
+    fused : the chunk statistics in one compiled pass over the vocabulary (``fused.py``).
+        "auto": for a score call of at least ``fused.FUSE_MIN_LOGITS`` logits (2**30 on CPU,
+        where the 3–11 s compile pays within the call); "on": always; "off": never. Top-k/top-p,
+        ``requires_grad`` and a failed compile stay eager. The paths agree to ~1e-6, not bit for
+        bit; the rule depends only on the call's size, so p0 and p1 of one batch take one path.
     """
 
     temperature: float = 1.0
@@ -98,28 +95,6 @@ class EngineConfig:
     @classmethod
     def from_transform(cls, transform: LogitTransform, **kw) -> EngineConfig:
         return cls(temperature=transform.temperature, top_k=transform.top_k, top_p=transform.top_p, **kw)
-
-
-ROW_DOT_BLOCK = 1024  # columns summed per block before the block sums are added
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a[m, v]·b[m, v] → [m], without an [m, V] temporary, summed in two levels.
-
-    A flat fp32 dot (``einsum("mv,mv->m")``) accumulates along V: at V = 49152 and H ≈ 10.6
-    nats it is off by 8.6e-5 nats, ten times ``(a * b).sum(-1)`` (pairwise). Summing blocks of
-    ``ROW_DOT_BLOCK`` columns first ([m, V/1024] partial sums), then the partial sums, matches
-    the pairwise sum's accuracy at the flat dot's speed and memory.
-    """
-    m, V = a.shape
-    main = V - V % ROW_DOT_BLOCK
-    if main == 0:
-        return torch.einsum("mv,mv->m", a, b)
-    shape = (m, main // ROW_DOT_BLOCK, ROW_DOT_BLOCK)  # [m, K, 1024] views of the first K·1024 columns
-    out = torch.einsum("mkv,mkv->mk", a[:, :main].view(shape), b[:, :main].view(shape)).sum(-1)
-    if main < V:
-        out = out + torch.einsum("mv,mv->m", a[:, main:], b[:, main:])
-    return out
 
 
 def check_fp32_weights(model: torch.nn.Module) -> None:
@@ -201,8 +176,7 @@ class LogProbEngine:
         return self._assemble(chunks, rollouts, mask, lm.device)
 
     def fuses(self, n_logits: int, device: torch.device) -> bool:
-        """Whether a score call of ``n_logits`` logits (counted tokens × V) on ``device`` takes the
-        compiled chunk statistics (``fused.py``) rather than the eager ones (see ``EngineConfig.fused``)."""
+        """Whether a call of ``n_logits`` logits (counted tokens × V) takes the compiled statistics."""
         cfg = self.config
         if cfg.fused == "off" or cfg.requires_grad or cfg.transform.truncates:
             return False
@@ -297,8 +271,8 @@ class LogProbEngine:
             chunk = (targets[s : s + step], r_idx[s : s + step], eos)
             if fused:  # the head's own dtype: the kernel upcasts as it reads
                 stats = self._fused_stats(lm.final(lm.head(h[s : s + step])), *chunk, temperature)
-            else:  # no local name for the [m, V] logits: _token_stats frees them after log_softmax
-                stats = self._token_stats(lm.logits(h[s : s + step]), *chunk)
+            else:  # no local name for the [m, V] logits: token_stats frees them after log_softmax
+                stats = token_stats(lm.logits(h[s : s + step]), *chunk, self.config.transform)
             if out is None:
                 parts.append(stats)
             else:
@@ -310,49 +284,13 @@ class LogProbEngine:
         return _Chunk(r_idx, cols, *out)
 
     def _fused_stats(self, logits, targets, rows, eos, temperature):
-        """``_token_stats`` by one compiled pass (``fused.chunk_stats``); the eager path where that
+        """``token_stats`` by one compiled pass (``fused.chunk_stats``); the eager path where that
         is unavailable, and for a chunk whose statistics are not finite (it names the rows)."""
         stats = chunk_stats(logits, targets, eos, temperature)
         # finite logits give finite H and Var (S0 >= 1); NaN/inf anywhere in a row reaches both
         if stats is None or not bool(torch.isfinite(stats[1] + stats[2]).all()):
-            return self._token_stats(logits.float(), targets, rows, eos)
+            return token_stats(logits.float(), targets, rows, eos, self.config.transform)
         return stats
-
-    def _token_stats(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, eos: torch.Tensor):
-        """log p(target), entropy, varentropy and the stop ids' entropy share [m] of fp32 logits
-        [m, V] after the transform."""
-        bad = ~torch.isfinite(logits).all(-1)
-        if bad.any():
-            raise FloatingPointError(
-                f"non-finite logits for rows {sorted(set(rows[bad].tolist()))[:8]}: the model "
-                "produced NaN/inf (overflow in half precision, or broken weights). Try dtype "
-                "float32 or bfloat16 instead of float16."
-            )
-        t = self.config.transform
-        logits = t(logits)
-        grad = logits.requires_grad
-        if t.truncates:
-            # outside a top-k/top-p set log p = −inf and p = 0: work on the kept set only, with
-            # −inf replaced by 0 after exp (0·(−inf) would be NaN).
-            logp = torch.log_softmax(logits, dim=-1)  # [m, V]
-            token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
-            p = logp.exp()
-            logp = torch.where(p > 0, logp, torch.zeros_like(logp))
-        elif grad:
-            logp = torch.log_softmax(logits, dim=-1)
-            token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
-            p = logp.exp()
-        else:  # the hot path: two [m, V] buffers live at a time, updated in place
-            logp = torch.log_softmax(logits, dim=-1)  # faster than logits - logsumexp on CPU
-            del logits  # the only reference: two [m, V] buffers live at a time, not three
-            token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
-            p = logp.exp()
-        entropy = -_row_dot(p, logp)  # [m], no [m, V] temporary
-        stop_term = -(p[:, eos] * logp[:, eos]).sum(-1)  # [m]; logp is finite wherever p > 0
-        # Var[−log p] = Σ p (log p + H)², centred (E[(log p)²] − H² loses digits when H is small).
-        dev = logp + entropy[:, None] if grad else logp.add_(entropy[:, None])
-        varentropy = _row_dot(p, dev.square() if grad else dev.square_())
-        return token_logp, entropy, varentropy, stop_term
 
     # ------------------------------------------------------------------ assembly
     def _assemble(self, chunks, rollouts, mask, device) -> SequenceScores:

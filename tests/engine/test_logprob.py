@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import isdelta.engine.chunks as chunks_mod
 import isdelta.engine.fused as fused_mod
 import isdelta.engine.logprob as logprob_mod
 from isdelta.engine import EngineConfig, LogitTransform, LogProbEngine, Rollouts, completion_mask
@@ -378,7 +379,7 @@ def test_entropy_is_accurate_at_a_real_vocabulary_size(rng, fused):
 def test_row_dot_equals_the_plain_sum_for_any_width():
     for V in (7, 1024, 1500, 4096, 5000):
         a, b = torch.rand(3, V, dtype=torch.float64), torch.rand(3, V, dtype=torch.float64)
-        assert torch.allclose(logprob_mod._row_dot(a, b), (a * b).sum(-1), rtol=1e-12)
+        assert torch.allclose(chunks_mod.row_dot(a, b), (a * b).sum(-1), rtol=1e-12)
 
 
 # ---------------------------------------------------------------------- the compiled path (fused.py)
