@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo score-demo test test-fast lint format clean
+.PHONY: setup demo score-demo predictor-demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 score-demo: $(STAMP)
 	$(PY) -m isdelta.score configs/score_demo.yaml
+
+# is entropy a signal? logistic fits of SmolLM2's answers' correctness on their entropy (~2 min)
+predictor-demo: $(STAMP)
+	$(PY) -m isdelta.score configs/predictor_demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from isdelta.program import ModelConfig, Section, load_yaml_config, options_section
 from isdelta.tokens.options import TokenOptions
@@ -54,6 +54,14 @@ class EngineSection(Section):
     # the importance weights still use the full-sequence ratio, since p0 sampled the stop too
     include_eos: bool = True
     token_budget: int = Field(16384, ge=1)
+    # the chunk statistics in one compiled pass over the vocabulary (EngineConfig.fused): "auto"
+    # compiles where a score call repays the compile (2**30 logits on CPU), "on" always, "off" never
+    fused: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("fused", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):  # YAML 1.1 reads a bare on / off as true / false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EstimatorConfig(Section):
@@ -113,15 +121,39 @@ class RunConfig(Section):
     output: OutputConfig = OutputConfig()
     probe: ProbeConfig | None = None  # ΔH₁ vs the true ΔH along the update direction
     tokens: TokensConfig | None = None  # per-position diagnostics of p0 vs p1 (TokenOptions' keys)
+    # a trajectory: ΔH from `model` to each checkpoint in training order (isdelta.run.trajectory),
+    # loaded like `model` (its dtype, device, trust_remote_code, allow_download)
+    checkpoints: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
 
     @model_validator(mode="after")
     def _one_way_to_p1(self) -> RunConfig:
-        if (self.updated is None) == (self.update is None):
+        ways = [k for k in ("updated", "update", "checkpoints") if getattr(self, k) is not None]
+        if len(ways) != 1:
             raise ValueError(
-                "give exactly one of `updated` (a second checkpoint: {path: ...}) or "
-                "`update` (an in-process step: {loss: reinforce, lr: ...})"
+                "give exactly one of `updated` (a second checkpoint: {path: ...}), `update` (an in-process "
+                "step: {loss: reinforce, lr: ...}) or `checkpoints` (a trajectory: [path, ...])"
+                + (f"; got {' and '.join(ways)}" if ways else "")
             )
+        if self.checkpoints is not None:
+            _check_checkpoints(self)
         return self
+
+
+def _check_checkpoints(cfg: RunConfig) -> None:
+    """A trajectory's list: not empty, no path twice, and no two-model stage beside it."""
+    if not cfg.checkpoints:
+        raise ValueError("checkpoints: the list is empty; give the checkpoints' paths in training order")
+    seen: dict[str, int] = {}
+    for i, path in enumerate(cfg.checkpoints):
+        if path in seen:
+            raise ValueError(f"checkpoints.{i}: {path!r} repeats checkpoints.{seen[path]}; list each checkpoint once")
+        seen[path] = i
+    for key in ("probe", "tokens"):
+        if getattr(cfg, key) is not None:
+            raise ValueError(
+                f"`{key}` compares two models and does not run on a trajectory; drop it, or run it on one "
+                "pair (updated: {path: CHECKPOINT} instead of checkpoints)"
+            )
 
 
 def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -131,7 +163,10 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...
 
 def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes the results (the output section excluded; an absent
-    ``tokens`` section too, so adding the section to the schema kept older runs' hashes)."""
-    exclude = {"output"} | ({"tokens"} if getattr(cfg, "tokens", 1) is None else set())
+    ``tokens`` section or ``checkpoints`` list too, so adding them to the schema kept older runs'
+    hashes; likewise ``engine.fused`` at its default)."""
+    exclude = {"output"} | {k for k in ("tokens", "checkpoints") if getattr(cfg, k, 1) is None}
     data = cfg.model_dump(mode="json", exclude=exclude)
+    if data.get("engine", {}).get("fused") == "auto":
+        del data["engine"]["fused"]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

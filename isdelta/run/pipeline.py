@@ -31,6 +31,7 @@ from isdelta.run.stages import (
     token_estimates,
     tokens_stage,
 )
+from isdelta.run.trajectory import check_checkpoints, run_trajectory
 from isdelta.training.update import ZeroUpdateError
 
 __all__ = ["PROGRAM", "main", "progress", "run"]
@@ -38,6 +39,7 @@ __all__ = ["PROGRAM", "main", "progress", "run"]
 NAME = "isdelta.run"
 # what a run writes; present without a manifest, it cannot be verified (an older isdelta wrote it)
 RESULTS = ("samples", "samples_p1", "scores0.npz", "scores1.npz", "update.json", "probe.json", "tokens.json")
+RESULTS += ("checkpoints", "trajectory.csv", "trajectory.json")  # a trajectory (checkpoints: [...])
 
 
 def _read_json(path: Path):
@@ -61,11 +63,15 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     if cfg.updated is not None:
         cfg.updated.check_device("updated")
         check_tokenizers(cfg.model.load_tokenizer("model"), cfg.updated.load_tokenizer("updated"))
+    if cfg.checkpoints is not None:
+        check_checkpoints(cfg, cfg.model.load_tokenizer("model"))
     if (out / "derived_stamp").exists():  # written by the score program only
         raise RunError(f"{key} {out}: the folder holds an isdelta.score run", fix="pass another --out for the run")
     stamp = {"config": config_hash(cfg), "data": records_digest(records)}
     with OutputFolder(out, key, NAME, stamp, RESULTS, error=RunError) as folder:
         atomic_write(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        if cfg.checkpoints is not None:  # ΔH along a series of checkpoints (isdelta.run.trajectory)
+            return run_trajectory(cfg, folder, records)
         return _run(cfg, folder, records)
 
 
@@ -212,6 +218,10 @@ def progress(cfg: RunConfig, out: Path) -> list[str]:
         n = sum(1 for p in parts if p.startswith(sub) and p.endswith(".pt"))
         if n:
             lines.append(f"{what} for {n} chunk(s) of {cfg.sampling.prompts_per_batch} prompts ({sub})")
+    own = sorted({p.split("/")[1] for p in parts if p.startswith("checkpoints/") and "/samples/" in p})
+    scored = sorted(p for p in parts if p.startswith("checkpoints/") and p.endswith(".npz"))
+    if own or scored:
+        lines.append(f"trajectory: {len(scored)} checkpoint score set(s), own samples of {own or 'none'}")
     return lines + [n for n in ("scores0.npz", "update.json", "scores1.npz", "tokens.json", "probe.json") if n in parts]
 
 

@@ -88,7 +88,9 @@ def score_stage(cfg: RunConfig, model, rollouts, transform, folder, name: str, i
 
     # Always score whole sequences: the importance weights need the full ratio (p0 sampled the
     # stop token too); engine.include_eos=false is applied in the estimator (include="no_eos").
-    ecfg = EngineConfig.from_transform(transform, include_eos=True, token_budget=cfg.engine.token_budget)
+    ecfg = EngineConfig.from_transform(
+        transform, include_eos=True, token_budget=cfg.engine.token_budget, fused=cfg.engine.fused
+    )
     arrays = LogProbEngine(ecfg).score(model, rollouts).to_numpy()
     atomic_write(folder.path / name, lambda f: np.savez(f, **arrays))
     folder.record(name, inputs=inputs)
@@ -233,7 +235,11 @@ def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, o
 
     e, p = cfg.estimator, cfg.probe
     ecfg = EngineConfig.from_transform(
-        transform, include_eos=cfg.engine.include_eos, token_budget=cfg.engine.token_budget, progress=False
+        transform,
+        include_eos=cfg.engine.include_eos,
+        token_budget=cfg.engine.token_budget,
+        fused=cfg.engine.fused,
+        progress=False,
     )
     return run_probe(
         model0,
@@ -254,21 +260,35 @@ def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transfo
     """Token-level diagnostics of p0 vs p1 on the configured carriers (tokens.csv/json/md, plots).
 
     Carriers: p0's samples and p1's own (sampled with the same transform and seeds), and/or the
-    data's reference responses teacher-forced (built as for the sft update).
+    data's reference responses teacher-forced (built as for the sft update). Each carrier row is
+    scored by the run's reward (``tokens.reward``, else ``update.reward``) against its prompt's
+    answer, as the update does: the correctness strata (NaN, "unknown", without an answer).
     """
     from isdelta import tokens
+    from isdelta.training import REWARDS
 
     t = cfg.tokens
-    carriers = {}
+    carriers, texts = {}, {}
     if t.mode in ("generations", "both"):
         carriers["p0 samples"] = rollouts
-        carriers["p1 samples"] = sample_stage(cfg, model1, tok, records, folder, "samples_p1", p1_id)[0]
+        carriers["p1 samples"], texts["p1 samples"] = sample_stage(
+            cfg, model1, tok, records, folder, "samples_p1", p1_id
+        )[:2]
     if t.mode in ("teacher_forced", "both"):
         why = f"tokens.mode={t.mode} (without responses use tokens.mode=generations)"
         carriers["reference"] = sft_rollouts(tok, records, cfg, why=why)
+        texts["reference"] = [str(r["response"]) for r in records]  # one row per record, in order
     opts = t.options(
         transform=transform, include_eos=cfg.engine.include_eos, seed=cfg.seed, token_budget=cfg.engine.token_budget
     )
+    reward = REWARDS[opts.reward or (cfg.update.reward if cfg.update is not None else "answer_match")]
+    rewards = {}  # one per carrier row, as the update computes it; NaN where the prompt has no answer
+    for c, ro in carriers.items():
+        if c not in texts:  # p0's samples: decoded as sampling decodes them (special tokens skipped)
+            comp, L = ro.completion_ids.cpu(), ro.completion_lengths.cpu().tolist()
+            texts[c] = [tok.decode(comp[i, : L[i]].tolist(), skip_special_tokens=True) for i in range(ro.n_rows)]
+        answers = [records[g]["answer"] for g in ro.group.tolist()]
+        rewards[c] = np.array([np.nan if a is None else reward(x, str(a)) for x, a in zip(texts[c], answers)])
     return tokens.run_tokens(
         model0,
         model1,
@@ -279,4 +299,5 @@ def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transfo
         n_interesting=t.n_interesting,
         out_dir=folder.path,
         plots=cfg.output.plots,
+        rewards=rewards,
     )

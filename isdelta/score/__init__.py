@@ -8,10 +8,12 @@ under one or more models, curricula and model comparisons.
 - ``store``       per-model result folders, appended chunk by chunk, resumable
 - ``curriculum``  sort by a statistic, cut into bins, write shards + manifest + schedule (numpy)
 - ``compare``     rank correlations, distances and a PCA across models (numpy + scipy)
+- ``predictor``   logistic regressions of an outcome on entropy, correlation matrices (statsmodels)
+- ``outcome``     the outcome per text: a corpus label, or the model's own answer graded (torch)
 - ``pipeline``    the driver (scoring every model, derived outputs) and ``main``
 - ``report``      summary.md; ``plots`` the PNGs (matplotlib, imported when drawing)
 
-Only ``scorer`` imports torch; the others can be used on saved ``stats.jsonl`` files alone.
+Only ``scorer`` and ``outcome`` (its answer mode) import torch; the others can be used on saved ``stats.jsonl`` files alone.
 """
 
 from __future__ import annotations

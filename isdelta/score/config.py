@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -61,17 +61,48 @@ class ScoreEngine(Section):
 
 class CurriculumConfig(Section):
     model: str | None = None  # whose statistics sort the corpus; default the first model
-    # a statistic, or a linear combination {stat: weight}; a term "stat@name" reads another model
+    # a statistic, or a combined key {stat: weight}, e.g. entropy − λ·√varentropy as
+    # {entropy_mean: 1.0, sqrt_varentropy_mean: -0.5}; "sqrt_STAT" is √STAT, "STAT@name" reads
+    # another model's statistic
     key: str | dict[str, float] = "entropy_mean"
     standardize: bool = False  # z-score each term before combining (terms in different units)
     bins: int = Field(4, ge=1)
     binning: Literal["count", "width"] = "count"  # equal numbers of texts, or equal key ranges
-    schedule: Literal["increasing", "decreasing"] | list[int] = "increasing"  # bin order
+    # bin order: increasing, decreasing, a permutation of the bins, or sawtooth: `cycles` rising
+    # ramps 0..k-1, each taking every cycles-th text of each bin (every text once)
+    schedule: Literal["increasing", "decreasing", "sawtooth"] | list[int] = "increasing"
+    cycles: int | None = Field(None, ge=1)  # schedule: sawtooth only: the number of ramps
 
 
 class CompareConfig(Section):
     stat: str = "entropy_mean"  # the per-text statistic compared across models
     distance: Literal["rmse", "mean_abs", "one_minus_spearman"] = "rmse"
+
+
+class AnswerOutcome(Section):
+    # predictor.outcome: answer — the model answers each row's prompt, graded against its answer
+    model: str | None = None  # which model answers; default predictor.model
+    prompt_field: str = "prompt"  # the question (a user chat turn when chat is true)
+    answer_field: str = "answer"  # the reference answer
+    reward: str = "answer_match"  # a rule of isdelta.training.REWARDS (answer_match, boxed_match)
+    chat: bool = True  # render the prompt with the tokenizer's chat template
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)  # the sampling transform (isdelta.engine.LogitTransform)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop_strings: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    seed: int = 0
+
+
+class PredictorConfig(Section):
+    model: str | None = None  # whose per-text statistics are the regressors; default the first model
+    outcome: Literal["label", "answer"] = "label"  # a corpus field, or the model's own answer graded
+    label_field: str = "label"  # outcome: label — 0/1 or true/false per row (null: unknown)
+    answer: AnswerOutcome = AnswerOutcome()  # outcome: answer
+    # the last-token distribution: the one predicting the text's last token, or the one after it
+    last: Literal["entropy_last", "entropy_next"] = "entropy_last"
+    level: float = Field(0.95, gt=0, lt=1)  # confidence level of the coefficient intervals
+    plot_bins: int = Field(6, ge=2)  # entropy bins of the outcome-rate plot (equal counts)
 
 
 class ScoreOutput(Section):
@@ -85,6 +116,7 @@ class ScoreConfig(Section):
     engine: ScoreEngine = ScoreEngine()
     curriculum: CurriculumConfig | None = CurriculumConfig()
     compare: CompareConfig | None = CompareConfig()  # used with two models or more
+    predictor: PredictorConfig | None = None  # entropy as a predictor of an outcome per text
     output: ScoreOutput = ScoreOutput()
 
     @property
@@ -106,6 +138,8 @@ class ScoreConfig(Section):
             raise ValueError(f"model names {dup} repeat: give each entry its own models.N.name")
         if self.curriculum is not None:
             _check_curriculum(self.curriculum, names)
+        if self.predictor is not None:
+            _check_predictor(self.predictor, names)
         if self.compare is not None and self.compare.stat not in KEY_STATS:
             raise ValueError(f"compare.stat {self.compare.stat!r} is not a statistic; choose one of {list(KEY_STATS)}")
         return self
@@ -119,7 +153,7 @@ def _model_name(m: ScoreModel) -> str:
 
 
 def parse_key(key: str | dict[str, float], default_model: str) -> list[tuple[str, str, float]]:
-    """The curriculum key as (statistic, model name, weight) terms."""
+    """The curriculum key as (statistic, model name, weight) terms (a statistic may be ``sqrt_STAT``)."""
     terms = {key: 1.0} if isinstance(key, str) else key
     out = []
     for term, weight in terms.items():
@@ -134,10 +168,10 @@ def _check_curriculum(c: CurriculumConfig, names: tuple[str, ...]) -> None:
     if isinstance(c.key, dict) and not c.key:
         raise ValueError("curriculum.key is an empty mapping: give a statistic or {stat: weight}")
     for stat, model, _ in parse_key(c.key, c.model or names[0]):
-        if stat not in KEY_STATS:
+        if stat.removeprefix("sqrt_") not in KEY_STATS:
             raise ValueError(
                 f"curriculum.key: {stat!r} is not a statistic; choose from {list(KEY_STATS)} "
-                "(optionally as stat@model_name)"
+                "(optionally as sqrt_STAT for its square root, or STAT@model_name)"
             )
         if model not in names:
             raise ValueError(f"curriculum.key: model {model!r} (in {stat}@{model}) is none of {list(names)}")
@@ -145,6 +179,24 @@ def _check_curriculum(c: CurriculumConfig, names: tuple[str, ...]) -> None:
         raise ValueError(
             f"curriculum.schedule {c.schedule} is not a permutation of the bin indices "
             f"0..{c.bins - 1}; give each bin once, e.g. {list(range(c.bins))[::-1]}"
+        )
+    if c.schedule == "sawtooth" and c.cycles is None:
+        raise ValueError("curriculum.schedule: sawtooth needs curriculum.cycles (the number of ramps, e.g. 2)")
+    if c.schedule != "sawtooth" and c.cycles is not None:
+        raise ValueError(
+            f"curriculum.cycles is only used with schedule: sawtooth (schedule is {c.schedule!r}); remove it"
+        )
+
+
+def _check_predictor(p: PredictorConfig, names: tuple[str, ...]) -> None:
+    for key, name in (("predictor.model", p.model), ("predictor.answer.model", p.answer.model)):
+        if name is not None and name not in names:
+            raise ValueError(f"{key} {name!r} is none of the models {list(names)}")
+    from isdelta.training.rewards import REWARDS
+
+    if p.answer.reward not in REWARDS:
+        raise ValueError(
+            f"predictor.answer.reward {p.answer.reward!r} is not a reward rule; choose one of {list(REWARDS)}"
         )
 
 

@@ -32,12 +32,17 @@ class Curriculum:
     edges : float array [k + 1]
         Bin boundaries on the key scale (equal-count: the keys at the cuts).
     schedule : list of int
-        The order in which bins are visited.
+        The order in which bins are visited, one entry per step (a saw-tooth visits each bin
+        once per cycle: ``[0, 1, 2, 0, 1, 2]``).
     descending : bool
         Texts within a bin run from high to low key (``schedule: decreasing``), so reading the
         shards in schedule order reads the whole corpus sorted.
     excluded : int array
         Positions without a key (texts with no scored token): in no bin.
+    cycles : int
+        1, or the saw-tooth's number of ramps: step s = (cycle s // k, bin schedule[s]) holds
+        every cycles-th text of the bin, starting at its (s // k)-th, so each ramp spans the
+        bin's whole key range and every text is emitted exactly once.
     """
 
     order: np.ndarray
@@ -46,6 +51,7 @@ class Curriculum:
     schedule: list[int]
     descending: bool
     excluded: np.ndarray
+    cycles: int = 1
 
     @property
     def counts(self) -> list[int]:
@@ -56,6 +62,15 @@ class Curriculum:
         m = self.order[self.bin_of == b]
         return m[::-1] if self.descending else m
 
+    def steps(self) -> list[tuple[int, int, np.ndarray]]:
+        """(cycle, bin, positions) of each step in the order the curriculum emits them.
+
+        One step per bin for increasing / decreasing / a permutation; ``cycles`` ramps over the
+        bins for a saw-tooth. Concatenating the steps' positions gives every keyed text once.
+        """
+        k = len(self.edges) - 1
+        return [(s // k, b, self.members(b)[s // k :: self.cycles]) for s, b in enumerate(self.schedule)]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "n_texts": len(self.order),
@@ -64,6 +79,7 @@ class Curriculum:
             "counts": self.counts,
             "edges": self.edges.tolist(),
             "schedule": self.schedule,
+            "cycles": self.cycles,
             "descending": self.descending,
         }
 
@@ -71,6 +87,10 @@ class Curriculum:
 def combine_key(terms: list[tuple[np.ndarray, float]], standardize: bool = False) -> np.ndarray:
     """The curriculum key Σ_j w_j · x_j of per-text columns (NaN where any term is missing).
 
+    A combined key such as H − λ·V is ``[(entropy_mean, 1.0), (varentropy_mean, -λ)]``: with
+    λ > 0 a text of high varentropy (a few very unlikely continuations among likely ones) sorts
+    as easier than one of the same entropy and low varentropy. H is in nats, V in nats², so λ's
+    size depends on the units; √V (nats) or ``standardize`` makes the terms comparable.
     With ``standardize`` each column is first z-scored over the texts where all terms exist,
     so terms in different units (nats, tokens) weigh by their weights, not their scales.
     """
@@ -85,7 +105,12 @@ def combine_key(terms: list[tuple[np.ndarray, float]], standardize: bool = False
     return np.where(ok, key, np.nan)
 
 
-def _schedule(k: int, schedule: Literal["increasing", "decreasing"] | list[int]) -> list[int]:
+Schedule = Literal["increasing", "decreasing", "sawtooth"] | list[int]
+
+
+def _schedule(k: int, schedule: Schedule, cycles: int = 1) -> list[int]:
+    if schedule == "sawtooth":
+        return list(range(k)) * cycles
     if schedule == "increasing":
         return list(range(k))
     if schedule == "decreasing":
@@ -99,7 +124,8 @@ def build_curriculum(
     key: np.ndarray,
     bins: int,
     binning: Literal["count", "width"] = "count",
-    schedule: Literal["increasing", "decreasing"] | list[int] = "increasing",
+    schedule: Schedule = "increasing",
+    cycles: int | None = None,
 ) -> Curriculum:
     """Sort texts by ``key`` and cut them into ``bins`` bins.
 
@@ -110,8 +136,23 @@ def build_curriculum(
     bins : int
         k >= 1. Equal-count bins differ in size by at most one; equal-width bins may be empty.
     binning : {"count", "width"}
-    schedule : "increasing", "decreasing", or a permutation of range(k)
+    schedule : "increasing", "decreasing", "sawtooth", or a permutation of range(k)
+        What :meth:`Curriculum.steps` emits, with texts in increasing key within a step unless
+        decreasing:
+
+        - increasing: bins 0, 1, …, k−1 (the corpus sorted by increasing key);
+        - decreasing: bins k−1, …, 0 (sorted by decreasing key);
+        - a permutation: the bins in that order;
+        - sawtooth: ``cycles`` ramps 0, 1, …, k−1, 0, 1, …; ramp j takes texts j, j + cycles,
+          j + 2·cycles, … of each bin (so every ramp spans easy to hard, and the ramps together
+          hold each text once). ``cycles=1`` is increasing. For falling ramps, negate the key.
+    cycles : int, optional
+        The saw-tooth's number of ramps (>= 1); only with ``schedule="sawtooth"``.
     """
+    if (schedule == "sawtooth") != (cycles is not None) or (cycles is not None and cycles < 1):
+        raise ValueError(
+            f"cycles={cycles} with schedule={schedule!r}: a saw-tooth needs cycles >= 1 and the other schedules none."
+        )
     key = np.asarray(key, dtype=np.float64)
     keyed = np.flatnonzero(np.isfinite(key))
     order = keyed[np.argsort(key[keyed], kind="stable")]
@@ -131,15 +172,19 @@ def build_curriculum(
         order,
         bin_of.astype(np.int64),
         edges,
-        _schedule(bins, schedule),
+        _schedule(bins, schedule, cycles or 1),
         schedule == "decreasing",
         np.flatnonzero(~np.isfinite(key)),
+        cycles or 1,
     )
 
 
 def write_curriculum(out: Path, cur: Curriculum, key: np.ndarray, index, meta: dict) -> None:
-    """Write ``bin-XX.jsonl`` shards, ``order.csv``, ``manifest.json`` and ``schedule.json``.
+    """Write one shard per step, ``order.csv``, ``manifest.json`` and ``schedule.json``.
 
+    A step's shard is ``bin-XX.jsonl`` (the whole bin) for a schedule that visits each bin once,
+    and ``cycle-J-bin-XX.jsonl`` for a saw-tooth (ramp J's share of bin XX). Reading
+    ``schedule.json``'s ``shards`` in order reads every keyed text once, in schedule order.
     ``index`` is the corpus's :class:`~isdelta.score.corpus.CorpusIndex` (texts are re-read from
     the file one at a time). The folder is written beside ``out`` and swapped in at the end, so
     an interrupted write never leaves a mix of two curricula.
@@ -147,18 +192,18 @@ def write_curriculum(out: Path, cur: Curriculum, key: np.ndarray, index, meta: d
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files, bins_meta = [], []
-    for b in range(len(cur.edges) - 1):
-        name = f"bin-{b:02d}.jsonl"
-        members = cur.members(b)
+    files, shards_meta = [], []
+    for cycle, b, members in cur.steps():
+        name = f"bin-{b:02d}.jsonl" if cur.cycles == 1 else f"cycle-{cycle}-bin-{b:02d}.jsonl"
         with open(tmp / name, "w", encoding="utf-8") as f:
             # streamed: one record in memory at a time
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in index.rows(members))
         files.append(name)
         vals = key[members]
-        bins_meta.append(
+        shards_meta.append(
             {
                 "bin": b,
+                "cycle": cycle,
                 "file": name,
                 "count": len(members),
                 "key_min": float(vals.min()) if len(vals) else None,
@@ -167,19 +212,22 @@ def write_curriculum(out: Path, cur: Curriculum, key: np.ndarray, index, meta: d
                 "edge_high": float(cur.edges[b + 1]),
             }
         )
+    if cur.cycles == 1:  # bin order on disk (bin-00 first), as the shards were always listed
+        shards_meta.sort(key=lambda m: m["bin"])
     _write_order(tmp / "order.csv", cur, key, index.ids)
     manifest = {
         **meta,
         **cur.to_dict(),
-        "shards": bins_meta,
+        "shards": shards_meta,
         "corpus": str(index.path),
         "excluded_ids": [index.ids[p] for p in cur.excluded],
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     sched = {
         "order": cur.schedule,
-        "shards": [files[b] for b in cur.schedule],
-        "counts": [cur.counts[b] for b in cur.schedule],
+        "cycles": cur.cycles,
+        "shards": files,
+        "counts": [len(m) for _, _, m in cur.steps()],
         "within_bin": "decreasing key" if cur.descending else "increasing key",
     }
     (tmp / "schedule.json").write_text(json.dumps(sched, indent=2))
@@ -187,16 +235,16 @@ def write_curriculum(out: Path, cur: Curriculum, key: np.ndarray, index, meta: d
 
 
 def _write_order(path: Path, cur: Curriculum, key: np.ndarray, ids: list) -> None:
-    """One row per keyed text in schedule order: rank, bin, corpus index, id, key."""
+    """One row per keyed text in schedule order: rank, step, cycle, bin, corpus index, id, key."""
     import csv
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "bin", "index", "id", "key"])
+        w.writerow(["rank", "step", "cycle", "bin", "index", "id", "key"])
         rank = 0
-        for b in cur.schedule:
-            for p in cur.members(b):
-                w.writerow([rank, b, int(p), ids[p], repr(float(key[p]))])
+        for step, (cycle, b, members) in enumerate(cur.steps()):
+            for p in members:
+                w.writerow([rank, step, cycle, b, int(p), ids[p], repr(float(key[p]))])
                 rank += 1
 
 

@@ -9,6 +9,9 @@ after the last complete chunk. Then, from the saved statistics:
   bins (``bin-XX.jsonl`` shards), with ``manifest.json``, ``schedule.json`` and ``order.csv``;
 - ``OUT/compare/`` (two models or more): Spearman and Kendall rank correlations, a distance
   matrix and a PCA of the models' per-text vectors, and ``side_by_side.csv``;
+- ``OUT/predictor/`` (``predictor:`` set): logistic regressions of an outcome per text (a corpus
+  label, or whether the model's own answer is right: :mod:`isdelta.score.outcome`) on entropy
+  and varentropy, and their correlation matrices (:mod:`isdelta.score.predictor`);
 - ``OUT/plots/``, ``OUT/summary.json`` and ``OUT/summary.md`` (with throughput).
 
 How a text is fed to the engine (the engine scores completion tokens given a prompt) is
@@ -136,7 +139,7 @@ def build_curriculum(cfg, out: Path, corpus: Path) -> dict | None:
     if c is None:
         return None
     terms = parse_key(c.key, c.model or cfg.names[0])
-    cols = [(_store(cfg, out, cfg.names.index(model)).columns([stat])[1][stat], w) for stat, model, w in terms]
+    cols = [(_key_column(cfg, out, stat, model), w) for stat, model, w in terms]
     key = combine_key(cols, c.standardize)
     index = CorpusIndex.build(cfg.data, corpus)
     if len(index.ids) != len(key):  # the stamps and checksums make this a damaged folder
@@ -146,7 +149,7 @@ def build_curriculum(cfg, out: Path, corpus: Path) -> dict | None:
             f"delete {out / 'models'} to rescore",
             code=ExitCode.OUTPUT_FOLDER,
         )
-    cur = _build(key, c.bins, c.binning, c.schedule)
+    cur = _build(key, c.bins, c.binning, c.schedule, c.cycles)
     label = " + ".join(("" if w == 1 else f"{w:g}·") + f"{s}@{m}" for s, m, w in terms)
     meta = {
         "key": label,
@@ -160,6 +163,23 @@ def build_curriculum(cfg, out: Path, corpus: Path) -> dict | None:
 
         plot_curriculum(out / "plots" / "curriculum.png", key, cur.edges, cur.counts, label)
     return {**meta, **cur.to_dict(), "extremes": _extremes(cur, key, index)}
+
+
+def _key_column(cfg, out: Path, stat: str, model: str) -> np.ndarray:
+    """A curriculum key term: the model's per-text statistic, or its square root (``sqrt_STAT``)."""
+    base = stat.removeprefix("sqrt_")
+    x = _store(cfg, out, cfg.names.index(model)).columns([base])[1][base]
+    return np.sqrt(np.clip(x, 0.0, None)) if stat != base else x
+
+
+def build_predictor(cfg, out: Path, corpus: Path, corpus_hash: str) -> dict | None:
+    """Entropy as a predictor of the outcome (:func:`isdelta.score.outcome.build_predictor`)."""
+    from isdelta.score.outcome import build_predictor as _build
+
+    def columns(name: str, stats: list[str]) -> dict[str, np.ndarray]:
+        return _store(cfg, out, cfg.names.index(name)).columns(stats)[1]
+
+    return None if cfg.predictor is None else _build(cfg, out, corpus, corpus_hash, columns)
 
 
 def _extremes(cur, key: np.ndarray, index, n: int = 3) -> dict:
@@ -258,6 +278,10 @@ def check_corpus(cfg, corpus: Path) -> int:
             f"compare: rank correlations need ≥ 3 texts, the corpus has {n}",
             fix="score a larger corpus, or set compare: null",
         )
+    if cfg.predictor is not None:
+        from isdelta.score.outcome import check_outcome_source
+
+        check_outcome_source(cfg, corpus)
     return n
 
 
@@ -303,13 +327,14 @@ def _score(cfg, out: Path, corpus: Path, corpus_hash: str) -> dict:
             "models": model_table(cfg, out, infos),
             "curriculum": build_curriculum(cfg, out, corpus),
             "comparison": build_comparison(cfg, out, infos),
+            "predictor": build_predictor(cfg, out, corpus, corpus_hash),
             "timings": timings,
             "versions": versions(),
         }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
     atomic_write(out / "summary.md", summary_markdown(summary))
     print(summary_markdown(summary))
-    print(f"outputs: {out}/ (summary.md, models/*/stats.jsonl, curriculum/, compare/, plots/)")
+    print(f"outputs: {out}/ (summary.md, models/*/stats.jsonl, curriculum/, compare/, predictor/, plots/)")
     return summary
 
 
@@ -318,18 +343,19 @@ def _clear_derived(cfg, out: Path) -> None:
     for png in (out / "plots").glob("*.png"):
         png.unlink()
     shutil.rmtree(out / "compare", ignore_errors=True)
+    shutil.rmtree(out / "predictor", ignore_errors=True)  # the saved answers (outcome/) are kept
     if cfg.curriculum is None:
         shutil.rmtree(out / "curriculum", ignore_errors=True)
 
 
 def _note_derived_change(cfg, out: Path, stamp_of) -> None:
     """Say so when curriculum/compare settings changed: those outputs are rebuilt from the scores."""
-    derived = stamp_of(cfg.model_dump(mode="json", include={"curriculum", "compare"}))
+    derived = stamp_of(cfg.model_dump(mode="json", include={"curriculum", "compare", "predictor"}))
     path = out / "derived_stamp"
     if path.exists() and path.read_text().strip() != derived:
         print(
-            f"[isdelta] {out}: curriculum/compare settings changed since the last run; rebuilding "
-            "curriculum/ and compare/ from the saved scores (scores are reused).",
+            f"[isdelta] {out}: curriculum/compare/predictor settings changed since the last run; rebuilding "
+            "curriculum/, compare/ and predictor/ from the saved scores (scores are reused).",
             file=sys.stderr,
         )
     path.write_text(derived + "\n")

@@ -9,7 +9,7 @@ import numpy as np
 
 from isdelta.outputs import pyplot
 
-__all__ = ["plot_curriculum", "plot_distance", "plot_pca", "plot_rank_scatter", "plot_sorted"]
+__all__ = ["plot_curriculum", "plot_distance", "plot_pca", "plot_predictor", "plot_rank_scatter", "plot_sorted"]
 
 
 def plot_sorted(path: Path, values: dict[str, np.ndarray], stat: str) -> None:
@@ -110,6 +110,50 @@ def plot_curriculum(path: Path, key: np.ndarray, edges: np.ndarray, counts: list
     for b, c in enumerate(counts):
         ax.text((edges[b] + edges[b + 1]) / 2, top * 0.92, f"bin {b}\nn={c}", ha="center", va="top", fontsize=8)
     ax.set(xlabel=label, ylabel="texts", title="Curriculum key and bins")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_predictor(path: Path, y: np.ndarray, cols: dict[str, np.ndarray], res: dict, p) -> None:
+    """Outcome rate by entropy bin (equal-count bins, Wilson 95% intervals) with the fitted
+    one-regressor logistic curve, for the mean entropy and the last-token entropy.
+
+    ``y`` and ``cols`` hold the texts with a known outcome; ``res`` is the predictor result and
+    ``p`` the config's predictor section (``last``, ``plot_bins``).
+    """
+    from isdelta.score.predictor import wilson
+
+    plt = pyplot()
+    fits = {f["name"]: f for f in res["fits"]}
+    panels = [("H_mean", "entropy_mean", "mean token entropy (nats)"), ("H_last", p.last, f"{p.last} (nats)")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    rng = np.random.default_rng(0)  # jitter of the 0/1 rug only
+    for ax, (fname, stat, xlabel) in zip(axes[0], panels):
+        x = cols[stat]
+        ok = np.isfinite(x)
+        x, yy = x[ok], y[ok]
+        ax.scatter(x, yy + rng.uniform(-0.03, 0.03, len(yy)), s=8, alpha=0.35, color="grey", label="texts (0/1)")
+        order = np.argsort(x, kind="stable")
+        for part in np.array_split(order, min(p.plot_bins, len(x))):
+            if len(part):
+                k, n = int(yy[part].sum()), len(part)
+                lo, hi = wilson(k, n)
+                xm = x[part].mean()
+                ax.errorbar(xm, k / n, yerr=[[k / n - lo], [hi - k / n]], fmt="o", color="tab:blue", capsize=3)
+        f = fits.get(fname)
+        title = fname
+        if f and f["status"] == "ok":
+            grid = np.linspace(x.min(), x.max(), 200)
+            b0, b1 = f["coef"]["const"], f["coef"][stat]
+            ax.plot(grid, 1 / (1 + np.exp(-(b0 + b1 * grid))), color="tab:red", label="logistic fit")
+            title += f": β = {b1:.3g} (p = {f['p'][stat]:.2g}), AUC {f['auc']:.3f}"
+        elif f:
+            title += f": {f['status']}"
+        ax.set(xlabel=xlabel, ylabel="outcome rate", ylim=(-0.08, 1.08), title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"Outcome rate by entropy bin ({len(y)} texts, {int(y.sum())} with outcome 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

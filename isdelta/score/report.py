@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["summary_markdown"]
+__all__ = ["predictor_markdown", "summary_markdown"]
 
 
 def _fmt(x, spec: str = ".4f", why: str = "no scored tokens") -> str:
@@ -44,7 +44,9 @@ def summary_markdown(summary: dict) -> str:
     if cur:
         lines += [
             "",
-            f"## Curriculum: key = {cur['key']} ({cur['binning']} bins, schedule {cur['schedule']})",
+            f"## Curriculum: key = {cur['key']} ({cur['binning']} bins, schedule {cur['schedule']}"
+            + (f", a saw-tooth of {cur['cycles']} ramps" if cur.get("cycles", 1) > 1 else "")
+            + ")",
             "",
             "| bin | texts | key range |",
             "|---|---|---|",
@@ -78,4 +80,73 @@ def summary_markdown(summary: dict) -> str:
         )
         if cmp_.get("note"):
             lines += ["", f"Note: {cmp_['note']}."]
+    if summary.get("predictor"):
+        lines += [""] + predictor_markdown(summary["predictor"])
     return "\n".join(lines) + "\n"
+
+
+def _p(x) -> str:
+    """A p-value: 3 significant digits, or "< 1e-16" below double precision's resolution."""
+    if x is None:
+        return "n/a"
+    return "< 1e-16" if x < 1e-16 else format(x, ".3g")
+
+
+def _outcome_line(pred: dict) -> str:
+    o = pred["outcome"]
+    if o["source"] == "label":
+        return f"Outcome: the corpus field `{o['field']}`."
+    return (
+        f"Outcome: whether {o['model']}'s own sampled answer is right ({o['reward']}; accuracy "
+        f"{o['accuracy']:.3f} over {o['n_answered']} answers, saved in `{o['answers']}`)."
+    )
+
+
+def predictor_markdown(pred: dict) -> list[str]:
+    """The predictor section: the regression table, then the correlation matrices."""
+    lines = ["## Entropy as a predictor of the outcome", "", _outcome_line(pred)]
+    if pred.get("skipped"):
+        return lines + ["", f"No fit: {pred['skipped']}"]
+    lines += [
+        "",
+        f"Regressors: per-text statistics under {pred['model']} (nats). {pred['n_used']} texts "
+        f"({pred['n_positive']} with outcome 1); left out: {pred['n_no_outcome']} without an outcome, "
+        f"{pred['n_unscored']} without a scored token. Logistic regressions (statsmodels, maximum "
+        f"likelihood); LR = 2(ℓ − ℓ₀) against the intercept-only model; AUC in-sample.",
+        "",
+        f"| model | term | β | SE | z | p | {pred['level']:.0%} CI | AUC | LR χ² (df) | LR p | pseudo R² |",
+        "|---" * 11 + "|",
+    ]
+    notes = []
+    for f in pred["fits"]:
+        head = [_fmt(f["auc"], ".3f", "not computed"), "", "", ""]
+        if f["status"] in ("ok", "no convergence"):
+            head[1:] = [f"{f['lr_stat']:.3f} ({f['lr_df']})", _p(f["lr_p"]), f"{f['pseudo_r2']:.3f}"]
+            for j, t in enumerate(f["coef"]):
+                cells = [
+                    f["name"] if j == 0 else "",
+                    t,
+                    f"{f['coef'][t]:.4g}",
+                    _fmt(f["se"][t], ".3g", "undefined"),
+                    _fmt(f["z"][t], ".3f", "undefined"),
+                    _p(f["p"][t]),
+                    f"[{_fmt(f['ci_low'][t], '.3g', 'undefined')}, {_fmt(f['ci_high'][t], '.3g', 'undefined')}]",
+                    *(head if j == 0 else ["", "", "", ""]),
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+        else:
+            head[1:] = ["n/a", "n/a", "n/a"]
+            lines.append(
+                f"| {f['name']} | {', '.join(f['terms'])} | n/a ({f['status']}) | | | | | " + " | ".join(head) + " |"
+            )
+        if f["note"]:
+            notes.append(f"- {f['name']}: {f['note']}.")
+    if notes:
+        lines += ["", *notes]
+    for group, mats in pred["correlations"].items():
+        for kind, mat in mats.items():
+            names = list(mat)
+            lines += ["", f"{kind.capitalize()} correlations, {group} statistics:", ""]
+            lines += ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            lines += [f"| {a} | " + " | ".join(_fmt(mat[a][b], ".3f", "constant") for b in names) + " |" for a in names]
+    return lines

@@ -6,8 +6,12 @@
 - :class:`TokenOptions` (``options``), :class:`TokenComparison` (``table``), the classes
   (``classes``), which positions (``positions``), the statistics kernel (``stats``), markdown
   (``report``) and plots (``plots``).
+- Strata of carrier rows by length and correctness (``strata``), intervals over carrier rows
+  (``bootstrap``, ``significance``: every aggregate, the probing table), mean entropy by token
+  text (``token_texts``).
 
-Every name loads on first use; ``classes``, ``positions`` and ``table`` are numpy only.
+Every name loads on first use; ``classes``, ``positions``, ``table``, ``strata``,
+``bootstrap``, ``significance`` and ``token_texts`` are numpy (+ scipy) only.
 The same names keep importing from :mod:`isdelta.probes`, where they first lived.
 """
 
@@ -24,6 +28,10 @@ _LAZY = {
     "TokenThresholds": "classes",
     "classify": "classes",
     "select_positions": "positions",
+    "summarise": "compare",
+    "add_strata": "strata",
+    "CarrierBootstrap": "significance",
+    "token_text_summary": "token_texts",
 }
 
 __all__ = sorted(_LAZY)

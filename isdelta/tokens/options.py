@@ -4,12 +4,17 @@ section is built from this dataclass, see :func:`isdelta.program.options_section
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 from isdelta.engine.transform import LogitTransform
 from isdelta.tokens.classes import TokenThresholds
 from isdelta.tokens.positions import DEFAULT_PATTERNS, DEFAULT_SELF_CORRECTION, compile_patterns, parse_positions
 
-__all__ = ["TokenOptions"]
+__all__ = ["RewardName", "TokenOptions"]
+
+# the names of isdelta.training.REWARDS (training sits above tokens, so they are spelled out here;
+# a test checks that the two agree)
+RewardName = Literal["answer_match", "boxed_match"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,16 @@ class TokenOptions:
     token_budget, chunk_elems : batching as in :class:`~isdelta.engine.EngineConfig`; peak
         logits memory ≈ chunk_elems · 4 bytes (8 [m, V] buffers of chunk_elems / 8 elements).
     progress : show a progress bar.
+    length_bins : strata by completion length: this many quantile bins of the carriers' lengths (3).
+    reward : the rule reward that marks a carrier row correct (``isdelta.training.REWARDS``);
+        None: the run's ``update.reward``. Rows whose prompt has no answer are "unknown".
+    n_boot : bootstrap resamples of carrier rows behind every interval (1000).
+    ci_level : coverage of the intervals (0.95).
+    bootstrap_unit : what is resampled: carrier ``"row"`` (one sequence; positions of one
+        sequence are not independent) or ``"prompt"`` (all of a prompt's rows together, when the
+        G samples of a prompt are themselves correlated).
+    token_min_count : a token is listed among the most / least uncertain only when met this often (3).
+    n_token_texts : tokens per list in the by-token-text tables (10).
     """
 
     positions: str = "all"
@@ -55,10 +70,28 @@ class TokenOptions:
     token_budget: int = 16384
     chunk_elems: int = 2**23
     progress: bool = True
+    length_bins: int = 3
+    reward: RewardName | None = None
+    n_boot: int = 1000
+    ci_level: float = 0.95
+    bootstrap_unit: Literal["row", "prompt"] = "row"
+    token_min_count: int = 3
+    n_token_texts: int = 10
 
     def __post_init__(self) -> None:
         parse_positions(self.positions)
-        for name in ("top_k", "tail_k", "self_correction_tokens", "context_tokens", "token_budget", "chunk_elems"):
+        for name in (
+            "top_k",
+            "tail_k",
+            "self_correction_tokens",
+            "context_tokens",
+            "token_budget",
+            "chunk_elems",
+            "length_bins",
+            "n_boot",
+            "token_min_count",
+            "n_token_texts",
+        ):
             v = getattr(self, name)
             if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}.")
@@ -71,6 +104,15 @@ class TokenOptions:
             raise TypeError(f"transform must be a LogitTransform; got {type(self.transform).__name__}.")
         if not isinstance(self.thresholds, TokenThresholds):
             raise TypeError(f"thresholds must be a TokenThresholds; got {type(self.thresholds).__name__}.")
+        if not 0 < self.ci_level < 1:
+            raise ValueError(f"ci_level must lie in (0, 1), e.g. 0.95; got {self.ci_level}.")
+        if self.bootstrap_unit not in ("row", "prompt"):
+            raise ValueError(f'bootstrap_unit must be "row" or "prompt"; got {self.bootstrap_unit!r}.')
+        if self.reward is not None and self.reward not in get_args(RewardName):
+            raise ValueError(
+                f"reward must be one of {list(get_args(RewardName))} (or null: the run's update.reward); "
+                f"got {self.reward!r}."
+            )
         compile_patterns(self.patterns, "patterns")
         compile_patterns(self.self_correction, "self_correction")
 

@@ -11,7 +11,15 @@ import numpy as np
 from isdelta.tokens.classes import CLASSES
 from isdelta.tokens.table import TokenComparison
 
-__all__ = ["category_table", "markdown_lines", "md_token", "rank_table"]
+__all__ = [
+    "category_table",
+    "markdown_lines",
+    "md_token",
+    "probing_table",
+    "rank_table",
+    "strata_table",
+    "token_text_tables",
+]
 
 
 def _escape(s: str) -> str:
@@ -49,42 +57,119 @@ def _f(x, spec: str = "+.3f") -> str:
     return format(x, spec)
 
 
-def category_table(res: TokenComparison, carrier: str | None, names: tuple[str, str]) -> list[str]:
-    """Per category (A's class): count, share and mean B − A deltas and KLs (full distribution)."""
+def _ci(r: dict, key: str, spec: str) -> str:
+    """``value [lo, hi]``, with ``*`` when the interval excludes 0 (signed deltas only)."""
+    cell = _f(r.get(key), spec)
+    ci = r.get(f"{key}_ci")
+    if ci is None:
+        return cell
+    star = "*" if r.get(f"{key}_excl0") else ""
+    return f"{cell} [{_f(ci[0], spec)}, {_f(ci[1], spec)}]{star}"
+
+
+def category_table(
+    res: TokenComparison, carrier: str | None, names: tuple[str, str], rows: list[dict] | None = None
+) -> list[str]:
+    """Per category (A's class): count, share and mean B − A deltas and KLs (full distribution);
+    with ``rows`` from :meth:`~isdelta.tokens.significance.CarrierBootstrap.categories`, each
+    with its interval and the carrier rows holding the positions."""
     a, b = names
+    rows = res.categories(carrier) if rows is None else rows
     lines = [
-        f"| category ({a}'s class) | n | share | top-1 Δ | nucleus Δ | tail Δ | ΔH (nats) "
+        f"| category ({a}'s class) | n | rows | share | top-1 Δ | nucleus Δ | tail Δ | ΔH (nats) "
         f"| KL({a}‖{b}) | KL({b}‖{a}) | same top-1 |",
-        "|---|" + "---|" * 9,
+        "|---|" + "---|" * 10,
     ]
-    for r in res.categories(carrier):
+    for r in rows:
         if r["n"] == 0 and r["category"].startswith("lock/"):
             continue
         lines.append(
-            f"| {r['category']} | {r['n']} | {_f(r['share'], '.0%')} | {_f(r['top1_delta'], '+g')} "
-            f"| {_f(r['nucleus_delta'], '+.2f')} | {_f(r['tail_delta'], '+g')} "
-            f"| {_f(r['entropy_delta'], '+g')} | {_f(r['kl_ab'], 'g')} | {_f(r['kl_ba'], 'g')} "
+            f"| {r['category']} | {r['n']} | {r.get('n_units', '–')} | {_f(r['share'], '.0%')} "
+            f"| {_ci(r, 'top1_delta', '+g')} | {_ci(r, 'nucleus_delta', '+.2f')} | {_ci(r, 'tail_delta', '+g')} "
+            f"| {_ci(r, 'entropy_delta', '+g')} | {_ci(r, 'kl_ab', 'g')} | {_ci(r, 'kl_ba', 'g')} "
             f"| {_f(r['top1_same'], '.0%')} |"
         )
     return lines
 
 
-def _trunc_table(res: TokenComparison, carrier: str | None, names: tuple[str, str]) -> list[str]:
+def _trunc_table(
+    res: TokenComparison, carrier: str | None, names: tuple[str, str], rows: list[dict] | None = None
+) -> list[str]:
     """The same on the sampling distribution (after the transform); KL may be ∞."""
     a, b = names
+    rows = res.categories(carrier) if rows is None else rows
     lines = [
         f"| category | top-1 Δ | nucleus Δ | tail Δ | ΔH | KL({a}‖{b}) | KL({b}‖{a}) | positions with KL = ∞ |",
         "|---|" + "---|" * 7,
     ]
-    for r in res.categories(carrier):
+    for r in rows:
         if r["n"] == 0:
             continue
         lines.append(
-            f"| {r['category']} | {_f(r['top1_delta_trunc'], '+g')} | {_f(r['nucleus_delta_trunc'], '+.2f')} "
-            f"| {_f(r['tail_delta_trunc'], '+g')} | {_f(r['entropy_delta_trunc'], '+g')} "
-            f"| {_f(r['kl_ab_trunc'], 'g')} | {_f(r['kl_ba_trunc'], 'g')} | {r['n_inf_trunc']} |"
+            f"| {r['category']} | {_ci(r, 'top1_delta_trunc', '+g')} | {_ci(r, 'nucleus_delta_trunc', '+.2f')} "
+            f"| {_ci(r, 'tail_delta_trunc', '+g')} | {_ci(r, 'entropy_delta_trunc', '+g')} "
+            f"| {_ci(r, 'kl_ab_trunc', 'g')} | {_ci(r, 'kl_ba_trunc', 'g')} | {r['n_inf_trunc']} |"
         )
     return lines
+
+
+def probing_table(rows: list[dict]) -> list[str]:
+    """The probing questions, one line per question and carrier (or stratum)."""
+    lines = [
+        "| question | carrier | statistic | claim | estimate [95% CI] | sign test p | positions | rows | verdict |",
+        "|---|" + "---|" * 8,
+    ]
+    for r in rows:
+        spec = "+.2f" if r["statistic"].startswith("nucleus") else "+g"
+        cell = _ci({"x": r["estimate"], "x_ci": r["ci"], "x_excl0": r["excl0"]}, "x", spec)
+        p = "–" if r["sign_p"] is None else f"{r['sign_p']:.2g}"
+        lines.append(
+            f"| {r['question']} | {r['carrier']} | {r['statistic']} | {r['claim']} | {cell} | {p} "
+            f"| {r['n']} | {r['n_units']} | {r['verdict']} |"
+        )
+    return lines
+
+
+def strata_table(strata: dict, names: tuple[str, str]) -> list[str]:
+    """Per stratum (length bin, correctness) the all-positions aggregates with intervals."""
+    a, b = names
+    lines = [
+        f"| stratum | rows | positions | top-1 Δ | nucleus Δ | tail Δ | ΔH (nats) | KL({a}‖{b}) |",
+        "|---|" + "---|" * 7,
+    ]
+    for dim, rows in strata.items():
+        for s in rows:
+            r = next(x for x in s["categories"] if x["category"] == "all")
+            lines.append(
+                f"| {dim}: {s['stratum']} | {s['n_units']} | {r['n']} | {_ci(r, 'top1_delta', '+g')} "
+                f"| {_ci(r, 'nucleus_delta', '+.2f')} | {_ci(r, 'tail_delta', '+g')} "
+                f"| {_ci(r, 'entropy_delta', '+g')} | {_ci(r, 'kl_ab', 'g')} |"
+            )
+    return lines
+
+
+def token_text_tables(texts: dict, names: tuple[str, str]) -> list[str]:
+    """Most and least uncertain tokens (mean entropy under A), by current and by next token."""
+    a, b = names
+    out = []
+    for kind, what in (
+        ("current", "current token (the input whose hidden state makes the distribution)"),
+        ("next", "next token (the token chosen there)"),
+    ):
+        out += [
+            f"By {what}; {texts['n_tokens'][kind]} distinct tokens, listed when met ≥ {texts['min_count']} times:",
+            "",
+            f"| list | token | n | H {a} | H {b} | ΔH |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, label in (("most_uncertain", "most uncertain"), ("least_uncertain", "least uncertain")):
+            for r in texts[kind][key]:
+                out.append(
+                    f"| {label} | {md_token(r['token'])} | {r['n']} | {r['a_entropy']:.3f} | {r['b_entropy']:.3f} "
+                    f"| {_f(r['entropy_delta'], '+g')} |"
+                )
+        out.append("")
+    return out
 
 
 def _transition_table(res: TokenComparison, carrier: str | None, names: tuple[str, str]) -> list[str]:
@@ -166,15 +251,39 @@ def _intro(res: TokenComparison, names) -> list[str]:
     ]
 
 
+def _significance_intro(summary: dict) -> list[str]:
+    b = summary["bootstrap"]
+    return [
+        f"Intervals: {b['level']:.0%} percentile bootstrap over carrier {b['unit']}s ({b['n_boot']} resamples, "
+        f"{b['n_units']} units, resampled within each carrier; positions of one sequence are not independent, "
+        "so positions are never resampled on their own); for *all carriers* pooled, prompts are resampled with "
+        f"every carrier's rows of them ({b['n_prompts']} prompts: p1's samples share p0's seeds and prefixes). "
+        "`*` = the interval excludes 0; sign test p = two-sided binomial test on the signs of the units' own "
+        "means. `rows` = units (carrier rows, or prompts when pooled) holding the positions.",
+        "",
+    ]
+
+
 def markdown_lines(
-    res: TokenComparison, names: tuple[str, str] = ("A", "B"), n_interesting: int = 10, plots: list[str] | None = None
+    res: TokenComparison,
+    names: tuple[str, str] = ("A", "B"),
+    n_interesting: int = 10,
+    plots: list[str] | None = None,
+    summary: dict | None = None,
 ) -> list[str]:
-    """summary.md lines: per carrier the category, transition and decile tables; examples; plots."""
+    """summary.md lines: the probing table; per carrier the category, stratum, transition and
+    decile tables; the token-text tables; examples; plots. ``summary``
+    (:func:`~isdelta.tokens.compare.summarise`) adds the intervals, strata and probing tables."""
     out = ["## Token-level diagnostics: where the distribution moved", ""] + _intro(res, names)
+    if summary is not None:
+        out += _significance_intro(summary)
+        out += [f"### Probing questions (full distribution; deltas {names[1]} − {names[0]})", ""]
+        out += probing_table(summary["probing"]) + [""]
     tr = res.options.get("transform", {})
     identity = tr.get("temperature", 1.0) == 1.0 and not tr.get("top_k") and tr.get("top_p", 1.0) >= 1.0
     for c in res.carriers:
         h = res.headline(c)
+        d = summary["carriers"][c] if summary is not None else {}
         out += [
             f"### {c} ({h['n']} positions)",
             "",
@@ -184,13 +293,27 @@ def markdown_lines(
             f"top-1 token kept at {_f(h['top1_same'], '.1%')} of positions.",
             "",
         ]
-        out += category_table(res, c, names) + [""]
+        out += category_table(res, c, names, d.get("categories")) + [""]
         if not identity:
-            out += ["After the sampling transform:", ""] + _trunc_table(res, c, names) + [""]
+            out += ["After the sampling transform:", ""] + _trunc_table(res, c, names, d.get("categories")) + [""]
+        if "strata" in d:
+            out += ["By stratum (all positions of the stratum's rows):", ""] + strata_table(d["strata"], names) + [""]
         out += [f"Class transitions ({names[0]} → {names[1]}, same positions):", ""]
         out += _transition_table(res, c, names) + ["", "Entropy deciles with the commonest chosen tokens:", ""]
         out += _decile_table(res, c, names)
         out.append("")
+    if summary is not None:
+        held = [r for r in summary["probing_strata"] if r["n"]]
+        out += [
+            "### Probing questions by stratum",
+            "",
+            f"Strata holding positions of the group ({len(held)} lines; the rest are in tokens.json). Among many "
+            "intervals about 1 in 20 excludes 0 by chance alone: read a lone `*` with that in mind.",
+            "",
+        ]
+        out += probing_table(held) + [""]
+        out += ["### Mean entropy by token text (all carriers)", ""]
+        out += token_text_tables(summary["token_texts"], names)
     out += _examples(res, names, n_interesting)
     if plots:
         out += [f"![{p}]({p})" for p in plots]

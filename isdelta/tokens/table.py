@@ -3,7 +3,10 @@
 Column names (every column has one entry per position, [M]; top-k columns are [M, top_k]):
 
 - where: ``carrier``, ``row`` (rollout row), ``step`` (completion position, 0-based),
-  ``prompt``, ``token_id`` (the carrier's token there), ``context`` (decoded text before it);
+  ``prompt``, ``token_id`` (the carrier's token there), ``prev_token_id`` (the token before it,
+  whose hidden state scores the position: the last prompt token at step 0), ``length`` (the row's
+  completion length), ``context`` (decoded text before it); after
+  :func:`~isdelta.tokens.strata.add_strata` also ``length_bin`` and ``correct`` (the row's strata);
 - per model X ∈ {a, b}, on the full distribution: ``X_entropy``, ``X_varentropy``,
   ``X_chosen_p``, ``X_top1_p``, ``X_top2_p``, ``X_topk_p``, ``X_topk_id``, ``X_nucleus``,
   ``X_tail``; ``b_p_a_top1`` (B's probability of A's top-1 token);
@@ -241,6 +244,7 @@ class TokenComparison:
             "prompt",
             "step",
             "token_id",
+            *(c for c in ("prev_token_id", "length", "length_bin", "correct") if c in self.table),
             "a_class",
             "b_class",
             "lock_type",

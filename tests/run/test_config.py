@@ -52,7 +52,7 @@ def test_each_bad_value_gives_one_clear_error(raw, pattern):
 def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(ConfigError, match=r"sampling\.temprature: unknown key\. Valid keys here: .*temperature"):
         load_config(with_("sampling", temprature=0.7))
-    with pytest.raises(ConfigError, match=r"modle: unknown key\. Valid keys here: data, engine"):
+    with pytest.raises(ConfigError, match=r"modle: unknown key\. Valid keys here: checkpoints, data, engine"):
         load_config({**BASE, "modle": {}})
 
 
@@ -98,6 +98,19 @@ def test_tokens_config_section_validates_and_keeps_old_hashes():
             load_config({**base, "tokens": bad})
     # a config without the section hashes as before the section existed (old run folders resume)
     plain = load_config(base)
-    old = plain.model_dump(mode="json", exclude={"output", "tokens"})
+    old = plain.model_dump(mode="json", exclude={"output", "tokens", "checkpoints"})
+    del old["engine"]["fused"]  # at its default, likewise (added later)
     assert config_hash(plain) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(cfg) != config_hash(plain)
+
+
+def test_engine_fused_is_validated_and_hashed_only_when_set():
+    """``engine.fused`` at its default keeps older runs' hashes; "on"/"off" are another config."""
+    auto = load_config(BASE)
+    assert auto.engine.fused == "auto"
+    assert config_hash(load_config(BASE, ["engine.fused=auto"])) == config_hash(auto)
+    assert config_hash(load_config(BASE, ["engine.fused=on"])) != config_hash(auto)
+    assert load_config({**BASE, "engine": {"fused": True}}).engine.fused == "on"  # YAML's bare `on`
+    assert load_config({**BASE, "engine": {"fused": False}}).engine.fused == "off"
+    with pytest.raises(ConfigError, match=r"engine\.fused"):
+        load_config(BASE, ["engine.fused=fast"])

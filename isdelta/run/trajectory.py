@@ -1,0 +1,321 @@
+"""ΔH along a series of checkpoints, from one sample set of the base, chained past the IS horizon.
+
+A run config with ``checkpoints: [path, ...]`` (in training order) asks how the entropy moved
+from the base ``model`` (checkpoint 0) through each checkpoint k = 1 … K::
+
+    direct   base samples ──scored under──▶ p0, p1, …, p_{h−1}       ΔH(0→k), one sample set
+    ─────────────────────── IS horizon h: the first k whose direct estimate the headline policy
+                            (DESIGN.md §5.4) declares not valid
+    chained  p_{h−1}'s own samples ──▶ p_{h−1}, p_h                   ΔH(h−1→h)
+             p_h's own samples     ──▶ p_h, p_{h+1}                   ΔH(h→h+1)  …
+
+    H(k) = H(h−1) + Σ_{j=h−1}^{k−1} ΔH(j→j+1),   SE = √(SE(H(h−1))² + Σ_j SE(ΔH(j→j+1))²)
+
+Each segment is estimated as the run estimates one pair (``estimate``, ``estimate_tokens`` and
+the headline policy, on the same code path), so every number carries a CI, ESS, k̂ and the chosen
+method. The sample sets are independent (each checkpoint samples with its own seed), so the
+variances of the chain add. A segment that is itself not valid stops the chain: that row and
+every later one is marked not valid with the reason, never a number that only looks like one.
+
+Saved parts (resumed, verified, like the run's): ``samples/`` and ``scores0.npz`` (the base),
+and per checkpoint ``checkpoints/KK-NAME/``: ``direct.npz`` (it, scored on the base samples),
+``samples/`` (its own samples, for a chained step), ``self.npz`` and ``next.npz`` (its samples
+scored under it and under the next checkpoint). Outputs: ``trajectory.csv``, ``trajectory.md``,
+``trajectory.json`` and ``trajectory.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from isdelta.program import ModelConfig, stage, stamp_of
+from isdelta.run.config import RunConfig
+from isdelta.run.data import RunError, check_prompts
+from isdelta.run.stages import estimate_inputs, sample_stage, score_stage, token_estimates
+
+__all__ = [
+    "Checkpoint",
+    "Point",
+    "Segment",
+    "chain",
+    "check_checkpoints",
+    "checkpoint_list",
+    "horizon",
+    "run_trajectory",
+]
+
+# the seed of checkpoint k's own samples is seed + SEED_STRIDE·k: the sample sets of the chain
+# must be independent (the variances of its steps add), and the same seed would draw common
+# random numbers from neighbouring checkpoints
+SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Model k of the trajectory (k = 0 is the base): how it loads, where its parts live."""
+
+    k: int
+    name: str
+    model: ModelConfig
+    key: str  # the config key, for messages: "model" or "checkpoints.3"
+    subdir: str  # its parts under the output folder ("" for the base)
+
+    def identity(self) -> str:
+        """The path plus each file's name, size and mtime: a checkpoint rewritten in place (a
+        training run restarted into the same folder) never reuses parts scored on the old one."""
+        p = Path(self.model.path).expanduser()
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        stats = [
+            (str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns) for f in files
+        ]
+        return stamp_of([self.model.path, stats])
+
+
+def checkpoint_list(cfg: RunConfig) -> list[Checkpoint]:
+    """The base and every entry of ``checkpoints``, loaded like ``model`` (dtype, device, …)."""
+    out = [Checkpoint(0, "base", cfg.model, "model", "")]
+    for i, path in enumerate(cfg.checkpoints, 1):
+        name = Path(path.rstrip("/")).name or path
+        sub = f"checkpoints/{i:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
+        out.append(Checkpoint(i, name, cfg.model.model_copy(update={"path": path}), f"checkpoints.{i - 1}", sub))
+    return out
+
+
+def check_checkpoints(cfg: RunConfig, tok0) -> None:
+    """Every checkpoint's tokenizer maps text to p0's ids (RunError naming the entry), before any work."""
+    from isdelta.engine import check_compatible
+
+    for ck in checkpoint_list(cfg)[1:]:
+        tok = ck.model.load_tokenizer(ck.key)  # a ConfigError naming checkpoints.i.path
+        try:
+            check_compatible(tok0, tok)
+        except ValueError as e:
+            why = str(e).removeprefix("the two models' ")
+            raise RunError(
+                f"{ck.key}: its tokenizer is not model.path's", why, "list checkpoints of one model"
+            ) from None
+
+
+# --------------------------------------------------------------------------- the chain (pure)
+@dataclass(frozen=True)
+class Segment:
+    """ΔH from checkpoint ``source`` to ``target`` on ``source``'s own samples: the sequence-level
+    estimate (``res``, with ESS and k̂) and the headline policy's verdict (``decision``)."""
+
+    source: int
+    target: int
+    res: object  # EntropyDelta
+    decision: object  # Headline
+
+
+@dataclass(frozen=True)
+class Point:
+    """One row of the trajectory: checkpoint ``k``'s entropy and its change from the base.
+
+    ``kind`` says how it was reached: "base", "direct" (the base's samples) or "chained" (a sum of
+    consecutive steps from the anchor h − 1). ``step`` is the segment that reached it (direct: the
+    base → k estimate; chained: the (k−1) → k one). ``h``, ``h_tok``, ``delta``, ``delta_tok`` are
+    None when ``valid`` is False, and ``reason`` says why.
+    """
+
+    k: int
+    kind: Literal["base", "direct", "chained"]
+    valid: bool
+    h: object = None  # Estimate, per sequence
+    h_tok: object = None  # Estimate, per token
+    delta: object = None  # Estimate, ΔH from the base, per sequence
+    delta_tok: object = None  # Estimate, per token
+    step: Segment | None = None
+    reason: str | None = None
+
+
+def _add(a, b, level: float):
+    """a + b for independent estimates: values add, SEs add in quadrature (a normal CI)."""
+    from scipy.stats import norm
+
+    from isdelta.estimators import Estimate
+
+    z = float(norm.ppf((1 + level) / 2))
+    return Estimate.normal(a.value + b.value, math.hypot(a.se, b.se), level, z)
+
+
+def _zero(level: float):
+    from isdelta.estimators import Estimate
+
+    return Estimate(0.0, 0.0, 0.0, 0.0, level)
+
+
+def base_point(first: Segment) -> Point:
+    """The base's H from its own samples (a plain mean, no importance weight): the first direct
+    segment's chosen method when valid, else its Rao–Blackwellised (or plain) SNIS H(p0)."""
+    d, res = first.decision, first.res
+    h, h_tok = (d.h0, d.h0_tok) if d.valid else (res.h0_rb or res.h0, res.h0_tok_rb or res.h0_tok)
+    lv = h.level
+    return Point(0, "base", True, h, h_tok, _zero(lv), _zero(lv))
+
+
+def _out_of_bounds(h: float, h_tok: float, log_support: float | None) -> str | None:
+    """Why a chained level is impossible (entropy ≥ 0; per token ≤ ln|support|), else None."""
+    if h < 0 or h_tok < 0:
+        return f"H = {h:.4g} per sequence, {h_tok:.4g} per token is negative"
+    if log_support is not None and h_tok > log_support:
+        return f"H per token {h_tok:.4g} is above ln|support| = {log_support:.4g}"
+    return None
+
+
+def chain(direct: list[Segment], steps: list[Segment], level: float, log_support: float | None = None) -> list[Point]:
+    """The trajectory's rows from the direct segments (base → k, k = 1 … h, the last one the first
+    not valid, or all K valid) and the consecutive ones past the horizon ((h−1) → h, …, (K−1) → K).
+
+    The anchor is h − 1 (the base itself when h = 1): H and ΔH of a chained row are the anchor's
+    plus the sum of the steps, their SEs the root sum of squares (independent sample sets). A step
+    that is not valid, or a chained level outside the physical bounds (H < 0, or per token above
+    ``log_support``), ends the chain: its row and every later one are not valid.
+    """
+    points = [base_point(direct[0])]
+    for seg in direct:
+        d = seg.decision
+        if not d.valid:
+            break
+        points.append(Point(seg.target, "direct", True, d.h1, d.h1_tok, d.delta, d.delta_tok, seg))
+    broken = None  # the first step that was not valid: every row from it on is not valid
+    for seg in steps:
+        prev, d = points[-1], seg.decision
+        if seg.source != prev.k or seg.target != prev.k + 1:
+            raise ValueError(f"chain: step {seg.source}→{seg.target} does not follow checkpoint {prev.k}")
+        if broken is None and not d.valid:
+            broken = f"step {seg.source}→{seg.target}"
+            points.append(Point(seg.target, "chained", False, step=seg, reason=f"{broken} not valid: {d.reason}"))
+        elif broken is not None:
+            why = f"the chain broke at {broken} (not valid), so this level is unknown"
+            points.append(Point(seg.target, "chained", False, step=seg, reason=why))
+        else:
+            h, h_tok = _add(prev.h, d.delta, level), _add(prev.h_tok, d.delta_tok, level)
+            delta, delta_tok = _add(prev.delta, d.delta, level), _add(prev.delta_tok, d.delta_tok, level)
+            if why := _out_of_bounds(h.value, h_tok.value, log_support):  # each step valid, their sum not
+                broken = f"step {seg.source}→{seg.target}"
+                why = f"the chained {why}: the steps' errors added up past a physical bound"
+                points.append(Point(seg.target, "chained", False, step=seg, reason=why))
+                continue
+            points.append(Point(seg.target, "chained", True, h, h_tok, delta, delta_tok, seg))
+    return points
+
+
+def horizon(direct: list[Segment]) -> int | None:
+    """The IS horizon: the first checkpoint whose direct estimate is not valid (None: none)."""
+    return next((s.target for s in direct if not s.decision.valid), None)
+
+
+# --------------------------------------------------------------------------- the stages
+class _Models:
+    """Checkpoints loaded on demand, at most two held (a chained step needs its sampler and the
+    next checkpoint)."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, tuple] = {}
+
+    def get(self, ck: Checkpoint, timings: dict):
+        if ck.k not in self.held:
+            while len(self.held) >= 2:
+                self.held.pop(min(self.held))
+            with stage(f"load {ck.key} ({ck.name})", timings):
+                model, _ = ck.model.load(ck.key)
+            self.held[ck.k] = model
+        return self.held[ck.k]
+
+
+def _score(cfg, models, ck: Checkpoint, timings, rollouts, transform, folder, name: str, samples_id: str):
+    """``ck``'s scores on one sample set, saved as ``name`` (loads ``ck`` only when not saved)."""
+    inputs = stamp_of([samples_id, ck.identity()])
+    (folder.path / name).parent.mkdir(parents=True, exist_ok=True)
+    saved = score_stage(cfg, None, rollouts, transform, folder, name, inputs)
+    if saved is not None:
+        return saved
+    try:
+        with stage(f"score {ck.key} ({ck.name})", timings):
+            return score_stage(cfg, models.get(ck, timings), rollouts, transform, folder, name, inputs)
+    except FloatingPointError as e:
+        first = str(e).split(":")[0]
+        raise RunError(
+            f"scoring {ck.key} ({ck.model.path}) gave NaN/inf logits ({first})",
+            "its weights are broken, or the logits overflow" + (" in float16" if ck.model.dtype == "float16" else ""),
+            "set model.dtype: float32 or bfloat16" if ck.model.dtype == "float16" else f"check {ck.key}",
+        ) from None
+
+
+def _segment(cfg: RunConfig, source: Checkpoint, target: Checkpoint, sa: dict, sb: dict, stopped, support: int):
+    """ΔH(source → target) on source's samples, as the run estimates one pair: ``estimate``,
+    the per-decision estimates and the headline policy."""
+    from isdelta.estimators import estimate, headline
+
+    args, kw = estimate_inputs(cfg, sa, sb, stopped)
+    try:
+        res = estimate(*args, **kw)
+        decision = headline(res, *token_estimates(cfg, sa, sb), support_size=support)
+    except ValueError as e:  # the estimators' input checks
+        raise RunError(
+            f"the estimators refused the scores of {target.key} on {source.key}'s samples",
+            str(e),
+            "list checkpoints closer together (save more often), or check the checkpoint",
+        ) from None
+    return Segment(source.k, target.k, res, decision)
+
+
+def _own_samples(cfg, models, ck: Checkpoint, tok, records, folder, timings):
+    """Checkpoint ``ck``'s own samples (seed + SEED_STRIDE·k), saved under its folder."""
+    (folder.path / ck.subdir).mkdir(parents=True, exist_ok=True)
+    cfg_k = cfg.model_copy(update={"seed": cfg.seed + SEED_STRIDE * ck.k})
+    inputs = stamp_of([ck.identity(), cfg_k.seed])
+    with stage(f"sample {ck.key} ({ck.name})", timings):
+        rollouts, _, stopped, transform, names = sample_stage(
+            cfg_k, models.get(ck, timings), tok, records, folder, f"{ck.subdir}/samples", inputs
+        )
+    return rollouts, stopped, transform, folder.digest(*names)
+
+
+def run_trajectory(cfg: RunConfig, folder, records: list[dict]) -> dict:
+    """Every stage of a trajectory run (resuming from the verified parts); returns the report."""
+    import torch
+
+    from isdelta.engine import SplitLM
+
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    cks = checkpoint_list(cfg)
+    models = _Models()
+    with stage("load p0", timings):
+        model0, tok = cfg.model.load("model")
+    models.held[0] = model0
+    check_prompts(cfg, model0, tok, records)
+    support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
+    device = str(next(model0.parameters()).device)
+    with stage("sample", timings):
+        rollouts, _, stopped, transform, names = sample_stage(cfg, model0, tok, records, folder)
+    base_id = folder.digest(*names)
+    model0 = None  # held by `models` until two checkpoints are
+    s0 = _score(cfg, models, cks[0], timings, rollouts, transform, folder, "scores0.npz", base_id)
+    direct = []
+    for ck in cks[1:]:
+        s1 = _score(cfg, models, ck, timings, rollouts, transform, folder, f"{ck.subdir}/direct.npz", base_id)
+        direct.append(_segment(cfg, cks[0], ck, s0, s1, stopped, support))
+        if not direct[-1].decision.valid:
+            break
+    steps = []
+    h = horizon(direct)
+    for j in range(h - 1, len(cks) - 1) if h is not None else ():
+        if j == 0:  # the base's own samples: the direct segment itself
+            steps.append(direct[0])
+            continue
+        ro, stp, tf, sid = _own_samples(cfg, models, cks[j], tok, records, folder, timings)
+        sa = _score(cfg, models, cks[j], timings, ro, tf, folder, f"{cks[j].subdir}/self.npz", sid)
+        sb = _score(cfg, models, cks[j + 1], timings, ro, tf, folder, f"{cks[j].subdir}/next.npz", sid)
+        steps.append(_segment(cfg, cks[j], cks[j + 1], sa, sb, stp, support))
+    points = chain(direct, steps, cfg.estimator.level, math.log(support))
+    from isdelta.run.trajectory_report import write_trajectory
+
+    meta = {"device": device, "timings": timings, "transform": transform.to_dict(), "support": support}
+    return write_trajectory(folder.path, cfg, cks, points, direct, h, meta)
