@@ -34,7 +34,9 @@ padding and no stop token in the completions, so all N x C completion positions 
 Memory: on CPU the worker's peak RSS (VmHWM, reset through ``/proc/self/clear_refs`` before each
 call) and its RSS just before the call ("base": weights, runtime, allocator caches); on CUDA
 ``torch.cuda.max_memory_allocated`` and ``memory_allocated``. Every worker imports the same modules
-(TRL included) and uses the same glibc malloc policy (``--malloc``), so the absolute peaks compare.
+(TRL and torch.compile's dynamo/inductor included: ~110 MiB resident on CPU, which only the fused
+engine would otherwise carry) and uses the same glibc malloc policy (``--malloc``), so the absolute
+peaks compare.
 Time: ``perf_counter`` on CPU, CUDA events on CUDA. On a CPU shared with other jobs use
 ``--threads 1``: with more threads than free cores every parallel op waits for its threads to be
 scheduled (8 ms instead of 3 us for a small elementwise op), which swamps the comparison.
@@ -442,6 +444,11 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     with contextlib.suppress(ImportError):  # every worker imports TRL, so every mode's peak RSS compares
         import trl.trainer.utils  # noqa: F401
+    # ... and torch.compile's machinery (dynamo, inductor: ~110 MiB resident on CPU), which (b)
+    # loads for its fused statistics: the peaks then differ by what each call holds, not by imports
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
     t0 = time.perf_counter()
     model, tok = load(args.model, args.folder, args.dtype, args.device)
     modes, cuda, x = Modes(model, tok, args), args.device.startswith("cuda"), None
