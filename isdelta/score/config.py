@@ -102,6 +102,9 @@ class PredictorConfig(Section):
     # the last-token distribution: the one predicting the text's last token, or the one after it
     last: Literal["entropy_last", "entropy_next"] = "entropy_last"
     level: float = Field(0.95, gt=0, lt=1)  # confidence level of the coefficient intervals
+    # a field naming each text's cluster (e.g. the prompt several answers share): cluster-robust
+    # SEs, since texts of one cluster are not independent; null: every text independent
+    cluster_field: str | None = None
     plot_bins: int = Field(6, ge=2)  # entropy bins of the outcome-rate plot (equal counts)
 
 

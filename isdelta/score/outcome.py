@@ -32,7 +32,7 @@ from isdelta.program import ConfigError, stamp_of
 from isdelta.score.corpus import CorpusIndex, corpus_format
 from isdelta.score.predictor import parse_label
 
-__all__ = ["answer_outcomes", "build_predictor", "check_outcome_source", "corpus_rows", "read_labels"]
+__all__ = ["answer_outcomes", "build_predictor", "check_outcome_source", "corpus_rows", "read_clusters", "read_labels"]
 
 
 def corpus_rows(data, corpus: Path, key: str = "predictor") -> CorpusIndex:
@@ -71,6 +71,21 @@ def read_labels(data, corpus: Path, label_field: str) -> np.ndarray:
             ) from None
         y[i] = np.nan if v is None else v
     return y
+
+
+def read_clusters(data, corpus: Path, field: str) -> np.ndarray:
+    """object [n]: each text's cluster label (as text); a ConfigError naming the first row without one."""
+    index = corpus_rows(data, corpus)
+    out = []
+    for i, row in enumerate(index.rows(range(len(index.ids)))):
+        if row.get(field) is None:
+            raise ConfigError(
+                f"predictor.cluster_field: text {i} (id {index.ids[i]!r}) of {corpus} has no '{field}'",
+                f"its fields are {sorted(row)}",
+                "give every row a cluster (e.g. its prompt's id), or set predictor.cluster_field: null",
+            )
+        out.append(str(row[field]))
+    return np.asarray(out, dtype=object)
 
 
 def _questions(data, corpus: Path, a) -> tuple[list[int], list[str], list[str], int]:
@@ -175,6 +190,8 @@ def check_outcome_source(cfg, corpus: Path) -> None:
     from isdelta.score.predictor import PredictorInputError, check_outcome
 
     p = cfg.predictor
+    if p.cluster_field is not None:
+        read_clusters(cfg.data, corpus, p.cluster_field)
     if p.outcome == "answer":
         _questions(cfg.data, corpus, p.answer)  # jsonl with prompts and answers, or a ConfigError
         return
@@ -202,8 +219,9 @@ def build_predictor(cfg, out: Path, corpus: Path, corpus_hash: str, columns) -> 
     specs, groups = pr.model_specs(p.last), pr.correlation_groups(p.last)
     stats = sorted({t.removeprefix("sqrt_") for terms in [*specs.values(), *groups.values()] for t in terms})
     cols = columns(name, stats)
+    clusters = None if p.cluster_field is None else read_clusters(cfg.data, corpus, p.cluster_field)
     try:
-        res = pr.analyse(y, cols, specs, groups, p.level)
+        res = pr.analyse(y, cols, specs, groups, p.level, clusters)
     except pr.PredictorInputError as e:  # answer mode: known only after the answers (labels: checked first)
         res = {"skipped": str(e)}
     res = {"model": name, "outcome": info, **res}

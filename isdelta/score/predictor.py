@@ -180,7 +180,14 @@ def _named(names: list[str], values) -> dict[str, float | None]:
     return {n: finite_or_none(float(v)) for n, v in zip(names, np.asarray(values, dtype=np.float64))}
 
 
-def fit_logit(y: np.ndarray, X: np.ndarray, terms: list[str], name: str = "", level: float = 0.95) -> LogitFit:
+def fit_logit(
+    y: np.ndarray,
+    X: np.ndarray,
+    terms: list[str],
+    name: str = "",
+    level: float = 0.95,
+    clusters: np.ndarray | None = None,
+) -> LogitFit:
     """Fit ``logit P(y=1) = β0 + X β`` with statsmodels and summarise it.
 
     Parameters
@@ -195,6 +202,11 @@ def fit_logit(y: np.ndarray, X: np.ndarray, terms: list[str], name: str = "", le
         The model's name (for the record).
     level : float
         Confidence level of ``ci_low`` / ``ci_high``.
+    clusters : array [n], optional
+        A cluster label per text (e.g. the prompt several answers share): SE, z, p and the
+        intervals are then cluster-robust (statsmodels ``cov_type="cluster"``, the sandwich
+        estimator summed over clusters), since texts of one cluster are not independent. The
+        likelihood-ratio test and AIC stay likelihood-based (they assume independent texts).
 
     Returns
     -------
@@ -221,7 +233,8 @@ def fit_logit(y: np.ndarray, X: np.ndarray, terms: list[str], name: str = "", le
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            res = sm.Logit(y, sm.add_constant(X, has_constant="add")).fit(method="newton", maxiter=100, disp=0)
+            cov = {} if clusters is None else {"cov_type": "cluster", "cov_kwds": {"groups": _codes(clusters)}}
+            res = sm.Logit(y, sm.add_constant(X, has_constant="add")).fit(method="newton", maxiter=100, disp=0, **cov)
         except PerfectSeparationError:
             return _separated(base, y, None)
         except np.linalg.LinAlgError as e:
@@ -252,6 +265,11 @@ def fit_logit(y: np.ndarray, X: np.ndarray, terms: list[str], name: str = "", le
         pseudo_r2=float(res.prsquared),
         auc=auc(prob, y),
     )
+
+
+def _codes(clusters) -> np.ndarray:
+    """Integer codes [n] of any cluster labels (statsmodels wants integers)."""
+    return np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)[1]
 
 
 def _separated(base: dict, y: np.ndarray, prob: np.ndarray | None, n_certain: int = 0) -> LogitFit:
@@ -305,6 +323,7 @@ def analyse(
     specs: dict[str, list[str]],
     groups: dict[str, list[str]],
     level: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every fit of ``specs`` and the correlation matrices of ``groups`` (plus the outcome).
 
@@ -320,6 +339,8 @@ def analyse(
         :func:`correlation_groups`.
     level : float
         Confidence level of the coefficient intervals.
+    clusters : array [n], optional
+        A cluster label per text: cluster-robust SEs (:func:`fit_logit`).
 
     Returns
     -------
@@ -335,7 +356,8 @@ def analyse(
     check_outcome(y[keep], "the outcome (texts with a score and a known outcome)")
     yk = y[keep]
     ck = {k: np.asarray(v, dtype=np.float64)[keep] for k, v in cols.items()}
-    fits = [fit_logit(yk, regressors(ck, terms), terms, name, level).to_dict() for name, terms in specs.items()]
+    cl = None if clusters is None else np.asarray([str(c) for c in clusters], dtype=object)[keep]
+    fits = [fit_logit(yk, regressors(ck, terms), terms, name, level, cl).to_dict() for name, terms in specs.items()]
     corr = {g: correlations({**{t: ck[t] for t in terms}, "outcome": yk}) for g, terms in groups.items()}
     return {
         "n_texts": len(y),
@@ -344,6 +366,7 @@ def analyse(
         "n_no_outcome": int((~np.isfinite(y)).sum()),
         "n_unscored": int((np.isfinite(y) & ~scored).sum()),
         "level": level,
+        "se": "ordinary" if cl is None else f"cluster-robust over {len(set(cl))} clusters",
         "fits": fits,
         "correlations": corr,
     }

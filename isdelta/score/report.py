@@ -112,7 +112,8 @@ def predictor_markdown(pred: dict) -> list[str]:
         f"Regressors: per-text statistics under {pred['model']} (nats). {pred['n_used']} texts "
         f"({pred['n_positive']} with outcome 1); left out: {pred['n_no_outcome']} without an outcome, "
         f"{pred['n_unscored']} without a scored token. Logistic regressions (statsmodels, maximum "
-        f"likelihood); LR = 2(ℓ − ℓ₀) against the intercept-only model; AUC in-sample.",
+        f"likelihood); SE {pred.get('se', 'ordinary')}; LR = 2(ℓ − ℓ₀) against the intercept-only "
+        "model (it treats the texts as independent); AUC in-sample.",
         "",
         f"| model | term | β | SE | z | p | {pred['level']:.0%} CI | AUC | LR χ² (df) | LR p | pseudo R² |",
         "|---" * 11 + "|",

@@ -280,3 +280,22 @@ def test_answer_outcome_samples_grades_and_reuses_answers(tmp_path, checkpoint, 
         assert "No fit:" in (tmp_path / "out" / "summary.md").read_text()
     score(load_score_config(raw))
     assert "reusing 12 answers" in capsys.readouterr().err
+
+
+def test_cluster_robust_ses_widen_for_correlated_texts_and_match_statsmodels():
+    """Answers to one prompt share its difficulty: with a per-prompt random effect the ordinary
+    SE is too small, the cluster-robust one (statsmodels' sandwich over clusters) is not."""
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(5)
+    n_groups, per = 150, 8
+    g = np.repeat(np.arange(n_groups), per)
+    x = np.repeat(rng.normal(size=n_groups), per) + 0.3 * rng.normal(size=n_groups * per)
+    u = np.repeat(rng.normal(scale=1.5, size=n_groups), per)  # the shared difficulty
+    y = (rng.random(len(g)) < 1 / (1 + np.exp(-(0.8 * x + u)))).astype(float)
+    plain = fit_logit(y, x[:, None], ["x"])
+    robust = fit_logit(y, x[:, None], ["x"], clusters=g.astype(str))
+    assert robust.coef == plain.coef and robust.lr_stat == plain.lr_stat  # same fit and likelihood
+    assert robust.se["x"] > 1.5 * plain.se["x"]
+    ref = sm.Logit(y, sm.add_constant(x)).fit(disp=0, cov_type="cluster", cov_kwds={"groups": g})
+    assert robust.se["x"] == pytest.approx(float(ref.bse[1]), rel=1e-9)
