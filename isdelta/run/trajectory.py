@@ -161,7 +161,8 @@ def base_point(first: Segment) -> Point:
 def _out_of_bounds(h: float, h_tok: float, log_support: float | None) -> str | None:
     """Why a chained level is impossible (entropy ≥ 0; per token ≤ ln|support|), else None."""
     if h < 0 or h_tok < 0:
-        return f"H = {h:.4g} per sequence, {h_tok:.4g} per token is negative"
+        which = [f"H = {v:.4g} per {unit}" for v, unit in ((h, "sequence"), (h_tok, "token")) if v < 0]
+        return f"{' and '.join(which)} is negative"
     if log_support is not None and h_tok > log_support:
         return f"H per token {h_tok:.4g} is above ln|support| = {log_support:.4g}"
     return None
