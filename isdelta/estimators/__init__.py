@@ -8,6 +8,9 @@ and a multi-rank run (merge rows first) all call ``estimate`` the same way.
 - ``per_decision``  per-decision (prefix-ratio) estimators: :func:`estimate_tokens`
 - ``results``       ``Estimate``, ``EntropyDelta``, ``TokenDelta``
 - ``policy``        the headline policy (DESIGN §5.4): one valid number per step, or why not
+- ``proposal``      rows drawn from a sampler q ≠ p0: the p0/q weights' diagnostics and the
+  sampler–scorer gap (:func:`sampler_gap`); ``estimate(..., log_q=)`` and
+  ``estimate_tokens(..., token_logq=)`` weight H0 by p0/q and H1 by p1/q
 - ``weights``       normalisation, PSIS (arviz), truncation, clipping, ESS, k̂
 - ``uncertainty``   SEs by linearisation; ``diagnostics`` the warnings; ``inputs`` the checks;
   ``groups`` vectorised per-prompt reductions
@@ -23,6 +26,7 @@ from __future__ import annotations
 from isdelta.estimators import weights
 from isdelta.estimators.per_decision import estimate_tokens
 from isdelta.estimators.policy import METHOD_CODES, Check, Headline, headline
+from isdelta.estimators.proposal import ProposalWeights, SamplerGap, sampler_gap
 from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning, TokenDelta
 from isdelta.estimators.snis import estimate, estimate_per_prompt
 
@@ -33,10 +37,13 @@ __all__ = [
     "Estimate",
     "EstimatorWarning",
     "Headline",
+    "ProposalWeights",
+    "SamplerGap",
     "TokenDelta",
     "estimate",
     "estimate_per_prompt",
     "estimate_tokens",
     "headline",
+    "sampler_gap",
     "weights",
 ]

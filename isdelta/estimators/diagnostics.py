@@ -17,10 +17,19 @@ import numpy as np
 
 from isdelta.estimators.groups import Groups
 from isdelta.estimators.inputs import Rows
+from isdelta.estimators.proposal import PROPOSAL_ESS, ProposalWeights
 from isdelta.estimators.results import KHAT_ESS_GATE
 from isdelta.estimators.weights import Weights, khat_threshold, min_sample_size, pooled_ess
 
-__all__ = ["ESS_FRAC_MIN", "KHAT_ESS_GATE", "RATIO_RANGE", "PerPrompt", "collect_warnings", "diagnose"]
+__all__ = [
+    "ESS_FRAC_MIN",
+    "KHAT_ESS_GATE",
+    "RATIO_RANGE",
+    "PerPrompt",
+    "collect_warnings",
+    "diagnose",
+    "proposal_warnings",
+]
 
 RATIO_RANGE = (0.5, 2.0)  # mean r per prompt outside this: missed mass / different support
 ESS_FRAC_MIN = 0.1  # pooled ESS / N below this: a handful of rows carry the estimate
@@ -43,7 +52,8 @@ class PerPrompt:
     """The per-prompt diagnostics behind both the result's fields and the warnings (computed once).
 
     kl : KL_p(p1‖p0) ≈ Σ_{i∈p} w̄_i ℓ_i, [P].
-    mean_ratio : mean_{i∈p} r_i of the raw ratios, [P] (log-space mean, then exp).
+    mean_ratio : mean_{i∈p} r_i of the raw ratios, [P] (log-space mean, then exp); with a
+        proposal q, of the H1 weights' ratios p1/q (1 in expectation under q).
     """
 
     kl: np.ndarray
@@ -52,13 +62,15 @@ class PerPrompt:
     @classmethod
     def of(cls, rows: Rows, wts: Weights) -> PerPrompt:
         g = rows.groups
-        return cls(g.sum(wts.w * rows.log_r), np.exp(g.logsumexp(rows.log_r) - np.log(g.sizes)))
+        log_r = rows.log_r if rows.log_r1q is None else rows.log_r1q
+        return cls(g.sum(wts.w * rows.log_r), np.exp(g.logsumexp(log_r) - np.log(g.sizes)))
 
 
-def diagnose(rows: Rows, wts: Weights, pp: PerPrompt) -> dict:
-    """The diagnostic fields of :class:`EntropyDelta` (floats and ints)."""
+def diagnose(rows: Rows, wts: Weights, pp: PerPrompt, u: np.ndarray | None = None) -> dict:
+    """The diagnostic fields of :class:`EntropyDelta` (floats and ints); ``u`` the within-prompt
+    weights of expectations under p0 (None: uniform, the rows are p0's own samples)."""
     g = rows.groups
-    u = g.uniform  # uniform within-prompt weights under p0
+    u = g.uniform if u is None else u
     kl_p, mean_ratio = pp.kl, pp.mean_ratio
     finite = np.isfinite(wts.khat)
     worst = float(np.max(wts.khat[finite])) if finite.any() else float("nan")
@@ -188,3 +200,25 @@ def collect_warnings(rows: Rows, wts: Weights, d: dict, pp: PerPrompt) -> list[s
         *_ratio_warning(rows, pp.mean_ratio),
         *_empty_warning(d),
     ]
+
+
+def proposal_warnings(pw: ProposalWeights) -> list[str]:
+    """Warnings on the p0/q weights: few effective samples, or a mean ratio far from 1."""
+    out = []
+    frac = pw.ess_frac if pw.prefix_ess_frac_min is None else min(pw.ess_frac, pw.prefix_ess_frac_min)
+    if frac < PROPOSAL_ESS:
+        out.append(
+            f"ESS/S of the proposal weights p0/q = {frac:.3f} < {PROPOSAL_ESS} (k̂ {pw.khat:.2f}, KL(p0‖q) "
+            f"{pw.kl:.3g} nats): the sampler q is far from the scorer's p0, so H0 as well as H1 rests on "
+            "few rows. Fix: sample with the scoring transform (temperature, top-k, top-p) and precision "
+            "(float32 logits), or sample from p0 itself (the HF back end)."
+        )
+    lo, hi = RATIO_RANGE
+    if pw.mean_ratio_min < lo or pw.mean_ratio_max > hi:
+        out.append(
+            f"mean ratio p0/q per prompt in [{pw.mean_ratio_min:.3g}, {pw.mean_ratio_max:.3g}], outside "
+            f"[{lo:g}, {hi:g}]: under q it is 1 only when q covers p0's support; far below 1, p0 has mass "
+            "the sampler never draws (a narrower top-k/top-p kept set?) and H0, H1 are biased. Fix: "
+            "sample with the same transform as the scorer."
+        )
+    return out

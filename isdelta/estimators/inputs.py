@@ -48,6 +48,9 @@ class Rows:
     token, EOS included: the proposal is the distribution of complete sequences).
     ``s0``, ``s1``, ``length``, ``ent0``, ``ent1`` are the *counted* quantities: with
     ``include="no_eos"`` the stop position is already subtracted from them.
+    ``log_r0q`` = log_p0 − log_q and ``log_r1q`` = log_p1 − log_q (full sequences): the
+    log-ratios of the H0 and H1 weights when the rows were drawn from a proposal q; None
+    when q = p0 (no ``log_q``).
     """
 
     groups: Groups
@@ -58,6 +61,8 @@ class Rows:
     ent0: np.ndarray | None
     ent1: np.ndarray | None
     stopped: np.ndarray | None
+    log_r0q: np.ndarray | None = None
+    log_r1q: np.ndarray | None = None
 
 
 def _shape_str(shape: tuple[int, ...]) -> str:
@@ -110,6 +115,25 @@ def _check_logp(name: str, x: np.ndarray) -> None:
             f"{name}: expected log-probabilities (≤ 0), got a maximum of {x.max():.4g}; did you "
             "pass negative log-likelihoods? Negate them."
         )
+
+
+def _log_q(log_q, shape) -> np.ndarray:
+    """The proposal's sequence log-probs, [N]: finite (q drew every row) and ≤ 0."""
+    arr = as_rows("log_q", log_q, shape)
+    check_finite(
+        "log_q",
+        arr,
+        "Each row was drawn from q, so q(x) > 0: a -inf means the sampler's log-probs were not "
+        "recorded for every sampled token (or q gives zero mass where p0 > 0, which importance "
+        "weighting by p0/q cannot correct); pass the sampler's processed log-probs, summed over "
+        "the same tokens as log_p0, or omit log_q when the rows come from p0 itself.",
+    )
+    if arr.max() > LOGP_TOL:
+        raise ValueError(
+            f"log_q: expected log-probabilities (≤ 0), got a maximum of {arr.max():.4g}; did you "
+            "pass negative log-likelihoods? Negate them."
+        )
+    return arr
 
 
 def group_codes(group, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,6 +316,7 @@ def prepare(
     include: str = "all",
     stopped=None,
     eos: dict | None = None,
+    log_q=None,
 ) -> Rows:
     """Validate and flatten the estimator inputs into :class:`Rows` (prompt-sorted order)."""
     shape, s0, groups = layout(log_p0, group)
@@ -303,6 +328,7 @@ def prepare(
     if length.min() < 0:
         rows = np.flatnonzero(length < 0)[:5].tolist()
         raise ValueError(f"length: expected counted tokens per row (≥ 0), got negative values at rows {rows}.")
+    lq = None if log_q is None else _log_q(log_q, shape)
     ent = list(_entropy_sums(entropy_sum0, entropy_sum1, shape))
     stop = _stopped(stopped, shape)
     eos = eos or {}
@@ -323,4 +349,7 @@ def prepare(
         ent0=None if ent[0] is None else sort(ent[0]),
         ent1=None if ent[1] is None else sort(ent[1]),
         stopped=None if stop is None else sort(stop),
+        # full sequences, EOS included, like log_r: q sampled every token
+        log_r0q=None if lq is None else sort(s0 - lq),
+        log_r1q=None if lq is None else sort(s1 - lq),
     )

@@ -28,9 +28,10 @@ from typing import Literal
 import numpy as np
 
 from isdelta.estimators import inputs
-from isdelta.estimators.diagnostics import ESS_FRAC_MIN, RATIO_RANGE
+from isdelta.estimators.diagnostics import ESS_FRAC_MIN, RATIO_RANGE, proposal_warnings
 from isdelta.estimators.groups import Groups
 from isdelta.estimators.prefix import PrefixRows, expand, prefix_ess, prepare, sn_weights
+from isdelta.estimators.proposal import token_proposal
 from isdelta.estimators.results import TOKEN_ESTIMATES as ESTIMATES
 from isdelta.estimators.results import Estimate, EstimatorWarning, TokenDelta
 from isdelta.estimators.uncertainty import Linear, standard_error, z_value
@@ -61,6 +62,7 @@ def estimate_tokens(
     method: Method = "cv",
     prompts: Literal["fixed", "sampled"] = "fixed",
     level: float = 0.95,
+    token_logq=None,
 ) -> TokenDelta:
     r"""Estimate H(p0), H(p1), ΔH and entropy rates with per-decision Rao–Blackwellised IS.
 
@@ -78,6 +80,14 @@ def estimate_tokens(
     - ``"pd_sn"`` (consistent, O(1/G) bias): ρ_it replaced by ρ_it / mean_{j∈p} ρ_jt.
     - ``*_tok``: the same numerators over Σ_p E[L] (L = Σ_t m_t, with ρ / the control for p1).
     - ΔH = H1 − H0, direct = mean_i Σ_t m_it (H1_it − H0_it), path_shift = ΔH − direct.
+
+    With ``token_logq`` (rows drawn from a proposal q ≠ p0), δ and ρ are the p1/q log-ratios and
+    every expectation under p0 (H0, the p0 length, ``direct``) is the same ``method`` applied to
+    the p0/q prefix ratios ρ0_it = exp Σ_{s<t} m_is (log p0 − log q)(x_is): "pd" gives
+    H0 = mean_i Σ_t ρ0_it m_it H0_it (unbiased, E_q[ρ0_t f(prefix)] = E_p0[f]), "cv" adds its
+    control with û from a0, "pd_sn" self-normalises ρ0 per column. One method for both sides
+    keeps the q = p0 case exact (ρ0 ≡ 1 reproduces the plain means bit for bit) and the pairing
+    of H1 and H0 in ΔH's SE (ψ = ψ1 − ψ0 row by row, each the method's own influence term).
 
     Parameters
     ----------
@@ -99,6 +109,9 @@ def estimate_tokens(
         SE mode as in ``estimate``: within-prompt (√(Σ_p var_p(ψ)/G_p)/P) or between-prompt.
     level : float in (0, 1)
         Coverage of the normal confidence intervals.
+    token_logq : array_like, float, shape [N, C], optional
+        The sampler's processed log-prob of each sampled token (counted positions read only).
+        None (default): the rows come from p0 and the result is exactly what it is without it.
 
     Returns
     -------
@@ -108,8 +121,8 @@ def estimate_tokens(
     ------
     ValueError
         Arrays not [N, C] alike, non-finite or positive log-probs / negative entropies at
-        counted positions, a mask that is not boolean or 0/1, a prompt with one row, an
-        unknown ``method`` or ``prompts``, ``level`` outside (0, 1).
+        counted positions (``token_logq`` included: q drew them), a mask that is not boolean or
+        0/1, a prompt with one row, an unknown ``method`` or ``prompts``, ``level`` outside (0, 1).
 
     Warns
     -----
@@ -150,7 +163,7 @@ def estimate_tokens(
     """
     _check_method(method)
     inputs.check_options(prompts=prompts, level=level)
-    tok = prepare(token_logp0, token_logp1, token_entropy0, token_entropy1, mask, group)
+    tok = prepare(token_logp0, token_logp1, token_entropy0, token_entropy1, mask, group, token_logq)
     if prompts == "sampled" and tok.groups.n_prompts < 2:
         raise ValueError(
             "prompts: 'sampled' needs at least 2 prompts for a between-prompt SE, got 1; use "
@@ -165,6 +178,10 @@ def estimate_tokens(
     }
     diag = _diagnose(tok)
     messages = _warnings(diag, tok)
+    q_fields = {}  # with q only: without it the result is exactly today's
+    if tok.log_rho0 is not None:
+        q_fields["proposal"] = token_proposal(tok.p0_view())
+        messages += proposal_warnings(q_fields["proposal"])
     for message in messages:
         warnings.warn(message, EstimatorWarning, stacklevel=2)
     return TokenDelta(
@@ -176,6 +193,7 @@ def estimate_tokens(
         mean_length1=_times(lins["length1"].value, shift),
         **diag,
         warnings=tuple(messages),
+        **q_fields,
     )
 
 
@@ -285,8 +303,12 @@ def _p1_rows(tok: PrefixRows, a: np.ndarray, method: str, shift: float | None = 
     return y, y - g.expand(g.mean(y))
 
 
-def _p0_rows(tok: PrefixRows, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """y_i = Σ_t a_it and φ_i = y_i − ȳ_p (uniform weights under p0), [N] each."""
+def _p0_rows(tok: PrefixRows, a: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """y_i = Σ_t a_it and φ_i = y_i − ȳ_p (uniform weights under p0), [N] each; with a proposal
+    q, ``method``'s p1 formulas on the p0/q prefix ratios (no shift: p0/q ratios near e^300
+    mean the sampler is not p0 at all, and the proposal ESS says so)."""
+    if tok.log_rho0 is not None:
+        return _p1_rows(tok.p0_view(), a, method)
     g = tok.groups
     # Σ_t 1.0 · a: the same float ops as the p1 terms with ρ ≡ 1, so p1 = p0 gives 0 exactly
     y = (np.ones_like(a) * a).sum(axis=1)
@@ -315,8 +337,8 @@ def _estimates(tok: PrefixRows, method: str) -> tuple[dict[str, Linear], float |
     are self-normalised)."""
     g = tok.groups
     shift = _log_shift(tok, method)
-    h1_rows, h0_rows = _p1_rows(tok, tok.a1, method, shift), _p0_rows(tok, tok.a0)
-    len1, len0 = _p1_rows(tok, tok.mask, method, shift), _p0_rows(tok, tok.mask)
+    h1_rows, h0_rows = _p1_rows(tok, tok.a1, method, shift), _p0_rows(tok, tok.a0, method)
+    len1, len0 = _p1_rows(tok, tok.mask, method, shift), _p0_rows(tok, tok.mask, method)
     out = {"h0": _linear(g, h0_rows), "h1": _linear(g, h1_rows)}
     with np.errstate(divide="ignore", invalid="ignore"):  # every row L = 0: nan rates
         out["h0_tok"] = _linear(g, h0_rows, len0)
@@ -324,7 +346,7 @@ def _estimates(tok: PrefixRows, method: str) -> tuple[dict[str, Linear], float |
     h0 = _scale(out["h0"], np.exp(-shift)) if shift else out["h0"]  # in h1's scale (a no-op at 0)
     out["delta"] = out["h1"] - h0
     out["delta_tok"] = out["h1_tok"] - out["h0_tok"]
-    out["direct"] = _linear(g, _p0_rows(tok, tok.a1)) - out["h0"]
+    out["direct"] = _linear(g, _p0_rows(tok, tok.a1, method)) - out["h0"]
     out["path_shift"] = out["delta"] - (_scale(out["direct"], np.exp(-shift)) if shift else out["direct"])
     out["length0"], out["length1"] = _linear(g, len0), _linear(g, len1)
     return out, shift

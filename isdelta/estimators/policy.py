@@ -32,6 +32,10 @@ that whatever is chosen covers the truth at 90–98%: benchmarks/README.md, "Gro
   with the same prefix-ESS floor ``SN_PREFIX_ESS`` (below it, pd_sn covered the truth in 5 of the 8 sets where it would have been chosen).
 - SNIS: the pooled ESS / S ≥ ``SNIS_ESS``, and every prompt has G_p ≥ exp(KL_p) samples
   (Chatterjee & Diaconis 2018: fewer cannot reach where p1 puts its mass).
+- with a proposal q ≠ p0 (results carrying ``proposal``), H0 is weighted too: every method needs
+  the pooled ESS / S of p0/q ≥ ``PROPOSAL_ESS`` and its mean ratio per prompt in the same band
+  as p1's, and a per-decision method its own floor on the p0/q prefix ESS / G. Without q no
+  check is added and the policy is exactly as above.
 
 On the steps where no per-decision method qualifies (prefix ESS / G < 0.3: an SFT step at SGD lr
 3e-3, truth ΔH −6.2 nats) every method's interval covered the truth in only 39–91% of sets at
@@ -44,6 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from isdelta.estimators.proposal import PROPOSAL_ESS
 from isdelta.estimators.results import KHAT_ESS_GATE, EntropyDelta, Estimate, TokenDelta
 
 __all__ = ["METHOD_CODES", "Check", "Headline", "headline"]
@@ -166,14 +171,27 @@ def _coverage_checks(snis: EntropyDelta) -> list[Check]:
     after a large step) means p1's mass lies where no sample went, and a self-normalised
     estimate, bounded as it is, would still report a confident wrong number."""
     lo = min(snis.mean_ratio_min, 1.0 / max(snis.mean_ratio_max, 1e-300))  # distance from 1, both ways
-    return [Check("mean ratio p1/p0 per prompt (farthest from 1, as min(r, 1/r))", lo, "≥", 1.0 / RATIO_BAND)]
+    q = snis.proposal
+    ratio = "p1/p0" if q is None else "p1/q"  # the H1 weights' ratio: 1 on average under the sampler
+    checks = [Check(f"mean ratio {ratio} per prompt (farthest from 1, as min(r, 1/r))", lo, "≥", 1.0 / RATIO_BAND)]
+    if q is not None:  # H0 weighted by p0/q too: the same two questions of those weights
+        lo_q = min(q.mean_ratio_min, 1.0 / max(q.mean_ratio_max, 1e-300))
+        checks += [
+            Check("ESS / S of p0/q (pooled)", q.ess_frac, "≥", PROPOSAL_ESS),
+            Check("mean ratio p0/q per prompt (farthest from 1, as min(r, 1/r))", lo_q, "≥", 1.0 / RATIO_BAND),
+        ]
+    return checks
 
 
 PREFIX_ESS = {"cv": CV_PREFIX_ESS, "pd": PD_PREFIX_ESS, "pd_sn": SN_PREFIX_ESS}
 
 
 def _per_decision_checks(tok: TokenDelta) -> list[Check]:
-    return [Check("prefix ESS / G (smallest)", tok.prefix_ess_frac_min, "≥", PREFIX_ESS[tok.method])]
+    checks = [Check("prefix ESS / G (smallest)", tok.prefix_ess_frac_min, "≥", PREFIX_ESS[tok.method])]
+    if tok.proposal is not None:  # H0's prefix ratios p0/q rest on the same kind of sample
+        frac = tok.proposal.prefix_ess_frac_min
+        checks.append(Check("prefix ESS / G of p0/q (smallest)", frac, "≥", PREFIX_ESS[tok.method]))
+    return checks
 
 
 def _snis_checks(snis: EntropyDelta) -> list[Check]:

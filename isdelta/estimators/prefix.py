@@ -7,6 +7,7 @@ prompt-major after :func:`prepare`; per-prompt arrays are [P, C].
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from isdelta.estimators import inputs
 from isdelta.estimators.groups import Groups, make_groups
 
-__all__ = ["PrefixRows", "expand", "prefix_ess", "prepare", "sn_weights"]
+__all__ = ["PrefixRows", "expand", "prefix_ess", "prepare", "sn_weights", "token_arrays"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,16 @@ class PrefixRows:
     delta: np.ndarray  # [N, C] δ_it, 0 where not counted
     a0: np.ndarray  # [N, C] m·H0, 0 where not counted
     a1: np.ndarray  # [N, C] m·H1, 0 where not counted
+    # with a proposal q (log_rho, delta are then p1/q): the p0/q ones, [N, C]; None when q = p0
+    log_rho0: np.ndarray | None = None
+    delta0: np.ndarray | None = None
+
+    def p0_view(self) -> PrefixRows | None:
+        """These rows with the p0/q prefix ratios in place of the p1/q ones (None when q = p0):
+        every p1 formula applied to it estimates the same quantity under p0."""
+        if self.log_rho0 is None:
+            return None
+        return dataclasses.replace(self, log_rho=self.log_rho0, delta=self.delta0, log_rho0=None, delta0=None)
 
 
 def _token_array(name: str, x, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -63,11 +74,17 @@ def _check_counted(name: str, x: np.ndarray, m: np.ndarray, kind: str) -> None:
     bad = m & ~np.isfinite(x)
     if bad.any():
         where = [tuple(int(v) for v in rc) for rc in np.argwhere(bad)[:5]]
+        why = (
+            "q drew every counted token, so log q > −inf there: record the sampler's processed "
+            "log-prob of every sampled token; a q with zero mass where p0 > 0 cannot be corrected "
+            "by weighting."
+            if name == "token_logq"
+            else "A -inf log-prob means one model gives the sampled token zero probability: score "
+            "both models with the same sampling transform."
+        )
         raise ValueError(
             f"{name}: expected finite values at counted positions (mask True), got "
-            f"{int(bad.sum())} non-finite at (row, column) {where}. A -inf log-prob means one "
-            "model gives the sampled token zero probability: score both models with the same "
-            "sampling transform."
+            f"{int(bad.sum())} non-finite at (row, column) {where}. {why}"
         )
     vals = x[m]
     if vals.size and kind == "logp" and vals.max() > inputs.LOGP_TOL:
@@ -82,32 +99,55 @@ def _check_counted(name: str, x: np.ndarray, m: np.ndarray, kind: str) -> None:
         )
 
 
-def prepare(logp0, logp1, ent0, ent1, mask, group) -> PrefixRows:
-    """Validate, zero the non-counted positions, sort rows prompt-major: :class:`PrefixRows`."""
-    lp0 = _token_array("token_logp0", logp0, None)
-    shape = lp0.shape
-    arrays = {"token_logp0": lp0}
-    for name, x in (("token_logp1", logp1), ("token_entropy0", ent0), ("token_entropy1", ent1)):
-        arrays[name] = _token_array(name, x, shape)
+def token_arrays(arrays: dict, mask) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Validate per-position inputs: {name: [N, C] float64} (the first sets the shape; log-probs
+    are every name without "entropy" in it) and the mask as bool [N, C]."""
+    out: dict[str, np.ndarray] = {}
+    shape = None
+    for name, x in arrays.items():
+        out[name] = _token_array(name, x, shape)
+        shape = out[name].shape
     m = _mask(mask, shape)
-    for name, arr in arrays.items():
-        _check_counted(name, arr, m, "logp" if "logp" in name else "entropy")
-    codes, labels = inputs.group_codes(group, shape[0])
+    for name, arr in out.items():
+        _check_counted(name, arr, m, "entropy" if "entropy" in name else "logp")
+    return out, m
+
+
+def _prefix_sums(delta: np.ndarray) -> np.ndarray:
+    """Exclusive prefix sums along the columns, log ρ_t = Σ_{s<t} δ_s, [N, C] -> [N, C]."""
+    log_rho = np.zeros_like(delta)
+    np.cumsum(delta[:, :-1], axis=1, out=log_rho[:, 1:])
+    return log_rho
+
+
+def prepare(logp0, logp1, ent0, ent1, mask, group, logq=None) -> PrefixRows:
+    """Validate, zero the non-counted positions, sort rows prompt-major: :class:`PrefixRows`.
+
+    ``logq`` (the proposal's token log-probs, or None for q = p0) makes δ the p1/q log-ratio
+    and adds the p0/q one (``delta0``, ``log_rho0``).
+    """
+    names = {"token_logp0": logp0, "token_logp1": logp1, "token_entropy0": ent0, "token_entropy1": ent1}
+    if logq is not None:
+        names["token_logq"] = logq
+    arrays, m = token_arrays(names, mask)
+    codes, labels = inputs.group_codes(group, m.shape[0])
     groups = make_groups(codes, labels)
     inputs.check_group_sizes(groups)
     m = groups.sort(m)
     arrays = {k: groups.sort(v) for k, v in arrays.items()}
+    base = arrays.get("token_logq", arrays["token_logp0"])  # the sampler's log-probs
     # np.where, not a product: garbage at non-counted positions may be nan or inf.
-    delta = np.where(m, arrays["token_logp1"] - arrays["token_logp0"], 0.0)
-    log_rho = np.zeros_like(delta)
-    np.cumsum(delta[:, :-1], axis=1, out=log_rho[:, 1:])  # exclusive prefix sum, [N, C]
+    delta = np.where(m, arrays["token_logp1"] - base, 0.0)
+    delta0 = None if logq is None else np.where(m, arrays["token_logp0"] - base, 0.0)
     return PrefixRows(
         groups=groups,
         mask=m.astype(np.float64),
-        log_rho=log_rho,
+        log_rho=_prefix_sums(delta),
         delta=delta,
         a0=np.where(m, arrays["token_entropy0"], 0.0),
         a1=np.where(m, arrays["token_entropy1"], 0.0),
+        log_rho0=None if delta0 is None else _prefix_sums(delta0),
+        delta0=delta0,
     )
 
 

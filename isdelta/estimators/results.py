@@ -20,6 +20,7 @@ from isdelta.outputs import finite_or_none
 KHAT_ESS_GATE = 0.5
 
 if TYPE_CHECKING:
+    from isdelta.estimators.proposal import ProposalWeights
     from isdelta.estimators.weights import Weights
 
 __all__ = ["EntropyDelta", "Estimate", "EstimatorWarning", "TokenDelta"]
@@ -174,6 +175,9 @@ class EntropyDelta:
         The weights the estimates used, per row in the caller's order (``w``, ``log_w``) beside
         the raw SNIS weights (``w_raw``), with ESS and k̂ per fit: what reports and plots show,
         so nothing recomputes them; ``to_dict()`` keeps its per-prompt summary.
+    proposal : ProposalWeights or None
+        With ``log_q`` (rows drawn from q ≠ p0): ESS, k̂, KL(p0‖q) and mean ratio of the H0
+        weights p0/q (the fields above then describe the H1 weights p1/q). None when q = p0.
     """
 
     h0: Estimate
@@ -215,6 +219,7 @@ class EntropyDelta:
     include: str
     warnings: tuple[str, ...]
     weights: Weights | None = field(default=None, repr=False, compare=False)
+    proposal: ProposalWeights | None = None
 
     @property
     def khat_status(self) -> str:
@@ -271,6 +276,7 @@ class EntropyDelta:
             f"({self.nll0_tok / LN2:.4g} bits), p1 {self.nll1_tok:.4g} nats "
             f"({self.nll1_tok / LN2:.4g} bits)",
             f"rows without a stop token {stop}; rows with L = 0: {self.n_empty}",
+            *([] if self.proposal is None else [str(self.proposal)]),
         ]
 
 
@@ -317,6 +323,9 @@ class TokenDelta:
         N, P and rows with no counted position.
     warnings : tuple of str
         Every diagnostic warning issued.
+    proposal : ProposalWeights or None
+        With ``token_logq`` (rows drawn from q ≠ p0): the p0/q weights' ESS (sequence and
+        prefix), k̂ and mean ratio; the prefix ESS and ratio fields above are then of p1/q.
     """
 
     h0: Estimate
@@ -341,6 +350,7 @@ class TokenDelta:
     n_prompts: int
     n_empty: int
     warnings: tuple[str, ...]
+    proposal: ProposalWeights | None = None
 
     def to_dict(self) -> dict:
         """All fields, Estimates as nested dicts (nats and ``_bits``); JSON-safe."""
@@ -356,6 +366,8 @@ class TokenDelta:
             out[f"{prefix}{name}_se"] = est.se
         for name in ("prefix_ess_frac_min", "max_log_rho", "mean_length0", "mean_length1"):
             out[f"{prefix}{name}"] = float(getattr(self, name))
+        if self.proposal is not None:
+            out[f"{prefix}proposal_ess_frac"] = float(self.proposal.ess_frac)
         return out
 
     def summary(self) -> str:
@@ -379,6 +391,7 @@ class TokenDelta:
                 f"mean r per prompt in [{self.mean_ratio_min:.4g}, {self.mean_ratio_max:.4g}]; "
                 f"rows with L = 0: {self.n_empty}"
             ),
+            *([] if self.proposal is None else [str(self.proposal)]),
         ]
         if self.warnings:
             lines += ["", "warnings:", *(f"  - {w}" for w in self.warnings)]

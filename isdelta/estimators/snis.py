@@ -10,8 +10,16 @@ import numpy as np
 
 from isdelta.estimators import diagnostics, inputs
 from isdelta.estimators.inputs import Rows
+from isdelta.estimators.proposal import ProposalWeights
 from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning
-from isdelta.estimators.uncertainty import Linear, covariance, standard_error, weighted_ratio, z_value
+from isdelta.estimators.uncertainty import (
+    Linear,
+    covariance,
+    standard_error,
+    weighted_covariance,
+    weighted_ratio,
+    z_value,
+)
 from isdelta.estimators.weights import Scheme, Weights, weigh
 
 __all__ = ["estimate", "estimate_per_prompt"]
@@ -35,8 +43,9 @@ def estimate(
     eos_logp1=None,
     eos_entropy_sum0=None,
     eos_entropy_sum1=None,
+    log_q=None,
 ) -> EntropyDelta:
-    r"""Estimate H(p0), H(p1) and ΔH = H(p1) − H(p0) from samples of p0 by SNIS.
+    r"""Estimate H(p0), H(p1) and ΔH = H(p1) − H(p0) from samples of p0 (or of a proposal q) by SNIS.
 
     Rows x_i ~ p0 are scored under both models: S0_i = log p0(x_i), S1_i = log p1(x_i),
     ℓ_i = S1_i − S0_i. Within prompt p, w̄_i = exp(ℓ_i) / Σ_{j∈p} exp(ℓ_j); each prompt has
@@ -50,6 +59,21 @@ def estimate(
     - ΔH₁ = −(1/P) Σ_p Cov_p(S0, δ), δ = S1 − S0; ΔĤ = cov_term + kl_term exactly, with
       cov_term = −(1/P) Σ_p mean_{i∈p}((r̃_i − 1)(S0_i − S̄0_p)), r̃ = G_p w̄, and
       kl_term = −(1/P) Σ_p Σ_{i∈p} w̄_i δ_i, for whichever normalised weights are used.
+
+    With ``log_q`` (rows drawn from a proposal q ≠ p0, e.g. vLLM; Sq_i = log q(x_i)), both
+    entropies are self-normalised IS estimates within each prompt:
+    v̄_i = e^{S0_i − Sq_i} / Σ_{j∈p} e^{S0_j − Sq_j},  w̄_i = e^{S1_i − Sq_i} / Σ_{j∈p} e^{S1_j − Sq_j},
+
+    - H0 = −(1/P) Σ_p Σ_{i∈p} v̄_i S0_i,   H1 = −(1/P) Σ_p Σ_{i∈p} w̄_i S1_i (rates, ``*_rb``
+      and the no-EOS terms alike: every expectation under p0 takes v̄ in place of 1/G_p)
+    - ΔH₁ = −(1/P) Σ_p Cov_p0(S0, δ), the covariance weighted by v̄ (divided by 1 − Σ v̄²,
+      which is ddof = 1 at v̄ = 1/G_p); cov_term uses (w̄ − v̄) in place of (w̄ − 1/G_p).
+
+    Self-normalised (rather than (1/G_p) Σ (p0/q) S0) because it is invariant to a constant
+    offset in log q (a sampler's logits need not be normalised the same way), bounded by the
+    data, and reduces to today's 1/G_p exactly when Sq = S0; its O(1/G) bias is negligible
+    when q ≈ p0, which ``.proposal`` (ESS, k̂, mean ratio of p0/q) checks. The weighting
+    scheme (PSIS, truncation, clip) acts on p0/q and on p1/q alike.
 
     Parameters
     ----------
@@ -69,8 +93,8 @@ def estimate(
         prompt when every G_p ≥ 25, else pooled over all rows (``weights_used`` says which).
     include : {"all", "no_eos"}
         "no_eos" subtracts the stop token's position from S0, S1 and L of rows with
-        ``stopped``; the weights still use the full-sequence ratio, because p0 sampled the
-        stop token too. Needs ``stopped``, ``eos_logp0``, ``eos_logp1`` and, with entropy
+        ``stopped``; the weights still use the full-sequence ratio, because p0 (or q) sampled
+        the stop token too. Needs ``stopped``, ``eos_logp0``, ``eos_logp1`` and, with entropy
         sums, ``eos_entropy_sum0``, ``eos_entropy_sum1``.
     prompts : {"fixed", "sampled"}
         "fixed": the estimand is this prompt set; SE = √(Σ_p var_p(ψ)/G_p)/P.
@@ -91,25 +115,32 @@ def estimate(
         x_t, so the Rao–Blackwellised term at each position t is the entropy of the non-stop
         tokens, H_t − (−p_stop log p_stop), whose sum along the row has expectation
         E[−S + log p(stop)] (tower property).
+    log_q : array_like, shape like ``log_p0``, optional
+        Total log-probability of each row under the sampler q that drew it (its processed
+        log-probs, summed over the same tokens as ``log_p0``). None (default): the rows come
+        from p0 and every result is exactly what it is without this argument.
 
     Returns
     -------
     EntropyDelta
         Estimates (nats; ``.bits`` converts) with SE and CI, ΔH₁ and its decomposition,
         diagnostics, the tuple of warnings issued, and the weights used (``.weights``, rows in
-        the caller's order and shape).
+        the caller's order and shape). With ``log_q``: ``weights``, ESS, k̂, KL and mean ratio
+        describe the H1 weights p1/q, and ``.proposal`` the H0 weights p0/q.
 
     Raises
     ------
     ValueError
         Mismatched shapes, non-finite or positive log-probs, negative lengths, a prompt with
-        one row, an unknown option, ``level`` outside (0, 1), or missing "no_eos" inputs.
+        one row, an unknown option, ``level`` outside (0, 1), missing "no_eos" inputs, or a
+        ``log_q`` of another shape, non-finite (q drew every row, so log q > −inf) or positive.
 
     Warns
     -----
     EstimatorWarning
         k̂ above its threshold (or not estimable), ESS/S < 0.1, S < exp(KL), a prompt's mean
-        ratio outside [0.5, 2], rows with L = 0. Each is also recorded in ``.warnings``.
+        ratio outside [0.5, 2], rows with L = 0; with ``log_q``, also ESS/S of p0/q below
+        0.5 or its mean ratio outside [0.5, 2]. Each is also recorded in ``.warnings``.
 
     Notes
     -----
@@ -117,6 +148,9 @@ def estimate(
     ψ_i = r̃_i(−S1_i − H1_p) − (−S0_i − H0_p), so the covariance between H1 and H0 (same
     samples) is counted; per-token estimates use their linearised (delta-method) terms
     (:mod:`isdelta.estimators.uncertainty`). All arithmetic is float64, weights in log space.
+    With q, each SNIS mean Σ v̄ f linearises to ψ_i = ṽ_i (f_i − Σ_{j∈p} v̄_j f_j), ṽ = G_p v̄
+    (the ratio of two sample means, Σ (p0/q) f / Σ (p0/q)), so ΔH's paired term becomes
+    ψ_i = r̃_i(−S1_i − H1_p) − ṽ_i(−S0_i − H0_p): both weights and their covariance counted.
 
     References
     ----------
@@ -133,19 +167,28 @@ def estimate(
     }
     rows = inputs.prepare(
         log_p0, log_p1, length, group, entropy_sum0=entropy_sum0, entropy_sum1=entropy_sum1,
-        include=include, stopped=stopped, eos=eos,
+        include=include, stopped=stopped, eos=eos, log_q=log_q,
     )  # fmt: skip
     if prompts == "sampled" and rows.groups.n_prompts < 2:
         raise ValueError(
             "prompts: 'sampled' needs at least 2 prompts for a between-prompt SE, got 1; use "
             "prompts='fixed' or pass `group`."
         )
-    wts = weigh(rows.log_r, rows.groups, weights, clip)
-    fields = _estimates(rows, wts, prompts, level)
-    fields.update(_first_order(rows, wts, prompts, level))
+    if rows.log_r1q is None:  # x ~ p0: uniform H0 weights
+        wts, p0_wts, u = weigh(rows.log_r, rows.groups, weights, clip), None, rows.groups.uniform
+    else:  # x ~ q: H1 weighted by p1/q, H0 by p0/q, the same scheme for both
+        wts = weigh(rows.log_r1q, rows.groups, weights, clip)
+        p0_wts = weigh(rows.log_r0q, rows.groups, weights, clip)
+        u = p0_wts.w
+    fields = _estimates(rows, wts, u, prompts, level)
+    fields.update(_first_order(rows, wts, u, prompts, level))
     per_prompt = diagnostics.PerPrompt.of(rows, wts)
-    diag = diagnostics.diagnose(rows, wts, per_prompt)
+    diag = diagnostics.diagnose(rows, wts, per_prompt, u)
     messages = diagnostics.collect_warnings(rows, wts, diag, per_prompt)
+    q_fields = {}  # with q only: without it the result is exactly today's
+    if p0_wts is not None:
+        q_fields["proposal"] = ProposalWeights.of(p0_wts, rows.log_r0q, rows.groups)
+        messages += diagnostics.proposal_warnings(q_fields["proposal"])
     for message in messages:
         warnings.warn(message, EstimatorWarning, stacklevel=2)
     return EntropyDelta(
@@ -156,6 +199,7 @@ def estimate(
         include=include,
         warnings=tuple(messages),
         weights=wts.in_caller_order(rows.groups, np.shape(log_p0)),
+        **q_fields,
     )
 
 
@@ -164,12 +208,13 @@ def _to_estimate(lin: Linear, rows: Rows, prompts: str, level: float) -> Estimat
     return Estimate.normal(lin.value, se, level, z_value(level))
 
 
-def _estimates(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
-    """h0 … delta_tok and, with entropy sums, their ``_rb`` versions."""
+def _estimates(rows: Rows, wts: Weights, u: np.ndarray, prompts: str, level: float) -> dict:
+    """h0 … delta_tok and, with entropy sums, their ``_rb`` versions; ``u`` the H0 weights.
+
+    Without q, u = 1/G_p, the same float as w̄ when all ratios of a prompt are equal
+    (weights._normalized), so that p1 = p0 gives H1 == H0 bit for bit.
+    """
     g = rows.groups
-    # 1/G_p, the same float as w̄ when all ratios of a prompt are equal (weights._normalized),
-    # so that p1 = p0 gives H1 == H0 bit for bit.
-    u = g.uniform
     pairs = {"": (-rows.s0, -rows.s1)}
     if rows.ent0 is not None:
         pairs["_rb"] = (rows.ent0, rows.ent1)
@@ -184,22 +229,26 @@ def _estimates(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
     return out
 
 
-def _first_order(rows: Rows, wts: Weights, prompts: str, level: float) -> dict:
+def _first_order(rows: Rows, wts: Weights, u: np.ndarray, prompts: str, level: float) -> dict:
     """ΔH₁ (function space) and the exact decomposition ΔĤ = cov_term + kl_term.
 
     δ' = S1' − S0' uses the counted log-probs; ℓ the full-sequence ratio. With
     include="all" they coincide and ΔH₁ = −Cov_p0(S0, δ) (DESIGN §6). With "no_eos" the
     functional E_p[−S'] also changes through the stop token's own log-prob, whose first-order
-    change is E_p0[ℓ − δ']: ΔH₁ = −Cov_p0(S0', ℓ) − E_p0[δ' − ℓ].
+    change is E_p0[ℓ − δ']: ΔH₁ = −Cov_p0(S0', ℓ) − E_p0[δ' − ℓ]. With a proposal q, ``u`` = v̄
+    (p0/q) weighs every expectation under p0, and ΔĤ = −Σ(w̄ − v̄)(S0 − S̄0) − Σ w̄ δ still
+    holds exactly (Σ_{i∈p}(w̄_i − v̄_i) = 0, so any centring S̄0 does).
     """
     g = rows.groups
-    u = g.uniform
     delta = rows.s1 - rows.s0  # δ' [N]
-    s0_centred = rows.s0 - g.expand(g.mean(rows.s0))
+    s0_centred = rows.s0 - g.expand(g.mean(rows.s0) if rows.log_r0q is None else g.sum(u * rows.s0))
     # −mean_p((r̃ − 1)(S0 − S̄0)) = −Σ_{i∈p} (w̄_i − 1/G_p)(S0_i − S̄0_p)
     cov_term = -g.sum((wts.w - u) * s0_centred).mean()
     kl_term = -g.sum(wts.w * delta).mean()
-    lin = covariance(rows.s0, rows.log_r, g, x_centred=s0_centred)
+    if rows.log_r0q is None:
+        lin = covariance(rows.s0, rows.log_r, g, x_centred=s0_centred)
+    else:
+        lin = weighted_covariance(rows.s0, rows.log_r, u, g)
     lin = Linear(-lin.value, -lin.psi, -lin.z)
     extra = delta - rows.log_r  # 0 exactly with include="all"
     if np.any(extra != 0):
@@ -215,6 +264,7 @@ _ROW_OPTIONS = (
     "eos_logp1",
     "eos_entropy_sum0",
     "eos_entropy_sum1",
+    "log_q",
 )  # per-row keyword arrays of ``estimate``
 
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from isdelta.estimators.groups import Groups
 
-__all__ = ["Linear", "covariance", "standard_error", "weighted_ratio", "z_value"]
+__all__ = ["Linear", "covariance", "standard_error", "weighted_covariance", "weighted_ratio", "z_value"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,23 @@ def covariance(x: np.ndarray, y: np.ndarray, groups: Groups, *, x_centred: np.nd
     value = float(cov_p.mean())
     psi = u - groups.expand(groups.mean(u))
     return Linear(value, psi, cov_p - value)
+
+
+def weighted_covariance(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: Groups) -> Linear:
+    """(1/P) Σ_p C_p, C_p = Σ_{i∈p} w_i (x_i − x̄_p)(y_i − ȳ_p) / (1 − Σ_{i∈p} w_i²), x̄_p = Σ w x.
+
+    The self-normalised covariance under the distribution that ``w`` (summing to 1 in each
+    prompt) reweights to; 1 − Σ w² is the reliability-weights correction, so w = 1/G_p gives
+    :func:`covariance` (ddof = 1) up to rounding. ψ_i = G_p w_i (u_i − Σ_{j∈p} w_j u_j),
+    u = (x − x̄)(y − ȳ): the SNIS influence term (the estimated means add nothing at first
+    order, E[x − x̄] = 0; the O(1/G) correction is ignored, as in :func:`covariance`).
+    """
+    xc = x - groups.expand(groups.sum(w * x))
+    yc = y - groups.expand(groups.sum(w * y))
+    lin = weighted_ratio(w, xc * yc, None, groups)  # ddof-0 value, SNIS influence ψ
+    cov_p = groups.sum(w * xc * yc) / (1.0 - groups.sum(w * w))  # [P]
+    value = float(cov_p.mean())
+    return Linear(value, lin.psi, cov_p - value)
 
 
 def standard_error(lin: Linear, groups: Groups, prompts: str) -> float:

@@ -189,16 +189,16 @@ def chain(direct: list[Segment], steps: list[Segment], level: float, log_support
         if seg.source != prev.k or seg.target != prev.k + 1:
             raise ValueError(f"chain: step {seg.source}→{seg.target} does not follow checkpoint {prev.k}")
         if broken is None and not d.valid:
-            broken = f"step {seg.source}→{seg.target}"
-            points.append(Point(seg.target, "chained", False, step=seg, reason=f"{broken} not valid: {d.reason}"))
+            broken = f"step {seg.source}→{seg.target} (not valid)"
+            points.append(Point(seg.target, "chained", False, step=seg, reason=f"{broken}: {d.reason}"))
         elif broken is not None:
-            why = f"the chain broke at {broken} (not valid), so this level is unknown"
+            why = f"the chain broke at {broken}, so this level is unknown"
             points.append(Point(seg.target, "chained", False, step=seg, reason=why))
         else:
             h, h_tok = _add(prev.h, d.delta, level), _add(prev.h_tok, d.delta_tok, level)
             delta, delta_tok = _add(prev.delta, d.delta, level), _add(prev.delta_tok, d.delta_tok, level)
             if why := _out_of_bounds(h.value, h_tok.value, log_support):  # each step valid, their sum not
-                broken = f"step {seg.source}→{seg.target}"
+                broken = f"step {seg.source}→{seg.target} (its sum out of bounds)"
                 why = f"the chained {why}: the steps' errors added up past a physical bound"
                 points.append(Point(seg.target, "chained", False, step=seg, reason=why))
                 continue

@@ -220,7 +220,7 @@ def test_chain_stops_at_a_step_that_is_not_valid():
         (4, "chained", False),
     ]
     assert pts[2].delta.value == pytest.approx(1.0) and pts[2].delta.se == pytest.approx(math.hypot(0.1, 0.1))
-    assert "step 2→3 not valid: ESS too small" in pts[3].reason and pts[3].h is None
+    assert "step 2→3 (not valid): ESS too small" in pts[3].reason and pts[3].h is None
     assert "chain broke at step 2→3" in pts[4].reason and pts[4].delta is None
     with pytest.raises(ValueError, match="does not follow"):
         chain(direct, [seg(2, 3, True)], 0.95)
