@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from isdelta.program import stamp_of
+from isdelta.program import ConfigError, stamp_of
 from isdelta.run.config import RunConfig, load_config
-from isdelta.run.data import RunError, check_records, load_records, records_digest
+from isdelta.run.data import check_records, load_records, records_digest
 
 __all__ = ["main", "make_checkpoints"]
 
@@ -47,7 +47,8 @@ def make_checkpoints(cfg: RunConfig, args) -> list[dict]:
         lr = args.lr * args.growth ** (k - 1)
         step_cfg = _step_config(cfg, args, lr)
         check_records(step_cfg, records)  # sft needs responses, reinforce answers
-        recipe = {"base": cfg.model.path, "data": records_digest(records), "k": k, "lr": lr, **train}
+        # the flags (lr: checkpoint 1's) first, then this checkpoint's own lr over them
+        recipe = {"base": cfg.model.path, "data": records_digest(records), **train, "lr1": args.lr, "k": k, "lr": lr}
         recipe["chain"] = stamp_of([r["chain"] for r in recipes] + [recipe])  # this step and all before
         saved = Path(path) / RECIPE
         if model is None and saved.exists() and json.loads(saved.read_text()).get("chain") == recipe["chain"]:
@@ -58,14 +59,22 @@ def make_checkpoints(cfg: RunConfig, args) -> list[dict]:
         if model is None:
             model, tok = (cfg.model if last is None else cfg.model.model_copy(update={"path": last})).load("model")
         rollouts = texts = None
-        if args.loss == "reinforce":  # fresh samples of the current model, as a trainer draws them
-            s = cfg.sampling
-            part = sample(model, tok, [r["prompt"] for r in records], num_samples=s.num_samples,
-                          max_new_tokens=s.max_new_tokens, seed=cfg.seed * 7919 + k)  # fmt: skip
-            rollouts, texts = part.rollouts, part.texts
         from isdelta.engine import LogitTransform
 
         transform = LogitTransform(cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p)
+        if args.loss == "reinforce":  # fresh samples of the current model, as a trainer draws them
+            s = cfg.sampling
+            part = sample(
+                model,
+                tok,
+                [r["prompt"] for r in records],
+                num_samples=s.num_samples,
+                transform=transform,
+                max_new_tokens=s.max_new_tokens,
+                stop_strings=s.stop_strings,
+                seed=cfg.seed * 7919 + k,
+            )
+            rollouts, texts = part.rollouts, part.texts
         model, info = make_p1(step_cfg, model, tok, rollouts, texts, records, transform, keep_p0=False)
         Path(path).mkdir(parents=True, exist_ok=True)
         model.save_pretrained(path)
@@ -77,24 +86,37 @@ def make_checkpoints(cfg: RunConfig, args) -> list[dict]:
     return recipes
 
 
+def _load(path: str, overrides) -> RunConfig:
+    cfg = load_config(path, overrides)
+    if cfg.checkpoints is None:
+        raise ConfigError(f"{path}: no `checkpoints:` list", fix="list where the checkpoints go (checkpoints: [...])")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m isdelta.run.make_checkpoints", description=__doc__.split("\n")[0])
-    p.add_argument("config", help="a trajectory config (checkpoints: [...]): where the checkpoints go")
+    """The training flags here; config, ``--set`` and the error boundary (one line, exit codes,
+    Ctrl-C: the checkpoints saved so far are kept and the same command resumes) are the run's."""
+    from isdelta.program import Program
+    from isdelta.program import main as program_main
+    from isdelta.run.pipeline import PROGRAM
+
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--loss", choices=("sft", "reinforce"), default="sft")
     p.add_argument("--reward", choices=("answer_match", "boxed_match"), default="answer_match")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of checkpoint 1")
     p.add_argument("--growth", type=float, default=1.0, help="lr factor from one checkpoint to the next")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps per checkpoint")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config)
-    if cfg.checkpoints is None:
-        raise SystemExit(f"{args.config}: no `checkpoints:` list (where the checkpoints are saved)")
-    try:
-        make_checkpoints(cfg, args)
-    except RunError as e:
-        raise SystemExit(str(e)) from None
-    return 0
+    args, rest = p.parse_known_args(argv)
+    prog = Program(
+        prog="python -m isdelta.run.make_checkpoints",
+        description=__doc__.split("\n")[0] + " Training flags: " + ", ".join(p.format_usage().split()[1:]),
+        set_example="data.limit=6",
+        load=_load,
+        execute=lambda cfg, out: make_checkpoints(cfg, args),
+        errors=PROGRAM.errors,
+    )
+    return program_main(prog, rest)
 
 
 if __name__ == "__main__":

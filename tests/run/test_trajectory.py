@@ -264,3 +264,43 @@ def test_a_missing_checkpoint_is_refused_before_any_work(series):
     with pytest.raises(ConfigError, match=r"checkpoints\.1\.path: cannot load the tokenizer"):
         run(cfg)
     assert not (root / "missing").exists()
+
+
+def test_make_checkpoints_trains_saves_and_keeps_what_a_recipe_made(series, tmp_path, capsys):
+    """The demo's checkpoint maker: update steps with a growing lr (the run's update code), a
+    saved recipe per checkpoint; a rerun keeps them; REINFORCE samples the current model with the
+    run's sampler and, on rewards without variance, stops with the run's one-line exit 3; a config
+    without ``checkpoints`` is one line and exit 2."""
+    import yaml
+
+    from isdelta.run.make_checkpoints import main
+
+    root, paths = series
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "7", "response": "ok"}) + "\n" for p in PROMPTS))
+    cfg = {
+        "model": {"path": str(paths[0])},
+        "data": {"path": str(data)},
+        "checkpoints": [str(tmp_path / "c1"), str(tmp_path / "c2")],
+        "sampling": {"num_samples": 8, "max_new_tokens": 2, "prompts_per_batch": 3},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    argv = [str(path), "--loss", "sft", "--lr", "0.05", "--growth", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    recipes = [json.loads((tmp_path / c / "isdelta_checkpoint.json").read_text()) for c in ("c1", "c2")]
+    assert [r["lr"] for r in recipes] == [0.05, 0.1] and recipes[1]["info"]["param_change_norm"] > 0
+    stamp = (tmp_path / "c2" / "model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0 and "already made by this recipe" in capsys.readouterr().out
+    assert (tmp_path / "c2" / "model.safetensors").stat().st_mtime_ns == stamp
+    cfg["checkpoints"] = [str(tmp_path / "r1")]
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path), "--loss", "reinforce", "--lr", "0.05"]) == 3  # no answer "7" is ever sampled
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the update did not change the model") and not (tmp_path / "r1").exists()
+    del cfg["checkpoints"]
+    cfg["updated"] = {"path": str(paths[1])}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "checkpoints" in err[0]
