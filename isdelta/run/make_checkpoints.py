@@ -110,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     prog = Program(
         prog="python -m isdelta.run.make_checkpoints",
-        description=__doc__.split("\n")[0] + " Training flags: " + ", ".join(p.format_usage().split()[1:]),
+        description=(
+            "Real fine-tuned checkpoints for a trajectory demo, saved at the config's `checkpoints:` paths. "
+            "Training flags: "
+            + "; ".join(
+                f"{a.option_strings[0]} {'|'.join(a.choices or ['X'])} (default {a.default})" for a in p._actions
+            )
+        ),
         set_example="data.limit=6",
         load=_load,
         execute=lambda cfg, out: make_checkpoints(cfg, args),
