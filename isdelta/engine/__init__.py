@@ -2,7 +2,7 @@
 
 - ``rollouts`` / ``masking``  the batch layout and the completion mask (DESIGN.md §2–§3)
 - ``models``                  loading (builtin GGUF, HF folders, hub ids) and tokenizer checks
-- ``sampling`` / ``samples``  G completions per prompt with HF ``generate``, and their result
+- ``sampling`` / ``samples``  G completions per prompt with HF ``generate`` (or vLLM: ``vllm_sampling``), and their result
 - ``transform``               the sampling transform (temperature → top-k → top-p)
 - ``split`` / ``logprob``     the model as body + head, and the batched, masked log-prob engine
 """

@@ -1,5 +1,6 @@
 """The sampler's result, :class:`Samples`: the rollouts, their decoded texts and how each
-stopped, with atomic save / load so a long run resumes from its saved parts."""
+stopped (and, from a sampler other than the engine's p0, its log-prob of each sampled token), with
+atomic save / load so a long run resumes from its saved parts."""
 
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.transform import LogitTransform
 from isdelta.outputs import atomic_write
 
-__all__ = ["Samples", "StopReason"]
+__all__ = ["Samples", "StopReason", "prompt_seed"]
 
 StopReason = Literal["eos", "stop_string", "length"]
+Backend = Literal["hf", "vllm"]
 _SIDECAR_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Samples:
-    """G completions per prompt drawn from p0, in the isdelta layout.
+    """G completions per prompt drawn from p0 (or from a proposal q: see ``token_logq``), in the
+    isdelta layout.
 
     Attributes
     ----------
@@ -44,6 +47,15 @@ class Samples:
         The sampling distribution; score both models with it.
     num_samples, max_new_tokens, seed : int
     stop_strings : tuple of str
+    backend : {"hf", "vllm"}
+        The sampler: HF ``generate`` on the engine's own model, or vLLM.
+    token_logq : Tensor, float32 [N, C], optional
+        The sampler's own processed log-prob of each sampled token, log q (vLLM's
+        ``logprobs_mode="processed_logprobs"``), on the completion columns of ``rollouts``: finite
+        and <= 0 where ``rollouts.completion_mask`` counts a token (the stop token included), 0
+        elsewhere. None for the HF back end (its q is the engine's p0). Pass it to the
+        estimators as ``token_logq=`` (``estimate_tokens``) and, summed over the counted
+        columns, ``log_q=`` (``estimate``).
     """
 
     rollouts: Rollouts
@@ -55,6 +67,8 @@ class Samples:
     max_new_tokens: int
     seed: int = 0
     stop_strings: tuple[str, ...] = field(default=())
+    backend: Backend = "hf"
+    token_logq: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         N, P = self.rollouts.n_rows, len(self.prompt_texts)
@@ -70,6 +84,10 @@ class Samples:
         bad = set(self.stop_reason) - {"eos", "stop_string", "length"}
         if bad:
             raise ValueError(f"stop_reason must be 'eos', 'stop_string' or 'length'; got {sorted(bad)}.")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend must be 'hf' or 'vllm'; got {self.backend!r}.")
+        if self.token_logq is not None:
+            _check_token_logq(self.token_logq, self.rollouts.completion_mask)
 
     @property
     def n_rows(self) -> int:
@@ -118,6 +136,8 @@ class Samples:
             "transform": self.transform.to_dict(),
             "stop_reasons": dict(Counter(self.stop_reason)),
             "mean_length": float(self.rollouts.lengths.double().mean()),
+            "backend": self.backend,
+            "token_logq": self.token_logq is not None,
         }
 
     # ------------------------------------------------------------------ persistence
@@ -141,6 +161,7 @@ class Samples:
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
             "stop_strings": list(self.stop_strings),
+            "backend": self.backend,
         }
         tensors = {
             "input_ids": ro.input_ids.cpu(),
@@ -151,6 +172,8 @@ class Samples:
             "eos_token_ids": list(ro.eos_token_ids),
             "save_id": save_id,
         }
+        if self.token_logq is not None:
+            tensors["token_logq"] = self.token_logq.cpu()
         pt.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(js, json.dumps(meta, ensure_ascii=False))
         atomic_write(pt, lambda f: torch.save(tensors, f))
@@ -190,6 +213,44 @@ class Samples:
             int(meta["max_new_tokens"]),
             int(meta["seed"]),
             tuple(meta["stop_strings"]),
+            meta.get("backend", "hf"),  # saves from before the vLLM back end are HF's
+            t.get("token_logq"),
+        )
+
+
+def prompt_seed(seed: int, b: int) -> int:
+    """A seed for micro-batch (HF) or prompt (vLLM) b that differs across (seed, b) pairs (seed + b
+    would collide); both back ends of :func:`isdelta.engine.sampling.sample` seed with it."""
+    return int(np.random.SeedSequence([int(seed), int(b)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _check_token_logq(token_logq, completion_mask: torch.Tensor) -> None:
+    """ValueError unless ``token_logq`` is a float32 [N, C] tensor, finite and <= 0 on the counted
+    columns and 0 elsewhere."""
+    if not isinstance(token_logq, torch.Tensor) or token_logq.dtype != torch.float32:
+        got = token_logq.dtype if isinstance(token_logq, torch.Tensor) else type(token_logq).__name__
+        raise TypeError(
+            f"token_logq must be a float32 tensor [N, C]; got {got}. Pass torch.as_tensor(x, dtype=torch.float32)."
+        )
+    if token_logq.shape != completion_mask.shape:
+        raise ValueError(
+            f"token_logq has shape {tuple(token_logq.shape)} but the rollouts' completion columns are "
+            f"{tuple(completion_mask.shape)}: one log q per completion column, rows prompt-major."
+        )
+    m = completion_mask.to(token_logq.device).bool()
+    bad = m & ~(torch.isfinite(token_logq) & (token_logq <= 0))
+    if bad.any():
+        rows = sorted(set(bad.nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"token_logq of rows {rows[:8]} is non-finite or positive at counted tokens: the sampler drew "
+            "them, so log q is finite and <= 0. Check that it returned the sampled tokens' log-probs."
+        )
+    stray = (~m) & (token_logq != 0)
+    if stray.any():
+        rows = sorted(set(stray.nonzero()[:, 0].tolist()))
+        raise ValueError(
+            f"token_logq of rows {rows[:8]} is non-zero past the counted tokens; set it to 0 there "
+            "(those columns are pads or trimmed tokens)."
         )
 
 

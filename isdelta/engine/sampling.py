@@ -7,26 +7,28 @@ scores it, which biases every importance weight. So :func:`sample` passes the tr
 temperature / top-k / top-p explicitly and forces every other logit processor to neutral.
 
 Stop strings are applied after generation, on the tokens (:mod:`isdelta.engine.stops`).
+
+``backend="vllm"`` samples the same prompts with the same transform and stop rules through vLLM
+(:mod:`isdelta.engine.vllm_sampling`), returning the sampler's log q of each token beside them.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from isdelta.engine.masking import normalise_eos_ids
 from isdelta.engine.models import context_size
 from isdelta.engine.rollouts import Rollouts
-from isdelta.engine.samples import Samples
+from isdelta.engine.samples import Samples, prompt_seed
 from isdelta.engine.stops import StopStringCriterion, check_stop_strings, trim
 from isdelta.engine.transform import LogitTransform
 
-__all__ = ["Samples", "check_context", "encode_prompts", "sample"]
+__all__ = ["Samples", "check_context", "encode_prompts", "prompt_seed", "sample"]
 
 Prompt = str | Sequence[dict]
 
@@ -85,13 +87,15 @@ def sample(
     prompt_batch_size: int | None = None,
     token_budget: int = 2**16,
     progress: bool = True,
+    backend: Literal["hf", "vllm"] = "hf",
 ) -> Samples:
     """Draw ``num_samples`` completions per prompt from ``model`` under ``transform``.
 
     Parameters
     ----------
-    model : HF causal LM
-        Sampled in eval mode (dropout off); its mode is restored afterwards.
+    model : HF causal LM, or VLLMModel with ``backend="vllm"``
+        An HF model is sampled in eval mode (dropout off); its mode is restored afterwards. A
+        :class:`isdelta.engine.vllm_sampling.VLLMModel` (``load_vllm``) holds a vLLM engine.
     tokenizer : HF tokenizer of the model
     prompts : list of str, or list of chat message lists
         A str is tokenized as the tokenizer does by default (``add_special_tokens=True``); a list
@@ -108,9 +112,11 @@ def sample(
         A completion is trimmed after the earliest token whose decoded prefix (special tokens
         kept) contains one of them; it then has no stop token and all its kept tokens count.
     seed : int
-        Micro-batch b is seeded with ``SeedSequence([seed, b])``; the caller's RNG state is
+        HF: micro-batch b is seeded with ``SeedSequence([seed, b])``; the caller's RNG state is
         restored afterwards. Samples are reproducible for the same seed, prompt batching,
-        device and library versions.
+        device and library versions. vLLM: prompt i's request is seeded with
+        ``SeedSequence([seed, i])``: the same seed, prompts and versions give the same tokens
+        (their log q agree to rounding: vLLM's batch composition changes the logits' sums).
     eos_token_ids : int or sequence of int, optional
         Stop-token ids. Default: ``tokenizer.eos_token_id`` plus ``model.generation_config``'s.
     prompt_batch_size : int, optional
@@ -119,18 +125,45 @@ def sample(
         Most tokens (rows × (prompt width + max_new_tokens)) in one ``generate`` call.
     progress : bool
         Show a progress bar over prompts.
+    backend : {"hf", "vllm"}
+        HF ``generate`` on ``model`` (the engine's own p0), or vLLM (a proposal q: the result's
+        ``token_logq`` holds its processed log-prob of each sampled token).
 
     Returns
     -------
     Samples
         Prompt-major rows r = p·G + g.
     """
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"backend must be 'hf' or 'vllm'; got {backend!r}.")
     _check_args(num_samples, max_new_tokens, transform, prompt_batch_size, token_budget)
     stop_strings = check_stop_strings(stop_strings)
     eos = _default_eos_ids(model, tokenizer, eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     prompt_ids, prompt_texts = encode_prompts(tokenizer, prompts)
     check_context(model, [len(p) for p in prompt_ids], max_new_tokens)
+    if backend == "vllm":
+        from isdelta.engine.vllm_sampling import VLLMModel, sample_vllm
+
+        if not isinstance(model, VLLMModel):
+            raise TypeError(
+                f"backend='vllm' samples a VLLMModel; got {type(model).__name__}. Build one with "
+                "isdelta.engine.vllm_sampling.load_vllm(folder) (save_for_vllm writes the folder)."
+            )
+        return sample_vllm(
+            model,
+            tokenizer,
+            prompt_ids,
+            prompt_texts,
+            num_samples=int(num_samples),
+            transform=transform,
+            max_new_tokens=int(max_new_tokens),
+            stop_strings=stop_strings,
+            seed=int(seed),
+            eos=eos,
+            pad=int(pad),
+            progress=progress,
+        )
     gen_kwargs = {
         **_neutral_kwargs(model),
         **transform.generate_kwargs(),
@@ -151,7 +184,7 @@ def sample(
     try:
         for b, idx in enumerate(batches):
             out = _generate_batch(
-                model, tokenizer, [prompt_ids[i] for i in idx], int(pad), gen_kwargs, stop_strings, _batch_seed(seed, b)
+                model, tokenizer, [prompt_ids[i] for i in idx], int(pad), gen_kwargs, stop_strings, prompt_seed(seed, b)
             )
             for tokens in out:
                 kept, reason = trim(tokens, eos, stop_strings, tokenizer)
@@ -311,11 +344,6 @@ def _prompt_batches(
     if cur:
         batches.append(cur)
     return batches
-
-
-def _batch_seed(seed: int, b: int) -> int:
-    """A seed for micro-batch b that differs across (seed, b) pairs (seed + b would collide)."""
-    return int(np.random.SeedSequence([int(seed), int(b)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 # ---------------------------------------------------------------------------- generation

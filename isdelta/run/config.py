@@ -47,6 +47,19 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     stop_strings: tuple[Annotated[str, Field(min_length=1)], ...] = ()  # an empty one would stop at once
     prompts_per_batch: int = Field(8, ge=1)
+    # hf: HF generate on p0 itself; vllm: vLLM (a proposal q ≠ p0: both entropies importance-weighted,
+    # the report shows the sampler–scorer gap); vllm needs the vllm package (make vllm-setup)
+    backend: Literal["hf", "vllm"] = "hf"
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        if v == "vllm":  # imported only then: the engine package pulls in torch
+            from isdelta.engine.vllm_sampling import INSTALL_HINT, vllm_available
+
+            if not vllm_available():
+                raise ValueError(f"vllm is not installed in this Python environment; {INSTALL_HINT}")
+        return v
 
 
 class EngineSection(Section):
@@ -136,7 +149,19 @@ class RunConfig(Section):
             )
         if self.checkpoints is not None:
             _check_checkpoints(self)
+        if self.sampling.backend != "hf":
+            _check_proposal_stages(self)
         return self
+
+
+def _check_proposal_stages(cfg: RunConfig) -> None:
+    """The stages that read p0's samples as drawn from p0 itself refuse a vLLM sampler (q ≠ p0)."""
+    for key in ("probe", "tokens", "checkpoints"):
+        if getattr(cfg, key) is not None:
+            raise ValueError(
+                f"sampling.backend: {cfg.sampling.backend} samples from a proposal q ≠ p0, which only the "
+                f"ΔH estimate weights for; `{key}` reads the samples as p0's. Drop `{key}`, or use backend: hf"
+            )
 
 
 def _check_checkpoints(cfg: RunConfig) -> None:
@@ -164,9 +189,11 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...
 def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes the results (the output section excluded; an absent
     ``tokens`` section or ``checkpoints`` list too, so adding them to the schema kept older runs'
-    hashes; likewise ``engine.fused`` at its default)."""
+    hashes; likewise ``engine.fused`` and ``sampling.backend`` at their defaults)."""
     exclude = {"output"} | {k for k in ("tokens", "checkpoints") if getattr(cfg, k, 1) is None}
     data = cfg.model_dump(mode="json", exclude=exclude)
     if data.get("engine", {}).get("fused") == "auto":
         del data["engine"]["fused"]
+    if data.get("sampling", {}).get("backend") == "hf":
+        del data["sampling"]["backend"]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -25,8 +25,8 @@ from isdelta.run.stages import (
     check_tokenizers,
     estimate_inputs,
     make_p1,
+    p0_sample_stage,
     probe_stage,
-    sample_stage,
     score_stage,
     token_estimates,
     tokens_stage,
@@ -107,9 +107,9 @@ def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
     import torch
 
     from isdelta.engine import SplitLM
-    from isdelta.estimators import estimate, estimate_per_prompt, headline
+    from isdelta.estimators import estimate, estimate_per_prompt, headline, sampler_gap
     from isdelta.run.bounds import Shown
-    from isdelta.run.report import headline_lines, terminal_summary, write_report
+    from isdelta.run.report import gap_lines, headline_lines, terminal_summary, write_report
 
     out = folder.path
     torch.manual_seed(cfg.seed)
@@ -121,7 +121,9 @@ def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
     # tokens a next-token distribution can spread over: per-token entropies above log of it are impossible
     support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
     with stage("sample", timings):
-        rollouts, texts, stopped, transform, names = sample_stage(cfg, model0, tok, records, folder)
+        rollouts, texts, stopped, transform, names, token_logq = p0_sample_stage(
+            cfg, model0, tok, records, folder, timings
+        )
     samples_id = folder.digest(*names)
     with stage("score p0", timings):
         try:
@@ -151,13 +153,15 @@ def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
             with stage("probe", timings):
                 probe = probe_stage(cfg, model0, model1, rollouts, s0, transform, out)
             folder.record("probe.json", inputs=p1_id)
-    args, kw = estimate_inputs(cfg, s0, s1, stopped)
+    args, kw = estimate_inputs(cfg, s0, s1, stopped, token_logq)
     try:
         with stage("estimate", timings):
             res = estimate(*args, **kw)
             per_prompt = estimate_per_prompt(*args, **kw)
+            # a sampler q ≠ p0 (vLLM): how far its log-probs are from the engine's p0
+            gap = None if token_logq is None else sampler_gap(token_logq, s0["token_logp"], s0["mask"], s0["group"])
         with stage("estimate per decision", timings):
-            per_decision = token_estimates(cfg, s0, s1)
+            per_decision = token_estimates(cfg, s0, s1, token_logq)
             decision = headline(res, *per_decision, support_size=support)
     except ValueError as e:  # the estimators' input checks: what arrived and the fix
         why = str(e)
@@ -200,8 +204,11 @@ def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
             plots=cfg.output.plots,
             n_trace=cfg.output.n_trace_samples,
             shown=shown,
+            gap=gap,
         )
     print(terminal_summary(res, shown, tok_est))
+    if gap is not None:
+        print("\n".join(gap_lines(gap, res, markdown=False)))
     print("\n" + "\n".join(headline_lines(res, decision, shown)))
     if tokens is not None:
         for carrier, lines in tokens.get("category_tables", {}).items():

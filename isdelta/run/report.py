@@ -18,7 +18,15 @@ import numpy as np
 from isdelta.outputs import atomic_write, versions
 from isdelta.run.bounds import Shown, na
 
-__all__ = ["headline", "headline_lines", "per_prompt_rows", "summary_markdown", "terminal_summary", "write_report"]
+__all__ = [
+    "gap_lines",
+    "headline",
+    "headline_lines",
+    "per_prompt_rows",
+    "summary_markdown",
+    "terminal_summary",
+    "write_report",
+]
 
 LN2 = math.log(2.0)
 
@@ -174,6 +182,23 @@ def _token_section(tok, res, shown: Shown) -> list[str]:
     return out
 
 
+def gap_lines(gap, res, markdown: bool = True) -> list[str]:
+    """The sampler–scorer gap (a sampler q ≠ p0, e.g. vLLM) as a table (markdown, or padded for a
+    terminal), the p0/q weights' diagnostics (``res.proposal``) and the gap's warning; [] without q."""
+    if gap is None:
+        return []
+    rows = [
+        ["mean / max abs(log q − log p0) per token, nats", f"{gap.mean_abs:.3g} / {gap.max_abs:.3g}"],
+        [f"tokens beyond {gap.tol:g} nats", f"{gap.frac_over:.2%} of {gap.n_tokens}"],
+        ["ESS / S of p0/q (pooled; per prompt min)", f"{gap.ess_frac:.3f}; {gap.ess_frac_min:.3f}"],
+        ["p0/q weights of the estimate", str(res.proposal)],
+    ]
+    intro = "The samples come from a sampler q, not p0: H0 is weighted by p0/q and H1 by p1/q (DESIGN §5)."
+    table = (markdown_table if markdown else text_table)(["figure", "value"], rows)
+    out = ["", "## Sampler–scorer gap" if markdown else "sampler–scorer gap:", "", intro, ""] + table
+    return out + ([f"{'- ' if markdown else ''}warning: {gap.warning}"] if gap.warning else [])
+
+
 def headline(res, decision) -> dict:
     """The run's answer for report.json: the headline policy's verdict (method, why, or why not
     and what would help) with its estimates, and sequence-level SNIS beside it."""
@@ -226,7 +251,7 @@ def terminal_summary(res, shown: Shown, tok=None) -> str:
     return "\n".join(out)
 
 
-def summary_markdown(res, meta: dict[str, Any], decision, tok=None, shown: Shown | None = None) -> str:
+def summary_markdown(res, meta: dict[str, Any], decision, tok=None, shown: Shown | None = None, gap=None) -> str:
     """summary.md: headline, estimates, diagnostics, sanity figures, update, warnings, timings."""
     shown = shown or Shown(math.inf, 1)
     out = [
@@ -245,6 +270,7 @@ def summary_markdown(res, meta: dict[str, Any], decision, tok=None, shown: Shown
         out += _token_section(tok, res, shown)
     out += ["", "## Diagnostics", ""] + markdown_table(["diagnostic", "value"], _diagnostics_rows(res, shown))
     out += ["", "## Sanity figures", ""] + markdown_table(["sanity figure", "value"], _sanity_rows(res, shown))
+    out += gap_lines(gap, res)
     if meta.get("update"):
         u = meta["update"]
         out += ["", "## Update", "", "| field | value |", "|---|---|"]
@@ -324,6 +350,7 @@ def write_report(
     plots: bool = True,
     n_trace: int = 4,
     shown: Shown | None = None,
+    gap=None,
 ) -> dict:
     """Write report.json, sequences.csv, summary.md and (optionally) plots; return report dict.
 
@@ -332,7 +359,8 @@ def write_report(
     verdict (:func:`isdelta.estimators.headline`) and ``tok`` the per-decision estimate
     (``estimate_tokens``), shown beside sequence-level SNIS. ``shown`` says which figures the
     reports print as ``n/a (reason)``; report.json keeps every raw value and lists those under
-    ``not_shown``.
+    ``not_shown``. ``gap`` (:func:`isdelta.estimators.sampler_gap`, samples from a sampler q ≠ p0)
+    adds the sampler–scorer gap (report.json ``sampler_gap``, None without q).
     """
     out = Path(out)
     shown = shown or Shown(math.inf, 1)
@@ -358,11 +386,12 @@ def write_report(
         "tokens": None if not meta.get("tokens") else {k: v for k, v in meta["tokens"].items() if k != "markdown"},
         "per_prompt": per_prompt,
         "not_shown": not_shown(res, tok, shown),
+        "sampler_gap": None if gap is None else gap.to_dict(),
         "plots": plot_files,
     }
     atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
     write_sequences_csv(out / "sequences.csv", s0, s1, texts, res.weights)
-    atomic_write(out / "summary.md", summary_markdown(res, meta, decision, tok, shown))
+    atomic_write(out / "summary.md", summary_markdown(res, meta, decision, tok, shown, gap))
     return report
 
 

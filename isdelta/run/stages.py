@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from isdelta.outputs import atomic_write
-from isdelta.program import stamp_of
+from isdelta.program import stage, stamp_of
 from isdelta.run.config import RunConfig
 from isdelta.run.data import RunError, sft_rollouts
 
@@ -25,6 +25,7 @@ __all__ = [
     "check_tokenizers",
     "estimate_inputs",
     "make_p1",
+    "p0_sample_stage",
     "probe_stage",
     "sample_stage",
     "score_stage",
@@ -34,11 +35,61 @@ __all__ = [
 
 
 def sample_stage(cfg: RunConfig, model, tok, records: list[dict], folder, subdir: str = "samples", inputs: str = ""):
-    """Sample in chunks of prompts; each chunk is saved when done and reused on resume when its
-    checksums and ``inputs`` (the sampling model's identity) match.
+    """Sample with HF ``generate`` in chunks of prompts; each chunk is saved when done and reused on
+    resume when its checksums and ``inputs`` (the sampling model's identity) match.
 
     Returns ``(rollouts, texts, stopped, transform, names)``, ``names`` the saved files.
     """
+    return _sample_parts(cfg, lambda: model, tok, records, folder, subdir, inputs, "hf")[:5]
+
+
+def p0_sample_stage(cfg: RunConfig, model0, tok, records: list[dict], folder, timings: dict | None = None):
+    """p0's samples with ``sampling.backend``: :func:`sample_stage`'s tuple plus ``token_logq``
+    (float64 [N, C], the sampler's log q of each token; None with the HF back end, whose sampler
+    is p0 itself).
+
+    With ``vllm`` the engine is started only when a chunk is not saved yet, on p0's own weights
+    (``model.path`` when it is an HF folder, else p0 saved once under ``<output>/vllm_model``),
+    and stopped when sampling is done; its start-up time goes to ``timings["start vLLM"]``.
+    """
+    backend = cfg.sampling.backend
+    if backend == "hf":
+        return (*sample_stage(cfg, model0, tok, records, folder), None)
+    engine = _LazyVLLM(cfg, model0, tok, folder.path / "vllm_model", {} if timings is None else timings)
+    try:
+        return _sample_parts(cfg, engine, tok, records, folder, "samples", "", backend)
+    finally:
+        engine.close()
+
+
+class _LazyVLLM:
+    """Starts vLLM on p0's weights at the first call (a fully resumed run never starts it)."""
+
+    def __init__(self, cfg: RunConfig, model0, tok, cache: Path, timings: dict) -> None:
+        self.cfg, self.model0, self.tok, self.cache, self.vllm = cfg, model0, tok, cache, None
+        self.timings = timings
+
+    def __call__(self):
+        from isdelta.engine.vllm_sampling import load_vllm, save_for_vllm
+
+        if self.vllm is None:
+            m = self.cfg.model
+            folder = Path(m.path)
+            with stage("start vLLM", self.timings):  # its own line: start-up is not sampling time
+                if not folder.is_dir():  # a builtin, a .gguf or a hub id: p0's de-quantised weights
+                    folder = save_for_vllm(self.model0, self.tok, self.cache, {"path": m.path, "dtype": m.dtype})
+                self.vllm = load_vllm(folder, dtype=m.dtype, seed=self.cfg.seed)
+        return self.vllm
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
+
+
+def _sample_parts(cfg: RunConfig, get_model, tok, records, folder, subdir: str, inputs: str, backend: str):
+    """The chunked, resumable sampling loop of :func:`sample_stage` (``get_model()`` gives the
+    sampler, called only for a chunk that is not saved); returns its tuple plus ``token_logq``."""
     from isdelta.engine import LogitTransform, Rollouts
     from isdelta.engine.samples import Samples
     from isdelta.engine.sampling import sample
@@ -51,11 +102,11 @@ def sample_stage(cfg: RunConfig, model, tok, records: list[dict], folder, subdir
     for c, start in enumerate(range(0, len(records), k)):
         pt, js = f"{subdir}/part-{c:04d}.pt", f"{subdir}/part-{c:04d}.json"
         names += [pt, js]
-        part_inputs = stamp_of([inputs, subdir, c])
+        part_inputs = stamp_of([inputs, subdir, c] + ([backend] if backend != "hf" else []))
         part = folder.load((pt, js), part_inputs, Samples.load)
         if part is None:
             part = sample(
-                model,
+                get_model(),
                 tok,
                 [r["prompt"] for r in records[start : start + k]],
                 num_samples=s.num_samples,
@@ -63,6 +114,7 @@ def sample_stage(cfg: RunConfig, model, tok, records: list[dict], folder, subdir
                 max_new_tokens=s.max_new_tokens,
                 stop_strings=s.stop_strings,
                 seed=cfg.seed * 100_003 + c,
+                backend=backend,
             )
             part.save(folder.path / pt)
             folder.record(pt, js, inputs=part_inputs)
@@ -70,7 +122,20 @@ def sample_stage(cfg: RunConfig, model, tok, records: list[dict], folder, subdir
     rollouts = Rollouts.concat([p.rollouts for p in parts], pad_token_id=tok.pad_token_id)
     texts = [t for p in parts for t in p.texts]
     stopped = np.concatenate([np.asarray(p.stopped) for p in parts])
-    return rollouts, texts, stopped, transform, names
+    return rollouts, texts, stopped, transform, names, _concat_logq(parts, rollouts)
+
+
+def _concat_logq(parts, rollouts) -> np.ndarray | None:
+    """The parts' ``token_logq`` stacked like ``Rollouts.concat`` stacks their completion columns
+    (right-padded with 0), float64 [N, C]; None when the parts carry none."""
+    if all(p.token_logq is None for p in parts):
+        return None
+    C = rollouts.completion_mask.shape[1]
+    rows = []
+    for p in parts:
+        lq = p.token_logq.double().numpy()  # [n, c]
+        rows.append(np.pad(lq, ((0, 0), (0, C - lq.shape[1]))))
+    return np.concatenate(rows)
 
 
 def _read_npz(path: Path) -> dict:
@@ -178,12 +243,16 @@ def _check_finite(model, what: str, fix: str) -> None:
         raise RunError(what, f"{len(bad)} parameter tensors, e.g. {bad[:3]}", fix)
 
 
-def estimate_inputs(cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray) -> tuple[tuple, dict]:
+def estimate_inputs(
+    cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray, token_logq: np.ndarray | None = None
+) -> tuple[tuple, dict]:
     """``estimate``'s arguments from the two models' score arrays: ``(args, keywords)``.
 
     With engine.include_eos=false the stop token leaves S, L and the entropy sums
     (``include="no_eos"``); ``stopped`` then marks rows that end with a counted stop TOKEN (a
-    stop-string row has none), else every row the sampler stopped.
+    stop-string row has none), else every row the sampler stopped. ``token_logq`` (a sampler q
+    ≠ p0, [N, C]) adds ``log_q``: its total over the tokens ``s0["logp"]`` counts, the stop token
+    included (the weights use whole sequences, even with ``include="no_eos"``).
     """
     e = cfg.estimator
     kw = {
@@ -205,16 +274,19 @@ def estimate_inputs(cfg: RunConfig, s0: dict, s1: dict, stopped: np.ndarray) -> 
             eos_entropy_sum0=s0["stop_entropy_sum"],
             eos_entropy_sum1=s1["stop_entropy_sum"],
         )
+    if token_logq is not None:
+        kw["log_q"] = np.where(s0["mask"], token_logq, 0.0).sum(axis=1, dtype=np.float64)  # [N]
     return (s0["logp"], s1["logp"], s0["length"], s0["group"]), kw
 
 
-def token_estimates(cfg: RunConfig, s0: dict, s1: dict) -> list:
+def token_estimates(cfg: RunConfig, s0: dict, s1: dict, token_logq: np.ndarray | None = None) -> list:
     """The per-decision estimates the headline policy tries first, in its order: ``cv`` (control
     variate, the lowest variance), ``pd`` (plain) and ``pd_sn`` (self-normalised, bounded by the
     data).
 
     Their masks count the stop token (the prefix ratio must include it), so they run only when
-    the run measures all positions (engine.include_eos = true); else the list is empty.
+    the run measures all positions (engine.include_eos = true); else the list is empty. With
+    ``token_logq`` (a sampler q ≠ p0, [N, C]) both sides are weighted by their ratio to q.
     """
     from isdelta.estimators import estimate_tokens
 
@@ -222,7 +294,8 @@ def token_estimates(cfg: RunConfig, s0: dict, s1: dict) -> list:
         return []
     e = cfg.estimator
     args = (s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"], s0["mask"], s0["group"])
-    return [estimate_tokens(*args, method=m, prompts=e.prompts, level=e.level) for m in ("cv", "pd", "pd_sn")]
+    q = {} if token_logq is None else {"token_logq": token_logq}  # without q: the call as it always was
+    return [estimate_tokens(*args, method=m, prompts=e.prompts, level=e.level, **q) for m in ("cv", "pd", "pd_sn")]
 
 
 def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, out: Path) -> dict:
