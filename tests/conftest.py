@@ -98,6 +98,33 @@ def char_tok():
     return t
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, char_tok):
+    """A 2-layer Qwen2 with random weights (seed 0) and the char tokenizer, saved as a local
+    checkpoint (TRL's trainers take a path)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    char_tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def checkpoint(tmp_path, char_tok):
     """A fresh tiny Llama (head sharpened ×8) saved as an HF folder (safetensors) with the char

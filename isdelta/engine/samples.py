@@ -179,6 +179,47 @@ class Samples:
         atomic_write(pt, lambda f: torch.save(tensors, f))
 
     @classmethod
+    def from_tokens(
+        cls,
+        prompt_ids,
+        completions: list[list[int]],
+        stop_reason: list[str],
+        prompt_texts,
+        tokenizer,
+        *,
+        eos: tuple[int, ...],
+        pad: int,
+        transform: LogitTransform,
+        num_samples: int,
+        max_new_tokens: int,
+        seed: int,
+        stop_strings: tuple[str, ...],
+        backend: Backend = "hf",
+        logq_rows: list[list[float]] | None = None,
+    ) -> Samples:
+        """A sampler's kept completions (token lists, prompt-major) as Samples: the rollouts
+        layout, the decoded texts and, from ``logq_rows`` (one log q per kept token), ``token_logq``."""
+        rollouts = Rollouts.from_token_lists(list(prompt_ids), completions, eos_token_ids=eos, pad_token_id=pad)
+        token_logq = None
+        if logq_rows is not None:
+            token_logq = torch.zeros(rollouts.completion_mask.shape, dtype=torch.float32)  # [N, C]
+            for r, row in enumerate(logq_rows):
+                token_logq[r, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        return cls(
+            rollouts,
+            tuple(tokenizer.decode(c, skip_special_tokens=True) for c in completions),
+            tuple(prompt_texts),
+            tuple(stop_reason),
+            transform,
+            int(num_samples),
+            int(max_new_tokens),
+            int(seed),
+            stop_strings,
+            backend=backend,
+            token_logq=token_logq,
+        )
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> Samples:
         """Read what :meth:`save` wrote (``torch.load(weights_only=True)``: no code runs)."""
         pt, js = _paths(path)

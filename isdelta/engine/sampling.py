@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from isdelta.engine.masking import normalise_eos_ids
 from isdelta.engine.models import context_size
-from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.samples import Samples, prompt_seed
 from isdelta.engine.stops import StopStringCriterion, check_stop_strings, trim
 from isdelta.engine.transform import LogitTransform
@@ -194,18 +193,19 @@ def sample(
     finally:
         model.train(was_training)
         bar.close()
-    rollouts = Rollouts.from_token_lists(prompt_ids, completions, eos_token_ids=eos, pad_token_id=pad)
-    texts = tuple(tokenizer.decode(c, skip_special_tokens=True) for c in completions)
-    return Samples(
-        rollouts,
-        texts,
-        tuple(prompt_texts),
-        tuple(reasons),
-        transform,
-        int(num_samples),
-        int(max_new_tokens),
-        int(seed),
-        stop_strings,
+    return Samples.from_tokens(
+        prompt_ids,
+        completions,
+        reasons,
+        prompt_texts,
+        tokenizer,
+        eos=eos,
+        pad=pad,
+        transform=transform,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        stop_strings=stop_strings,
     )
 
 

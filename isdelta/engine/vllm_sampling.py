@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.samples import Samples, prompt_seed
 from isdelta.engine.stops import check_stop_strings, trim
 from isdelta.engine.transform import LogitTransform
@@ -212,23 +211,21 @@ def sample_vllm(
             completions.append(kept)
             reasons.append(reason)
             logq.append([_sampled_logprob(o.logprobs[t], tok) for t, tok in enumerate(kept)])
-    rollouts = Rollouts.from_token_lists(list(prompt_ids), completions, eos_token_ids=eos, pad_token_id=pad)
-    token_logq = torch.zeros(rollouts.completion_mask.shape, dtype=torch.float32)  # [N, C]
-    for r, row in enumerate(logq):
-        token_logq[r, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    texts = tuple(tokenizer.decode(c, skip_special_tokens=True) for c in completions)
-    return Samples(
-        rollouts,
-        texts,
-        tuple(prompt_texts),
-        tuple(reasons),
-        transform,
-        int(num_samples),
-        int(max_new_tokens),
-        int(seed),
-        stop_strings,
+    return Samples.from_tokens(
+        prompt_ids,
+        completions,
+        reasons,
+        prompt_texts,
+        tokenizer,
+        eos=eos,
+        pad=pad,
+        transform=transform,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        stop_strings=stop_strings,
         backend="vllm",
-        token_logq=token_logq,
+        logq_rows=logq,
     )
 
 

@@ -382,30 +382,13 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [len(c) / 8 for c in completions]
 
 
-def test_trl_grpo_batch_passes_clean(tmp_path, char_tok):
+def test_trl_grpo_batch_passes_clean(tmp_path, char_tok, tiny_qwen2_dir):
     """TRL's own GRPOTrainer batch (its _prepare_inputs output) passes, its old_per_token_logps checked
     on the model that made them (one generation serves two steps, so TRL computes them)."""
     pytest.importorskip("trl", reason="needs the trl extra: pip install -e '.[trl]'")
     from datasets import Dataset
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen2")
-    char_tok.save_pretrained(tmp_path / "qwen2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, not ours
         args = GRPOConfig(
@@ -425,7 +408,7 @@ def test_trl_grpo_batch_passes_clean(tmp_path, char_tok):
             seed=0,
         )
         trainer = GRPOTrainer(
-            model=str(tmp_path / "qwen2"),
+            model=str(tiny_qwen2_dir),
             reward_funcs=length_reward,
             args=args,
             train_dataset=Dataset.from_dict({"prompt": PROMPT_TEXTS}),

@@ -21,28 +21,9 @@ PROMPTS = ["1+1=", "2+3=", "7-4=", "3*3=", "9-1=", "4+4=", "6/2=", "5+0="]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, char_tok):
+def model_dir(tiny_qwen2_dir):
     """A 2-layer Qwen2 with random weights and the char tokenizer, saved as a local checkpoint."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    char_tok.save_pretrained(path)
-    return path
+    return tiny_qwen2_dir
 
 
 def length_and_ones(completions, **kwargs) -> list[float]:
