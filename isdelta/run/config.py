@@ -186,14 +186,22 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...
     return load_yaml_config(RunConfig, source, overrides)
 
 
+# keys added to the schema after runs existed, with the value that leaves them out of the hash
+# (what every older run had), so those runs' folders still resume: (section or None, key, value)
+ADDED_LATER = (
+    (None, "tokens", None),
+    (None, "checkpoints", None),
+    ("engine", "fused", "auto"),
+    ("sampling", "backend", "hf"),
+)
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that changes the results (the output section excluded; an absent
-    ``tokens`` section or ``checkpoints`` list too, so adding them to the schema kept older runs'
-    hashes; likewise ``engine.fused`` and ``sampling.backend`` at their defaults)."""
-    exclude = {"output"} | {k for k in ("tokens", "checkpoints") if getattr(cfg, k, 1) is None}
-    data = cfg.model_dump(mode="json", exclude=exclude)
-    if data.get("engine", {}).get("fused") == "auto":
-        del data["engine"]["fused"]
-    if data.get("sampling", {}).get("backend") == "hf":
-        del data["sampling"]["backend"]
+    """Hash of everything that changes the results: the output section excluded, and each key of
+    ``ADDED_LATER`` while it holds the value older runs had."""
+    data = cfg.model_dump(mode="json", exclude={"output"})
+    for section, key, value in ADDED_LATER:
+        where = data if section is None else data.get(section, {})
+        if key in where and where[key] == value:
+            del where[key]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
