@@ -31,18 +31,23 @@ from pathlib import Path
 from typing import Any
 
 from isdelta.program.errors import EXIT_CODES, ExitCode, ProgramError
+from isdelta.program.ranks import Ranks, is_root, ranks
 
 __all__ = ["Program", "main", "stage"]
 
 
 @contextmanager
 def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Announce a stage on stderr and record its wall time in ``timings[name]``."""
-    print(f"[isdelta] {name} ...", file=sys.stderr, flush=True)
+    """Announce a stage on stderr and record its wall time in ``timings[name]`` (under torchrun,
+    rank 0 alone announces)."""
+    loud = is_root()
+    if loud:
+        print(f"[isdelta] {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     yield
     timings[name] = time.perf_counter() - t0
-    print(f"[isdelta] {name} done in {timings[name]:.1f} s", file=sys.stderr, flush=True)
+    if loud:
+        print(f"[isdelta] {name} done in {timings[name]:.1f} s", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,20 +95,24 @@ def _parser(program: Program) -> argparse.ArgumentParser:
 
 
 def main(program: Program, argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, load the config, run the program; return the exit code."""
+    """Parse the command line, load the config, run the program; return the exit code.
+
+    Under ``torchrun`` every rank runs this; the ranks join one process group first and agree
+    on the config (:mod:`isdelta.program.ranks`).
+    """
     args = _parser(program).parse_args(argv)
     cfg = None
-    with _terminate_as_interrupt(), _one_line_warnings():
+    with _terminate_as_interrupt(), _one_line_warnings(), _process_group() as group:
         try:
-            cfg = program.load(args.config, args.set)
+            cfg = group().agree(lambda: program.load(args.config, args.set))
             program.execute(cfg, Path(args.out) if args.out else None)
         except KeyboardInterrupt:
             return _interrupted(program, cfg, _out(cfg, args.out))
         except ProgramError as e:
-            return _fail(str(e), e.code)
+            return _fail(str(e), e.code, quiet=getattr(e, "quiet", False))
         except tuple(program.errors) as e:
             code, prefix = next(v for t, v in program.errors.items() if isinstance(e, t))
-            return _fail(f"{prefix}{e}", code)
+            return _fail(f"{prefix}{e}", code, quiet=getattr(e, "quiet", False))
         except MemoryError as e:  # torch.OutOfMemoryError too (a RuntimeError; matched by name below)
             return _out_of_memory(e)
         except Exception as e:
@@ -113,9 +122,32 @@ def main(program: Program, argv: Sequence[str] | None = None) -> int:
     return ExitCode.OK
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+def _fail(message: str, code: int, quiet: bool = False) -> int:
+    """Print ``error: message`` (unless another rank prints it: ``quiet``); return ``code``."""
+    if quiet:
+        return int(code)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    who = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+    print(f"error{who}: {message}", file=sys.stderr)
     return int(code)
+
+
+@contextmanager
+def _process_group() -> Iterator[Callable[[], Ranks]]:
+    """Join the ``torchrun`` process group (a no-op for one process) for the block; yields a
+    function returning this rank's :class:`Ranks` (one process when joining failed)."""
+    joined: list[Ranks] = []
+
+    def group() -> Ranks:
+        if not joined:
+            joined.append(ranks())
+        return joined[0]
+
+    try:
+        yield group
+    finally:
+        if joined:
+            joined[0].close()
 
 
 def _out(cfg, out: str | None) -> Path | None:
@@ -136,6 +168,8 @@ def _out_of_memory(e: BaseException) -> int:
 
 
 def _interrupted(program: Program, cfg, out: Path | None) -> int:
+    if not is_root():  # torchrun passes Ctrl-C to every rank: rank 0 says what was saved
+        return ExitCode.INTERRUPTED
     saved: list[str] = []
     if cfg is not None and out is not None and program.progress is not None:
         try:
@@ -152,6 +186,8 @@ def _interrupted(program: Program, cfg, out: Path | None) -> int:
 
 def _unexpected(program: Program, exc: BaseException, out: Path | None, argv) -> int:
     """One line and the log's path on the terminal; the traceback in the log."""
+    if getattr(exc, "quiet", False):  # a lower rank failed the same way and reports it
+        return ExitCode.UNEXPECTED
     log = _write_log(program, exc, out, argv)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     where = f"the traceback is in {log}" if log else "no log could be written"

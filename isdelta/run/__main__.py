@@ -1,8 +1,7 @@
 """``python -m isdelta.run cfg.yaml [--set k=v ...] [--out DIR]``."""
 
-import sys
-
+from isdelta.program.ranks import leave
 from isdelta.run.pipeline import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -13,14 +13,17 @@ for other data, is refused; a second run into a folder in use is refused.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 from isdelta import program
 from isdelta.outputs import atomic_write
 from isdelta.program import OutputFolder, stage, stamp_of
 from isdelta.program.folder import MANIFEST
+from isdelta.program.ranks import ranks
 from isdelta.run.config import RunConfig, config_hash, load_config
 from isdelta.run.data import RunError, check_prompts, check_records, load_records, records_digest
+from isdelta.run.shards import Shard, check_shardable, merge
 from isdelta.run.stages import (
     check_tokenizers,
     estimate_inputs,
@@ -52,14 +55,38 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
     Everything that needs only the config, the data file and the tokenizers is checked before
     the output folder is touched (the data's records, the devices, ``updated``'s tokenizer
     against p0's), and the prompts' lengths against p0's context before the first sample.
+    Under ``torchrun`` each rank runs its share (:mod:`isdelta.run.shards`) and rank 0 writes
+    the report (the others return ``{}``).
     """
     import yaml
 
     key = "--out" if out else "output.dir"
     out = Path(out or cfg.output.dir)
+    r = ranks()
+    records = r.agree(lambda: _check(cfg, out, key, r))
+    stamp = {"config": config_hash(cfg), "data": records_digest(records)}
+    shard = Shard.of(cfg, len(records), r)
+    with ExitStack() as stack:
+
+        def open_folder(path: Path) -> OutputFolder:
+            return stack.enter_context(OutputFolder(path, key, NAME, stamp, RESULTS, error=RunError))
+
+        # rank 0 owns `out` (lock, stamp, report): no rank writes anything before it checked it
+        main = r.agree(lambda: open_folder(out) if r.root else None)
+        if r.root:
+            atomic_write(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        folder = main if r.world == 1 else r.agree(lambda: open_folder(out / shard.folder))
+        if cfg.checkpoints is not None:  # ΔH along a series of checkpoints (isdelta.run.trajectory)
+            return run_trajectory(cfg, folder, records)
+        return _run(cfg, folder, records, shard, out)
+
+
+def _check(cfg: RunConfig, out: Path, key: str, r) -> list[dict]:
+    """The data's records, after every check that needs no model weights (RunError/ConfigError)."""
     records = load_records(cfg)
     check_records(cfg, records)
-    cfg.model.check_device("model")
+    check_shardable(cfg, len(records), r)
+    cfg.model.model_copy(update={"device": r.device(cfg.model.device)}).check_device("model")
     if cfg.updated is not None:
         cfg.updated.check_device("updated")
         check_tokenizers(cfg.model.load_tokenizer("model"), cfg.updated.load_tokenizer("updated"))
@@ -67,12 +94,7 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
         check_checkpoints(cfg, cfg.model.load_tokenizer("model"))
     if (out / "derived_stamp").exists():  # written by the score program only
         raise RunError(f"{key} {out}: the folder holds an isdelta.score run", fix="pass another --out for the run")
-    stamp = {"config": config_hash(cfg), "data": records_digest(records)}
-    with OutputFolder(out, key, NAME, stamp, RESULTS, error=RunError) as folder:
-        atomic_write(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        if cfg.checkpoints is not None:  # ΔH along a series of checkpoints (isdelta.run.trajectory)
-            return run_trajectory(cfg, folder, records)
-        return _run(cfg, folder, records)
+    return records
 
 
 def _saved_p1(cfg: RunConfig, folder, samples_id: str):
@@ -103,57 +125,95 @@ def _non_finite(cfg: RunConfig, which: str, e: FloatingPointError) -> RunError:
     return RunError(f"scoring {which} gave NaN/inf logits ({first})", why, fix)
 
 
-def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
+def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path) -> dict:
+    """The stages on this rank's share; rank 0 merges the ranks' rows, estimates and reports."""
     import torch
 
     from isdelta.engine import SplitLM
+
+    r = shard.ranks
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    model_cfg = cfg.model.model_copy(update={"device": r.device(cfg.model.device)})
+
+    def p0_stages():
+        with stage("load p0", timings):
+            model0, tok = model_cfg.load("model")
+        check_prompts(cfg, model0, tok, records)  # before the first sample is drawn
+        with stage("sample", timings):
+            rollouts, texts, stopped, transform, names, token_logq = p0_sample_stage(
+                cfg, model0, tok, records, folder, timings, shard.chunks
+            )
+        samples_id = folder.digest(*names)
+        with stage("score p0", timings):
+            try:
+                s0 = score_stage(cfg, model0, rollouts, transform, folder, "scores0.npz", samples_id)
+            except FloatingPointError as e:
+                raise _non_finite(cfg, "p0", e) from None
+        return model0, tok, rollouts, texts, stopped, transform, token_logq, samples_id, s0
+
+    model0, tok, rollouts, texts, stopped, transform, token_logq, samples_id, s0 = r.agree(p0_stages)
+    device = str(next(model0.parameters()).device)
+    # tokens a next-token distribution can spread over: per-token entropies above log of it are impossible
+    support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
+    update_info, s1, probe, tokens = _saved_p1(cfg, folder, samples_id)
+    missing = s1 is None or (cfg.probe is not None and probe is None) or (cfg.tokens is not None and tokens is None)
+    if any(r.gather(missing)):  # the update step is taken by every rank together
+
+        def p1_stages():
+            local = records[shard.records]  # the update's reinforce groups number this rank's records
+            return _p1_stages(cfg, folder, model0, tok, rollouts, texts, local, transform, samples_id, s0, timings, r)
+
+        update_info, s1, probe, tokens = r.agree(p1_stages)
+    model0 = None  # an in-process update may have turned its weights into p1
+    rows = dict(s0=s0, s1=s1, texts=texts, stopped=stopped, token_logq=token_logq, update=update_info)
+    parts = r.gather_to_root(rows)  # [N_rank, ...] per rank: a few floats per token
+    if r.world > 1:
+        device = f"{device} × {r.world} torchrun processes ({r.backend})"
+    context = dict(transform=transform, support=support, device=device, timings=timings, probe=probe, tokens=tokens)
+    return r.agree(lambda: _report(cfg, out, folder.stamp["data"], merge(parts), **context) if r.root else {})
+
+
+def _p1_stages(cfg, folder, model0, tok, rollouts, texts, records, transform, samples_id, s0, timings, r):
+    """make p1 (the update step, on every rank together), score p1, tokens, probe: ``(update
+    info, p1's scores, probe, tokens)``."""
+    out = folder.path
+    keep_p0 = cfg.probe is not None or cfg.tokens is not None  # stages that need both models
+    with stage("make p1", timings):
+        model1, update_info = make_p1(cfg, model0, tok, rollouts, texts, records, transform, keep_p0, r.world > 1)
+    if not keep_p0:
+        model0 = None  # an in-process update turned these weights into p1
+    atomic_write(out / "update.json", json.dumps(update_info, indent=2, default=str))
+    folder.record("update.json", inputs=samples_id)
+    p1_id = stamp_of([samples_id, folder.digest("update.json")])
+    with stage("score p1", timings):
+        try:
+            s1 = score_stage(cfg, model1, rollouts, transform, folder, "scores1.npz", p1_id)
+        except FloatingPointError as e:
+            raise _non_finite(cfg, "p1", e) from None
+    tokens = folder.load("tokens.json", p1_id, _read_json) if cfg.tokens is not None else None
+    if cfg.tokens is not None and tokens is None:
+        with stage("tokens", timings):
+            tokens = tokens_stage(cfg, model0, model1, tok, records, rollouts, transform, folder, p1_id)
+        folder.record("tokens.json", inputs=p1_id)
+    probe = None
+    if cfg.probe is not None:
+        with stage("probe", timings):
+            probe = probe_stage(cfg, model0, model1, rollouts, s0, transform, out)
+        folder.record("probe.json", inputs=p1_id)
+    return update_info, s1, probe, tokens
+
+
+def _report(
+    cfg: RunConfig, out: Path, data_hash: str, rows: dict, *, transform, support, device, timings, probe, tokens
+):
+    """Estimate on every row (rank 0 under torchrun), write the report, print the summary."""
     from isdelta.estimators import estimate, estimate_per_prompt, headline, sampler_gap
     from isdelta.run.bounds import Shown
     from isdelta.run.report import gap_lines, headline_lines, terminal_summary, write_report
 
-    out = folder.path
-    torch.manual_seed(cfg.seed)
-    timings: dict[str, float] = {}
-    with stage("load p0", timings):
-        model0, tok = cfg.model.load("model")
-    check_prompts(cfg, model0, tok, records)  # before the first sample is drawn
-    device = str(next(model0.parameters()).device)
-    # tokens a next-token distribution can spread over: per-token entropies above log of it are impossible
-    support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
-    with stage("sample", timings):
-        rollouts, texts, stopped, transform, names, token_logq = p0_sample_stage(
-            cfg, model0, tok, records, folder, timings
-        )
-    samples_id = folder.digest(*names)
-    with stage("score p0", timings):
-        try:
-            s0 = score_stage(cfg, model0, rollouts, transform, folder, "scores0.npz", samples_id)
-        except FloatingPointError as e:
-            raise _non_finite(cfg, "p0", e) from None
-    update_info, s1, probe, tokens = _saved_p1(cfg, folder, samples_id)
-    if s1 is None or (cfg.probe is not None and probe is None) or (cfg.tokens is not None and tokens is None):
-        keep_p0 = cfg.probe is not None or cfg.tokens is not None  # stages that need both models
-        with stage("make p1", timings):
-            model1, update_info = make_p1(cfg, model0, tok, rollouts, texts, records, transform, keep_p0)
-        if not keep_p0:
-            model0 = None  # an in-process update turned these weights into p1
-        atomic_write(out / "update.json", json.dumps(update_info, indent=2, default=str))
-        folder.record("update.json", inputs=samples_id)
-        p1_id = stamp_of([samples_id, folder.digest("update.json")])
-        with stage("score p1", timings):
-            try:
-                s1 = score_stage(cfg, model1, rollouts, transform, folder, "scores1.npz", p1_id)
-            except FloatingPointError as e:
-                raise _non_finite(cfg, "p1", e) from None
-        if cfg.tokens is not None and tokens is None:
-            with stage("tokens", timings):
-                tokens = tokens_stage(cfg, model0, model1, tok, records, rollouts, transform, folder, p1_id)
-            folder.record("tokens.json", inputs=p1_id)
-        if cfg.probe is not None:
-            with stage("probe", timings):
-                probe = probe_stage(cfg, model0, model1, rollouts, s0, transform, out)
-            folder.record("probe.json", inputs=p1_id)
-    args, kw = estimate_inputs(cfg, s0, s1, stopped, token_logq)
+    s0, s1, token_logq = rows["s0"], rows["s1"], rows["token_logq"]
+    args, kw = estimate_inputs(cfg, s0, s1, rows["stopped"], token_logq)
     try:
         with stage("estimate", timings):
             res = estimate(*args, **kw)
@@ -176,10 +236,10 @@ def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
             "name": out.name,
             "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg),
-            "data_hash": folder.stamp["data"],
+            "data_hash": data_hash,
             "device": device,
             "timings": timings,
-            "update": update_info,
+            "update": rows["update"],
             "transform": transform.to_dict(),
             "p0": cfg.model.path,
             "probe": probe,
@@ -196,7 +256,7 @@ def _run(cfg: RunConfig, folder, records: list[dict]) -> dict:
             res,
             s0,
             s1,
-            texts,
+            rows["texts"],
             meta,
             per_prompt,
             decision,

@@ -43,10 +43,14 @@ def sample_stage(cfg: RunConfig, model, tok, records: list[dict], folder, subdir
     return _sample_parts(cfg, lambda: model, tok, records, folder, subdir, inputs, "hf")[:5]
 
 
-def p0_sample_stage(cfg: RunConfig, model0, tok, records: list[dict], folder, timings: dict | None = None):
+def p0_sample_stage(
+    cfg: RunConfig, model0, tok, records: list[dict], folder, timings: dict | None = None, chunks: range | None = None
+):
     """p0's samples with ``sampling.backend``: :func:`sample_stage`'s tuple plus ``token_logq``
     (float64 [N, C], the sampler's log q of each token; None with the HF back end, whose sampler
-    is p0 itself).
+    is p0 itself). ``chunks`` (default: all) are the chunks of ``sampling.prompts_per_batch``
+    prompts to sample, by their index in the run (each chunk's seed is its index's): a rank's
+    share under torchrun.
 
     With ``vllm`` the engine is started only when a chunk is not saved yet, on p0's own weights
     (``model.path`` when it is an HF folder, else p0 saved once under ``<output>/vllm_model``),
@@ -54,10 +58,10 @@ def p0_sample_stage(cfg: RunConfig, model0, tok, records: list[dict], folder, ti
     """
     backend = cfg.sampling.backend
     if backend == "hf":
-        return (*sample_stage(cfg, model0, tok, records, folder), None)
+        return _sample_parts(cfg, lambda: model0, tok, records, folder, "samples", "", "hf", chunks)
     engine = _LazyVLLM(cfg, model0, tok, folder.path / "vllm_model", {} if timings is None else timings)
     try:
-        return _sample_parts(cfg, engine, tok, records, folder, "samples", "", backend)
+        return _sample_parts(cfg, engine, tok, records, folder, "samples", "", backend, chunks)
     finally:
         engine.close()
 
@@ -87,9 +91,12 @@ class _LazyVLLM:
             self.vllm = None
 
 
-def _sample_parts(cfg: RunConfig, get_model, tok, records, folder, subdir: str, inputs: str, backend: str):
+def _sample_parts(
+    cfg: RunConfig, get_model, tok, records, folder, subdir: str, inputs: str, backend: str, chunks: range | None = None
+):
     """The chunked, resumable sampling loop of :func:`sample_stage` (``get_model()`` gives the
-    sampler, called only for a chunk that is not saved); returns its tuple plus ``token_logq``."""
+    sampler, called only for a chunk that is not saved) over ``chunks`` (default: every chunk of
+    ``records``); returns its tuple plus ``token_logq``."""
     from isdelta.engine import LogitTransform, Rollouts
     from isdelta.engine.samples import Samples
     from isdelta.engine.sampling import sample
@@ -99,7 +106,8 @@ def _sample_parts(cfg: RunConfig, get_model, tok, records, folder, subdir: str, 
     (folder.path / subdir).mkdir(exist_ok=True)
     k = s.prompts_per_batch
     parts, names = [], []
-    for c, start in enumerate(range(0, len(records), k)):
+    for c in range(-(-len(records) // k)) if chunks is None else chunks:
+        start = c * k
         pt, js = f"{subdir}/part-{c:04d}.pt", f"{subdir}/part-{c:04d}.json"
         names += [pt, js]
         part_inputs = stamp_of([inputs, subdir, c] + ([backend] if backend != "hf" else []))
@@ -162,12 +170,13 @@ def score_stage(cfg: RunConfig, model, rollouts, transform, folder, name: str, i
     return arrays
 
 
-def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, keep_p0: bool):
+def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, keep_p0: bool, distributed=False):
     """``(model1, info)``: p1 from a second checkpoint, or p0 after the in-process update step.
 
     The step is applied to a copy of ``model0`` when ``keep_p0`` (a later stage needs both
     models), else to ``model0``'s own weights: they are p1 afterwards, and the caller must not
-    use the name ``model0`` again.
+    use the name ``model0`` again. ``distributed``: ``rollouts`` and ``records`` are this rank's
+    shard (its groups number its records), and the step is taken with every rank's rows.
     """
     if cfg.updated is not None:
         model1, tok1 = cfg.updated.load("updated")
@@ -175,12 +184,12 @@ def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
         _check_finite(model1, "updated.path: the checkpoint's weights hold NaN or inf", "check the checkpoint")
         return model1, {"kind": "checkpoint", "path": cfg.updated.path}
     try:
-        return _update(cfg, model0, tok, rollouts, texts, records, transform, keep_p0)
+        return _update(cfg, model0, tok, rollouts, texts, records, transform, keep_p0, distributed)
     except FloatingPointError as e:  # the update library's own account of the overflow
         raise RunError(f"update: the step (update.lr {cfg.update.lr:g}) failed", str(e), "lower update.lr") from None
 
 
-def _update(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, keep_p0: bool):
+def _update(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, keep_p0: bool, distributed: bool):
     """The in-process step of :func:`make_p1`."""
     import torch
 
@@ -205,6 +214,7 @@ def _update(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
             lr=u.lr,
             steps=u.steps,
             engine_config=ecfg,
+            distributed=distributed,
         )
     else:
         result = update(
@@ -215,10 +225,12 @@ def _update(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
             lr=u.lr,
             steps=u.steps,
             engine_config=EngineConfig(token_budget=cfg.engine.token_budget),
+            distributed=distributed,
         )
     info = {"kind": "update", **result.to_dict()}
     if u.loss == "reinforce":
-        info.update(reward=u.reward, mean_reward=float(rewards.mean()), samples_per_prompt=cfg.sampling.num_samples)
+        info.update(reward=u.reward, samples_per_prompt=cfg.sampling.num_samples)  # mean_reward: all ranks'
+
     return model1, info
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -35,96 +35,11 @@ from isdelta.program import ConfigError, ExitCode, folder_lock, stage
 from isdelta.program.folder import MANIFEST, make_folder
 from isdelta.score.config import load_score_config
 from isdelta.score.corpus import CorpusError
+from isdelta.score.models import model_store, placed, score_models
 from isdelta.score.report import summary_markdown
 from isdelta.score.store import StoreError
 
 __all__ = ["PROGRAM", "check_corpus", "main", "progress", "score", "score_models"]
-
-
-def _store(cfg, out: Path, i: int, corpus_hash: str = ""):
-    """Model i's result folder (``corpus_hash`` given: ready to be opened and written)."""
-    from isdelta.score.store import ModelStore, stamp_of
-
-    m = cfg.models[i]
-    # what the scores depend on: the model entry and the data section (the name is the folder
-    # itself; engine.token_budget / chunk_texts are left out: scores do not depend on batching)
-    key = {"model": m.model_dump(mode="json", exclude={"name"}), "data": cfg.data.model_dump(mode="json")}
-    return ModelStore(out / "models" / cfg.names[i], stamp_of(key), corpus_hash)
-
-
-# ---------------------------------------------------------------------------- scoring
-def score_models(cfg, out: Path, timings: dict, corpus_hash: str = "") -> dict[str, dict]:
-    """Score the corpus under every model (resuming); return each model's ``done.json`` info.
-
-    Consecutive entries that share path, dtype and device (e.g. one model at two temperatures)
-    reuse the loaded weights.
-    """
-    stores = [_store(cfg, out, i, corpus_hash) for i in range(len(cfg.models))]
-    n_done_all = [s.open() for s in stores]  # every folder checked before any model is loaded
-    infos, loaded = {}, None
-    for i, (name, m, store, n_done) in enumerate(zip(cfg.names, cfg.models, stores, n_done_all)):
-        if store.done is not None:
-            print(f"[isdelta] {name}: all texts already scored ({store.stats_path})", file=sys.stderr)
-            infos[name] = store.done
-            continue
-        load_key = (m.path, m.dtype, m.device, m.trust_remote_code, m.allow_download)
-        if loaded is None or loaded[0] != load_key:
-            loaded = None  # the only reference: the previous weights are freed before the next load
-            with stage(f"load {name} ({m.path})", timings):
-                loaded = (load_key, *m.load(f"models.{i}"))
-        with stage(f"score {name}", timings):
-            infos[name] = score_one(cfg, name, m, loaded[1], loaded[2], store, n_done)
-    return infos
-
-
-def score_one(cfg, name: str, m, model, tok, store, n_done: int) -> dict:
-    """Stream the corpus through one model, appending stats chunk by chunk after ``n_done`` texts."""
-    from isdelta.engine import EngineConfig, LogProbEngine
-    from isdelta.score.corpus import chunked, iter_records, resolve_path
-    from isdelta.score.scorer import Encoder, max_positions, score_chunk
-    from isdelta.score.store import stamp_of
-
-    engine = LogProbEngine(
-        EngineConfig(temperature=m.temperature, include_eos=True, token_budget=cfg.engine.token_budget, progress=False)
-    )
-    encoder = Encoder(tok, cfg.data, max_positions(model))
-    records = (r for r in iter_records(cfg.data, resolve_path(cfg.data.path)) if r.index >= n_done)
-    seconds, n_texts, n_tokens = 0.0, 0, 0
-    for chunk in chunked(records, cfg.engine.chunk_texts):
-        t0 = time.perf_counter()
-        rows = score_chunk(model, engine, encoder, chunk)
-        seconds += time.perf_counter() - t0
-        store.append(rows)
-        n_texts += len(rows)
-        n_tokens += sum(r["n_tokens"] for r in rows)
-        print(
-            f"[isdelta] {name}: {rows[-1]['index'] + 1} texts scored "
-            f"({n_texts / max(seconds, 1e-9):.1f} texts/s, {n_tokens / max(seconds, 1e-9):.0f} tokens/s)",
-            file=sys.stderr,
-            flush=True,
-        )
-    vocab = sorted(tok.get_vocab().items())
-    info = {
-        "name": name,
-        "path": m.path,
-        "temperature": m.temperature,
-        "dtype": m.dtype,
-        "device": str(next(model.parameters()).device),
-        "n_texts": n_done + n_texts,
-        "resumed_after": n_done,
-        "throughput": {
-            "texts": n_texts,
-            "tokens": n_tokens,
-            "seconds": seconds,
-            "texts_per_s": n_texts / seconds if seconds else None,
-            "tokens_per_s": n_tokens / seconds if seconds else None,
-            "token_budget": cfg.engine.token_budget,
-            "chunk_texts": cfg.engine.chunk_texts,
-        },
-        "tokenizer": stamp_of([vocab, tok.bos_token_id, tok.eos_token_id]),
-    }
-    store.finish(info)
-    return info
 
 
 # ---------------------------------------------------------------------------- derived outputs
@@ -168,7 +83,7 @@ def build_curriculum(cfg, out: Path, corpus: Path) -> dict | None:
 def _key_column(cfg, out: Path, stat: str, model: str) -> np.ndarray:
     """A curriculum key term: the model's per-text statistic, or its square root (``sqrt_STAT``)."""
     base = stat.removeprefix("sqrt_")
-    x = _store(cfg, out, cfg.names.index(model)).columns([base])[1][base]
+    x = model_store(cfg, out, cfg.names.index(model)).columns([base])[1][base]
     return np.sqrt(np.clip(x, 0.0, None)) if stat != base else x
 
 
@@ -177,7 +92,7 @@ def build_predictor(cfg, out: Path, corpus: Path, corpus_hash: str) -> dict | No
     from isdelta.score.outcome import build_predictor as _build
 
     def columns(name: str, stats: list[str]) -> dict[str, np.ndarray]:
-        return _store(cfg, out, cfg.names.index(name)).columns(stats)[1]
+        return model_store(cfg, out, cfg.names.index(name)).columns(stats)[1]
 
     return None if cfg.predictor is None else _build(cfg, out, corpus, corpus_hash, columns)
 
@@ -201,7 +116,7 @@ def build_comparison(cfg, out: Path, infos: dict[str, dict]) -> dict | None:
     if cfg.compare is None or len(cfg.models) < 2:
         return None
     names, stat = list(cfg.names), cfg.compare.stat
-    stores = [_store(cfg, out, i) for i in range(len(names))]
+    stores = [model_store(cfg, out, i) for i in range(len(names))]
     X = np.vstack([s.columns([stat])[1][stat] for s in stores])  # [M, n]
     ok = np.isfinite(X).all(0)
     if ok.sum() < 3:  # e.g. a corpus of empty texts: no ranks to correlate
@@ -248,7 +163,7 @@ def model_table(cfg, out: Path, infos: dict[str, dict]) -> dict[str, dict]:
 
     table, curves = {}, {}
     for i, name in enumerate(cfg.names):
-        _, cols = _store(cfg, out, i).columns(list(KEY_STATS) + ["n_chars"])
+        _, cols = model_store(cfg, out, i).columns(list(KEY_STATS) + ["n_chars"])
         n_chars = cols.pop("n_chars")
         table[name] = {
             "path": cfg.models[i].path,
@@ -291,24 +206,47 @@ def score(cfg, out: Path | None = None) -> dict:
     The corpus, the devices and the folder are checked before any model loads; the output
     folder is locked while the run writes it.
     """
+    from isdelta.program.ranks import ranks
     from isdelta.score.corpus import resolve_path
 
     key = "--out" if out else "output.dir"
     out = Path(out or cfg.output.dir)
     corpus = resolve_path(cfg.data.path)
-    check_corpus(cfg, corpus)
-    for i, m in enumerate(cfg.models):
-        m.check_device(f"models.{i}")
-    make_folder(out, key)
-    with folder_lock(out, key):
-        if (out / MANIFEST).exists():
-            raise ConfigError(
-                f"{key} {out}: the folder holds an isdelta.run run", fix="pass another --out for the score program"
-            )
-        return _score(cfg, out, corpus, file_sha256(corpus)[:16])
+    r = ranks()
+
+    def check() -> int:
+        n = check_corpus(cfg, corpus)
+        for i, m in enumerate(cfg.models):
+            placed(m, f"models.{i}").check_device(f"models.{i}")
+        return n
+
+    n = r.agree(check)
+    with ExitStack() as stack:
+
+        def hold() -> None:  # rank 0 holds the folder; the others write only their shares in it
+            make_folder(out, key)
+            stack.enter_context(folder_lock(out, key))
+            if (out / MANIFEST).exists():
+                raise ConfigError(
+                    f"{key} {out}: the folder holds an isdelta.run run", fix="pass another --out for the score program"
+                )
+
+        r.agree(lambda: hold() if r.root else None)
+        return _score(cfg, out, corpus, file_sha256(corpus)[:16], n if r.world > 1 else None)
 
 
-def _score(cfg, out: Path, corpus: Path, corpus_hash: str) -> dict:
+def _score(cfg, out: Path, corpus: Path, corpus_hash: str, n_texts: int | None = None) -> dict:
+    from isdelta.program.ranks import ranks
+
+    r = ranks()
+    timings: dict[str, float] = {}
+    r.agree(lambda: _prepare(cfg, out) if r.root else None)
+    infos = score_models(cfg, out, timings, corpus_hash, n_texts)
+    return r.agree(lambda: _derived(cfg, out, corpus, corpus_hash, infos, timings) if r.root else {})
+
+
+def _prepare(cfg, out: Path) -> None:
+    """The plots folder, the derived-settings note, config.yaml (rank 0)."""
     import yaml
 
     from isdelta.score.store import stamp_of
@@ -316,8 +254,10 @@ def _score(cfg, out: Path, corpus: Path, corpus_hash: str) -> dict:
     (out / "plots").mkdir(parents=True, exist_ok=True)
     _note_derived_change(cfg, out, stamp_of)
     atomic_write(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    timings: dict[str, float] = {}
-    infos = score_models(cfg, out, timings, corpus_hash)
+
+
+def _derived(cfg, out: Path, corpus: Path, corpus_hash: str, infos: dict, timings: dict) -> dict:
+    """Curriculum, comparison, predictor, plots and the summary, from the saved scores."""
     _clear_derived(cfg, out)
     with stage("curriculum, comparison, plots", timings):
         summary = {
@@ -365,7 +305,7 @@ def progress(cfg, out: Path) -> list[str]:
     """Texts scored and saved per model, for the Ctrl-C message."""
     lines = []
     for i, name in enumerate(cfg.names):
-        n = _store(cfg, out, i).n_saved()
+        n = model_store(cfg, out, i).n_saved()
         if n:
             lines.append(f"{n} texts scored under {name} (models/{name}/stats.jsonl)")
     return lines

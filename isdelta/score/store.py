@@ -86,7 +86,7 @@ class ModelStore:
                 f"{self.folder}: scored by an older isdelta (no corpus hash, no checksums), so they "
                 "cannot be verified — deleting them; every text will be rescored"
             )
-            self._clear()
+            self.clear()
         elif self._has_scores():
             state = "damaged" if text else ("empty" if sp.exists() else "missing")
             if not self._stamp_in_done():
@@ -121,9 +121,11 @@ class ModelStore:
         except (OSError, ValueError, AttributeError):
             return False
 
-    def _clear(self) -> None:
+    def clear(self) -> None:
+        """Forget every saved text (the stamp stays): the folder is written again from the start."""
         for p in (self.stats_path, self.chunks_path, self.done_path):
             p.unlink(missing_ok=True)
+        self.done = None
 
     def _read_chunks(self) -> list[dict]:
         """The chunk records, up to the first unreadable line (a torn write)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["all_gather", "concat_rows", "gather_rows", "world_size"]
+__all__ = ["all_gather", "all_reduce_sum", "concat_rows", "gather_rows", "reduce_gradients", "world_size"]
 
 
 def world_size(process_group=None) -> int:
@@ -122,3 +122,49 @@ def concat_rows(parts: Sequence[Mapping[str, np.ndarray | None]]) -> dict[str, n
             )
         out[k] = np.concatenate([p[k] for p in parts], axis=0)
     return out
+
+
+def _device_for(process_group) -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device for an NCCL-only group,
+    else the CPU (gloo, or a ``cpu:gloo,cuda:nccl`` group)."""
+    devices = torch.distributed.distributed_c10d._get_object_coll_device(process_group)
+    return torch.device("cuda", torch.cuda.current_device()) if devices == "cuda" else torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float], process_group=None) -> list[float]:
+    """``values`` summed element-wise over the ranks (float64; every rank gets the sums).
+
+    A collective. Without an initialised process group it returns ``values`` as floats.
+    """
+    if world_size(process_group) == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device_for(process_group))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=process_group)
+    return t.cpu().tolist()
+
+
+def reduce_gradients(params: Sequence[torch.Tensor], process_group=None, bucket_elements: int = 1 << 25) -> None:
+    """Sum the parameters' ``.grad`` over the ranks, in place (every rank ends with the sum).
+
+    A collective: every rank passes the same parameters in the same order. A parameter without
+    a gradient here (its rows were all dropped on this rank) takes part with zeros. Gradients
+    are flattened into buckets of at most ``bucket_elements`` per dtype and device, so a
+    model with hundreds of tensors costs a few all-reduces, not hundreds.
+    """
+    if world_size(process_group) == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+    for p in params:
+        runs = buckets.setdefault((p.grad.dtype, p.grad.device), [[]])
+        if runs[-1] and sum(g.numel() for g in runs[-1]) + p.grad.numel() > bucket_elements:
+            runs.append([])
+        runs[-1].append(p.grad)
+    for runs in buckets.values():
+        for grads in runs:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))

@@ -8,6 +8,13 @@ in the batch (a token-level mean, not a mean of per-sequence means)::
 
 so each micro-batch's share of the gradient is known before the batch is split, and gradient
 accumulation over micro-batches gives the same update whatever the token budget.
+
+Data parallel (``distributed=True`` inside ``torch.distributed``): each rank holds its own rows;
+n_tokens is the sum over ranks, each rank backpropagates its rows' share of the global loss, and
+the gradients are summed across ranks (one all-reduce per step) before every optimizer step, so
+every rank takes the same step as one process on all the rows. The engine calls the model's
+body and head directly (not ``forward``), so ``DistributedDataParallel``'s hooks would not fire:
+the reduction is explicit (:func:`isdelta.training.distributed.reduce_gradients`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from tqdm.auto import tqdm
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
+from isdelta.training.distributed import all_reduce_sum, reduce_gradients, world_size
 
 __all__ = ["UpdateResult", "ZeroUpdateError", "advantages", "update"]
 
@@ -95,6 +103,8 @@ def update(
     steps: int = 1,
     engine_config: EngineConfig | None = None,
     progress: bool = True,
+    distributed: bool = False,
+    process_group=None,
 ) -> UpdateResult:
     """Train ``model`` in place on one batch: p0 → p1.
 
@@ -130,6 +140,14 @@ def update(
         (the micro-batch size of gradient accumulation). ``requires_grad`` is forced on.
     progress : bool
         Show a progress bar over steps × micro-batches.
+    distributed : bool
+        ``rollouts`` (and ``rewards``) are this rank's shard of the batch: every rank of
+        ``process_group`` calls ``update`` together; the loss is normalised by the global token
+        count and the gradients are summed across ranks before each step (see the module doc).
+        The result's counts, losses, norms and rewards are global. Without an initialised
+        process group it is the one-process update.
+    process_group : torch.distributed.ProcessGroup, optional
+        Default: the world.
 
     Returns
     -------
@@ -142,14 +160,26 @@ def update(
     """
     _check_args(loss, optimizer, lr, steps, rollouts)
     cfg = replace(engine_config or EngineConfig(), requires_grad=True, progress=False)
+    group = process_group if distributed and world_size(process_group) > 1 else False
     mask = rollouts.mask(cfg.include_eos)  # [N, C]
-    n_tokens = int(mask.sum())
+    weights, counts = _row_weights(loss, rewards, rollouts)
+    # summed over ranks: tokens, rows, rows with an advantage, prompts with one, prompts, Σ reward
+    n_tokens, n_rows, nonzero, active, n_prompts, reward_sum = _sum(group, [int(mask.sum()), *counts])
+    n_tokens, n_rows = int(n_tokens), int(n_rows)
     if n_tokens == 0:
         raise ValueError(
             "the rollouts hold no counted completion token: nothing to train on. "
             "Check the completions (or include_eos=True for rows that stop at once)."
         )
-    weights, mean_reward, active = _row_weights(loss, rewards, rollouts)
+    mean_reward = None if loss == "sft" else reward_sum / n_rows
+    active = None if loss == "sft" else active / n_prompts
+    if loss == "reinforce" and nonzero == 0:
+        raise ZeroUpdateError(
+            "every advantage is zero: the rewards have no variance within any prompt "
+            f"(mean reward {mean_reward:.4g}), so the reinforce gradient is exactly zero and p1 = p0. "
+            "ΔH would be 0 by construction, not by measurement. Use more samples per prompt, "
+            "harder or easier prompts, or a graded reward."
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(
@@ -173,15 +203,19 @@ def update(
     try:
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
-            try:
-                losses.append(_accumulate(engine, model, rollouts, weights, batches, n_tokens, bar))
-            except FloatingPointError as e:
+            total, bad = _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar)
+            total, n_bad = _sum(group, [total, bad is not None])
+            if n_bad:
+                e = FloatingPointError(bad or "non-finite loss on another rank's rows (see that rank's message)")
                 if not step:
-                    raise
+                    raise e
                 raise FloatingPointError(
                     f"step {step + 1} of {steps}: the model gives NaN/inf after step {step} (lr {lr:g}, "
                     f"gradient norm {grad_norms[-1]:.3g}) moved its weights too far. Lower lr."
                 ) from e
+            losses.append(total)
+            if group is not False:
+                reduce_gradients(params, group)
             grad_norms.append(_grad_norm(params))
             opt.step()
     finally:
@@ -195,7 +229,7 @@ def update(
         tuple(losses),
         tuple(grad_norms),
         n_tokens,
-        rollouts.n_rows,
+        n_rows,
         mean_reward,
         active,
         change,
@@ -223,13 +257,20 @@ def _check_args(loss, optimizer, lr, steps, rollouts) -> None:
         )
 
 
-def _row_weights(loss, rewards, rollouts) -> tuple[torch.Tensor, float | None, float | None]:
-    """Per-row loss weights [N] (1 for sft, the advantage for reinforce), mean reward, active fraction."""
+def _sum(group, values: list[float]) -> list[float]:
+    """``values`` summed over the ranks of ``group`` (as they are when ``group`` is False)."""
+    return [float(v) for v in values] if group is False else all_reduce_sum(values, group)
+
+
+def _row_weights(loss, rewards, rollouts) -> tuple[torch.Tensor, list[float]]:
+    """Per-row loss weights [N] (1 for sft, the advantage for reinforce) and the counts
+    ``[rows, rows with a nonzero weight, prompts with one, prompts, Σ reward]`` (summed over
+    ranks by the caller)."""
     N = rollouts.n_rows
     if loss == "sft":
         if rewards is not None:
             raise ValueError("rewards are only used by loss='reinforce'; pass rewards=None for sft.")
-        return torch.ones(N, dtype=torch.float32), None, None
+        return torch.ones(N, dtype=torch.float32), [N, N, 0, 0, 0.0]
     if rewards is None:
         raise ValueError("loss='reinforce' needs rewards: one float per rollout row [N].")
     R = np.asarray(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards, dtype=np.float64)
@@ -243,15 +284,9 @@ def _row_weights(loss, rewards, rollouts) -> tuple[torch.Tensor, float | None, f
     # floating-point round-off of the group mean must not count as signal
     A[np.abs(A) <= 1e-12 * max(1.0, float(np.abs(R).max()))] = 0.0
     _, inv = np.unique(group, return_inverse=True)
-    active = float((np.bincount(inv, weights=(A != 0)) > 0).mean())
-    if not (A != 0).any():
-        raise ZeroUpdateError(
-            "every advantage is zero: the rewards have no variance within any prompt "
-            f"(mean reward {R.mean():.4g}), so the reinforce gradient is exactly zero and p1 = p0. "
-            "ΔH would be 0 by construction, not by measurement. Use more samples per prompt, "
-            "harder or easier prompts, or a graded reward."
-        )
-    return torch.as_tensor(A, dtype=torch.float32), float(R.mean()), active
+    active = int((np.bincount(inv, weights=(A != 0)) > 0).sum())
+    counts = [N, int((A != 0).sum()), active, int(inv.max()) + 1 if N else 0, float(R.sum())]
+    return torch.as_tensor(A, dtype=torch.float32), counts
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -260,8 +295,10 @@ def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> float:
-    """Backward every micro-batch's share −Σ w_i S_i / n_tokens; returns the summed loss."""
+def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> tuple[float, str | None]:
+    """Backward every micro-batch's share −Σ w_i S_i / n_tokens; returns the summed loss and,
+    when a micro-batch's loss is not finite, what went wrong (the rest is not backpropagated;
+    the caller raises on every rank)."""
     total = 0.0
     for rows in batches:
         scores = engine.score(model, rollouts.select(rows))
@@ -277,12 +314,12 @@ def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> flo
                 else "the model's logits overflowed (no top-k/top-p is configured, so no token is "
                 "excluded): its weights are broken or a previous step was too large; lower lr"
             )
-            raise FloatingPointError(f"non-finite loss on rows {rows[:8].tolist()}: {cause}.")
+            return total, f"non-finite loss on rows {rows[:8].tolist()}: {cause}."
         if part.requires_grad:  # else no trained parameter reaches the loss: _grad_norm refuses
             part.backward()
         total += float(part.detach())
         bar.update(1)
-    return total
+    return total, None
 
 
 def _check_finite(params, lr: float, grad_norm: float) -> None:
