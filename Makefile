@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-fast lint format clean
+.PHONY: setup demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-all test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ predictor-demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# what CI runs (.ci/run): the suite, then the vLLM tests in their own environment
+test-all: test test-vllm
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

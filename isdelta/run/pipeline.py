@@ -13,6 +13,7 @@ for other data, is refused; a second run into a folder in use is refused.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from isdelta.program.folder import MANIFEST
 from isdelta.program.ranks import ranks
 from isdelta.run.config import RunConfig, config_hash, load_config
 from isdelta.run.data import RunError, check_prompts, check_records, load_records, records_digest
-from isdelta.run.shards import Shard, check_shardable, merge
+from isdelta.run.shards import Shard, check_shardable, merge, placed
 from isdelta.run.stages import (
     check_tokenizers,
     estimate_inputs,
@@ -86,9 +87,9 @@ def _check(cfg: RunConfig, out: Path, key: str, r) -> list[dict]:
     records = load_records(cfg)
     check_records(cfg, records)
     check_shardable(cfg, len(records), r)
-    cfg.model.model_copy(update={"device": r.device(cfg.model.device)}).check_device("model")
+    placed(cfg.model, "model").check_device("model")
     if cfg.updated is not None:
-        cfg.updated.check_device("updated")
+        placed(cfg.updated, "updated").check_device("updated")
         check_tokenizers(cfg.model.load_tokenizer("model"), cfg.updated.load_tokenizer("updated"))
     if cfg.checkpoints is not None:
         check_checkpoints(cfg, cfg.model.load_tokenizer("model"))
@@ -134,7 +135,7 @@ def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path) -
     r = shard.ranks
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
-    model_cfg = cfg.model.model_copy(update={"device": r.device(cfg.model.device)})
+    model_cfg = placed(cfg.model, "model")
 
     def p0_stages():
         with stage("load p0", timings):
@@ -278,7 +279,26 @@ def _report(
 
 
 def progress(cfg: RunConfig, out: Path) -> list[str]:
-    """What the folder holds that a rerun reuses (the verified parts), for the Ctrl-C message."""
+    """What the folder holds that a rerun reuses (the verified parts), for the Ctrl-C message;
+    under torchrun, what the ranks' folders hold, summed."""
+    ranks_dir = out / "ranks"
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1" and ranks_dir.is_dir():
+        shares = [ranks_dir / f"{k}-of-{world}" for k in range(int(world))]
+        parts = {
+            f"{p}@{d.name}": v
+            for d in shares
+            if (d / MANIFEST).exists()
+            for p, v in json.loads((d / MANIFEST).read_text(encoding="utf-8"))["parts"].items()
+        }
+        n = sum(1 for p in parts if p.startswith("samples/") and ".pt@" in p)
+        done = {
+            k: sum(1 for p in parts if p.startswith(k + "@")) for k in ("scores0.npz", "update.json", "scores1.npz")
+        }
+        lines = [
+            f"p0's samples for {n} chunk(s) of {cfg.sampling.prompts_per_batch} prompts (ranks/R-of-{world}/)"
+        ] * bool(n)
+        return lines + [f"{k} of {v} of {world} ranks" for k, v in done.items() if v]
     parts = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["parts"]
     lines = []
     for sub, what in (("samples/", "p0's samples"), ("samples_p1/", "p1's samples")):

@@ -25,7 +25,7 @@ from isdelta.program.ranks import Ranks, split
 from isdelta.run.config import RunConfig
 from isdelta.run.data import RunError
 
-__all__ = ["Shard", "check_shardable", "merge"]
+__all__ = ["Shard", "check_shardable", "merge", "placed"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,13 @@ class Shard:
     def folder(self) -> str:
         """This rank's folder under the output folder (None-like "" for one process)."""
         return "" if self.ranks.world == 1 else f"ranks/{self.ranks.rank}-of-{self.ranks.world}"
+
+
+def placed(section, key: str):
+    """A model section on this rank's device (``cuda`` is ``cuda:LOCAL_RANK`` under torchrun)."""
+    from isdelta.program.ranks import ranks
+
+    return section.model_copy(update={"device": ranks().device(section.device, key)})
 
 
 def check_shardable(cfg: RunConfig, n_records: int, ranks: Ranks) -> None:

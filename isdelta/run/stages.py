@@ -179,7 +179,9 @@ def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
     shard (its groups number its records), and the step is taken with every rank's rows.
     """
     if cfg.updated is not None:
-        model1, tok1 = cfg.updated.load("updated")
+        from isdelta.run.shards import placed
+
+        model1, tok1 = placed(cfg.updated, "updated").load("updated")
         check_tokenizers(tok, tok1)
         _check_finite(model1, "updated.path: the checkpoint's weights hold NaN or inf", "check the checkpoint")
         return model1, {"kind": "checkpoint", "path": cfg.updated.path}

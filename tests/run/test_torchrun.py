@@ -25,6 +25,7 @@ import yaml
 
 from isdelta.run import run
 from isdelta.run.config import load_config
+from isdelta.run.pipeline import progress
 
 # answers that some of seed 3's samples of the tiny model end with (reinforce needs a reward
 # that varies within a prompt; prompt 4 is rank 1's)
@@ -106,7 +107,7 @@ def updated(tmp_path, checkpoint):
     return path
 
 
-def test_two_gloo_processes_give_the_one_process_report(tmp_path, checkpoint, updated):
+def test_two_gloo_processes_give_the_one_process_report(tmp_path, checkpoint, updated, monkeypatch):
     raw = _config(tmp_path, checkpoint)
     del raw["update"]
     raw["updated"] = {"path": str(updated)}
@@ -131,6 +132,14 @@ def test_two_gloo_processes_give_the_one_process_report(tmp_path, checkpoint, up
     assert "recomputed" not in again.stderr and len(parts) == 7
     assert [p.stat().st_mtime_ns for p in parts] == stamps
     _assert_same_report(one, json.loads((tmp_path / "two" / "report.json").read_text()))
+    # what Ctrl-C says was saved: the ranks' parts
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert progress(load_config(raw), tmp_path / "two") == [
+        "p0's samples for 3 chunk(s) of 2 prompts (ranks/R-of-2/)",
+        "scores0.npz of 2 of 2 ranks",
+        "update.json of 2 of 2 ranks",  # {"kind": "checkpoint", ...}: p1's identity
+        "scores1.npz of 2 of 2 ranks",
+    ]
 
 
 @pytest.mark.parametrize("loss", ["reinforce", "sft"])
