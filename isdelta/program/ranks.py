@@ -165,7 +165,7 @@ def ranks() -> Ranks:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" passes its own ``disable``
-    return Ranks(rank, dist.get_world_size(), local, backend)
+    return Ranks(rank, dist.get_world_size(), local, str(dist.get_backend()))  # a caller's own group: its backend
 
 
 def split(n: int, world: int, rank: int) -> tuple[int, int]:

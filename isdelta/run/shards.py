@@ -53,7 +53,7 @@ class Shard:
 
     @property
     def folder(self) -> str:
-        """This rank's folder under the output folder (None-like "" for one process)."""
+        """This rank's folder under the output folder ("" for one process: the output folder itself)."""
         return "" if self.ranks.world == 1 else f"ranks/{self.ranks.rank}-of-{self.ranks.world}"
 
 
