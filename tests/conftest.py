@@ -141,3 +141,17 @@ def checkpoint(tmp_path, char_tok):
     model.save_pretrained(path)
     char_tok.save_pretrained(path)
     return path
+
+
+def json_numbers(obj, skip: tuple[str, ...] = (), prefix: str = ""):
+    """``(path, float)`` for every number of a JSON tree (keys in ``skip`` left out): for comparing
+    two reports number by number."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k not in skip:
+                yield from json_numbers(v, skip, f"{prefix}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from json_numbers(v, skip, f"{prefix}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield prefix, float(obj)

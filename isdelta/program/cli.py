@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from isdelta.program.errors import EXIT_CODES, ExitCode, ProgramError
-from isdelta.program.ranks import Ranks, is_root, ranks
+from isdelta.program.ranks import is_root, ranks
 
 __all__ = ["Program", "main", "stage"]
 
@@ -101,10 +101,11 @@ def main(program: Program, argv: Sequence[str] | None = None) -> int:
     on the config (:mod:`isdelta.program.ranks`).
     """
     args = _parser(program).parse_args(argv)
-    cfg = None
-    with _terminate_as_interrupt(), _one_line_warnings(), _process_group() as group:
+    cfg = group = None
+    with _terminate_as_interrupt(), _one_line_warnings():
         try:
-            cfg = group().agree(lambda: program.load(args.config, args.set))
+            group = ranks()  # one process: no group to join
+            cfg = group.agree(lambda: program.load(args.config, args.set))
             program.execute(cfg, Path(args.out) if args.out else None)
         except KeyboardInterrupt:
             return _interrupted(program, cfg, _out(cfg, args.out))
@@ -119,6 +120,9 @@ def main(program: Program, argv: Sequence[str] | None = None) -> int:
             if type(e).__name__ == "OutOfMemoryError":
                 return _out_of_memory(e)
             return _unexpected(program, e, _out(cfg, args.out), argv)
+        finally:
+            if group is not None:
+                group.close()
     return ExitCode.OK
 
 
@@ -130,24 +134,6 @@ def _fail(message: str, code: int, quiet: bool = False) -> int:
     who = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
     print(f"error{who}: {message}", file=sys.stderr)
     return int(code)
-
-
-@contextmanager
-def _process_group() -> Iterator[Callable[[], Ranks]]:
-    """Join the ``torchrun`` process group (a no-op for one process) for the block; yields a
-    function returning this rank's :class:`Ranks` (one process when joining failed)."""
-    joined: list[Ranks] = []
-
-    def group() -> Ranks:
-        if not joined:
-            joined.append(ranks())
-        return joined[0]
-
-    try:
-        yield group
-    finally:
-        if joined:
-            joined[0].close()
 
 
 def _out(cfg, out: str | None) -> Path | None:

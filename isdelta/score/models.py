@@ -61,7 +61,9 @@ def score_models(cfg, out: Path, timings: dict, corpus_hash: str = "", n_texts: 
 
 def _finished(stores) -> list[bool]:
     """Open (check) every model's folder; whether each holds every text's scores."""
-    return [s.open() >= 0 and s.done is not None for s in stores]
+    for s in stores:
+        s.open()
+    return [s.done is not None for s in stores]
 
 
 def _score_stores(cfg, names, stores, n_done_all, timings, span) -> dict[str, dict]:

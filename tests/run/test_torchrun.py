@@ -26,6 +26,7 @@ import yaml
 from isdelta.run import run
 from isdelta.run.config import load_config
 from isdelta.run.pipeline import progress
+from tests.conftest import json_numbers
 
 # answers that some of seed 3's samples of the tiny model end with (reinforce needs a reward
 # that varies within a prompt; prompt 4 is rank 1's)
@@ -60,21 +61,9 @@ def _torchrun(cfg_path: Path, out: Path, *extra: str, nproc: int = 2) -> subproc
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _numbers(obj, prefix=""):
-    """Every number in a JSON tree, by path (timings and versions left out)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k not in ("timings", "versions", "device", "config", "plots"):
-                yield from _numbers(v, f"{prefix}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{prefix}[{i}]")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield prefix, float(obj)
-
-
 def _assert_same_report(one: dict, two: dict, atol: float = 1e-6) -> None:
-    a, b = dict(_numbers(one)), dict(_numbers(two))
+    skip = ("timings", "versions", "device", "config", "plots")
+    a, b = dict(json_numbers(one, skip)), dict(json_numbers(two, skip))
     assert a.keys() == b.keys()
     assert len(a) > 100  # estimates, per-prompt rows, the update's losses and norms
     bad = {k: (a[k], b[k]) for k in a if not np.isclose(a[k], b[k], rtol=1e-6, atol=atol, equal_nan=True)}
@@ -107,17 +96,22 @@ def updated(tmp_path, checkpoint):
     return path
 
 
+def _one_and_two(tmp_path: Path, raw: dict):
+    """The run in this process into ``one``, and under torchrun (2 ranks) into ``two``:
+    ``(one's report, two's report.json, torchrun's result, the config file)``."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    one = run(load_config(raw), tmp_path / "one")
+    done = _torchrun(cfg_path, tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return one, json.loads((tmp_path / "two" / "report.json").read_text()), done, cfg_path
+
+
 def test_two_gloo_processes_give_the_one_process_report(tmp_path, checkpoint, updated, monkeypatch):
     raw = _config(tmp_path, checkpoint)
     del raw["update"]
     raw["updated"] = {"path": str(updated)}
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    one = run(load_config(raw), tmp_path / "one")
-
-    done = _torchrun(cfg_path, tmp_path / "two")
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    one, two, done, cfg_path = _one_and_two(tmp_path, raw)
     _assert_same_report(one, two)
     assert two["estimate"]["n_rows"] == 20 and two["estimate"]["n_prompts"] == 5
     assert "2 torchrun processes (gloo)" in two["device"]
@@ -144,13 +138,7 @@ def test_two_gloo_processes_give_the_one_process_report(tmp_path, checkpoint, up
 
 @pytest.mark.parametrize("loss", ["reinforce", "sft"])
 def test_the_update_sums_every_ranks_gradient(tmp_path, checkpoint, loss):
-    raw = _config(tmp_path, checkpoint, loss=loss)
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    one = run(load_config(raw), tmp_path / "one")
-    done = _torchrun(cfg_path, tmp_path / "two")
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    one, two, _, _ = _one_and_two(tmp_path, _config(tmp_path, checkpoint, loss=loss))
     u1, u2 = one["update"], two["update"]
     assert u2["n_rows"] == (20 if loss == "reinforce" else 5)
     if loss == "reinforce":

@@ -12,20 +12,8 @@ import numpy as np
 
 from isdelta.score import score
 from isdelta.score.config import load_score_config
+from tests.conftest import json_numbers
 from tests.score.test_score import TEXTS, cfg_dict, read_jsonl
-
-
-def _numbers(obj, prefix=""):
-    """Every number of a JSON tree by path (timings, throughput and versions left out)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k not in ("timings", "throughput", "versions", "name", "corpus"):
-                yield from _numbers(v, f"{prefix}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{prefix}[{i}]")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield prefix, float(obj)
 
 
 def test_two_gloo_processes_score_the_corpus_as_one(tmp_path, checkpoint):
@@ -38,7 +26,8 @@ def test_two_gloo_processes_score_the_corpus_as_one(tmp_path, checkpoint):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    a, b = dict(_numbers(one)), dict(_numbers(two))
+    skip = ("timings", "throughput", "versions", "name", "corpus")
+    a, b = dict(json_numbers(one, skip)), dict(json_numbers(two, skip))
     assert a.keys() == b.keys() and len(a) > 30
     bad = {k: (a[k], b[k]) for k in a if not np.isclose(a[k], b[k], rtol=1e-6, atol=1e-6, equal_nan=True)}
     assert not bad, bad
