@@ -1,4 +1,5 @@
-"""SNIS diagnostics (ESS, k̂, KL, mean ratio, lengths) and the warnings they trigger.
+"""Diagnostics (SNIS: ESS, k̂, KL, mean ratio, lengths; per decision: prefix ESS, prefix ratios,
+physical bounds) and the warnings they trigger.
 
 Each warning says what was measured, why it matters for the entropy estimate, and what to do.
 
@@ -11,14 +12,18 @@ Ann. Appl. Probab. 28(2):1099-1135. https://doi.org/10.1214/17-AAP1326 (S ≈ ex
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
 from isdelta.estimators.groups import Groups
 from isdelta.estimators.inputs import Rows
+from isdelta.estimators.policy import Check, bounds
+from isdelta.estimators.prefix import LOG_MAX, PrefixRows, prefix_ess
 from isdelta.estimators.proposal import PROPOSAL_ESS, ProposalWeights
-from isdelta.estimators.results import KHAT_ESS_GATE
+from isdelta.estimators.results import KHAT_ESS_GATE, Estimate
 from isdelta.estimators.weights import Weights, khat_threshold, min_sample_size, pooled_ess
 
 __all__ = [
@@ -26,9 +31,13 @@ __all__ = [
     "KHAT_ESS_GATE",
     "RATIO_RANGE",
     "PerPrompt",
+    "bounds_warning",
+    "broken_bounds",
     "collect_warnings",
     "diagnose",
     "proposal_warnings",
+    "token_diagnostics",
+    "token_warnings",
 ]
 
 RATIO_RANGE = (0.5, 2.0)  # mean r per prompt outside this: missed mass / different support
@@ -63,7 +72,7 @@ class PerPrompt:
     def of(cls, rows: Rows, wts: Weights) -> PerPrompt:
         g = rows.groups
         log_r = rows.log_r if rows.log_r1q is None else rows.log_r1q
-        return cls(g.sum(wts.w * rows.log_r), np.exp(g.logsumexp(log_r) - np.log(g.sizes)))
+        return cls(g.sum(wts.w * rows.log_r), g.mean_exp(log_r))
 
 
 def diagnose(rows: Rows, wts: Weights, pp: PerPrompt, u: np.ndarray | None = None) -> dict:
@@ -220,5 +229,107 @@ def proposal_warnings(pw: ProposalWeights) -> list[str]:
             f"[{lo:g}, {hi:g}]: under q it is 1 only when q covers p0's support; far below 1, p0 has mass "
             "the sampler never draws (a narrower top-k/top-p kept set?) and H0, H1 are biased. Fix: "
             "sample with the same transform as the scorer."
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- per decision
+def broken_bounds(ests: dict[str, Estimate], support_size: int | None, max_length: int) -> list[Check]:
+    """The physical bounds (``policy.bounds``) that the point estimates break: a value on the wrong
+    side, ±inf included; not a nan (no counted position: nothing to estimate, not an impossible
+    number) and not the finiteness check (the other warnings say why an SE is infinite)."""
+    checks = bounds(SimpleNamespace(**ests), support_size, max_length)[:-1]  # [-1]: ΔH and its SE finite
+    broken = []
+    for c in checks:
+        if math.isnan(c.value) or math.isnan(c.threshold):
+            continue
+        if not (c.value >= c.threshold if c.op == "≥" else c.value <= c.threshold):
+            broken.append(c)
+    return broken
+
+
+def bounds_warning(method: str, broken: list[Check], d: dict) -> str:
+    """The warning of a per-decision result whose point estimates break physical bounds."""
+    if method == "pd_sn":  # a weighted mean of the entropies given: only they can break a bound
+        why = (
+            "pd_sn averages the token entropies given, so they break it: check token_entropy0/1 "
+            "(and support_size) against the model's vocabulary."
+        )
+    else:
+        why = (
+            f"{method} weighs positions by prefix ratios up to e^{d['max_log_rho']:.3g} and relies on "
+            "E_p0[ρ] = 1, which fails on this sample. Fix: a smaller update step, or method='pd_sn' "
+            "(bounded by the data)."
+        )
+    return (
+        f"{method}: estimates outside the physical bounds of entropy: {'; '.join(map(str, broken))}. No model "
+        f"has such entropies, and headline() refuses {method} here (these bounds are among its checks); "
+        f"{why}"
+    )
+
+
+def token_diagnostics(tok: PrefixRows) -> dict:
+    """A per-decision result's diagnostics: prefix-weight ESS, largest |log ρ|, mean full-sequence
+    ratio, sizes."""
+    g = tok.groups
+    ess, counted = prefix_ess(tok)
+    ess_counted = np.where(counted, ess, np.inf)
+    frac = ess_counted / g.sizes[:, None]
+    log_r = tok.log_rho[:, -1] + tok.delta[:, -1]  # full-sequence log-ratio, [N]
+    mean_ratio = g.mean_exp(log_r)  # [P]
+    any_counted = bool(counted.any())
+    return {
+        "prefix_ess_min": float(ess_counted.min()) if any_counted else float("nan"),
+        "prefix_ess_frac_min": float(frac.min()) if any_counted else float("nan"),
+        "max_log_rho": float(max(np.abs(tok.log_rho).max(), np.abs(log_r).max())),
+        "mean_ratio_min": float(mean_ratio.min()),
+        "mean_ratio_max": float(mean_ratio.max()),
+        "n_rows": g.n_rows,
+        "n_prompts": g.n_prompts,
+        "n_empty": int(np.sum(tok.mask.sum(axis=1) == 0)),
+    }
+
+
+def _prefix_ess_warning(d: dict, tok: PrefixRows) -> list[str]:
+    g = tok.groups
+    ess, counted = prefix_ess(tok)
+    low = counted & (ess < np.maximum(2.0, ESS_FRAC_MIN * g.sizes[:, None]))
+    if not low.any():
+        return []
+    first = int(np.argwhere(low)[:, 1].min())
+    message = (
+        f"prefix-weight ESS below max(2, {ESS_FRAC_MIN}·G) at {int(low.sum())} counted "
+        f"(prompt, column) pairs of {int(low.any(axis=1).sum())} prompts, from column {first} "
+        f"(smallest ESS {d['prefix_ess_min']:.2f}; largest |log ρ| {d['max_log_rho']:.3g}): "
+        "the prefix ratios of later positions rest on one or two rows, so H1 and ΔH there, "
+        "and their SE, are unreliable. Fix: a smaller update step or more samples per prompt."
+    )
+    return [message]
+
+
+def token_warnings(d: dict, tok: PrefixRows) -> list[str]:
+    """Every diagnostic warning of one per-decision estimate, in a fixed order."""
+    out = _prefix_ess_warning(d, tok)
+    top = max(tok.log_rho.max(), (tok.log_rho + tok.delta).max())
+    if top > LOG_MAX:
+        out.append(
+            f"prefix ratios up to e^{top:.4g}: pd and cv weigh positions by them, so their "
+            "per-sequence H1 and ΔH are unbounded here (±inf when past float64; the per-token rates stay "
+            "finite). E_p0[ρ] = 1 fails on this sample. Fix: a smaller update step, or method='pd_sn' "
+            "(bounded by the data)."
+        )
+    lo, hi = RATIO_RANGE
+    if d["mean_ratio_min"] < lo or d["mean_ratio_max"] > hi:
+        out.append(
+            f"mean full-sequence ratio r = p1/p0 per prompt in [{d['mean_ratio_min']:.3g}, "
+            f"{d['mean_ratio_max']:.3g}], outside [{lo:g}, {hi:g}]: the per-decision "
+            "estimators rely on E_p0[ρ_t] = 1, which fails when p1 has mass that p0's samples "
+            "missed or the two are scored with different transforms. Fix: score both models "
+            "with the same sampling transform; take a smaller step."
+        )
+    if d["n_empty"]:
+        out.append(
+            f"{d['n_empty']} of {d['n_rows']} rows have no counted position (L = 0): they add "
+            "0 to every sum and count as zero entropy; check the mask if this is unexpected."
         )
     return out

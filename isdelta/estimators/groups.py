@@ -107,6 +107,12 @@ class Groups:
         m = np.where(np.isfinite(m), m, 0.0)
         return m + np.log(self.sum(np.exp(log_x - self.expand(m))))
 
+    def mean_exp(self, log_x: np.ndarray) -> np.ndarray:
+        """Per-prompt mean of e^x (e.g. the mean ratio r), [N] -> [P], from the logsumexp: +inf
+        where it passes float64 (after a step of 10³ nats), which every check reading it fails."""
+        with np.errstate(over="ignore"):
+            return np.exp(self.logsumexp(log_x) - np.log(self.sizes))
+
     def var(self, x: np.ndarray, ddof: int = 1) -> np.ndarray:
         """Per-prompt variance with ``ddof`` (two-pass, for accuracy), [N] -> [P]."""
         if self.equal_sizes:  # [P, G]: numpy's own two-pass variance, no [N] temporaries

@@ -11,30 +11,26 @@ equal G). Everything is flattened to [N] float64 in prompt-sorted order for the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from isdelta.estimators.fingerprint import RowsFingerprint
 from isdelta.estimators.groups import Groups, make_groups
+from isdelta.estimators.options import SCHEMES, Scheme, check_options, check_support_size
 
 __all__ = [
-    "INCLUDES",
-    "PROMPTS",
     "SCHEMES",
     "Rows",
     "Scheme",
     "as_rows",
     "check_group_sizes",
     "check_options",
+    "check_support_size",
     "group_codes",
     "layout",
     "prepare",
 ]
 
-Scheme = Literal["none", "psis", "truncate", "clip"]
-SCHEMES: tuple[str, ...] = ("none", "psis", "truncate", "clip")  # weight schemes (weights.py)
-INCLUDES = ("all", "no_eos")
-PROMPTS = ("fixed", "sampled")
 # Per-token log-probs are float32 in the engine; a sum of 10^4 of them that should be ≤ 0 can
 # round slightly above 0. Anything above this is a sign error (NLL passed for log-prob).
 LOGP_TOL = 1e-3
@@ -51,6 +47,8 @@ class Rows:
     ``log_r0q`` = log_p0 − log_q and ``log_r1q`` = log_p1 − log_q (full sequences): the
     log-ratios of the H0 and H1 weights when the rows were drawn from a proposal q; None
     when q = p0 (no ``log_q``).
+    ``fingerprint`` identifies the rows as the caller gave them (N, layout, lengths with the
+    stop token, log p0 of the whole row): results of different rows are never combined.
     """
 
     groups: Groups
@@ -63,6 +61,14 @@ class Rows:
     stopped: np.ndarray | None
     log_r0q: np.ndarray | None = None
     log_r1q: np.ndarray | None = None
+    fingerprint: RowsFingerprint | None = None
+
+
+# Appended to the errors that arise when per-row arrays come in the wrong order.
+ORDER = (
+    "check the order: estimate(log_p0, log_p1, length, group), estimate_tokens(token_logp0, "
+    "token_logp1, token_entropy0, token_entropy1, mask, group)"
+)
 
 
 def _shape_str(shape: tuple[int, ...]) -> str:
@@ -71,6 +77,8 @@ def _shape_str(shape: tuple[int, ...]) -> str:
 
 def as_rows(name: str, x, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """``x`` as float64 of exactly ``shape`` (or any 1-D / 2-D shape when None), raveled."""
+    if x is None:
+        raise TypeError(f"{name}: expected a numeric array (one entry per sampled row), got None.")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -113,7 +121,7 @@ def _check_logp(name: str, x: np.ndarray) -> None:
     if x.max() > LOGP_TOL:
         raise ValueError(
             f"{name}: expected log-probabilities (≤ 0), got a maximum of {x.max():.4g}; did you "
-            "pass negative log-likelihoods? Negate them."
+            f"pass negative log-likelihoods? Negate them. Lengths or entropy sums in its place? {ORDER}."
         )
 
 
@@ -148,6 +156,12 @@ def group_codes(group, n: int) -> tuple[np.ndarray, np.ndarray]:
         )
     if g.dtype.kind == "f" and np.isnan(g).any():
         raise ValueError("group: expected a prompt id for every row, got nan ids.")
+    if g.dtype.kind == "f" and not np.all(g == np.round(g)):
+        i = int(np.flatnonzero(g != np.round(g))[0])
+        raise ValueError(
+            f"group: expected prompt ids (integers or strings), got floats with a fractional part "
+            f"({g[i]:.6g} at row {i}): log-probs, lengths or entropies in group's place? {ORDER}."
+        )
     if g.dtype.kind in "iuf" and n > 1 and bool(np.all(g[1:] >= g[:-1])):
         # already prompt-major (the engine's layout): codes by counting changes, no sort
         new = np.concatenate(([True], g[1:] != g[:-1]))
@@ -164,37 +178,12 @@ def check_group_sizes(groups: Groups) -> None:
     small = groups.sizes < 2
     if small.any():
         ids = groups.labels[small][:5].tolist()
+        # most prompts with one row: `group` probably holds another per-row array
+        hint = f" If `group` holds something else (lengths?), {ORDER}." if small.mean() > 0.5 else ""
         raise ValueError(
             f"group: expected at least 2 rows per prompt, got {int(small.sum())} prompt(s) with "
             f"one row (ids {ids}{' ...' if small.sum() > 5 else ''}); sample G ≥ 2 completions "
-            "per prompt or drop those rows."
-        )
-
-
-def check_options(
-    *,
-    weights: str = "none",
-    include: str = "all",
-    prompts: str = "fixed",
-    level: float = 0.95,
-    clip: float | None = None,
-    scheme: str | None = None,
-) -> None:
-    """Validate the string options, ``level`` and ``clip``."""
-    weights = scheme if scheme is not None else weights
-    arg = "scheme" if scheme is not None else "weights"
-    for name, value, valid in ((arg, weights, SCHEMES), ("include", include, INCLUDES), ("prompts", prompts, PROMPTS)):
-        if value not in valid:
-            raise ValueError(f"{name}: expected one of {list(valid)}, got {value!r}.")
-    if not isinstance(level, (int, float, np.floating)) or not 0.0 < float(level) < 1.0:
-        raise ValueError(f"level: expected a coverage probability in (0, 1), got {level!r}.")
-    if weights == "clip":
-        if clip is None or not np.isfinite(clip) or clip <= 0:
-            raise ValueError(f"clip: {arg}='clip' needs a finite cap c > 0 on r, got {clip!r}.")
-    elif clip is not None:
-        raise ValueError(
-            f"clip: only used with {arg}='clip', got clip={clip!r} with {arg}={weights!r}; "
-            f"drop clip or set {arg}='clip'."
+            f"per prompt or drop those rows.{hint}"
         )
 
 
@@ -238,6 +227,8 @@ def _entropy_sums(entropy_sum0, entropy_sum1, shape) -> tuple[np.ndarray | None,
 def _stopped(stopped, shape) -> np.ndarray | None:
     if stopped is None:
         return None
+    if isinstance(stopped, (str, bytes)):
+        raise TypeError(f"stopped: expected an array of booleans like log_p0, got {type(stopped).__name__}.")
     arr = np.asarray(stopped)
     if arr.shape != shape:
         raise ValueError(
@@ -323,15 +314,12 @@ def prepare(
     s1 = as_rows("log_p1", log_p1, shape)
     _check_logp("log_p0", s0)
     _check_logp("log_p1", s1)
-    length = as_rows("length", length, shape)
-    check_finite("length", length)
-    if length.min() < 0:
-        rows = np.flatnonzero(length < 0)[:5].tolist()
-        raise ValueError(f"length: expected counted tokens per row (≥ 0), got negative values at rows {rows}.")
+    length = _length(length, shape)
     lq = None if log_q is None else _log_q(log_q, shape)
     ent = list(_entropy_sums(entropy_sum0, entropy_sum1, shape))
     stop = _stopped(stopped, shape)
     eos = eos or {}
+    fingerprint = RowsFingerprint.of(groups, length, s0)  # before no_eos: whole rows, as per decision
     log_r = s1 - s0  # full sequences, EOS included: this is what the proposal p0 sampled
     s = [s0, s1]
     if include == "no_eos":
@@ -339,6 +327,7 @@ def prepare(
     elif any(v is not None for v in eos.values()):
         given = [k for k, v in eos.items() if v is not None]
         raise ValueError(f"{', '.join(given)}: only used with include='no_eos', got include={include!r}.")
+    _check_empty_rows(fingerprint.length, s0, s1)  # after no_eos's own, more specific, check of L = 0
     sort = groups.sort
     return Rows(
         groups=groups,
@@ -352,4 +341,37 @@ def prepare(
         # full sequences, EOS included, like log_r: q sampled every token
         log_r0q=None if lq is None else sort(s0 - lq),
         log_r1q=None if lq is None else sort(s1 - lq),
+        fingerprint=fingerprint,
     )
+
+
+def _check_empty_rows(length: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
+    """A row with L = 0 counts no token, so its log-probs (sums over no tokens) are 0."""
+    bad = (length == 0) & ((np.abs(s0) > LOGP_TOL) | (np.abs(s1) > LOGP_TOL))
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5].tolist()
+        raise ValueError(
+            f"length: rows {rows} count 0 tokens, but their log-probs are not 0 (log_p0 {s0[rows[0]]:.4g} at "
+            f"row {rows[0]}; a sum over no tokens is 0): lengths must count the same tokens as log_p0 and "
+            f"log_p1, stop token included; prompt ids in length's place? {ORDER}."
+        )
+
+
+def _length(length, shape) -> np.ndarray:
+    """Counted tokens per row, [N]: finite whole numbers ≥ 0."""
+    arr = as_rows("length", length, shape)
+    check_finite("length", arr)
+    if arr.min() < 0:
+        rows = np.flatnonzero(arr < 0)[:5].tolist()
+        raise ValueError(
+            f"length: expected counted tokens per row (≥ 0), got negative values at rows {rows}; "
+            f"log-probs in its place? {ORDER}."
+        )
+    frac = arr != np.round(arr)
+    if frac.any():
+        rows = np.flatnonzero(frac)[:5].tolist()
+        raise ValueError(
+            f"length: expected counted tokens per row (whole numbers), got fractional values at rows {rows} "
+            f"(e.g. {arr[rows[0]]:.6g}); entropy sums in its place? {ORDER}."
+        )
+    return arr

@@ -28,9 +28,15 @@ from typing import Literal
 import numpy as np
 
 from isdelta.estimators import inputs
-from isdelta.estimators.diagnostics import ESS_FRAC_MIN, RATIO_RANGE, proposal_warnings
+from isdelta.estimators.diagnostics import (
+    bounds_warning,
+    broken_bounds,
+    proposal_warnings,
+    token_diagnostics,
+    token_warnings,
+)
 from isdelta.estimators.groups import Groups
-from isdelta.estimators.prefix import PrefixRows, expand, prefix_ess, prepare, sn_weights
+from isdelta.estimators.prefix import LOG_MAX, PrefixRows, expand, prepare, sn_weights
 from isdelta.estimators.proposal import token_proposal
 from isdelta.estimators.results import TOKEN_ESTIMATES as ESTIMATES
 from isdelta.estimators.results import Estimate, EstimatorWarning, TokenDelta
@@ -63,6 +69,7 @@ def estimate_tokens(
     prompts: Literal["fixed", "sampled"] = "fixed",
     level: float = 0.95,
     token_logq=None,
+    support_size: int | None = None,
 ) -> TokenDelta:
     r"""Estimate H(p0), H(p1), ΔH and entropy rates with per-decision Rao–Blackwellised IS.
 
@@ -112,23 +119,33 @@ def estimate_tokens(
     token_logq : array_like, float, shape [N, C], optional
         The sampler's processed log-prob of each sampled token (counted positions read only).
         None (default): the rows come from p0 and the result is exactly what it is without it.
+    support_size : int, optional
+        Tokens a next-token distribution can spread over (the vocabulary, or top-k), for the
+        physical bounds: per token H ≤ ln V, per sequence H ≤ C·ln V. None: 2^32
+        (``policy.SUPPORT_MAX``); the estimates themselves do not use it.
 
     Returns
     -------
     TokenDelta
+        With ``max_length`` = C and ``out_of_bounds``: the physical bounds of entropy that the
+        estimates break (``policy.bounds``: H ≥ 0, ΔH ≥ −H0, the two above), empty when none.
 
     Raises
     ------
     ValueError
         Arrays not [N, C] alike, non-finite or positive log-probs / negative entropies at
         counted positions (``token_logq`` included: q drew them), a mask that is not boolean or
-        0/1, a prompt with one row, an unknown ``method`` or ``prompts``, ``level`` outside (0, 1).
+        0/1, a prompt with one row, an unknown ``method`` or ``prompts``, ``level`` outside (0, 1),
+        ``support_size`` < 1.
+    TypeError
+        ``method``, ``prompts`` not strings, ``level`` not a number, ``support_size`` not an int.
 
     Warns
     -----
     EstimatorWarning
-        Prefix-weight ESS below max(2, 0.1·G_p) at some counted column, a prompt's mean ratio
-        outside [0.5, 2], rows with L = 0.
+        Prefix-weight ESS below max(2, 0.1·G_p) at some counted column, prefix ratios past
+        e^300, a prompt's mean ratio outside [0.5, 2], rows with L = 0, and any estimate outside
+        the physical bounds of entropy (which ``headline`` refuses).
 
     Notes
     -----
@@ -163,6 +180,7 @@ def estimate_tokens(
     """
     _check_method(method)
     inputs.check_options(prompts=prompts, level=level)
+    inputs.check_support_size(support_size)
     tok = prepare(token_logp0, token_logp1, token_entropy0, token_entropy1, mask, group, token_logq)
     if prompts == "sampled" and tok.groups.n_prompts < 2:
         raise ValueError(
@@ -176,8 +194,11 @@ def estimate_tokens(
         for k, lin in lins.items()
         if k in ESTIMATES
     }
-    diag = _diagnose(tok)
-    messages = _warnings(diag, tok)
+    diag = token_diagnostics(tok)
+    messages = token_warnings(diag, tok)
+    broken = broken_bounds(ests, support_size, tok.mask.shape[1])
+    if broken:
+        messages.append(bounds_warning(method, broken, diag))
     q_fields = {}  # with q only: without it the result is exactly today's
     if tok.log_rho0 is not None:
         q_fields["proposal"] = token_proposal(tok.p0_view())
@@ -194,26 +215,28 @@ def estimate_tokens(
         **diag,
         warnings=tuple(messages),
         **q_fields,
+        max_length=int(tok.mask.shape[1]),
+        out_of_bounds=tuple(str(c) for c in broken),
+        fingerprint=tok.fingerprint,
     )
 
 
-# The p1 terms weigh by ρ = e^{log ρ}. When a prefix log-ratio passes _LOG_MAX they are computed
+# The p1 terms weigh by ρ = e^{log ρ}. When a prefix log-ratio passes LOG_MAX they are computed
 # as e^{log ρ − shift}, the shift bringing the largest ratio that carries weight (at a counted
-# position, or in a control term with û > 0) down to e^{_LOG_MAX}, exponents capped at _EXP_CAP
+# position, or in a control term with û > 0) down to e^{LOG_MAX}, exponents capped at _EXP_CAP
 # where nothing is weighed (so no inf·0), and scaled back at the end: every sum, square and
 # difference stays finite, a heavy-tailed sample gives ±inf for the per-sequence pd / cv figures
 # (their values are past float64), never NaN, and the per-token ratios, where the shift cancels,
 # stay finite. 300 leaves room for squares in the SE (e^600); ordinary ratios never come near it,
 # and below it the plain formulas run unchanged (bit-identical results).
-_LOG_MAX = 300.0
 _EXP_CAP = 700.0
 _SCALED = ("h1", "delta", "path_shift", "length1")  # linear in ρ: computed scaled by e^{−shift}
 
 
 def _log_shift(tok: PrefixRows, method: str) -> float | None:
-    """None when no prefix log-ratio log ρ_t or log ρ_t + δ_t passes _LOG_MAX (the plain
+    """None when no prefix log-ratio log ρ_t or log ρ_t + δ_t passes LOG_MAX (the plain
     formulas); else the shift of the log-space formulas (see above)."""
-    if method == "pd_sn" or max(tok.log_rho.max(), (tok.log_rho + tok.delta).max()) <= _LOG_MAX:
+    if method == "pd_sn" or max(tok.log_rho.max(), (tok.log_rho + tok.delta).max()) <= LOG_MAX:
         return None
     counted = tok.mask > 0
     top = tok.log_rho[counted].max(initial=0.0)
@@ -221,7 +244,7 @@ def _log_shift(tok: PrefixRows, method: str) -> float | None:
         later = np.cumsum(tok.mask[:, ::-1], axis=1)[:, ::-1] - tok.mask  # Σ_{s>t} m_is, [N, C]
         weighed = counted & (_leave_one_out(tok.groups, later) > 0)
         top = max(top, (tok.log_rho + tok.delta)[weighed].max(initial=0.0))
-    return max(0.0, float(top) - _LOG_MAX)
+    return max(0.0, float(top) - LOG_MAX)
 
 
 def _exp(x: np.ndarray) -> np.ndarray:
@@ -256,6 +279,8 @@ def _scale(lin: Linear, factor: float) -> Linear:
 
 
 def _check_method(method) -> None:
+    if not isinstance(method, str):
+        raise TypeError(f"method: expected one of {list(METHODS)} (a string), got {type(method).__name__} {method!r}.")
     if method not in METHODS:
         raise ValueError(
             f"method: expected one of {list(METHODS)}, got {method!r}; 'cv' (the default) "
@@ -340,7 +365,8 @@ def _estimates(tok: PrefixRows, method: str) -> tuple[dict[str, Linear], float |
     h1_rows, h0_rows = _p1_rows(tok, tok.a1, method, shift), _p0_rows(tok, tok.a0, method)
     len1, len0 = _p1_rows(tok, tok.mask, method, shift), _p0_rows(tok, tok.mask, method)
     out = {"h0": _linear(g, h0_rows), "h1": _linear(g, h1_rows)}
-    with np.errstate(divide="ignore", invalid="ignore"):  # every row L = 0: nan rates
+    # every row L = 0: nan rates; cv's length estimate near 0 after a huge step: ±inf
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         out["h0_tok"] = _linear(g, h0_rows, len0)
         out["h1_tok"] = _linear(g, h1_rows, len1)  # a ratio: the shift cancels
     h0 = _scale(out["h0"], np.exp(-shift)) if shift else out["h0"]  # in h1's scale (a no-op at 0)
@@ -350,69 +376,3 @@ def _estimates(tok: PrefixRows, method: str) -> tuple[dict[str, Linear], float |
     out["path_shift"] = out["delta"] - (_scale(out["direct"], np.exp(-shift)) if shift else out["direct"])
     out["length0"], out["length1"] = _linear(g, len0), _linear(g, len1)
     return out, shift
-
-
-def _diagnose(tok: PrefixRows) -> dict:
-    """Prefix-weight ESS, largest |log ρ|, mean full-sequence ratio, sizes."""
-    g = tok.groups
-    ess, counted = prefix_ess(tok)
-    ess_counted = np.where(counted, ess, np.inf)
-    frac = ess_counted / g.sizes[:, None]
-    log_r = tok.log_rho[:, -1] + tok.delta[:, -1]  # full-sequence log-ratio, [N]
-    mean_ratio = np.exp(g.logsumexp(log_r) - np.log(g.sizes))  # [P]
-    any_counted = bool(counted.any())
-    return {
-        "prefix_ess_min": float(ess_counted.min()) if any_counted else float("nan"),
-        "prefix_ess_frac_min": float(frac.min()) if any_counted else float("nan"),
-        "max_log_rho": float(max(np.abs(tok.log_rho).max(), np.abs(log_r).max())),
-        "mean_ratio_min": float(mean_ratio.min()),
-        "mean_ratio_max": float(mean_ratio.max()),
-        "n_rows": g.n_rows,
-        "n_prompts": g.n_prompts,
-        "n_empty": int(np.sum(tok.mask.sum(axis=1) == 0)),
-    }
-
-
-def _ess_warning(d: dict, tok: PrefixRows) -> list[str]:
-    g = tok.groups
-    ess, counted = prefix_ess(tok)
-    low = counted & (ess < np.maximum(2.0, ESS_FRAC_MIN * g.sizes[:, None]))
-    if not low.any():
-        return []
-    first = int(np.argwhere(low)[:, 1].min())
-    message = (
-        f"prefix-weight ESS below max(2, {ESS_FRAC_MIN}·G) at {int(low.sum())} counted "
-        f"(prompt, column) pairs of {int(low.any(axis=1).sum())} prompts, from column {first} "
-        f"(smallest ESS {d['prefix_ess_min']:.2f}; largest |log ρ| {d['max_log_rho']:.3g}): "
-        "the prefix ratios of later positions rest on one or two rows, so H1 and ΔH there, "
-        "and their SE, are unreliable. Fix: a smaller update step or more samples per prompt."
-    )
-    return [message]
-
-
-def _warnings(d: dict, tok: PrefixRows) -> list[str]:
-    """Every diagnostic warning for one estimate, in a fixed order."""
-    out = _ess_warning(d, tok)
-    top = max(tok.log_rho.max(), (tok.log_rho + tok.delta).max())
-    if top > _LOG_MAX:
-        out.append(
-            f"prefix ratios up to e^{top:.4g}: pd and cv weigh positions by them, so their "
-            "per-sequence H1 and ΔH are unbounded here (±inf when past float64; the per-token rates stay "
-            "finite). E_p0[ρ] = 1 fails on this sample. Fix: a smaller update step, or method='pd_sn' "
-            "(bounded by the data)."
-        )
-    lo, hi = RATIO_RANGE
-    if d["mean_ratio_min"] < lo or d["mean_ratio_max"] > hi:
-        out.append(
-            f"mean full-sequence ratio r = p1/p0 per prompt in [{d['mean_ratio_min']:.3g}, "
-            f"{d['mean_ratio_max']:.3g}], outside [{lo:g}, {hi:g}]: the per-decision "
-            "estimators rely on E_p0[ρ_t] = 1, which fails when p1 has mass that p0's samples "
-            "missed or the two are scored with different transforms. Fix: score both models "
-            "with the same sampling transform; take a smaller step."
-        )
-    if d["n_empty"]:
-        out.append(
-            f"{d['n_empty']} of {d['n_rows']} rows have no counted position (L = 0): they add "
-            "0 to every sum and count as zero entropy; check the mask if this is unexpected."
-        )
-    return out

@@ -13,9 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from isdelta.estimators import inputs
+from isdelta.estimators.fingerprint import RowsFingerprint
 from isdelta.estimators.groups import Groups, make_groups
 
-__all__ = ["PrefixRows", "expand", "prefix_ess", "prepare", "sn_weights", "token_arrays"]
+__all__ = ["LOG_MAX", "PrefixRows", "expand", "prefix_ess", "prepare", "sn_weights", "token_arrays"]
+
+# a prefix log-ratio past this is heavy-tailed: pd and cv compute their p1 terms scaled by a shift
+# (``per_decision``) and a warning says their per-sequence figures are unbounded
+LOG_MAX = 300.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class PrefixRows:
     # with a proposal q (log_rho, delta are then p1/q): the p0/q ones, [N, C]; None when q = p0
     log_rho0: np.ndarray | None = None
     delta0: np.ndarray | None = None
+    fingerprint: RowsFingerprint | None = None  # the rows as the caller gave them
 
     def p0_view(self) -> PrefixRows | None:
         """These rows with the p0/q prefix ratios in place of the p1/q ones (None when q = p0):
@@ -42,6 +48,8 @@ class PrefixRows:
 
 def _token_array(name: str, x, shape: tuple[int, ...] | None) -> np.ndarray:
     """``x`` as float64 [N, C] (of ``shape`` when given)."""
+    if x is None:
+        raise TypeError(f"{name}: expected a numeric array [N, C] (rows × completion columns), got None.")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -58,6 +66,10 @@ def _token_array(name: str, x, shape: tuple[int, ...] | None) -> np.ndarray:
 
 
 def _mask(mask, shape: tuple[int, ...]) -> np.ndarray:
+    if mask is None:
+        raise TypeError(
+            f"mask: expected booleans of shape {shape} like token_logp0 (True on counted positions), got None."
+        )
     arr = np.asarray(mask)
     if arr.shape != shape:
         raise ValueError(f"mask: expected shape {shape} like token_logp0 (True on counted positions), got {arr.shape}.")
@@ -90,12 +102,13 @@ def _check_counted(name: str, x: np.ndarray, m: np.ndarray, kind: str) -> None:
     if vals.size and kind == "logp" and vals.max() > inputs.LOGP_TOL:
         raise ValueError(
             f"{name}: expected log-probabilities (≤ 0) at counted positions, got a maximum of "
-            f"{vals.max():.4g}; did you pass negative log-likelihoods? Negate them."
+            f"{vals.max():.4g}; did you pass negative log-likelihoods? Negate them. Entropies in its "
+            f"place? {inputs.ORDER}."
         )
     if vals.size and kind == "entropy" and vals.min() < -inputs.LOGP_TOL:
         raise ValueError(
             f"{name}: expected entropies (≥ 0) at counted positions, got a minimum of "
-            f"{vals.min():.4g}; pass token_entropy, not log-probs."
+            f"{vals.min():.4g}; pass token_entropy, not log-probs: {inputs.ORDER}."
         )
 
 
@@ -133,6 +146,8 @@ def prepare(logp0, logp1, ent0, ent1, mask, group, logq=None) -> PrefixRows:
     codes, labels = inputs.group_codes(group, m.shape[0])
     groups = make_groups(codes, labels)
     inputs.check_group_sizes(groups)
+    # caller order, whole rows: what ``estimate`` on the same rows records (its length, log_p0)
+    fingerprint = RowsFingerprint.of(groups, m.sum(axis=1), np.where(m, arrays["token_logp0"], 0.0).sum(axis=1))
     m = groups.sort(m)
     arrays = {k: groups.sort(v) for k, v in arrays.items()}
     base = arrays.get("token_logq", arrays["token_logp0"])  # the sampler's log-probs
@@ -148,6 +163,7 @@ def prepare(logp0, logp1, ent0, ent1, mask, group, logq=None) -> PrefixRows:
         a1=np.where(m, arrays["token_entropy1"], 0.0),
         log_rho0=None if delta0 is None else _prefix_sums(delta0),
         delta0=delta0,
+        fingerprint=fingerprint,
     )
 
 

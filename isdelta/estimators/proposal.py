@@ -87,7 +87,7 @@ class ProposalWeights:
     def of(cls, wts: Weights, log_r0q: np.ndarray, groups: Groups, prefix_ess_frac_min: float | None = None):
         """From the p0/q weights used (prompt-sorted) and the raw log-ratios log(p0/q), [N]."""
         finite = np.isfinite(wts.khat)
-        mean_ratio = np.exp(groups.logsumexp(log_r0q) - np.log(groups.sizes))  # [P]
+        mean_ratio = groups.mean_exp(log_r0q)  # [P]
         ess = pooled_ess(wts.ess)
         return cls(
             ess=ess,
@@ -226,7 +226,7 @@ def sampler_gap(token_logq, token_logp0, mask, group=None, *, tol: float = GAP_T
         −inf where p0 > 0 included), a mask that is not boolean or 0/1, a prompt with one row, or
         ``tol`` not a finite number ≥ 0.
     """
-    if not isinstance(tol, (int, float, np.floating)) or not (np.isfinite(tol) and tol >= 0):
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol: expected a per-token tolerance in nats (finite, ≥ 0), got {tol!r}.")
     arrays, m = token_arrays({"token_logp0": token_logp0, "token_logq": token_logq}, mask)
     codes, labels = inputs.group_codes(group, m.shape[0])

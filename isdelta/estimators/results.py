@@ -20,6 +20,7 @@ from isdelta.outputs import finite_or_none
 KHAT_ESS_GATE = 0.5
 
 if TYPE_CHECKING:
+    from isdelta.estimators.fingerprint import RowsFingerprint
     from isdelta.estimators.proposal import ProposalWeights
     from isdelta.estimators.weights import Weights
 
@@ -178,6 +179,9 @@ class EntropyDelta:
     proposal : ProposalWeights or None
         With ``log_q`` (rows drawn from q ≠ p0): ESS, k̂, KL(p0‖q) and mean ratio of the H0
         weights p0/q (the fields above then describe the H1 weights p1/q). None when q = p0.
+    fingerprint : RowsFingerprint or None
+        What identifies the rows (N, prompt layout, lengths, log p0): ``headline`` refuses to
+        combine results whose fingerprints differ. ``to_dict()`` keeps N, P and the layout digest.
     """
 
     h0: Estimate
@@ -220,6 +224,7 @@ class EntropyDelta:
     warnings: tuple[str, ...]
     weights: Weights | None = field(default=None, repr=False, compare=False)
     proposal: ProposalWeights | None = None
+    fingerprint: RowsFingerprint | None = field(default=None, repr=False, compare=False)
 
     @property
     def khat_status(self) -> str:
@@ -230,7 +235,7 @@ class EntropyDelta:
             return "not estimable"
         if self.khat <= self.khat_threshold:
             return "good"
-        if not self.ess_frac < KHAT_ESS_GATE:
+        if self.ess_frac >= KHAT_ESS_GATE:  # a nan ESS vouches for nothing
             return "high, ESS fine"
         return "very bad" if self.khat > 1.0 else "bad"
 
@@ -326,6 +331,16 @@ class TokenDelta:
     proposal : ProposalWeights or None
         With ``token_logq`` (rows drawn from q ≠ p0): the p0/q weights' ESS (sequence and
         prefix), k̂ and mean ratio; the prefix ESS and ratio fields above are then of p1/q.
+    max_length : int or None
+        C, the most counted positions a row of these arrays can have: every estimate per
+        sequence estimates a sum over t < C, so it is at most C·ln|support| (None: built by hand).
+    out_of_bounds : tuple of str
+        The physical bounds of entropy that these estimates break (each as the failed check,
+        e.g. "H(p1) per sequence vs 12 positions · log|support| 1.3e+194 ✗ (needs ≤ 130)");
+        empty when none. ``headline`` refuses this method whenever it is not empty (the same
+        checks are among its own).
+    fingerprint : RowsFingerprint or None
+        What identifies the rows (as ``EntropyDelta.fingerprint``).
     """
 
     h0: Estimate
@@ -351,6 +366,9 @@ class TokenDelta:
     n_empty: int
     warnings: tuple[str, ...]
     proposal: ProposalWeights | None = None
+    max_length: int | None = None
+    out_of_bounds: tuple[str, ...] = ()
+    fingerprint: RowsFingerprint | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """All fields, Estimates as nested dicts (nats and ``_bits``); JSON-safe."""

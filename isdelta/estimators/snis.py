@@ -126,14 +126,21 @@ def estimate(
         Estimates (nats; ``.bits`` converts) with SE and CI, ΔH₁ and its decomposition,
         diagnostics, the tuple of warnings issued, and the weights used (``.weights``, rows in
         the caller's order and shape). With ``log_q``: ``weights``, ESS, k̂, KL and mean ratio
-        describe the H1 weights p1/q, and ``.proposal`` the H0 weights p0/q.
+        describe the H1 weights p1/q, and ``.proposal`` the H0 weights p0/q. ``.fingerprint``
+        identifies the rows (``headline`` refuses results of different rows).
 
     Raises
     ------
     ValueError
-        Mismatched shapes, non-finite or positive log-probs, negative lengths, a prompt with
-        one row, an unknown option, ``level`` outside (0, 1), missing "no_eos" inputs, or a
-        ``log_q`` of another shape, non-finite (q drew every row, so log q > −inf) or positive.
+        Mismatched shapes, non-finite or positive log-probs, lengths that are negative or not
+        whole numbers, a row with L = 0 whose log-probs are not 0, ``group`` ids that are floats
+        with a fraction (log-probs in its place), a prompt with one row, an unknown option,
+        ``level`` outside (0, 1), missing "no_eos" inputs, or a ``log_q`` of another shape,
+        non-finite (q drew every row, so log q > −inf) or positive. Where arrays look swapped,
+        the message gives the order of the arguments.
+    TypeError
+        None for a required array; an option of the wrong type (``weights``, ``include``,
+        ``prompts`` not strings, ``level`` or ``clip`` not numbers).
 
     Warns
     -----
@@ -200,6 +207,7 @@ def estimate(
         warnings=tuple(messages),
         weights=wts.in_caller_order(rows.groups, np.shape(log_p0)),
         **q_fields,
+        fingerprint=rows.fingerprint,
     )
 
 
@@ -291,9 +299,19 @@ def estimate_per_prompt(log_p0, log_p1, length, group, **options) -> dict:
     -------
     dict of prompt id -> EntropyDelta, in sorted id order.
 
+    Raises
+    ------
+    TypeError
+        An option that ``estimate`` does not take, or None for a row array.
+    ValueError
+        Row arrays that are not 1-D [N] alike (``group`` and the per-row options included), or
+        ``group`` holding no prompt ids (None, or floats with a fractional part); then whatever
+        ``estimate`` refuses on a prompt's rows.
+
     Naive equivalent: ``{p: estimate(x[group == p] for each row array, **options) for p in
     np.unique(group)}``.
     """
+    _check_per_prompt(log_p0, log_p1, length, group, options)
     group = np.asarray(group)
     arrays = {k: np.asarray(v) for k, v in options.items() if k in _ROW_OPTIONS and v is not None}
     scalars = {k: v for k, v in options.items() if k not in _ROW_OPTIONS}
@@ -309,3 +327,34 @@ def estimate_per_prompt(log_p0, log_p1, length, group, **options) -> dict:
                 **{k: v[idx] for k, v in arrays.items()}, **{**scalars, "prompts": "fixed"},
             )  # fmt: skip
     return out
+
+
+_OPTIONS = ("weights", "include", "prompts", "level", "clip", *_ROW_OPTIONS)  # estimate's keywords
+
+
+def _check_per_prompt(log_p0, log_p1, length, group, options: dict) -> None:
+    """The arguments of ``estimate_per_prompt`` before any slicing: options that ``estimate``
+    takes, and row arrays that are 1-D [N] alike (a slice of a misshapen array would fail, or
+    worse pass, far from its cause)."""
+    unknown = [k for k in options if k not in _OPTIONS]
+    if unknown:
+        raise TypeError(f"{unknown[0]}: not an option of estimate; expected one of {list(_OPTIONS)}.")
+    if group is None:
+        raise ValueError(
+            "group: expected one prompt id per row [N] (estimate_per_prompt splits the rows by prompt), "
+            "got None; for one prompt call estimate(...) itself."
+        )
+    s0 = inputs.as_rows("log_p0", log_p0)
+    if np.ndim(log_p0) != 1:
+        raise ValueError(
+            f"log_p0: expected a 1-D array [N] with `group`, got shape {np.shape(log_p0)}; for [P, G] "
+            "arrays pass x.reshape(-1) and group=np.repeat(np.arange(P), G)."
+        )
+    inputs.as_rows("log_p1", log_p1, s0.shape)
+    inputs.as_rows("length", length, s0.shape)
+    inputs.group_codes(group, s0.size)
+    for k in _ROW_OPTIONS:
+        if options.get(k) is not None and np.shape(options[k]) != s0.shape:
+            raise ValueError(
+                f"{k}: expected shape {s0.shape} like log_p0 (one entry per row), got {np.shape(options[k])}."
+            )

@@ -86,11 +86,12 @@ def covariance(x: np.ndarray, y: np.ndarray, groups: Groups, *, x_centred: np.nd
     """
     xc = x - groups.expand(groups.mean(x)) if x_centred is None else x_centred
     yc = y - groups.expand(groups.mean(y))
-    u = xc * yc  # [N]
-    cov_p = groups.sum(u) / (groups.sizes - 1)  # [P]
-    value = float(cov_p.mean())
-    psi = u - groups.expand(groups.mean(u))
-    return Linear(value, psi, cov_p - value)
+    with np.errstate(over="ignore", invalid="ignore"):  # deviations past 1e154: ±inf / nan, as it is
+        u = xc * yc  # [N]
+        cov_p = groups.sum(u) / (groups.sizes - 1)  # [P]
+        value = float(cov_p.mean())
+        psi = u - groups.expand(groups.mean(u))
+        return Linear(value, psi, cov_p - value)
 
 
 def weighted_covariance(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: Groups) -> Linear:
@@ -104,22 +105,26 @@ def weighted_covariance(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: Gro
     """
     xc = x - groups.expand(groups.sum(w * x))
     yc = y - groups.expand(groups.sum(w * y))
-    lin = weighted_ratio(w, xc * yc, None, groups)  # ddof-0 value, SNIS influence ψ
-    cov_p = groups.sum(w * xc * yc) / (1.0 - groups.sum(w * w))  # [P]
-    value = float(cov_p.mean())
-    return Linear(value, lin.psi, cov_p - value)
+    with np.errstate(over="ignore", invalid="ignore"):  # deviations past 1e154: ±inf / nan, as it is
+        lin = weighted_ratio(w, xc * yc, None, groups)  # ddof-0 value, SNIS influence ψ
+        cov_p = groups.sum(w * xc * yc) / (1.0 - groups.sum(w * w))  # [P]
+        value = float(cov_p.mean())
+        return Linear(value, lin.psi, cov_p - value)
 
 
 def standard_error(lin: Linear, groups: Groups, prompts: str) -> float:
     """SE of a linearised prompt-average; ``prompts`` is "fixed" or "sampled" (module doc)."""
     n_prompts = groups.n_prompts
-    if prompts == "sampled":
-        return float(np.std(lin.z, ddof=1) / np.sqrt(n_prompts))
-    # ψ sums to 0 within each prompt (it is centred by construction: Σ_{i∈p} w_i (e_i − ē_p) = 0),
-    # so the one-pass form Σψ² − (Σψ)²/G loses no digits here and saves [N] temporaries
-    psi, g = lin.psi, groups.sizes
-    var_p = (groups.sum(psi * psi) - groups.sum(psi) ** 2 / g) / (g - 1)  # [P]
-    return float(np.sqrt(np.sum(np.maximum(var_p, 0.0) / g)) / n_prompts)
+    # an influence term past 1e154 (a ratio whose denominator nearly cancels, after a huge step)
+    # squares to inf, and inf − inf is nan: the SE is then not finite, which every reader checks
+    with np.errstate(over="ignore", invalid="ignore"):
+        if prompts == "sampled":
+            return float(np.std(lin.z, ddof=1) / np.sqrt(n_prompts))
+        # ψ sums to 0 within each prompt (centred by construction: Σ_{i∈p} w_i (e_i − ē_p) = 0),
+        # so the one-pass form Σψ² − (Σψ)²/G loses no digits here and saves [N] temporaries
+        psi, g = lin.psi, groups.sizes
+        var_p = (groups.sum(psi * psi) - groups.sum(psi) ** 2 / g) / (g - 1)  # [P]
+        return float(np.sqrt(np.sum(np.maximum(var_p, 0.0) / g)) / n_prompts)
 
 
 def z_value(level: float) -> float:
