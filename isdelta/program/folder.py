@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from isdelta.outputs import atomic_write, file_sha256
+from isdelta.program import interrupts
 from isdelta.program.errors import ConfigError, OutputFolderError, ProgramError
 
 __all__ = ["MANIFEST", "OutputFolder", "folder_lock", "make_folder", "note", "stamp_of"]
@@ -74,8 +75,15 @@ def folder_lock(path: Path, key: str) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock (documented)
         yield
         return
+    lock = path / LOCK
+    if lock.exists() and not lock.is_file():
+        raise OutputFolderError(
+            f"output folder {path}: {LOCK} is a {_kind(lock)}, not isdelta's lock file",
+            "a run holds the folder by locking that file, so it cannot start",
+            f"delete it (rm -r {lock}), then rerun the same command",
+        )
     try:
-        f = open(path / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
+        f = open(lock, "a+", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
     except OSError as e:
         raise ConfigError(
             f"{key} {path}: cannot write in the output folder", e.strerror, "choose a folder you can write"
@@ -154,6 +162,8 @@ class OutputFolder:
         path = self.path / MANIFEST
         if not path.exists():
             return None, "missing"
+        if not path.is_file():
+            return None, f"a {_kind(path)}, not a file"
         try:
             m = json.loads(path.read_text(encoding="utf-8"))
             if not (isinstance(m, dict) and m.get("version") == _VERSION and isinstance(m.get("parts"), dict)):
@@ -163,6 +173,8 @@ class OutputFolder:
             return m, None
         except (ValueError, UnicodeDecodeError) as e:
             return None, f"damaged ({e})"
+        except OSError as e:
+            return None, f"unreadable ({e.strerror})"
 
     def _check_stamp(self) -> None:
         manifest, problem = self._read_manifest()
@@ -170,9 +182,25 @@ class OutputFolder:
             self._adopt(problem)
         else:
             self._compare(manifest)
-            self._parts = manifest["parts"]
+            self._parts = self._valid_entries(manifest["parts"])
+        for name in (MANIFEST, "config_hash"):  # rewritten below: whatever is in the way goes
+            if (self.path / name).exists() and not (self.path / name).is_file():
+                note(f"{self.path}: {name} is a {_kind(self.path / name)}, not a file — deleting it")
+                _remove(self.path / name)
         atomic_write(self.path / "config_hash", self.stamp["config"] + "\n")
         self._save()
+
+    def _valid_entries(self, parts: dict) -> dict[str, dict]:
+        """The manifest's entries that are records (a checksum and the inputs' identity); a
+        damaged entry is dropped with a note, so its part is recomputed."""
+        good = {}
+        for name, entry in parts.items():
+            ok = isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("sha256", "inputs"))
+            if ok and _inside(name):
+                good[name] = entry
+            else:
+                note(f"{self.path}: the entry for {name!r} in {MANIFEST} is damaged — its part will be recomputed")
+        return good
 
     def _adopt(self, problem: str) -> None:
         """No readable manifest: a new folder, or results that cannot be verified."""
@@ -237,6 +265,8 @@ class OutputFolder:
             entry = self._parts.get(name)
             if not f.exists():
                 problem = f"{name} is missing"
+            elif not f.is_file():
+                problem = f"{name} is a {_kind(f)}, not a file"
             elif entry is None:
                 problem = f"{name} is not in {MANIFEST} (a run was stopped before recording it)"
             elif entry.get("inputs") != inputs:
@@ -267,10 +297,20 @@ class OutputFolder:
         for n in names:
             self._parts[n] = {"sha256": file_sha256(self.path / n), "inputs": inputs}
         self._save()
+        interrupts.check()  # a part just saved: a safe point to stop at
 
     def digest(self, *names: str) -> str:
         """The identity of recorded parts (their checksums), as inputs of the parts after them."""
         return stamp_of([self._parts[n]["sha256"] for n in names])
+
+    def subfolder(self, name: str) -> Path:
+        """``path/name`` as a folder (created; a file in its place is deleted with a note)."""
+        sub = self.path / name
+        if sub.exists() and not sub.is_dir():
+            note(f"{self.path}: {name} is a {_kind(sub)}, not a folder — deleting it")
+            _remove(sub)
+        sub.mkdir(parents=True, exist_ok=True)
+        return sub
 
     def recorded(self) -> list[str]:
         """Names of the recorded parts."""
@@ -288,10 +328,20 @@ class OutputFolder:
             self._save()
 
 
+def _kind(path: Path) -> str:
+    """What is at ``path``, in a word, for messages."""
+    return "folder" if path.is_dir() else "file" if path.is_file() else "special file"
+
+
+def _inside(name: str) -> bool:
+    """A manifest name that stays inside the folder (no absolute path, no ``..``)."""
+    return not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
 def _remove(path: Path) -> None:
     """Delete a file or folder; one that cannot be deleted is refused with its name."""
     try:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)

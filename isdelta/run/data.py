@@ -10,7 +10,17 @@ from pathlib import Path
 from isdelta.program import ProgramError
 from isdelta.run.config import RunConfig
 
-__all__ = ["RunError", "check_prompts", "check_records", "data_path", "load_records", "records_digest", "sft_rollouts"]
+__all__ = [
+    "RunError",
+    "check_context",
+    "check_prompts",
+    "check_records",
+    "data_path",
+    "load_records",
+    "prompt_lengths",
+    "records_digest",
+    "sft_rollouts",
+]
 
 
 class RunError(ProgramError, RuntimeError):
@@ -67,7 +77,7 @@ def _record(cfg: RunConfig, path: Path, n: int, line: str) -> dict:
             f'write each line as an object, e.g. {{"{d.prompt_field}": "...", "{d.answer_field}": "..."}}',
         )
     if d.messages_field in row:
-        prompt = row[d.messages_field]
+        prompt = _messages(row[d.messages_field], f"{path}:{n}", d.messages_field)
     elif d.prompt_field in row:
         prompt = row[d.prompt_field]
         if not isinstance(prompt, str):
@@ -85,6 +95,33 @@ def _record(cfg: RunConfig, path: Path, n: int, line: str) -> dict:
             "set data.prompt_field / data.messages_field",
         )
     return {"prompt": prompt, "answer": row.get(d.answer_field), "response": row.get(d.response_field), "line": n}
+
+
+def _messages(value, where: str, field: str) -> list[dict]:
+    """A chat: a non-empty list of {"role": str, "content": str} (RunError naming the line)."""
+    example = f'"{field}": [{{"role": "user", "content": "..."}}]'
+    if isinstance(value, str):
+        raise RunError(
+            f"{where}: '{field}' is a string, not a list of chat messages",
+            "a chat prompt is sent through the chat template; a string there would be sent without it",
+            f"write {example}, or put a plain prompt under data.prompt_field",
+        )
+    if not isinstance(value, list):
+        bad = f"is a {type(value).__name__}"
+    elif not value:
+        bad = "is empty"
+    else:
+        bad = next(
+            (
+                f"message {i} is not an object with a string 'role' and 'content' (got {str(m)[:60]!r})"
+                for i, m in enumerate(value)
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str))
+            ),
+            None,
+        )
+    if bad:
+        raise RunError(f"{where}: '{field}' {bad}", "a chat prompt is a list of messages", f"write {example}")
+    return value
 
 
 def records_digest(records: list[dict]) -> str:
@@ -118,10 +155,17 @@ def check_prompts(cfg: RunConfig, model, tok, records: list[dict]) -> None:
     """Every prompt encodes as the sampler will encode it, and fits the model's context with
     ``sampling.max_new_tokens`` (RunError naming the data lines), before the first sample."""
     from isdelta.engine import context_size
+
+    check_context(cfg, prompt_lengths(cfg, tok, records), context_size(model), "the model's")
+
+
+def prompt_lengths(cfg: RunConfig, tok, records: list[dict]) -> list[tuple[int, int]]:
+    """``(data line, prompt tokens)`` per record, encoded as the sampler encodes it (RunError
+    naming the line of a prompt that cannot be encoded)."""
     from isdelta.engine.sampling import encode_prompts
 
     path = data_path(cfg)
-    lengths = []  # (line, prompt tokens)
+    lengths = []
     for r in records:
         try:
             (ids,), _ = encode_prompts(tok, [r["prompt"]])
@@ -131,12 +175,18 @@ def check_prompts(cfg: RunConfig, model, tok, records: list[dict]) -> None:
                 f"{path}:{r['line']}: the prompt cannot be encoded", str(e).replace("prompt 0 ", "it "), fix
             ) from None
         lengths.append((r["line"], len(ids)))
-    n, new = context_size(model), cfg.sampling.max_new_tokens
+    return lengths
+
+
+def check_context(cfg: RunConfig, lengths: list[tuple[int, int]], n: int | None, whose: str) -> None:
+    """RunError naming the data lines whose prompt + ``sampling.max_new_tokens`` exceed a context of
+    ``n`` positions (``whose``: "the model's", "checkpoints.2's"); None: the config does not say."""
+    new = cfg.sampling.max_new_tokens
     over = [(line, L) for line, L in lengths if n is not None and L + new > n]
     if over:
         raise RunError(
-            f"{path}: lines {[line for line, _ in over[:5]]}{' …' if len(over) > 5 else ''} do not fit "
-            f"the model's context of {n} positions",
+            f"{data_path(cfg)}: lines {[line for line, _ in over[:5]]}{' …' if len(over) > 5 else ''} do not fit "
+            f"{whose} context of {n} positions",
             f"line {over[0][0]}'s prompt has {over[0][1]} tokens + sampling.max_new_tokens {new}",
             "shorten those prompts, lower sampling.max_new_tokens, or drop them (data.limit)",
         )

@@ -21,7 +21,9 @@ from isdelta import program
 from isdelta.outputs import atomic_write
 from isdelta.program import OutputFolder, stage, stamp_of
 from isdelta.program.folder import MANIFEST
+from isdelta.program.identity import model_identity
 from isdelta.program.ranks import ranks
+from isdelta.run.bounds import Shown
 from isdelta.run.config import RunConfig, config_hash, load_config
 from isdelta.run.data import RunError, check_prompts, check_records, load_records, records_digest
 from isdelta.run.shards import Shard, check_shardable, merge, placed
@@ -79,7 +81,17 @@ def run(cfg: RunConfig, out: Path | None = None) -> dict:
         folder = main if r.world == 1 else r.agree(lambda: open_folder(out / shard.folder))
         if cfg.checkpoints is not None:  # ΔH along a series of checkpoints (isdelta.run.trajectory)
             return run_trajectory(cfg, folder, records)
-        return _run(cfg, folder, records, shard, out)
+        return _run(cfg, folder, records, shard, out, r.agree(lambda: identities(cfg)))
+
+
+def identities(cfg: RunConfig) -> dict[str, str]:
+    """The content identity of each model the run loads (``model``, and ``updated`` when set):
+    every saved part is stamped with those that made it, so a model rewritten in place between
+    two runs of one command (even with its old size and mtime) never has its old parts reused."""
+    ids = {"model": model_identity(cfg.model, "model")}
+    if cfg.updated is not None:
+        ids["updated"] = model_identity(cfg.updated, "updated")
+    return ids
 
 
 def _check(cfg: RunConfig, out: Path, key: str, r) -> list[dict]:
@@ -92,19 +104,19 @@ def _check(cfg: RunConfig, out: Path, key: str, r) -> list[dict]:
         placed(cfg.updated, "updated").check_device("updated")
         check_tokenizers(cfg.model.load_tokenizer("model"), cfg.updated.load_tokenizer("updated"))
     if cfg.checkpoints is not None:
-        check_checkpoints(cfg, cfg.model.load_tokenizer("model"))
+        check_checkpoints(cfg, cfg.model.load_tokenizer("model"), records)
     if (out / "derived_stamp").exists():  # written by the score program only
         raise RunError(f"{key} {out}: the folder holds an isdelta.score run", fix="pass another --out for the run")
     return records
 
 
-def _saved_p1(cfg: RunConfig, folder, samples_id: str):
-    """``(update info, p1's scores, probe, tokens)`` saved by an earlier run for these samples
-    (each None when absent or not verified)."""
-    update_info = folder.load("update.json", samples_id, _read_json)
+def _saved_p1(cfg: RunConfig, folder, samples_id: str, models: str):
+    """``(update info, p1's scores, probe, tokens)`` saved by an earlier run for these samples and
+    models (each None when absent or not verified)."""
+    update_info = folder.load("update.json", stamp_of([samples_id, models]), _read_json)
     if update_info is None:
         return None, None, None, None
-    p1_id = stamp_of([samples_id, folder.digest("update.json")])
+    p1_id = stamp_of([samples_id, folder.digest("update.json"), models])
     s1 = score_stage(cfg, None, None, None, folder, "scores1.npz", p1_id)
     probe = folder.load("probe.json", p1_id, _read_json) if cfg.probe is not None else None
     tokens = folder.load("tokens.json", p1_id, _read_json) if cfg.tokens is not None else None
@@ -126,8 +138,9 @@ def _non_finite(cfg: RunConfig, which: str, e: FloatingPointError) -> RunError:
     return RunError(f"scoring {which} gave NaN/inf logits ({first})", why, fix)
 
 
-def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path) -> dict:
-    """The stages on this rank's share; rank 0 merges the ranks' rows, estimates and reports."""
+def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path, ids: dict[str, str]) -> dict:
+    """The stages on this rank's share; rank 0 merges the ranks' rows, estimates and reports.
+    ``ids``: the models' content identities (:func:`identities`), stamped on every part."""
     import torch
 
     from isdelta.engine import SplitLM
@@ -143,12 +156,14 @@ def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path) -
         check_prompts(cfg, model0, tok, records)  # before the first sample is drawn
         with stage("sample", timings):
             rollouts, texts, stopped, transform, names, token_logq = p0_sample_stage(
-                cfg, model0, tok, records, folder, timings, shard.chunks
+                cfg, model0, tok, records, folder, timings, shard.chunks, identity=ids["model"]
             )
         samples_id = folder.digest(*names)
         with stage("score p0", timings):
             try:
-                s0 = score_stage(cfg, model0, rollouts, transform, folder, "scores0.npz", samples_id)
+                s0 = score_stage(
+                    cfg, model0, rollouts, transform, folder, "scores0.npz", stamp_of([samples_id, ids["model"]])
+                )
             except FloatingPointError as e:
                 raise _non_finite(cfg, "p0", e) from None
         return model0, tok, rollouts, texts, stopped, transform, token_logq, samples_id, s0
@@ -157,13 +172,16 @@ def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path) -
     device = str(next(model0.parameters()).device)
     # tokens a next-token distribution can spread over: per-token entropies above log of it are impossible
     support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
-    update_info, s1, probe, tokens = _saved_p1(cfg, folder, samples_id)
+    models = stamp_of(ids)  # every model p1's parts depend on
+    update_info, s1, probe, tokens = _saved_p1(cfg, folder, samples_id, models)
     missing = s1 is None or (cfg.probe is not None and probe is None) or (cfg.tokens is not None and tokens is None)
     if any(r.gather(missing)):  # the update step is taken by every rank together
 
         def p1_stages():
             local = records[shard.records]  # the update's reinforce groups number this rank's records
-            return _p1_stages(cfg, folder, model0, tok, rollouts, texts, local, transform, samples_id, s0, timings, r)
+            return _p1_stages(
+                cfg, folder, model0, tok, rollouts, texts, local, transform, samples_id, models, s0, timings, r
+            )
 
         update_info, s1, probe, tokens = r.agree(p1_stages)
     model0 = None  # an in-process update may have turned its weights into p1
@@ -172,12 +190,13 @@ def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path) -
     if r.world > 1:
         device = f"{device} × {r.world} torchrun processes ({r.backend})"
     context = dict(transform=transform, support=support, device=device, timings=timings, probe=probe, tokens=tokens)
+    context["identity"] = ids
     return r.agree(lambda: _report(cfg, out, folder.stamp["data"], merge(parts), **context) if r.root else {})
 
 
-def _p1_stages(cfg, folder, model0, tok, rollouts, texts, records, transform, samples_id, s0, timings, r):
+def _p1_stages(cfg, folder, model0, tok, rollouts, texts, records, transform, samples_id, models, s0, timings, r):
     """make p1 (the update step, on every rank together), score p1, tokens, probe: ``(update
-    info, p1's scores, probe, tokens)``."""
+    info, p1's scores, probe, tokens)``; ``models`` stamps them with the models' identities."""
     out = folder.path
     keep_p0 = cfg.probe is not None or cfg.tokens is not None  # stages that need both models
     with stage("make p1", timings):
@@ -185,8 +204,8 @@ def _p1_stages(cfg, folder, model0, tok, rollouts, texts, records, transform, sa
     if not keep_p0:
         model0 = None  # an in-process update turned these weights into p1
     atomic_write(out / "update.json", json.dumps(update_info, indent=2, default=str))
-    folder.record("update.json", inputs=samples_id)
-    p1_id = stamp_of([samples_id, folder.digest("update.json")])
+    folder.record("update.json", inputs=stamp_of([samples_id, models]))
+    p1_id = stamp_of([samples_id, folder.digest("update.json"), models])
     with stage("score p1", timings):
         try:
             s1 = score_stage(cfg, model1, rollouts, transform, folder, "scores1.npz", p1_id)
@@ -206,57 +225,73 @@ def _p1_stages(cfg, folder, model0, tok, rollouts, texts, records, transform, sa
 
 
 def _report(
-    cfg: RunConfig, out: Path, data_hash: str, rows: dict, *, transform, support, device, timings, probe, tokens
+    cfg: RunConfig,
+    out: Path,
+    data_hash: str,
+    rows: dict,
+    *,
+    transform,
+    support,
+    device,
+    timings,
+    probe,
+    tokens,
+    identity: dict[str, str],
 ):
-    """Estimate on every row (rank 0 under torchrun), write the report, print the summary."""
-    from isdelta.estimators import estimate, estimate_per_prompt, headline, sampler_gap
-    from isdelta.run.bounds import Shown
-    from isdelta.run.report import gap_lines, headline_lines, terminal_summary, write_report
+    """Estimate on every row (rank 0 under torchrun), write the report, print the summary.
 
-    s0, s1, token_logq = rows["s0"], rows["s1"], rows["token_logq"]
-    args, kw = estimate_inputs(cfg, s0, s1, rows["stopped"], token_logq)
+    Every part is saved by now, so nothing here may leave the folder without a report: scores
+    the estimators refuse give a report whose headline is refused with the reason (exit 0, like
+    any step the policy cannot read), and a failure of the per-decision estimates or the plots
+    leaves them out of a report that says so.
+    """
+    from isdelta.run.report import gap_lines, headline_lines, terminal_summary, write_refused, write_report
+
+    meta = {
+        "name": out.name,
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": config_hash(cfg),
+        "data_hash": data_hash,
+        "identity": identity,  # the models' content identities (xxh3-128 of their files)
+        "device": device,
+        "timings": timings,
+        "update": rows["update"],
+        "transform": transform.to_dict(),
+        "p0": cfg.model.path,
+        "probe": probe,
+        "tokens": tokens,
+        "p1": (
+            f"`{cfg.updated.path}`"
+            if cfg.updated
+            else f"p0 after {cfg.update.steps} {cfg.update.optimizer} step(s) of {cfg.update.loss} "
+            f"(lr {cfg.update.lr:g})"
+        ),
+    }
     try:
-        with stage("estimate", timings):
-            res = estimate(*args, **kw)
-            per_prompt = estimate_per_prompt(*args, **kw)
-            # a sampler q ≠ p0 (vLLM): how far its log-probs are from the engine's p0
-            gap = None if token_logq is None else sampler_gap(token_logq, s0["token_logp"], s0["mask"], s0["group"])
-        with stage("estimate per decision", timings):
-            per_decision = token_estimates(cfg, s0, s1, token_logq)
-            decision = headline(res, *per_decision, support_size=support)
+        res, per_prompt, gap, per_decision, decision, problems = _estimates(cfg, rows, support, timings)
     except ValueError as e:  # the estimators' input checks: what arrived and the fix
-        why = str(e)
-        if "-inf" in why and not transform.truncates:  # no top-k/top-p: only an overflow gives p = 0
+        why, advice = str(e), "Take a smaller step (update.lr)."
+        if "-inf" in why and transform.truncates:  # both scored with one transform: p1's kept set moved
+            why = (
+                "p1's top-k/top-p kept set leaves out tokens p0 sampled, so p1 gives those samples probability 0 "
+                "and p0's samples cannot weigh p1"
+            )
+            advice = "Take a smaller step (update.lr), or sample without truncation (sampling.top_k, sampling.top_p)."
+        elif "-inf" in why:  # no top-k/top-p: only an overflow gives p = 0
             why = "p1 gives probability 0 to tokens p0 sampled, and no top-k/top-p is configured: its logits overflow"
-            raise RunError("the estimators refused these scores", why, "take a smaller step (update.lr)") from None
-        raise RunError("the estimators refused these scores", why) from None
+        reason = f"the estimators refused these scores: {why}"
+        with stage("report", timings):
+            report = write_refused(out, meta, reason, advice)
+        print(f"ΔH: not valid — {reason}\n{advice}\n\nreport: {out / 'summary.md'}  (report.json)")
+        return report
     tok_est = per_decision[0] if per_decision else None
     shown = Shown.of(decision, support, cfg.sampling.max_new_tokens)
     with stage("report", timings):
-        meta = {
-            "name": out.name,
-            "config": cfg.model_dump(mode="json"),
-            "config_hash": config_hash(cfg),
-            "data_hash": data_hash,
-            "device": device,
-            "timings": timings,
-            "update": rows["update"],
-            "transform": transform.to_dict(),
-            "p0": cfg.model.path,
-            "probe": probe,
-            "tokens": tokens,
-            "p1": (
-                f"`{cfg.updated.path}`"
-                if cfg.updated
-                else f"p0 after {cfg.update.steps} {cfg.update.optimizer} step(s) of {cfg.update.loss} "
-                f"(lr {cfg.update.lr:g})"
-            ),
-        }
         report = write_report(
             out,
             res,
-            s0,
-            s1,
+            rows["s0"],
+            rows["s1"],
             rows["texts"],
             meta,
             per_prompt,
@@ -266,6 +301,7 @@ def _report(
             n_trace=cfg.output.n_trace_samples,
             shown=shown,
             gap=gap,
+            problems=problems,
         )
     print(terminal_summary(res, shown, tok_est))
     if gap is not None:
@@ -276,6 +312,32 @@ def _report(
             print(f"\ntoken classes on {carrier} (p0's class; deltas p1 − p0):\n" + "\n".join(lines))
     print(f"\nreport: {out / 'summary.md'}  (report.json, sequences.csv, plots)")
     return report
+
+
+def _estimates(cfg: RunConfig, rows: dict, support: int, timings: dict):
+    """``(res, per_prompt, gap, per_decision, decision, problems)`` on the merged rows.
+
+    A ValueError of ``estimate`` (scores it refuses) is raised; one of the per-decision estimates
+    leaves them out (``problems`` says why) and the headline is chosen among the others.
+    """
+    from isdelta.estimators import estimate, estimate_per_prompt, headline, sampler_gap
+
+    s0, s1, token_logq = rows["s0"], rows["s1"], rows["token_logq"]
+    args, kw = estimate_inputs(cfg, s0, s1, rows["stopped"], token_logq)
+    with stage("estimate", timings):
+        res = estimate(*args, **kw)
+        per_prompt = estimate_per_prompt(*args, **kw)
+        # a sampler q ≠ p0 (vLLM): how far its log-probs are from the engine's p0
+        gap = None if token_logq is None else sampler_gap(token_logq, s0["token_logp"], s0["mask"], s0["group"])
+    problems = []
+    with stage("estimate per decision", timings):
+        try:
+            per_decision = token_estimates(cfg, s0, s1, token_logq, support)
+        except ValueError as e:
+            per_decision = []
+            problems.append(f"the per-decision estimates refused these scores ({e}); the headline is sequence-level")
+        decision = headline(res, *per_decision, support_size=support)
+    return res, per_prompt, gap, per_decision, decision, problems
 
 
 def progress(cfg: RunConfig, out: Path) -> list[str]:

@@ -7,16 +7,15 @@ estimator's results (``EntropyDelta`` with the weights it used, per-prompt estim
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from isdelta.outputs import atomic_write, versions
 from isdelta.run.bounds import Shown, na
+from isdelta.run.sequences import write_sequences_csv
 
 __all__ = [
     "gap_lines",
@@ -25,6 +24,7 @@ __all__ = [
     "per_prompt_rows",
     "summary_markdown",
     "terminal_summary",
+    "write_refused",
     "write_report",
 ]
 
@@ -271,70 +271,18 @@ def summary_markdown(res, meta: dict[str, Any], decision, tok=None, shown: Shown
     out += ["", "## Diagnostics", ""] + markdown_table(["diagnostic", "value"], _diagnostics_rows(res, shown))
     out += ["", "## Sanity figures", ""] + markdown_table(["sanity figure", "value"], _sanity_rows(res, shown))
     out += gap_lines(gap, res)
-    if meta.get("update"):
-        u = meta["update"]
-        out += ["", "## Update", "", "| field | value |", "|---|---|"]
-        out += [f"| {k} | {v} |" for k, v in u.items() if not isinstance(v, (list, dict))]
+    out += _update_lines(meta)
     if meta.get("probe"):
         out += ["", "## Probe: first-order prediction vs the true ΔH", ""] + list(meta["probe"].get("markdown", []))
     if meta.get("tokens"):
         out += [""] + list(meta["tokens"].get("markdown", []))
     out += ["", "## Warnings", ""]
     out += [f"- {w}" for w in res.warnings] or ["- none"]
-    out += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
-    out += [f"| {k} | {v:.1f} |" for k, v in meta.get("timings", {}).items()]
+    out += [f"- not in this report: {p}" for p in meta.get("problems", [])]
+    out += _timing_lines(meta)
     if meta.get("plots"):
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in meta["plots"]]
     return "\n".join(out) + "\n"
-
-
-def write_sequences_csv(path: Path, s0: dict, s1: dict, texts: list[str], weights) -> None:
-    """One row per sample: ids, length, stop, S0, S1, log-ratio, weights (raw and the ones the
-    estimate used), entropy sums, text."""
-    log_r = s1["logp"] - s0["logp"]
-    w, used = weights.w_raw, weights.w
-    group = s0["group"]
-    sample_id = np.zeros(len(group), dtype=int)
-    for p in np.unique(group):
-        sample_id[group == p] = np.arange((group == p).sum())
-
-    def write(f) -> None:
-        wr = csv.writer(f)
-        wr.writerow(
-            [
-                "prompt_id",
-                "sample_id",
-                "length",
-                "stopped",
-                "S0",
-                "S1",
-                "log_ratio",
-                "weight",
-                "weight_smoothed",
-                "entropy_sum0",
-                "entropy_sum1",
-                "text",
-            ]
-        )
-        for i in range(len(group)):
-            wr.writerow(
-                [
-                    int(group[i]),
-                    int(sample_id[i]),
-                    int(s0["length"][i]),
-                    bool(s0["stopped"][i]),
-                    f"{s0['logp'][i]:.6f}",
-                    f"{s1['logp'][i]:.6f}",
-                    f"{log_r[i]:.6g}",
-                    f"{w[i]:.6g}",
-                    f"{used[i]:.6g}",
-                    f"{s0['entropy_sum'][i]:.6f}",
-                    f"{s1['entropy_sum'][i]:.6f}",
-                    texts[i],
-                ]
-            )
-
-    atomic_write(path, write, text=True)
 
 
 def write_report(
@@ -351,6 +299,7 @@ def write_report(
     n_trace: int = 4,
     shown: Shown | None = None,
     gap=None,
+    problems: list[str] | None = None,
 ) -> dict:
     """Write report.json, sequences.csv, summary.md and (optionally) plots; return report dict.
 
@@ -360,25 +309,27 @@ def write_report(
     (``estimate_tokens``), shown beside sequence-level SNIS. ``shown`` says which figures the
     reports print as ``n/a (reason)``; report.json keeps every raw value and lists those under
     ``not_shown``. ``gap`` (:func:`isdelta.estimators.sampler_gap`, samples from a sampler q ≠ p0)
-    adds the sampler–scorer gap (report.json ``sampler_gap``, None without q).
+    adds the sampler–scorer gap (report.json ``sampler_gap``, None without q). ``problems``: parts
+    of the report that could not be made, and why (report.json ``problems``, summary.md); plots
+    that fail are added to them rather than costing the report.
     """
     out = Path(out)
     shown = shown or Shown(math.inf, 1)
+    problems = list(problems or [])
     per_prompt = per_prompt_rows(per_prompt, shown)
     plot_files = []
     if plots:
         from isdelta.run.plots import draw_all
 
-        plot_files = draw_all(out, res, s0, s1, per_prompt, n_trace)
-    meta = dict(meta, plots=plot_files)
+        try:
+            plot_files = draw_all(out, res, s0, s1, per_prompt, n_trace)
+        except Exception as e:  # a figure never costs the numbers: the report is written without it
+            problems.append(f"the plots could not be drawn ({type(e).__name__}: {str(e)[:200]})")
+    for p in problems:
+        print(f"[isdelta] warning: {p}", file=sys.stderr, flush=True)
+    meta = dict(meta, plots=plot_files, problems=problems)
     report = {
-        "config": meta.get("config"),
-        "config_hash": meta.get("config_hash"),
-        "versions": versions(),
-        "device": meta.get("device"),
-        "timings": meta.get("timings"),
-        "update": meta.get("update"),
-        "transform": meta.get("transform"),
+        **_provenance(meta),
         "headline": headline(res, decision),
         "estimate": res.to_dict(),
         "estimate_tokens": None if tok is None else tok.to_dict(),
@@ -388,11 +339,56 @@ def write_report(
         "not_shown": not_shown(res, tok, shown),
         "sampler_gap": None if gap is None else gap.to_dict(),
         "plots": plot_files,
+        "problems": problems,
     }
     atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
     write_sequences_csv(out / "sequences.csv", s0, s1, texts, res.weights)
     atomic_write(out / "summary.md", summary_markdown(res, meta, decision, tok, shown, gap))
     return report
+
+
+def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """What report.json says of where its numbers come from, before the numbers."""
+    keys = ("config", "config_hash", "data_hash", "identity", "device", "timings", "update", "transform")
+    return {**{k: meta.get(k) for k in keys}, "versions": versions()}
+
+
+def write_refused(out: Path, meta: dict[str, Any], reason: str, advice: str) -> dict:
+    """report.json and summary.md of a run whose scores the estimators refuse: the headline is
+    not valid, with the reason and what would help; no estimate. Returns the report dict."""
+    out = Path(out)
+    refused = {"valid": False, "method": "none", "reason": reason, "advice": advice}
+    report = {
+        **_provenance(meta),
+        "headline": refused,
+        "estimate": None,
+        "estimate_tokens": None,
+        "probe": meta.get("probe"),
+        "problems": [reason],
+    }
+    atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=str))
+    lines = [f"# isdelta run — {meta.get('name', '')}", "", f"p0: `{meta['p0']}`; p1: {meta['p1']}.", ""]
+    lines += [f"**ΔH: not valid — {reason}**", "", advice]
+    lines += _update_lines(meta) + _timing_lines(meta)
+    atomic_write(out / "summary.md", "\n".join(lines) + "\n")
+    for stale in ("sequences.csv", *(p.name for p in out.glob("*.png"))):  # an earlier report's
+        (out / stale).unlink(missing_ok=True)
+    return report
+
+
+def _update_lines(meta: dict[str, Any]) -> list[str]:
+    if not meta.get("update"):
+        return []
+    u = meta["update"]
+    return ["", "## Update", "", "| field | value |", "|---|---|"] + [
+        f"| {k} | {v} |" for k, v in u.items() if not isinstance(v, (list, dict))
+    ]
+
+
+def _timing_lines(meta: dict[str, Any]) -> list[str]:
+    return ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"] + [
+        f"| {k} | {v:.1f} |" for k, v in meta.get("timings", {}).items()
+    ]
 
 
 def not_shown(res, tok, shown: Shown) -> dict[str, str]:

@@ -44,13 +44,21 @@ def sample_stage(cfg: RunConfig, model, tok, records: list[dict], folder, subdir
 
 
 def p0_sample_stage(
-    cfg: RunConfig, model0, tok, records: list[dict], folder, timings: dict | None = None, chunks: range | None = None
+    cfg: RunConfig,
+    model0,
+    tok,
+    records: list[dict],
+    folder,
+    timings: dict | None = None,
+    chunks: range | None = None,
+    *,
+    identity: str,
 ):
     """p0's samples with ``sampling.backend``: :func:`sample_stage`'s tuple plus ``token_logq``
     (float64 [N, C], the sampler's log q of each token; None with the HF back end, whose sampler
     is p0 itself). ``chunks`` (default: all) are the chunks of ``sampling.prompts_per_batch``
     prompts to sample, by their index in the run (each chunk's seed is its index's): a rank's
-    share under torchrun.
+    share under torchrun. ``identity`` (p0's content identity) stamps every chunk.
 
     With ``vllm`` the engine is started only when a chunk is not saved yet, on p0's own weights
     (``model.path`` when it is an HF folder, else p0 saved once under ``<output>/vllm_model``),
@@ -58,10 +66,10 @@ def p0_sample_stage(
     """
     backend = cfg.sampling.backend
     if backend == "hf":
-        return _sample_parts(cfg, lambda: model0, tok, records, folder, "samples", "", "hf", chunks)
-    engine = _LazyVLLM(cfg, model0, tok, folder.path / "vllm_model", {} if timings is None else timings)
+        return _sample_parts(cfg, lambda: model0, tok, records, folder, "samples", identity, "hf", chunks)
+    engine = _LazyVLLM(cfg, model0, tok, folder.path / "vllm_model", {} if timings is None else timings, identity)
     try:
-        return _sample_parts(cfg, engine, tok, records, folder, "samples", "", backend, chunks)
+        return _sample_parts(cfg, engine, tok, records, folder, "samples", identity, backend, chunks)
     finally:
         engine.close()
 
@@ -69,9 +77,9 @@ def p0_sample_stage(
 class _LazyVLLM:
     """Starts vLLM on p0's weights at the first call (a fully resumed run never starts it)."""
 
-    def __init__(self, cfg: RunConfig, model0, tok, cache: Path, timings: dict) -> None:
+    def __init__(self, cfg: RunConfig, model0, tok, cache: Path, timings: dict, identity: str) -> None:
         self.cfg, self.model0, self.tok, self.cache, self.vllm = cfg, model0, tok, cache, None
-        self.timings = timings
+        self.timings, self.identity = timings, identity
 
     def __call__(self):
         from isdelta.engine.vllm_sampling import load_vllm, save_for_vllm
@@ -81,7 +89,8 @@ class _LazyVLLM:
             folder = Path(m.path)
             with stage("start vLLM", self.timings):  # its own line: start-up is not sampling time
                 if not folder.is_dir():  # a builtin, a .gguf or a hub id: p0's de-quantised weights
-                    folder = save_for_vllm(self.model0, self.tok, self.cache, {"path": m.path, "dtype": m.dtype})
+                    source = {"path": m.path, "dtype": m.dtype, "identity": self.identity}
+                    folder = save_for_vllm(self.model0, self.tok, self.cache, source)
                 self.vllm = load_vllm(folder, dtype=m.dtype, seed=self.cfg.seed)
         return self.vllm
 
@@ -103,7 +112,7 @@ def _sample_parts(
 
     s = cfg.sampling
     transform = LogitTransform(s.temperature, s.top_k, s.top_p)
-    (folder.path / subdir).mkdir(exist_ok=True)
+    folder.subfolder(subdir)
     k = s.prompts_per_batch
     parts, names = [], []
     for c in range(-(-len(records) // k)) if chunks is None else chunks:
@@ -293,10 +302,13 @@ def estimate_inputs(
     return (s0["logp"], s1["logp"], s0["length"], s0["group"]), kw
 
 
-def token_estimates(cfg: RunConfig, s0: dict, s1: dict, token_logq: np.ndarray | None = None) -> list:
+def token_estimates(
+    cfg: RunConfig, s0: dict, s1: dict, token_logq: np.ndarray | None = None, support: int | None = None
+) -> list:
     """The per-decision estimates the headline policy tries first, in its order: ``cv`` (control
     variate, the lowest variance), ``pd`` (plain) and ``pd_sn`` (self-normalised, bounded by the
-    data).
+    data). ``support`` (the vocabulary, or top-k) bounds their per-token entropies: a value past it
+    is named in a warning.
 
     Their masks count the stop token (the prefix ratio must include it), so they run only when
     the run measures all positions (engine.include_eos = true); else the list is empty. With
@@ -309,7 +321,8 @@ def token_estimates(cfg: RunConfig, s0: dict, s1: dict, token_logq: np.ndarray |
     e = cfg.estimator
     args = (s0["token_logp"], s1["token_logp"], s0["token_entropy"], s1["token_entropy"], s0["mask"], s0["group"])
     q = {} if token_logq is None else {"token_logq": token_logq}  # without q: the call as it always was
-    return [estimate_tokens(*args, method=m, prompts=e.prompts, level=e.level, **q) for m in ("cv", "pd", "pd_sn")]
+    opts = dict(prompts=e.prompts, level=e.level, support_size=support, **q)
+    return [estimate_tokens(*args, method=m, **opts) for m in ("cv", "pd", "pd_sn")]
 
 
 def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, out: Path) -> dict:

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from isdelta.program import ModelConfig, stage, stamp_of
+from isdelta.program import ConfigError, ModelConfig, stage, stamp_of
+from isdelta.program.identity import model_identity
 from isdelta.run.config import RunConfig
-from isdelta.run.data import RunError, check_prompts
+from isdelta.run.data import RunError, check_context, check_prompts, prompt_lengths
 from isdelta.run.stages import estimate_inputs, sample_stage, score_stage, token_estimates
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
 # must be independent (the variances of its steps add), and the same seed would draw common
 # random numbers from neighbouring checkpoints
 SEED_STRIDE = 1_000_003
+# how the checkpoints of a config are made when no training run saved them (the demo's recipe)
+MAKE_CHECKPOINTS = "python -m isdelta.run.make_checkpoints CONFIG.yaml --lr 1e-3 --growth 1.6"
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,10 @@ class Checkpoint:
     subdir: str  # its parts under the output folder ("" for the base)
 
     def identity(self) -> str:
-        """The path plus each file's name, size and mtime: a checkpoint rewritten in place (a
-        training run restarted into the same folder) never reuses parts scored on the old one."""
-        p = Path(self.model.path).expanduser()
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
-        stats = [
-            (str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns) for f in files
-        ]
-        return stamp_of([self.model.path, stats])
+        """The content identity of its files (:func:`isdelta.program.identity.model_identity`): a
+        checkpoint rewritten in place (a training run restarted into the same folder, a restore
+        with the old size and mtime) never reuses parts scored on the old one."""
+        return model_identity(self.model, self.key)
 
 
 def checkpoint_list(cfg: RunConfig) -> list[Checkpoint]:
@@ -85,12 +84,26 @@ def checkpoint_list(cfg: RunConfig) -> list[Checkpoint]:
     return out
 
 
-def check_checkpoints(cfg: RunConfig, tok0) -> None:
-    """Every checkpoint's tokenizer maps text to p0's ids (RunError naming the entry), before any work."""
-    from isdelta.engine import check_compatible
+def check_checkpoints(cfg: RunConfig, tok0, records: list[dict]) -> None:
+    """Every checkpoint exists, its tokenizer maps text to p0's ids, and every prompt fits its
+    context with ``sampling.max_new_tokens`` (each checked as ``model`` is), before any work:
+    a RunError or ConfigError naming the entry."""
+    from isdelta.engine import check_compatible, context_size
+    from isdelta.engine.models import load_model_config
 
+    lengths = prompt_lengths(cfg, tok0, records)
     for ck in checkpoint_list(cfg)[1:]:
-        tok = ck.model.load_tokenizer(ck.key)  # a ConfigError naming checkpoints.i.path
+        try:
+            tok = ck.model.load_tokenizer(ck.key)  # a ConfigError naming checkpoints.i.path
+        except ConfigError as e:
+            if isinstance(e.__cause__, FileNotFoundError):  # not made yet: say how to make them
+                raise ConfigError(
+                    f"{ck.key}.path: no checkpoint at {ck.model.path}",
+                    "a trajectory scores checkpoints that a training run saved, and none is there",
+                    f"list the folders your training saved, or make them from this config first: {MAKE_CHECKPOINTS} "
+                    "(configs/trajectory_demo.yaml: `make trajectory-demo` makes them and runs it)",
+                ) from None
+            raise
         try:
             check_compatible(tok0, tok)
         except ValueError as e:
@@ -98,6 +111,12 @@ def check_checkpoints(cfg: RunConfig, tok0) -> None:
             raise RunError(
                 f"{ck.key}: its tokenizer is not model.path's", why, "list checkpoints of one model"
             ) from None
+        m = ck.model
+        try:
+            config = load_model_config(m.path, trust_remote_code=m.trust_remote_code, allow_download=m.allow_download)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{ck.key}.path: cannot read its config", str(e), "check the checkpoint") from None
+        check_context(cfg, lengths, context_size(config), f"{ck.key}'s")
 
 
 # --------------------------------------------------------------------------- the chain (pure)
@@ -232,7 +251,7 @@ class _Models:
 def _score(cfg, models, ck: Checkpoint, timings, rollouts, transform, folder, name: str, samples_id: str):
     """``ck``'s scores on one sample set, saved as ``name`` (loads ``ck`` only when not saved)."""
     inputs = stamp_of([samples_id, ck.identity()])
-    (folder.path / name).parent.mkdir(parents=True, exist_ok=True)
+    folder.subfolder(str(Path(name).parent))
     saved = score_stage(cfg, None, rollouts, transform, folder, name, inputs)
     if saved is not None:
         return saved
@@ -256,7 +275,7 @@ def _segment(cfg: RunConfig, source: Checkpoint, target: Checkpoint, sa: dict, s
     args, kw = estimate_inputs(cfg, sa, sb, stopped)
     try:
         res = estimate(*args, **kw)
-        decision = headline(res, *token_estimates(cfg, sa, sb), support_size=support)
+        decision = headline(res, *token_estimates(cfg, sa, sb, support=support), support_size=support)
     except ValueError as e:  # the estimators' input checks
         raise RunError(
             f"the estimators refused the scores of {target.key} on {source.key}'s samples",
@@ -268,7 +287,7 @@ def _segment(cfg: RunConfig, source: Checkpoint, target: Checkpoint, sa: dict, s
 
 def _own_samples(cfg, models, ck: Checkpoint, tok, records, folder, timings):
     """Checkpoint ``ck``'s own samples (seed + SEED_STRIDE·k), saved under its folder."""
-    (folder.path / ck.subdir).mkdir(parents=True, exist_ok=True)
+    folder.subfolder(ck.subdir)
     cfg_k = cfg.model_copy(update={"seed": cfg.seed + SEED_STRIDE * ck.k})
     inputs = stamp_of([ck.identity(), cfg_k.seed])
     with stage(f"sample {ck.key} ({ck.name})", timings):
@@ -295,7 +314,9 @@ def run_trajectory(cfg: RunConfig, folder, records: list[dict]) -> dict:
     support = min(SplitLM.of(model0).vocab_size, cfg.sampling.top_k or 1 << 62)
     device = str(next(model0.parameters()).device)
     with stage("sample", timings):
-        rollouts, _, stopped, transform, names = sample_stage(cfg, model0, tok, records, folder)
+        rollouts, _, stopped, transform, names = sample_stage(
+            cfg, model0, tok, records, folder, inputs=cks[0].identity()
+        )
     base_id = folder.digest(*names)
     model0 = None  # held by `models` until two checkpoints are
     s0 = _score(cfg, models, cks[0], timings, rollouts, transform, folder, "scores0.npz", base_id)

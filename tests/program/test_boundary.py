@@ -169,3 +169,109 @@ def test_a_lock_held_elsewhere_refuses_the_cli(tmp_path, checkpoint, capsys):
     with folder_lock(out, "--out"):
         assert score_main([str(tmp_path / "cfg.yaml"), "--out", str(out)]) == ExitCode.OUTPUT_FOLDER
     assert "in use by another isdelta run" in capsys.readouterr().err and not (out / "models").exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_at_the_next_safe_point(tmp_path, capsys):
+    """A KeyboardInterrupt raised inside a ``__del__`` is printed as "Exception ignored" and dropped
+    by Python: the run went on to the end with rc 0 (issue 30, kind 15). The next stage boundary
+    stops it."""
+    import os
+    import signal
+
+    from isdelta.program import stage
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100_000):  # the eval loop takes the signal here, inside __del__
+                pass
+
+    reached = []
+
+    def execute(cfg, out):
+        timings = {}
+        with stage("make p1", timings):
+            f = Finaliser()
+            del f  # the interrupt is raised in __del__ and swallowed
+            reached.append("after the Ctrl-C")
+        with stage("score p1", timings):
+            (tmp_path / "scored").write_text("the run went on after a Ctrl-C")
+
+    prog, cfg = fake(tmp_path, execute, progress=lambda cfg, out: ["scores0.npz"])
+    assert main(prog, [cfg]) == ExitCode.INTERRUPTED
+    err = capsys.readouterr().err
+    assert reached == ["after the Ctrl-C"]  # Python did swallow it where it was raised
+    assert not (tmp_path / "scored").exists() and "rerun the same command" in err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_after_the_last_safe_point_still_ends_with_130(tmp_path, capsys):
+    import os
+    import signal
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100_000):
+                pass
+
+    def execute(cfg, out):
+        f = Finaliser()
+        del f
+
+    prog, cfg = fake(tmp_path, execute)
+    assert main(prog, [cfg]) == ExitCode.INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_hand_damaged_folder_files_each_end_in_one_clear_line_or_a_recompute(tmp_path, capsys):
+    """parts.json a folder, an entry that is a string or names a path outside the folder, a lock
+    that is a folder, a part that is a folder, a subfolder that is a file (issue 30, kind 11)."""
+    with folder(tmp_path) as f:
+        (f.path / "a.bin").write_bytes(b"x")
+        f.record("a.bin", inputs="i")
+        (f.path / "b.bin").write_bytes(b"y")
+        f.record("b.bin", inputs="i")
+    manifest = tmp_path / "out" / "parts.json"
+    m = json.loads(manifest.read_text())
+    m["parts"]["a.bin"] = "a string"
+    m["parts"]["../../etc/passwd"] = {"sha256": "0", "inputs": "i"}
+    manifest.write_text(json.dumps(m))
+    with folder(tmp_path) as f:
+        assert not f.verified("a.bin", inputs="i") and f.verified("b.bin", inputs="i")
+        assert f.recorded() == ["b.bin"]
+    err = capsys.readouterr().err
+    assert "the entry for 'a.bin' in parts.json is damaged" in err and "'../../etc/passwd'" in err
+
+    manifest.unlink()
+    manifest.mkdir()
+    with folder(tmp_path) as f:  # config_hash vouches: recomputed, the folder in the way removed
+        assert manifest.is_file() and not (f.path / "a.bin").exists()
+    assert "parts.json is a folder, not a file" in capsys.readouterr().err
+
+    with folder(tmp_path) as f:
+        (f.path / "a.bin").mkdir()
+        assert not f.verified("a.bin", inputs="i") and not (f.path / "a.bin").exists()
+        (f.path / "samples").write_text("")
+        assert f.subfolder("samples").is_dir()
+    err = capsys.readouterr().err
+    assert "a.bin is a folder, not a file" in err and "samples is a file, not a folder" in err
+
+    (tmp_path / "out" / ".lock").unlink()
+    (tmp_path / "out" / ".lock").mkdir()
+    with pytest.raises(OutputFolderError, match=r"\.lock is a folder, not isdelta's lock file — .* — delete it"):
+        folder(tmp_path).__enter__()
+
+
+def test_a_file_of_the_output_folder_in_the_way_is_one_line_not_a_bug(tmp_path, capsys):
+    from isdelta.outputs import atomic_write
+
+    def execute(cfg, out):
+        (tmp_path / "out" / "summary.md").mkdir(parents=True)
+        atomic_write(tmp_path / "out" / "summary.md", "the report")
+
+    prog, cfg = fake(tmp_path, execute)
+    assert main(prog, [cfg]) == ExitCode.OUTPUT_FOLDER
+    err = capsys.readouterr().err
+    assert "summary.md cannot be written or read — Is a directory" in err and "please report" not in err

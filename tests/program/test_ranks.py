@@ -123,6 +123,8 @@ def test_two_gloo_ranks_agree_on_errors_and_sum_the_gradient(tmp_path):
         assert u["losses"] == pytest.approx(ref["losses"], rel=1e-6) and u["grad_norms"] == pytest.approx(
             ref["grad_norms"], rel=1e-6
         )
-        assert r["update"]["param"] == pytest.approx(one["param"], rel=1e-6)
+        # a sum of 3072 float32 weights: the ranks sum the gradient in another order, so it differs
+        # from one process at ~1e-6 relative (2.3e-6 seen); a rank's gradient missing moves it by far more
+        assert r["update"]["param"] == pytest.approx(one["param"], rel=1e-5)
     assert r0["update"] == r1["update"]  # one model on every rank
     assert PeerFailed.quiet

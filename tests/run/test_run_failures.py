@@ -74,7 +74,12 @@ BAD_INPUT = {
     "reinforce without answers": (["--set", "update.loss=reinforce", "--set", "data.answer_field=gold"], ["gold"]),
     "out under a file": (["--out", "{tmp}/data.jsonl/out"], ["--out", "is a file"]),
     "a bare string row": (["--set", "data.path={tmp}/bare.jsonl"], ["bare.jsonl:2", "not an object"]),
+    # issue 30, kind 4: a string under messages was sent as a raw prompt, without the chat template
+    "messages a string": (["--set", "data.path={tmp}/chat_str.jsonl"], ["chat_str.jsonl:1", "'messages' is a string"]),
+    "messages empty": (["--set", "data.path={tmp}/chat_empty.jsonl"], ["chat_empty.jsonl:1", "'messages' is empty"]),
+    "a message without content": (["--set", "data.path={tmp}/chat_bad.jsonl"], ["chat_bad.jsonl:1", "message 0"]),
 }
+CHATS = {"chat_str": "1+1=", "chat_empty": [], "chat_bad": [{"role": "user"}]}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
@@ -82,6 +87,8 @@ def test_bad_input_is_one_line_before_any_sample(tmp_path, checkpoint, case):
     args, words = BAD_INPUT[case]
     cfg = write_cfg(tmp_path, checkpoint)
     (tmp_path / "bare.jsonl").write_text(json.dumps(ROWS[0]) + '\n"just a string"\n')
+    for name, messages in CHATS.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"messages": messages, "response": "2"}) + "\n")
     if args is None:
         (tmp_path / "cfg.yaml").write_text("model: {path: x\n")
         args = []
@@ -192,3 +199,93 @@ def test_a_huge_step_on_a_small_run_prints_no_impossible_number(tmp_path, checkp
                 low, high = (0, np.inf) if cells[0].startswith("KL") else (0, 8 * np.log(96))
                 assert cells[1].startswith("n/a (") or low <= float(cells[1]) <= high, line
     assert "n/a (snis" in summary or "n/a (snis_rb" in summary
+
+
+# ---------------------------------------------------------------------------- models rewritten in place
+def rewrite_keeping_size_and_mtime(folder, source) -> None:
+    """What ``cp -p`` / ``rsync -a`` / a restore do: other weights, the old size and mtime."""
+    import shutil
+
+    target = folder / "model.safetensors"
+    st = target.stat()
+    shutil.copyfile(source / "model.safetensors", target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.fixture
+def other_weights(tmp_path):
+    """The tiny Llama of ``checkpoint`` with other random weights (same size file)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    path = tmp_path / "other"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["model", "updated"])
+def test_a_model_rewritten_in_place_never_has_its_old_parts_reused(tmp_path, checkpoint, other_weights, which, capsys):
+    """p0 (``model.path``) or p1 (``updated:``) rewritten between two runs of one command with its
+    old size and mtime: every part it made is recomputed, and the report equals a fresh run's on
+    the new weights (issue 30, kind 2)."""
+    import shutil
+
+    p1 = tmp_path / "p1"
+    shutil.copytree(checkpoint, p1)
+    rewrite_keeping_size_and_mtime(p1, other_weights)  # p1 ≠ p0
+    cfg = load_config(write_cfg(tmp_path, checkpoint, update=None, updated={"path": str(p1)}))
+    first = run(cfg)
+    rewrite_keeping_size_and_mtime(checkpoint if which == "model" else p1, other_weights if which == "model" else checkpoint)
+    capsys.readouterr()
+    again = run(cfg)
+    err = capsys.readouterr().err
+    recomputed = ["scores1.npz"] + (["samples/part-0000.pt", "scores0.npz"] if which == "model" else [])
+    assert all(f"{part} was computed from other inputs" in err for part in recomputed), err
+    fresh = run(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(tmp_path / "fresh")})}))
+    assert again["estimate"] == fresh["estimate"] and again["estimate"] != first["estimate"]
+    assert again["identity"][which] != first["identity"][which]
+
+
+# ---------------------------------------------------------------------------- a report, whatever the step
+@pytest.mark.parametrize("lr", [100.0, 1e5])
+def test_a_step_of_any_size_ends_in_a_report_whose_headline_is_refused(tmp_path, checkpoint, lr):
+    """SFT at lr 100 crashed the report (ZeroDivisionError in the SNIS checks) after sampling,
+    scoring and the update, and every rerun crashed the same way (issue 30, kind 9)."""
+    res = cli(write_cfg(tmp_path, checkpoint, update={"lr": lr}))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not report["headline"]["valid"] and "✗" in report["headline"]["reason"]
+    assert "ΔH: not valid on these samples" in res.stdout
+
+
+def test_scores_the_estimators_refuse_still_give_a_report(tmp_path, checkpoint):
+    """top-k 3 and a large step: p1's kept set leaves out tokens p0 sampled, log p1 = −inf. The
+    folder holds every part; it must yield a report (refused, with the reason), not an error that
+    every rerun repeats."""
+    cfg = write_cfg(tmp_path, checkpoint, update={"lr": 2.0}, sampling={"top_k": 3})
+    for _ in range(2):  # the rerun reports from the saved parts the same way
+        res = cli(cfg)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        report = json.loads((tmp_path / "out" / "report.json").read_text())
+        assert report["headline"]["valid"] is False and report["estimate"] is None
+        assert "kept set leaves out tokens p0 sampled" in report["headline"]["reason"]
+        summary = (tmp_path / "out" / "summary.md").read_text()
+        assert "ΔH: not valid — the estimators refused these scores" in summary and "sampling.top_k" in summary
+
+
+def test_plots_that_fail_are_left_out_of_a_report_that_says_so(tmp_path, checkpoint, capsys):
+    """A figure never costs the numbers: a plot's file in the way (a folder) leaves that plot out;
+    report.json and summary.md are written and list why."""
+    cfg = load_config(write_cfg(tmp_path, checkpoint, output={"plots": True}))
+    (tmp_path / "out" / "weights.png").mkdir(parents=True)
+    report = run(cfg)
+    assert report["problems"] and "the plots could not be drawn (IsADirectoryError" in report["problems"][0]
+    assert "not in this report: the plots could not be drawn" in (tmp_path / "out" / "summary.md").read_text()
+    assert "[isdelta] warning: the plots could not be drawn" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import pytest
 from isdelta.program import ConfigError
 from isdelta.run import run
 from isdelta.run.config import config_hash, load_config
+from isdelta.run.data import RunError
 
 K, STEP, G = 5, 0.016, 32
 PROMPTS = ["1+1=", "2+3=", "hi"]
@@ -262,9 +263,47 @@ def test_hash_of_configs_without_checkpoints_is_unchanged():
 def test_a_missing_checkpoint_is_refused_before_any_work(series):
     root, paths = series
     cfg = make_cfg(root, paths, out="missing", checkpoints=[str(paths[1]), str(root / "nowhere")])
-    with pytest.raises(ConfigError, match=r"checkpoints\.1\.path: cannot load the tokenizer"):
+    with pytest.raises(ConfigError, match=r"checkpoints\.1\.path: no checkpoint at .*make_checkpoints"):
         run(cfg)
     assert not (root / "missing").exists()
+
+
+def test_the_demo_config_without_its_checkpoints_names_the_command_that_makes_them(tmp_path):
+    """configs/trajectory_demo.yaml run as given (issue 30, kind 16): one line naming
+    make_checkpoints and the make target; exit 2 before any model loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-m", "isdelta.run", str(repo / "configs" / "trajectory_demo.yaml"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # runs/trajectory_ckpts/… do not exist here
+        timeout=300,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    line = res.stderr[res.stderr.index("error: ") :]
+    assert "checkpoints.0.path: no checkpoint at runs/trajectory_ckpts/step-1" in line
+    assert "python -m isdelta.run.make_checkpoints" in line and "make trajectory-demo" in line
+    assert "trajectory-demo:" in (repo / "Makefile").read_text()
+
+
+def test_a_checkpoint_whose_context_the_prompts_overrun_is_refused_before_any_work(series, tmp_path):
+    """Each checkpoint's context is checked as model's is (issue 30, kind 5)."""
+    import shutil
+
+    root, paths = series
+    short = tmp_path / "short"
+    shutil.copytree(paths[1], short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 8
+    (short / "config.json").write_text(json.dumps(config))
+    cfg = make_cfg(root, paths, out=str(tmp_path / "out"), checkpoints=[str(paths[2]), str(short)])
+    with pytest.raises(RunError, match=r"do not fit checkpoints\.1's context of 8 positions"):
+        run(cfg)
+    assert not (tmp_path / "out" / "samples").exists()
 
 
 def test_make_checkpoints_trains_saves_and_keeps_what_a_recipe_made(series, tmp_path, capsys):
@@ -305,3 +344,26 @@ def test_make_checkpoints_trains_saves_and_keeps_what_a_recipe_made(series, tmp_
     assert main([str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "checkpoints" in err[0]
+
+
+def test_a_checkpoint_rewritten_in_place_is_rescored(series, tmp_path, capsys):
+    """A checkpoint overwritten with other weights of the same size and its old mtime (a restore,
+    ``cp -p``): its scores are recomputed, not reused (issue 30, kind 2)."""
+    import os
+    import shutil
+
+    root, paths = series
+    copies = []
+    for p in paths[:3]:
+        shutil.copytree(p, tmp_path / p.name)
+        copies.append(tmp_path / p.name)
+    cfg = make_cfg(root, copies, out=str(tmp_path / "out"))
+    first = run(cfg)
+    target = copies[1] / "model.safetensors"
+    st = target.stat()
+    shutil.copyfile(copies[2] / "model.safetensors", target)  # checkpoint 1 now holds checkpoint 2's weights
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    again = run(cfg)
+    assert "direct.npz was computed from other inputs" in capsys.readouterr().err
+    assert again["rows"][1]["delta"] == pytest.approx(first["rows"][2]["delta"])
