@@ -11,28 +11,33 @@ From the tensors alone: the completion mask (EOS dropped when pad == eos, tokens
 stop, pads after a completion without a stop, real tokens left out), left padding of prompts,
 positions, the values of the log-probs and the loss normalisation. With ``model=``: which logits
 column the log-probs came from, and how many nats per sequence wrong positions cost. What each
-check needs and what it assumed is in the report's ``notes``.
+check needs and what it assumed is in the report's ``notes``. Impossible input (negative ids, ids
+or stop ids outside the vocabulary, tensors of the wrong shape or dtype) raises instead.
+
+In a training loop, :func:`check_batch` runs the same checks on every batch (O(N·T) tensor
+operations) and returns the corrected mask where the one sure correction applies: first stop tokens
+left out by a mask built from ``token != pad_id`` with pad == eos (``EntropyMonitor`` uses it).
 
 Command line: ``python -m isdelta.engine.audit_cli BATCH.pt [--model PATH] [--eos-id ID] ...``.
 """
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from isdelta.engine.audit_checks import (
+    Reference,
     as_tensor,
     build_reference,
     check_completion_mask,
-    check_loss_weights,
     check_prompt,
+    check_token_ids,
+    stop_correction,
 )
+from isdelta.engine.audit_io import batch_arguments, load_batch
 from isdelta.engine.audit_logps import (
     check_logits_alignment,
     check_logp_values,
@@ -41,37 +46,28 @@ from isdelta.engine.audit_logps import (
     row_references,
 )
 from isdelta.engine.audit_positions import audit_positions
-from isdelta.engine.audit_report import BatchAuditError, BatchReport, Finding, Kind
+from isdelta.engine.audit_report import LOGP_KINDS, BatchAuditError, BatchReport, Finding, Kind
+from isdelta.engine.audit_weights import check_loss_weights
 from isdelta.engine.masking import normalise_eos_ids
 from isdelta.engine.split import SplitLM
 from isdelta.engine.transform import LogitTransform
 
 __all__ = [
+    "LOGP_KINDS",
     "AuditOptions",
     "BatchAuditError",
+    "BatchCheck",
     "BatchReport",
     "Finding",
     "Kind",
     "assert_batch_ok",
     "audit_batch",
     "batch_arguments",
+    "check_batch",
     "load_batch",
 ]
 
-FIELDS = (
-    "prompt_ids",
-    "prompt_mask",
-    "completion_ids",
-    "completion_mask",
-    "completion_lengths",
-    "attention_mask",
-    "position_ids",
-    "per_token_logps",
-    "logits",
-    "loss_weights",
-)
-REQUIRED = FIELDS[:4]
-ALIASES = {"old_per_token_logps": "per_token_logps"}  # TRL's name in _prepare_inputs' output
+MODEL_VOCAB = "model's vocabulary"
 
 
 @dataclass(frozen=True)
@@ -83,6 +79,8 @@ class AuditOptions:
     include_eos : the convention audited: the first stop token counts (DESIGN.md §3) or not.
     temperature : the temperature the per-token log-probs (or logits) were computed with (TRL:
         ``args.temperature``); the reference divides the logits by it too.
+    top_k, top_p : the rest of the sampling transform the log-probs were computed with (default
+        off: TRL's log-probs apply the temperature only); the reference applies it too.
     logp_tol : largest per-token |log p − reference| in nats taken as agreement (fp32 rounding on
         the tests' tiny models is ~1e-6; raise it for a bf16 trainer).
     rows_per_forward : rows per padded forward in the positions check with a model.
@@ -92,9 +90,15 @@ class AuditOptions:
     temperature: float = 1.0
     logp_tol: float = 1e-3
     rows_per_forward: int = 8
+    top_k: int | None = None
+    top_p: float = 1.0
+
+    @property
+    def transform(self) -> LogitTransform:
+        return LogitTransform(self.temperature, self.top_k, self.top_p)
 
     def __post_init__(self) -> None:
-        LogitTransform(self.temperature)  # validates it
+        LogitTransform(self.temperature, self.top_k, self.top_p)  # validates them
         if not isinstance(self.include_eos, bool):
             raise TypeError(f"include_eos must be True or False; got {self.include_eos!r}.")
         if not self.logp_tol > 0 or self.rows_per_forward < 1:
@@ -165,24 +169,60 @@ def audit_batch(
     Raises
     ------
     ValueError, TypeError
-        Tensors of the wrong shape or dtype, or no stop ids.
+        Tensors of the wrong shape or dtype, negative token ids, no stop ids, or stop, pad or token
+        ids outside the vocabulary (the model's with ``model=``, else the tokenizer's for stop and
+        pad ids): impossible input, not findings.
     """
     opts = options or AuditOptions()
     eos, pad = _stop_and_pad(eos_token_ids, pad_token_id, tokenizer, model)
-    ref, notes = build_reference(
-        prompt_ids,
-        prompt_mask,
-        completion_ids,
-        completion_mask,
+    vocab = _vocab_size(model, tokenizer)
+    report, _ = _audit(
+        (prompt_ids, prompt_mask, completion_ids, completion_mask),
         eos=eos,
         pad=pad,
-        include_eos=opts.include_eos,
-        lengths=completion_lengths,
-        attention=attention_mask,
+        vocab=vocab,
+        opts=opts,
+        completion_lengths=completion_lengths,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        per_token_logps=per_token_logps,
+        logits=logits,
+        loss_weights=loss_weights,
+        model=model,
+    )
+    return report
+
+
+def _audit(
+    tensors,
+    *,
+    eos,
+    pad,
+    vocab,
+    opts,
+    completion_lengths=None,
+    attention_mask=None,
+    position_ids=None,
+    per_token_logps=None,
+    logits=None,
+    loss_weights=None,
+    model=None,
+) -> tuple[BatchReport, Reference]:
+    """The checks of :func:`audit_batch` on validated stop ids; the report and the reference it used."""
+    check_token_ids("eos_token_ids", eos, vocab)
+    if pad is not None:
+        check_token_ids("pad_token_id", (pad,), vocab)
+    ref, notes = build_reference(
+        *tensors, eos=eos, pad=pad, include_eos=opts.include_eos, lengths=completion_lengths, attention=attention_mask
     )
     N, C = ref.completion_ids.shape
-    if model is not None:
-        _check_vocab(ref, model)
+    # ids only against the model's head: a model may have more rows than its tokenizer has tokens
+    top = max(int(ref.prompt_ids.max()), int(ref.completion_ids.max())) if vocab is not None else 0
+    if vocab is not None and vocab[1] == MODEL_VOCAB and top >= vocab[0]:
+        raise ValueError(
+            f"token ids up to {top} but the {vocab[1]} has {vocab[0]}: the batch was "
+            "tokenized for another model. Pass the trainer's own model."
+        )
     checked = ["completion mask", "prompt padding"]
     findings = check_completion_mask(ref) + check_prompt(ref)
     if position_ids is None:
@@ -192,7 +232,7 @@ def audit_batch(
     else:
         checked.append("positions")
         findings += audit_positions(ref, position_ids, attention_mask, model, opts.rows_per_forward)
-    transform = LogitTransform(opts.temperature)
+    transform = opts.transform
     logps = None if per_token_logps is None else as_tensor("per_token_logps", per_token_logps, 2).float()
     if logits is not None:
         logits = as_tensor("logits", logits, 3)
@@ -222,16 +262,17 @@ def audit_batch(
         checked.append("loss normalisation")
         found, more = check_loss_weights(ref, weights)
         findings, notes = findings + found, notes + more
-    return BatchReport(tuple(findings), N, tuple(checked), tuple(notes))
+    return BatchReport(tuple(findings), N, tuple(checked), tuple(notes)), ref
 
 
-def _check_vocab(ref, model: torch.nn.Module) -> None:
-    V = SplitLM.of(model).vocab_size
-    if int(ref.input_ids.max()) >= V:
-        raise ValueError(
-            f"token ids up to {int(ref.input_ids.max())} but the model's vocabulary has {V}: the batch was "
-            "tokenized for another model. Pass the trainer's own model."
-        )
+def _vocab_size(model, tokenizer) -> tuple[int, str] | None:
+    """(V, whose) from the model's LM head, else the tokenizer's length (added tokens included); or None."""
+    if model is not None:
+        return SplitLM.of(model).vocab_size, MODEL_VOCAB
+    try:
+        return len(tokenizer), "tokenizer's vocabulary"
+    except TypeError:  # no tokenizer, or one without __len__
+        return None
 
 
 def _stop_and_pad(eos_token_ids, pad_token_id, tokenizer, model) -> tuple[tuple[int, ...], int | None]:
@@ -259,62 +300,99 @@ def assert_batch_ok(*args, **kwargs) -> BatchReport:
     return report
 
 
-def batch_arguments(tensors: Mapping[str, Any], names: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """:func:`audit_batch`'s tensor arguments picked from a trainer's dict (TRL's ``_prepare_inputs``
-    output, a saved batch); other keys are ignored.
+@dataclass(frozen=True)
+class BatchCheck:
+    """What :func:`check_batch` found, and the completion mask to use.
+
+    Attributes
+    ----------
+    report : BatchReport
+        The findings, as :func:`audit_batch` reports them.
+    mask : BoolTensor [N, C] or None
+        The reference mask when every mask and prompt finding is a row's first stop token left
+        uncounted and the real lengths leave no doubt that it was sampled (the one correction that is
+        unambiguous: the mask under audit plus those tokens); None otherwise.
+    correction : str or None
+        What ``mask`` adds and what it assumed.
+    """
+
+    report: BatchReport
+    mask: torch.Tensor | None = None
+    correction: str | None = None
+
+    @property
+    def input_findings(self) -> tuple[Finding, ...]:
+        """The findings about the masks and prompts (not the log-probs)."""
+        return tuple(f for f in self.report.findings if f.kind not in LOGP_KINDS)
+
+
+def check_batch(
+    prompt_ids,
+    prompt_mask,
+    completion_ids,
+    completion_mask,
+    *,
+    eos_token_ids: int | Iterable[int],
+    pad_token_id: int | None = None,
+    completion_lengths=None,
+    per_token_logps=None,
+    model: torch.nn.Module | None = None,
+    vocab_size: int | None = None,
+    options: AuditOptions | None = None,
+) -> BatchCheck:
+    """The audit a training loop can run on every batch, and the corrected mask where the fix is sure.
+
+    The checks of :func:`audit_batch` (the same functions) on what a trainer hands over: the completion
+    mask and the prompt padding, the values of ``per_token_logps`` (O(N·(P + C)) tensor operations, no
+    forward) and, with ``model=``, the logits column they came from (one forward per row: for a first
+    batch). Then :func:`isdelta.engine.audit_checks.stop_correction`: when the only mask findings are
+    uncounted first stop tokens (a mask built from ``token != pad_id`` with pad == eos), ``mask`` is the
+    mask with them counted.
 
     Parameters
     ----------
-    tensors : mapping of str to Tensor
-    names : mapping of str to str, optional
-        Field → key for keys named otherwise, e.g. ``{"completion_mask": "response_mask"}``. TRL's
-        ``old_per_token_logps`` is read as ``per_token_logps`` without it.
+    prompt_ids, prompt_mask, completion_ids, completion_mask, completion_lengths, per_token_logps
+        As :func:`audit_batch`.
+    eos_token_ids : int or iterable of int
+        Every stop id (required).
+    pad_token_id : int, optional
+        Reads real lengths (see :func:`audit_batch`); never builds a mask.
+    model : HF causal LM, optional
+        Checks the log-probs' column against the model, and the ids against its vocabulary.
+    vocab_size : int, optional
+        The model's vocabulary without a model: ids and stop ids must lie below it.
+    options : AuditOptions, optional
+
+    Returns
+    -------
+    BatchCheck
+
+    Raises
+    ------
+    ValueError, TypeError
+        Tensors of the wrong shape or dtype, negative ids, stop ids or token ids outside the vocabulary.
     """
-    names = dict(names or {})
-    unknown = sorted(set(names) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"unknown fields {unknown}; the fields are {list(FIELDS)}.")
-    out: dict[str, Any] = {}
-    for field in FIELDS:
-        key = names.get(field, field)
-        if key not in tensors and field not in names:
-            key = next((a for a, f in ALIASES.items() if f == field and a in tensors), key)
-        if key in tensors and tensors[key] is not None:
-            out[field] = tensors[key]
-        elif field in names:
-            raise ValueError(f"key {key!r} (for {field}) is not in the batch; its keys are {sorted(tensors)}.")
-    missing = [f for f in REQUIRED if f not in out]
-    if missing:
-        raise ValueError(
-            f"the batch lacks {missing}; its keys are {sorted(tensors)}. Map keys named otherwise with "
-            "names={field: key} (command line: --key field=key)."
-        )
-    return out
-
-
-def load_batch(path: str | Path) -> dict[str, Any]:
-    """A saved batch: a dict of tensors in a ``.pt`` file (``torch.load(weights_only=True)``) or a
-    ``.safetensors`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file.")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path)))
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    if path.suffix not in (".pt", ".pth"):
-        raise ValueError(f"{path}: expected a .pt or .safetensors file; got {path.suffix or 'no suffix'!r}.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(
-            f"{path} is not a torch file of tensors that loads with weights_only=True "
-            f"(save plain tensors, ints and lists): {e}"
-        ) from e
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors (torch.save(batch, path)).")
-    return dict(obj)
+    opts = options or AuditOptions()
+    eos = normalise_eos_ids(eos_token_ids)
+    if not eos:
+        raise ValueError("eos_token_ids: empty; pass every id that stops generation.")
+    vocab = _vocab_size(model, None) if model is not None else None
+    if vocab is None and vocab_size is not None:
+        vocab = (int(vocab_size), MODEL_VOCAB)
+    report, ref = _audit(
+        (prompt_ids, prompt_mask, completion_ids, completion_mask),
+        eos=eos,
+        pad=None if pad_token_id is None else int(pad_token_id),
+        vocab=vocab,
+        opts=opts,
+        completion_lengths=completion_lengths,
+        per_token_logps=per_token_logps,
+        model=model,
+    )
+    check = BatchCheck(report)
+    prompt_ok = not any(f.kind in (Kind.RIGHT_PADDED_PROMPT, Kind.EMPTY_PROMPT) for f in report.findings)
+    if check.input_findings and prompt_ok:
+        fixed = stop_correction(ref)
+        if fixed is not None:
+            check = BatchCheck(report, *fixed)
+    return check

@@ -1,4 +1,5 @@
-"""Audit checks that need only a trainer's tensors: masks, prompt padding, positions, loss weights.
+"""Audit checks that need only a trainer's tensors: the reference, masks, prompt padding (loss weights:
+``audit_weights.py``; positions: ``audit_positions.py``).
 
 The reference is DESIGN.md §2–§3, built from positions and real lengths (never ``token ==
 pad_id``): :func:`~isdelta.engine.completion_mask` counts real tokens up to and including the first
@@ -16,6 +17,7 @@ else from a sampler's ``attention_mask``, else infers it (and says so in the rep
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -29,8 +31,9 @@ __all__ = [
     "build_reference",
     "cells_finding",
     "check_completion_mask",
-    "check_loss_weights",
     "check_prompt",
+    "check_token_ids",
+    "stop_correction",
 ]
 
 SOURCE_TRAILING_PADS = "inferred from the trailing pad ids"
@@ -51,7 +54,9 @@ def as_tensor(name: str, x, ndim: int, *, integer: bool = False, binary: bool = 
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions; got shape {tuple(t.shape)}.")
     if integer and (t.is_floating_point() or t.is_complex()):
-        raise ValueError(f"{name} must hold integer token ids; got dtype {t.dtype}. Pass the ids, not embeddings.")
+        what = "integer token ids" if name.endswith("_ids") else "integers"
+        hint = " Pass the ids, not embeddings." if name.endswith("_ids") else ""
+        raise ValueError(f"{name} must hold {what}; got dtype {t.dtype}.{hint}")
     if binary and ((t != 0) & (t != 1)).any():
         raise ValueError(
             f"{name} must hold only 0 and 1; got values such as {sorted(set(t.flatten().tolist()))[:5]}. "
@@ -89,9 +94,15 @@ class Reference:
     stop: torch.Tensor
     mask: torch.Tensor
 
-    @property
+    @cached_property  # the checks read these several times per batch: computed once
     def has_stop(self) -> torch.Tensor:
         return self.stop < self.lengths  # [N]
+
+    @cached_property
+    def at_stop(self) -> torch.Tensor:
+        """[N, C]: each row's first stop token among its real tokens (no cell in a row without one)."""
+        cols = torch.arange(self.completion_ids.shape[1])[None, :]
+        return self.has_stop[:, None] & (cols == self.stop[:, None])
 
     @property
     def pad_is_eos(self) -> bool:
@@ -113,9 +124,9 @@ def build_reference(
     prompt_ids, prompt_mask, completion_ids, completion_mask, *, eos, pad, include_eos, lengths=None, attention=None
 ) -> tuple[Reference, list[str]]:
     """Validate the tensors and derive the reference; return it with notes on what was inferred."""
-    p_ids = as_tensor("prompt_ids", prompt_ids, 2, integer=True).long()
+    p_ids = _token_ids("prompt_ids", prompt_ids)
     p_mask = as_tensor("prompt_mask", prompt_mask, 2, binary=True).long()
-    c_ids = as_tensor("completion_ids", completion_ids, 2, integer=True).long()
+    c_ids = _token_ids("completion_ids", completion_ids)
     user = as_tensor("completion_mask", completion_mask, 2, binary=True).bool()
     (N, P), C = p_ids.shape, c_ids.shape[1]
     if p_mask.shape != (N, P) or c_ids.shape[0] != N or user.shape != (N, C):
@@ -124,6 +135,7 @@ def build_reference(
             f"one N; got {tuple(p_ids.shape)}, {tuple(p_mask.shape)}, {tuple(c_ids.shape)}, {tuple(user.shape)}."
         )
     notes: list[str] = []
+    stop = None
     if lengths is not None:
         real, source = as_tensor("completion_lengths", lengths, 1, integer=True).long(), "given (completion_lengths)"
         if real.shape != (N,) or (real < 0).any() or (real > C).any():
@@ -134,12 +146,41 @@ def build_reference(
     elif attention is not None:
         real, source = _lengths_from_attention(attention, N, P, C), "taken from attention_mask"
     else:
-        real, source = _infer_lengths(c_ids, eos, pad)
-        notes += _inference_notes(c_ids, eos, pad, real, source)
-    stop = first_stop_index(c_ids, eos, real)  # [N]
+        real, source, stop = _infer_lengths(c_ids, eos, pad)
+    if stop is None:
+        stop = first_stop_index(c_ids, eos, real)  # [N]
+    if source in (SOURCE_TRAILING_PADS, SOURCE_FIRST_STOP):
+        notes += _inference_notes(stop < real, pad, source)
     ref_mask = _completion_mask(c_ids, eos, real, include_eos=include_eos)  # [N, C]
     ref = Reference(p_ids, p_mask, c_ids, user, eos, pad, include_eos, real, source, stop, ref_mask)
     return ref, notes
+
+
+def check_token_ids(name: str, ids: tuple[int, ...], vocab: tuple[int, str] | None) -> None:
+    """Stop and pad ids must be tokens of the vocabulary ``(V, whose)``: an id outside it is a wrong id,
+    not a mask finding (no row could stop on it, and every mask would read as wrong)."""
+    if vocab is None:
+        return
+    bad = [i for i in ids if i >= vocab[0]]
+    if bad:
+        raise ValueError(
+            f"{name}: id {bad[0]} is outside the {vocab[1]} (ids 0-{vocab[0] - 1}): no token can be it, so no "
+            "row could stop on it and every mask would read as wrong. Pass the tokenizer's ids "
+            "(tokenizer.eos_token_id and the model's generation_config.eos_token_id; tokenizer.pad_token_id)."
+        )
+
+
+def _token_ids(name: str, ids) -> torch.Tensor:
+    """Token ids [N, T] as a LongTensor; a negative id (pads included: the forward embeds them) is refused."""
+    t = as_tensor(name, ids, 2, integer=True).long()
+    bad = (t < 0).any(-1)  # [N]
+    if bad.any():
+        raise ValueError(
+            f"{name}: rows {spans(bad.nonzero().flatten().tolist())} hold negative token ids (e.g. {int(t.min())}); "
+            "token ids index the vocabulary, pads included (the forward embeds them). A loss-ignore label such as "
+            "-100 belongs in the labels, not the ids: pad with the tokenizer's pad id."
+        )
+    return t
 
 
 def _lengths_from_attention(attention, N: int, P: int, C: int) -> torch.Tensor:
@@ -157,19 +198,20 @@ def _lengths_from_attention(attention, N: int, P: int, C: int) -> torch.Tensor:
     return block.sum(-1)
 
 
-def _infer_lengths(ids: torch.Tensor, eos: tuple[int, ...], pad: int | None) -> tuple[torch.Tensor, str]:
-    """Real completion lengths [N] from the ids alone (see the module docstring for the rules)."""
+def _infer_lengths(ids: torch.Tensor, eos: tuple[int, ...], pad: int | None):
+    """``(real, source, stop)``: real completion lengths [N] from the ids alone (the module docstring's rules),
+    and the first stop index among them [N] when it came out of the inference (else None)."""
     C = ids.shape[1]
     if pad is not None and pad not in eos:
         cols = torch.arange(1, C + 1)[None, :]  # [1, C]
-        return ((ids != pad).long() * cols).max(-1).values, SOURCE_TRAILING_PADS  # last non-pad + 1
-    stop = first_stop_index(ids, eos)  # [N]: C where no stop
-    return torch.where(stop < C, stop + 1, torch.full_like(stop, C)), SOURCE_FIRST_STOP
+        return ((ids != pad).long() * cols).max(-1).values, SOURCE_TRAILING_PADS, None  # last non-pad + 1
+    stop = first_stop_index(ids, eos)  # [N]: C where no stop; a row ends there, so it is its first stop
+    return torch.where(stop < C, stop + 1, torch.full_like(stop, C)), SOURCE_FIRST_STOP, stop
 
 
-def _inference_notes(ids, eos, pad, real, source) -> list[str]:
+def _inference_notes(stopped: torch.Tensor, pad: int | None, source: str) -> list[str]:
+    """What inferring the real lengths assumed; ``stopped`` [N]: rows with a stop among their real tokens."""
     notes = []
-    stopped = first_stop_index(ids, eos, real) < real
     if source == SOURCE_TRAILING_PADS:
         notes.append(
             f"real completion lengths were inferred from trailing pad ids (id {pad}): a completion whose last "
@@ -215,9 +257,11 @@ def cells_finding(kind: str, cells: torch.Tensor, ref: Reference, detail: str, f
 def check_completion_mask(ref: Reference) -> list[Finding]:
     """Each cell where the mask under audit and the reference disagree, named by where it lies."""
     user, want = ref.user_mask, ref.mask  # [N, C]
+    if torch.equal(user, want):  # the common case, one comparison (a training loop runs this every step)
+        return []
     cols = torch.arange(want.shape[1])[None, :]
     has_stop, stop, real = ref.has_stop[:, None], ref.stop[:, None], ref.lengths[:, None]
-    at_stop = has_stop & (cols == stop)  # [N, C]
+    at_stop = ref.at_stop  # [N, C]
     masked_out = (~user.any(-1) & want.any(-1))[:, None]  # [N, 1]: reported once, as a whole row
     extra, missing = user & ~want, ~user & want & ~masked_out
     eos_txt = ", ".join(map(str, ref.eos))
@@ -306,6 +350,38 @@ def _not_counted(ref: Reference, cells: torch.Tensor) -> list[Finding]:
     return found
 
 
+def stop_correction(ref: Reference) -> tuple[torch.Tensor, str] | None:
+    """The reference mask [N, C] and a note on what it adds, when the mask under audit misses only rows'
+    first stop tokens and the real lengths leave no doubt those were sampled; else None.
+
+    Sure: given lengths, or lengths inferred from trailing pads (the stop id is not the pad id). Inferred
+    from the first stop (pad == eos, or no pad id), the "stop" after a completion cut by a stop string is
+    a pad: corrected only when no row counts its stop (the signature of ``token != pad_id``); a batch where
+    some rows count theirs and others do not is left to the caller (``completion_lengths`` decides it).
+    """
+    user, want = ref.user_mask, ref.mask  # [N, C]
+    dropped = ref.at_stop & ~user  # [N, C]: a first stop token the mask leaves out
+    diff = user ^ want
+    if not ref.include_eos or not diff.any() or (diff & ~dropped).any():
+        return None
+    inferred = ref.lengths_source == SOURCE_FIRST_STOP
+    if inferred and (user & ref.at_stop).any():
+        return None
+    rows = dropped.any(-1).nonzero().flatten().tolist()
+    why = "pad == eos: a mask built from token != pad_id drops it" if ref.pad_is_eos else "the mask stops before it"
+    note = (
+        f"completion_mask: the first stop token of rows {spans(rows)} was not counted ({why}); it was added, as "
+        f"DESIGN.md §3 counts it and the importance weights need the whole sequence (real lengths "
+        f"{ref.lengths_source})."
+    )
+    if inferred:
+        note += (
+            " Assumed: each such row's first stop id was sampled (HF generate and vLLM stop there); a completion cut "
+            "by a stop string and padded with pad == eos would read the same. Pass completion_lengths to be exact."
+        )
+    return want, note
+
+
 def check_prompt(ref: Reference) -> list[Finding]:
     """Prompt rows that are not left-padded (the prompt must end at column P − 1) or are empty."""
     pm = ref.prompt_mask  # [N, P]
@@ -341,42 +417,3 @@ def check_prompt(ref: Reference) -> list[Finding]:
             )
         )
     return out
-
-
-# ---------------------------------------------------------------------------------------------- loss weights
-def check_loss_weights(ref: Reference, weights: torch.Tensor) -> tuple[list[Finding], list[str]]:
-    """Per-token weights [N, C] against per-token normalisation (constant over the batch's counted
-    tokens, ``1 / Σ L``) and per-sequence normalisation (``1 / (N·L_i)`` in row i)."""
-    w = weights.double()
-    use = ref.user_mask & ref.mask  # [N, C]: tokens both count
-    has = use.any(-1)  # [N]
-    if not has.any():
-        return [], []
-    hi = torch.where(use, w, -torch.inf).max(-1).values  # [N]
-    lo = torch.where(use, w, torch.inf).min(-1).values
-    scale = float(w[use].abs().max()) or 1.0
-    vary = has & ((hi - lo) > 1e-6 * scale)
-    v, L = hi[has], ref.user_mask.sum(-1)[has].double()  # per-row weight, the trainer's own L_i
-    if not vary.any() and float(v.max() - v.min()) <= 1e-6 * scale:
-        notes = []
-        if bool((L[0] == L).all()):
-            notes.append("loss weights: every row has the same L, so per-token and per-sequence weights coincide.")
-        return [], notes
-    vL = v * L
-    if not vary.any() and float(vL.max() - vL.min()) <= 1e-6 * float(vL.abs().max()):
-        ratio = float(L.mean()) / L  # per-sequence weight / per-token weight of the same total
-        rows = has.nonzero().flatten()[(ratio - 1).abs() > 1e-9].tolist()
-        detail = (
-            f"each row's tokens weigh 1/L_i (rows of L = {int(L.max())} down to {int(L.min())} tokens): every "
-            f"sequence counts as much as any other, so a token of the longest completion weighs "
-            f"{float(ratio.min()):.2g}× and of the shortest {float(ratio.max()):.2g}× what it would per token. "
-            "Long completions are down-weighted: with a negative advantage, a long wrong answer is penalised less per token."
-        )
-        fix = "Divide the summed token losses by the batch's total counted tokens Σ L (DESIGN.md §7), not by each L_i."
-        return [Finding(Kind.PER_SEQUENCE, tuple(rows), (), detail, fix, block="row")], []
-    rows = (vary if vary.any() else has).nonzero().flatten().tolist()
-    detail = (
-        "the weights vary within rows or across rows in a way that is neither a constant per token nor 1/L_i per "
-        f"row (rows {spans(rows)}). Pass the normalisation weights only, without advantages or clipping."
-    )
-    return [Finding(Kind.WEIGHTS_OTHER, tuple(rows), (), detail, "Normalise by Σ L (per token).", block="row")], []

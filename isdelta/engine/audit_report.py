@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-__all__ = ["BatchAuditError", "BatchReport", "Finding", "Kind"]
+__all__ = ["LOGP_KINDS", "BatchAuditError", "BatchReport", "Finding", "Kind"]
 
 
 class Kind:
@@ -30,6 +30,11 @@ class Kind:
     LOGP_MISMATCH = "log-probs disagree with the model"
     PER_SEQUENCE = "loss normalised per sequence instead of per token"
     WEIGHTS_OTHER = "loss weights neither per token nor per sequence"
+    WEIGHTS_ZERO = "loss weights all zero"
+
+
+# the findings about the per-token log-probs (the other kinds are about masks, prompts, positions, weights)
+LOGP_KINDS = (Kind.LOGP_INVALID, Kind.LOGP_SHIFTED, Kind.LOGP_MISMATCH)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["default_eos", "free_memory", "preserved"]
+__all__ = ["default_eos", "default_pad", "free_memory", "preserved"]
 
 
 @contextlib.contextmanager
@@ -42,6 +42,16 @@ def default_eos(model: torch.nn.Module) -> int | list[int] | None:
         eos = getattr(cfg, "eos_token_id", None)
         if eos is not None:
             return eos
+    return None
+
+
+def default_pad(model: torch.nn.Module) -> int | None:
+    """The model's pad id: config first, else generation_config; None when neither has one."""
+    inner = getattr(model, "module", model)
+    for cfg in (getattr(inner, "config", None), getattr(inner, "generation_config", None)):
+        pad = getattr(cfg, "pad_token_id", None)
+        if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0:
+            return pad
     return None
 
 

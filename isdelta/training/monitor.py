@@ -37,9 +37,18 @@ not; ``"always"`` runs the forward anyway (``old_logp`` is then only checked aga
 log-probs: a gap means the trainer scores a different transform than it samples); ``"never"``
 reports plain estimates always.
 
+Input checks (:mod:`isdelta.training.inputs`, the batch audit's own checks): every micro-batch's
+mask and prompts are checked against DESIGN.md §2–§3 before any forward. A mask that only leaves
+out the first stop tokens (``completion_ids != pad_id`` with pad == eos) is corrected where that
+is sure, and the result says so; any other finding refuses the step with the finding and its fix.
+The first ``old_logp`` to be reused is checked against the model; if it disagrees, p0 is rescored.
+
 Failure policy: nothing the monitor does raises into the training loop unless ``strict=True``.
-Bad input, non-finite scores, out-of-memory, an exception in scoring or estimation, or k̂ > 1
-give a result with ``valid=False`` and the reason (warned once per kind). The model's train/eval
+Bad input (to ``before`` or ``after``), non-finite scores, out-of-memory, an exception in scoring
+or estimation, or k̂ > 1 give a result with ``valid=False`` and the reason (warned once per kind);
+``strict=True`` raises instead, also where a mask would be corrected. Errors a constructor can
+see (a model that is not a module, unknown options, stop or pad ids outside the vocabulary) raise
+there. The model's train/eval
 mode (per module), ``requires_grad`` flags, ``.grad`` tensors and the torch RNG state (CPU, and
 CUDA where initialised) are restored exactly after each forward.
 
@@ -61,12 +70,12 @@ import torch
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine, check_fp32_weights
 from isdelta.engine.rollouts import Rollouts
-from isdelta.engine.split import SplitLM
 from isdelta.estimators import headline
 from isdelta.training.distributed import all_gather, world_size
-from isdelta.training.model_state import default_eos, free_memory, preserved
+from isdelta.training.inputs import BATCH_KEYS, OLD_LOGP_GAP_WARN, InputChecks, snapshot_list
+from isdelta.training.model_state import free_memory, preserved
 from isdelta.training.options import MonitorConfig
-from isdelta.training.rows import Snapshot, merge, old_logp_tokens, prompt_keys, row_sums, rows_of
+from isdelta.training.rows import Snapshot, merge, row_sums, rows_of
 from isdelta.training.verdict import (
     MonitorError,
     MonitorResult,
@@ -77,6 +86,7 @@ from isdelta.training.verdict import (
 )
 
 __all__ = [
+    "BATCH_KEYS",
     "EntropyMonitor",
     "MonitorConfig",
     "MonitorError",
@@ -85,11 +95,6 @@ __all__ = [
     "MonitorWarning",
     "Snapshot",
 ]
-
-
-# the tensors a trainer holds for one micro-batch (TRL GRPO's names)
-BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-OLD_LOGP_GAP_WARN = 1e-2  # nats; fp32 engines agree to ~1e-5, bf16 ones to a few 1e-3
 
 
 class MonitorStep:
@@ -158,11 +163,11 @@ class EntropyMonitor:
         if self.config.engine.fp32:
             check_fp32_weights(model)  # refused here, before the training loop, not at a step
         self.model = model
-        eos = self.config.eos_token_ids
-        self.eos_token_ids = eos if eos is not None else default_eos(model)
+        self._warned: set[str] = set()
+        self._inputs = InputChecks(model, self.config, self._warn_once)  # stop ids outside the vocabulary raise
+        self.eos_token_ids, self.pad_token_id = self._inputs.eos_token_ids, self._inputs.pad_token_id
         self._engine = LogProbEngine(self.config.engine)
         self._n_steps = 0
-        self._warned: set[str] = set()
         self._token = uuid.uuid4().hex  # marks this monitor's snapshots
 
     @property
@@ -187,11 +192,14 @@ class EntropyMonitor:
         batch : Rollouts, or a mapping with ``prompt_ids`` [N, P_len] (left-padded),
             ``prompt_mask`` [N, P_len], ``completion_ids`` [N, C] (right-padded) and
             ``completion_mask`` [N, C] (real tokens up to and including the first stop token);
-            optionally ``eos_token_ids``, ``group`` [N] and ``num_generations`` (used with
-            ``group_by="given"``). Other keys (advantages, …) are ignored.
+            optionally ``completion_lengths`` [N] (sampled tokens per row: makes the mask check
+            exact), ``eos_token_ids``, ``group`` [N] and ``num_generations`` (used with
+            ``group_by="given"``). Other keys (advantages, …) are ignored. Checked first
+            (:mod:`isdelta.training.inputs`): corrected where the fix is sure, else refused.
         old_logp : Tensor or ndarray [N, C], optional
             The trainer's per-token log p0 of ``completion_ids`` under the sampling transform
-            (fp32 preferred); read on counted tokens only.
+            (fp32 preferred); read on counted tokens only. The first one is checked against
+            the model; if it disagrees, p0 is rescored from then on.
 
         Returns
         -------
@@ -203,56 +211,29 @@ class EntropyMonitor:
             return Snapshot(step, measured=False, monitor=self._token)
         t0 = time.perf_counter()
         try:
-            rollouts = self._rollouts(batch)
-            fields = self._score_p0(rollouts, old_logp)
+            rollouts, old, notes = self._inputs.check(batch, old_logp, step)
         except Exception as exc:  # the failure policy: never break the training loop
             if self.config.strict:
                 raise
+            reason = (
+                str(exc) if isinstance(exc, (TypeError, ValueError)) else f"checking the batch failed: {describe(exc)}"
+            )
+            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=reason, monitor=self._token)
+        try:
+            fields = self._score_p0(rollouts, old)
+        except Exception as exc:
+            if self.config.strict:
+                raise
             free_memory(exc)
-            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=describe(exc), monitor=self._token)
-        return Snapshot(step, True, rollouts, **fields, seconds=time.perf_counter() - t0, monitor=self._token)
+            error = f"scoring p0 failed: {describe(exc)}"
+            return Snapshot(step, True, seconds=time.perf_counter() - t0, error=error, monitor=self._token)
+        seconds = time.perf_counter() - t0
+        return Snapshot(step, True, rollouts, **fields, seconds=seconds, monitor=self._token, notes=tuple(notes))
 
-    def _rollouts(self, batch) -> Rollouts:
-        """The batch in the isdelta layout, groups keyed as ``group_by`` says."""
-        by_prompt = self.config.group_by == "prompt"
-        if isinstance(batch, Rollouts):
-            if not by_prompt:
-                return batch
-            keys = prompt_keys(batch.prompt_ids, batch.prompt_lengths)
-            return replace(batch, group=keys.to(batch.group.device))
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"batch: expected an isdelta Rollouts or a mapping with keys "
-                f"{list(BATCH_KEYS)}; got {type(batch).__name__}."
-            )
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise ValueError(
-                f"batch: missing keys {missing}; expected {list(BATCH_KEYS)} (left-padded "
-                f"prompts, right-padded completions); got keys {sorted(map(str, batch))}."
-            )
-        eos = batch.get("eos_token_ids", self.eos_token_ids)
-        if eos is None:
-            raise ValueError(
-                "eos_token_ids: the model has no eos_token_id; pass "
-                "EntropyMonitor(..., eos_token_ids=…) or batch['eos_token_ids']."
-            )
-        pm = torch.as_tensor(batch["prompt_mask"])
-        group = prompt_keys(batch["prompt_ids"], pm.sum(-1)) if by_prompt else batch.get("group")
-        return Rollouts.from_tensors(
-            batch["prompt_ids"],
-            pm,
-            batch["completion_ids"],
-            batch["completion_mask"],
-            eos_token_ids=eos,
-            group=group,
-            num_generations=None if by_prompt else batch.get("num_generations"),
-        )
-
-    def _score_p0(self, rollouts: Rollouts, old_logp) -> dict:
-        """S0 (and entropy sums) from ``old_logp`` or from a p0 forward (see ``rao_blackwell``)."""
+    def _score_p0(self, rollouts: Rollouts, old: torch.Tensor | None) -> dict:
+        """S0 (and entropy sums) from the checked ``old_logp`` [N, C] or from a p0 forward (see
+        ``rao_blackwell``)."""
         mode = self.config.rao_blackwell
-        old = None if old_logp is None else old_logp_tokens(old_logp, rollouts, self.config.engine)
         if old is not None and mode != "always":
             return {"log_p0": row_sums(old), "reused_old_logp": True}
         with preserved(self.model):
@@ -290,8 +271,15 @@ class EntropyMonitor:
         MonitorResult or None
             None when ``every`` skips this step.
         """
-        snaps = [snapshots] if isinstance(snapshots, Snapshot) else list(snapshots)
         step = self._n_steps
+        try:
+            snaps = snapshot_list(snapshots)
+        except TypeError as exc:  # a programming error in the loop: named, and the step is counted
+            if self.config.strict:
+                raise
+            self._n_steps += 1
+            self._report((str(exc), None), step)
+            return MonitorResult(step, False, str(exc))
         if not snaps:
             return self.skip("no micro-batch was snapshotted in this step")
         self._n_steps += 1
@@ -311,9 +299,14 @@ class EntropyMonitor:
             per_decision, failure = estimate_rows_per_decision(rows, methods=methods, prompts=c.prompts, level=c.level)
         chosen = None
         if failure is None:
-            chosen = headline(est, *per_decision, support_size=self._support_size())
-            if not chosen.valid:
-                failure = (f"{chosen.reason} {chosen.advice}", None)
+            try:
+                chosen = headline(est, *per_decision, support_size=self._support_size())
+            except Exception as exc:
+                failure = (f"the headline policy failed: {describe(exc)}", exc)
+            else:
+                if not chosen.valid:
+                    failure = (f"{chosen.reason} {chosen.advice}", None)
+        notes = list(dict.fromkeys(n for s in snaps for n in s.notes)) + notes  # what the input checks did
         seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
         gaps = [s.old_logp_gap for s in snaps if s.old_logp_gap is not None]
         gap = max(gaps) if gaps else None
@@ -347,11 +340,9 @@ class EntropyMonitor:
 
     def _support_size(self) -> int | None:
         """Tokens a next-token distribution can spread over: the vocabulary, or top-k."""
-        try:
-            V = SplitLM.of(self.model).vocab_size
-        except TypeError:
+        V, k = self._inputs.vocab_size, self.config.engine.top_k
+        if V is None:
             return None
-        k = self.config.engine.top_k
         return min(V, k) if k else V
 
     def _p1_rows(self, snaps: list[Snapshot], step: int) -> tuple[dict | None, tuple | None]:
@@ -369,7 +360,7 @@ class EntropyMonitor:
                 )
                 return None, (reason, None)
             if s.error is not None:
-                return None, (f"scoring p0 failed: {s.error}", None)
+                return None, (s.error, None)
         parts = []
         try:
             with preserved(self.model):
@@ -404,12 +395,16 @@ class EntropyMonitor:
                 raise exc
             raise MonitorError(f"EntropyMonitor step {step}: {reason}")
         kind = type(exc).__name__ if exc is not None else reason.split(":")[0][:60]
+        self._warn_once(
+            kind,
+            f"EntropyMonitor step {step}: {reason} The training run goes on; this "
+            "step's result has valid=False (further failures of this kind are not "
+            "warned about; pass strict=True to raise).",
+            stacklevel=4,
+        )
+
+    def _warn_once(self, kind: str, message: str, stacklevel: int = 4) -> None:
+        """A MonitorWarning the first time ``kind`` happens (the caller's caller is the training loop)."""
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(
-                f"EntropyMonitor step {step}: {reason} The training run goes on; this "
-                "step's result has valid=False (further failures of this kind are not "
-                "warned about; pass strict=True to raise).",
-                MonitorWarning,
-                stacklevel=3,
-            )
+            warnings.warn(message, MonitorWarning, stacklevel=stacklevel)

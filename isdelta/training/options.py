@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from numbers import Integral
 from typing import Literal
+
+import torch
 
 from isdelta.engine.logprob import EngineConfig
 from isdelta.estimators.inputs import check_options
 
-__all__ = ["MonitorConfig"]
+__all__ = ["MonitorConfig", "token_ids"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class MonitorConfig:
         Measure every k-th step (steps are counted by ``after``/``skip`` calls); other steps
         cost nothing and give ``None``.
     strict : bool
-        Raise on any failure (for debugging) instead of returning an invalid result.
+        Raise on any failure (for debugging) instead of returning an invalid result, and where the
+        input checks would correct a mask (:mod:`isdelta.training.inputs`).
     rao_blackwell : {"auto", "always", "never"}
         Whether to run the p0 forward for entropy sums when ``old_logp`` is given (module doc).
     group_by : {"prompt", "given"}
@@ -54,6 +58,11 @@ class MonitorConfig:
         reported beside the headline either way (``result.delta_snis``).
     eos_token_ids : int or sequence of int, optional
         Stop ids for dict batches; default the model's ``generation_config.eos_token_id``.
+    pad_token_id : int, optional
+        The pad id, read only to tell pads from sampled tokens when the input checks infer real
+        completion lengths (a mask is never built from it); default the model's
+        ``config.pad_token_id`` (or ``generation_config``'s). Pass the tokenizer's when the model
+        config has none.
     """
 
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(progress=False))
@@ -68,6 +77,7 @@ class MonitorConfig:
     distributed: Literal["auto", "local"] = "auto"
     per_decision: Literal["cv", "pd", "pd_sn", "off"] = "cv"
     eos_token_ids: int | Sequence[int] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
@@ -86,6 +96,12 @@ class MonitorConfig:
             )
         object.__setattr__(self, "engine", replace(self.engine, requires_grad=False))
         check_options(weights=self.weights, prompts=self.prompts, level=self.level, clip=self.clip)
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"strict: expected True or False; got {self.strict!r}.")
+        if self.eos_token_ids is not None:
+            token_ids(self.eos_token_ids, "eos_token_ids")
+        if self.pad_token_id is not None:
+            token_ids(self.pad_token_id, "pad_token_id", several=False)
         if isinstance(self.every, bool) or int(self.every) != self.every or self.every < 1:
             raise ValueError(f"every: expected a positive integer (measure every k-th step); got {self.every!r}.")
         for name, value, valid in (
@@ -99,3 +115,22 @@ class MonitorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def token_ids(value, name: str, several: bool = True) -> tuple[int, ...]:
+    """Token ids given as an int (or, with ``several``, a non-empty sequence or tensor of ints), checked
+    and sorted; a ``TypeError``/``ValueError`` that names ``name`` otherwise."""
+    if isinstance(value, Integral):
+        items = [value]
+    elif several and isinstance(value, torch.Tensor):
+        items = value.flatten().tolist()
+    elif several and isinstance(value, Sequence) and not isinstance(value, str):
+        items = list(value)
+    else:
+        items = []
+    if not items or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in items):
+        what = "an int or a non-empty sequence of ints" if several else "an int"
+        raise TypeError(f"{name}: expected {what} (token ids); got {value!r}. Pass the tokenizer's id(s).")
+    if any(i < 0 for i in items):
+        raise ValueError(f"{name}: token ids are non-negative; got {value!r}. Pass the tokenizer's id(s).")
+    return tuple(sorted({int(i) for i in items}))

@@ -23,6 +23,7 @@ __all__ = [
     "Snapshot",
     "merge",
     "multi_row_groups",
+    "old_logp_tensor",
     "old_logp_tokens",
     "prompt_keys",
     "row_sums",
@@ -59,9 +60,13 @@ class Snapshot:
     seconds : float
         Wall time of ``before``.
     error : str or None
-        Why p0 could not be scored (non-strict mode); ``after`` turns it into an invalid result.
+        Why the micro-batch could not be measured (non-strict mode: input the checks refused, or a
+        failed p0 forward); ``after`` turns it into an invalid result with this reason.
     monitor : str or None
         The token of the monitor that took it: another monitor's ``after`` refuses it.
+    notes : tuple of str
+        What the input checks corrected or set aside (a mask missing its stop tokens, ``old_logp``
+        not reused); ``after`` adds them to the result's warnings.
     """
 
     step: int
@@ -76,6 +81,7 @@ class Snapshot:
     seconds: float = 0.0
     error: str | None = None
     monitor: str | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def n_rows(self) -> int:
@@ -93,6 +99,7 @@ class Snapshot:
             "old_logp_gap": self.old_logp_gap,
             "seconds": self.seconds,
             "error": self.error,
+            "notes": list(self.notes),
         }
 
 
@@ -112,10 +119,16 @@ def prompt_keys(prompt_ids, prompt_lengths) -> torch.Tensor:
     return torch.tensor(keys, dtype=torch.long)
 
 
-def old_logp_tokens(old_logp, rollouts: Rollouts, engine: EngineConfig) -> torch.Tensor:
-    """The caller's per-token log p0, checked: [N, C] float64, 0 on uncounted positions."""
-    t = torch.as_tensor(old_logp).detach()
-    N, C = rollouts.completion_ids.shape
+def old_logp_tensor(old_logp, N: int, C: int) -> torch.Tensor:
+    """The caller's per-token log p0 as a floating tensor [N, C]; a ``TypeError``/``ValueError`` naming
+    ``old_logp`` otherwise."""
+    try:
+        t = torch.as_tensor(old_logp).detach()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"old_logp: expected a tensor or array of per-token log-probs [N, C] = [{N}, {C}]; got "
+            f"{type(old_logp).__name__}. Pass the trainer's log-probs of the completion tokens, or old_logp=None."
+        ) from e
     if tuple(t.shape) != (N, C) or not t.is_floating_point():
         raise ValueError(
             f"old_logp: expected per-token log-probs [N, C] = [{N}, {C}] (one per completion "
@@ -123,6 +136,12 @@ def old_logp_tokens(old_logp, rollouts: Rollouts, engine: EngineConfig) -> torch
             f"{list(t.shape)}. Pass the trainer's log-probs of this micro-batch's completion "
             "tokens (TRL: inputs['old_per_token_logps']), or old_logp=None to rescore p0."
         )
+    return t
+
+
+def old_logp_tokens(old_logp, rollouts: Rollouts, engine: EngineConfig) -> torch.Tensor:
+    """The caller's per-token log p0, checked: [N, C] float64, 0 on uncounted positions."""
+    t = old_logp_tensor(old_logp, *rollouts.completion_ids.shape)
     mask = rollouts.mask(engine.include_eos).to(t.device)  # [N, C]: counted tokens only
     t = torch.where(mask, t.double(), torch.zeros((), dtype=torch.float64, device=t.device))
     bad = ~torch.isfinite(t).all(-1)

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from isdelta.engine import completion_mask, position_ids
-from isdelta.engine.audit import AuditOptions, BatchAuditError, Kind, assert_batch_ok, audit_batch, batch_arguments
+from isdelta.engine.audit import (
+    AuditOptions,
+    BatchAuditError,
+    Kind,
+    assert_batch_ok,
+    audit_batch,
+    batch_arguments,
+    check_batch,
+    load_batch,
+)
 from isdelta.engine.audit_checks import build_reference
 from isdelta.engine.audit_cli import main
 from isdelta.engine.audit_logps import row_references
@@ -338,6 +347,120 @@ def test_bad_input_says_what_was_expected():
         audit_batch(**b, eos_token_ids=EOS, position_ids="none")
     with pytest.raises(ValueError, match="lacks"):
         batch_arguments({"prompt_ids": b["prompt_ids"]})
+
+
+def test_negative_token_ids_are_refused_with_the_rows():
+    """-100 (a loss-ignore label) or -1 as a pad id: not token ids, wherever they sit (the forward embeds pads)."""
+    b, _ = trl_batch()
+    for name, r, c, value in (("prompt_ids", 0, 0, -1), ("completion_ids", 2, 4, -100)):
+        bad = {**b, name: b[name].clone()}
+        bad[name][r, c] = value
+        with pytest.raises(ValueError, match=rf"{name}: rows {r} hold negative token ids \(e.g. {value}\)"):
+            audit_batch(**bad, eos_token_ids=EOS, pad_token_id=PAD)
+        with pytest.raises(ValueError, match=rf"{name}: rows {r} hold negative"):
+            check_batch(**bad, eos_token_ids=EOS)
+
+
+def test_all_zero_loss_weights_are_named():
+    """mask // mask.sum() (an integer division) weighs every token 0: the loss trains on nothing."""
+    b, _ = trl_batch()
+    m = b["completion_mask"]
+    report = audit_batch(**b, eos_token_ids=EOS, loss_weights=m // m.sum())
+    assert report.kinds == (Kind.WEIGHTS_ZERO,) and report.findings[0].rows == tuple(range(6))
+    assert "trains on nothing" in report.findings[0].detail
+    assert audit_batch(**b, eos_token_ids=EOS, loss_weights=m / m.sum()).ok
+
+
+def test_a_stop_id_outside_the_vocabulary_is_a_bad_id_not_a_mask_finding(tiny_llama, char_tok):
+    """eos id 500 with V = 96: no token can be it. Blaming the mask ("pads counted", "tokens after the stop")
+    would send the user to the wrong tensor."""
+    b, _ = trl_batch()
+    with pytest.raises(ValueError, match=r"eos_token_ids: id 500 is outside the model's vocabulary \(ids 0-95\)"):
+        audit_batch(**b, eos_token_ids=500, pad_token_id=PAD, model=tiny_llama)
+    with pytest.raises(ValueError, match=r"eos_token_ids: id 96 is outside the tokenizer's vocabulary"):
+        audit_batch(**b, eos_token_ids=(EOS, 96), tokenizer=char_tok)
+    with pytest.raises(ValueError, match=r"pad_token_id: id 200 is outside the model's vocabulary"):
+        audit_batch(**b, eos_token_ids=EOS, pad_token_id=200, model=tiny_llama)
+    with pytest.raises(ValueError, match=r"eos_token_ids: id 96 is outside"):
+        check_batch(**b, eos_token_ids=96, vocab_size=96)
+    assert audit_batch(**b, eos_token_ids=EOS, model=tiny_llama).ok  # the ids the model knows
+
+
+class NotATensor:
+    """A class pickled into a .pt file: weights_only=True refuses to rebuild it."""
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "custom object"])
+def test_an_unloadable_pt_file_says_what_it_is_not_without_torchs_unsafe_advice(tmp_path, capsys, kind):
+    b, _ = trl_batch()
+    path = tmp_path / "batch.pt"
+    if kind == "garbage":
+        path.write_bytes(b"this is not a torch file\n")
+    elif kind == "truncated":
+        torch.save(b, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({**b, "extra": NotATensor()}, path)
+    with pytest.raises(ValueError) as info:
+        load_batch(path)
+    msg = str(info.value)
+    assert "is not a torch file of plain tensors loadable with weights_only=True" in msg
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # torch's message is not chained
+    for advice in ("weights_only=False", "weights_only` set to `False", "trust the source", "Re-running"):
+        assert advice not in msg
+    assert main([str(path), "--eos-id", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "weights_only=False" not in err and "False" not in err
+
+
+# ---------------------------------------------------------------------------------------------- check_batch
+def test_check_batch_corrects_only_an_uncounted_first_stop_it_is_sure_of():
+    """The one unambiguous fix: the first stop token left out by a mask built from token != pad_id (pad == eos),
+    given that no row counts its stop; a batch where some rows do (a stop-string cut?) is not corrected."""
+    good, lengths = trl_batch()
+    bad = {**good, "completion_mask": (good["completion_ids"] != PAD).long()}
+    check = check_batch(**bad, eos_token_ids=EOS, pad_token_id=PAD)
+    assert check.report.kinds == (Kind.EOS_DROPPED,) and check.input_findings == check.report.findings
+    assert torch.equal(check.mask, good["completion_mask"].bool())  # the reference mask, EOS counted
+    assert "rows 0-1, 3-4" in check.correction and "pad == eos" in check.correction
+    assert "Pass completion_lengths to be exact" in check.correction  # inferred lengths: the assumption is named
+    # a row that stops at once has an all-zero mask under the same bug: still only its stop token missing
+    comps = [[2], *COMPS[1:]]
+    good0, _ = trl_batch(comps=comps)
+    bad0 = {**good0, "completion_mask": (good0["completion_ids"] != PAD).long()}
+    check = check_batch(**bad0, eos_token_ids=EOS, pad_token_id=PAD)
+    assert Kind.ROW_MASKED in check.report.kinds and torch.equal(check.mask, good0["completion_mask"].bool())
+    # exact lengths: sure, and the note does not need the assumption
+    check = check_batch(**bad, eos_token_ids=EOS, pad_token_id=PAD, completion_lengths=lengths)
+    assert torch.equal(check.mask, good["completion_mask"].bool()) and "Assumed" not in check.correction
+    # pad (0) != eos: a mask that stops before the stop token; the trailing pads say the stop was sampled
+    good_p0, _ = trl_batch(pad=0)
+    excl = {**good_p0, "completion_mask": completion_mask(good_p0["completion_ids"], EOS, lengths, False).long()}
+    check = check_batch(**excl, eos_token_ids=EOS, pad_token_id=0)
+    assert check.report.kinds == (Kind.STOP_NOT_COUNTED,) and torch.equal(check.mask, good_p0["completion_mask"].bool())
+
+
+def test_check_batch_leaves_ambiguous_and_other_findings_uncorrected():
+    # a row cut by a stop string (pad == eos) next to rows that count their EOS: a pad or a dropped EOS?
+    comps = [*COMPS[:5], [60, 61, 62]]
+    b, lengths = trl_batch(comps=comps)
+    check = check_batch(**b, eos_token_ids=EOS, pad_token_id=PAD)
+    assert check.report.kinds == (Kind.EOS_DROPPED,) and check.mask is None and check.correction is None
+    assert check_batch(**b, eos_token_ids=EOS, pad_token_id=PAD, completion_lengths=lengths).report.ok
+    # the EOS dropped, but also a right-padded prompt: refused as a whole
+    bad, _ = trl_batch()
+    bad["completion_mask"] = (bad["completion_ids"] != PAD).long()
+    bad["prompt_mask"][0] = torch.roll(bad["prompt_mask"][0], 3)
+    check = check_batch(**bad, eos_token_ids=EOS, pad_token_id=PAD)
+    assert Kind.RIGHT_PADDED_PROMPT in check.report.kinds and check.mask is None
+    # tokens counted after the stop, real tokens left out: not a missing stop token
+    for mask in (torch.ones_like(b["completion_mask"]), torch.zeros_like(b["completion_mask"])):
+        good, _ = trl_batch()
+        assert check_batch(**{**good, "completion_mask": mask}, eos_token_ids=EOS, pad_token_id=PAD).mask is None
+    # log-prob findings are not input findings
+    good, _ = trl_batch()
+    check = check_batch(**good, eos_token_ids=EOS, per_token_logps=torch.full((6, 5), 3.0))
+    assert check.report.kinds == (Kind.LOGP_INVALID,) and check.input_findings == () and check.mask is None
 
 
 def test_cli_audits_a_saved_batch(tmp_path, capsys, checkpoint):

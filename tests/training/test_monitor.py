@@ -17,6 +17,7 @@ from isdelta.engine import EngineConfig, LogProbEngine, Rollouts
 from isdelta.estimators import estimate, estimate_tokens
 from isdelta.training import EntropyMonitor, MonitorError, MonitorResult, MonitorWarning
 from isdelta.training import verdict as verdict_module
+from isdelta.training.rows import prompt_keys
 
 ENGINE = EngineConfig(progress=False)
 
@@ -56,13 +57,16 @@ def sampled_rollouts(model, rng, P=4, G=6, max_new=7) -> Rollouts:
 
 
 def trainer_batch(ro: Rollouts) -> dict:
-    """The tensors a GRPO trainer holds for these rows (TRL's names)."""
+    """The tensors a GRPO trainer holds for these rows (TRL's names), with the real lengths: random_rollouts
+    has rows that end without a stop before the last column (cut by a stop string), which pad == eos makes
+    look like rows that stopped (only the lengths tell them apart)."""
     pl = ro.prompt_len
     return {
         "prompt_ids": ro.prompt_ids,
         "prompt_mask": ro.attention_mask[:, :pl],
         "completion_ids": ro.completion_ids,
         "completion_mask": ro.completion_mask.long(),
+        "completion_lengths": ro.completion_lengths,
         "advantages": torch.zeros(ro.n_rows),
     }
 
@@ -419,7 +423,8 @@ def test_per_decision_merges_micro_batches_of_different_widths(models, rng):
     perturb(model, scale=0.003)
     res = mon.after(snaps)
     both = Rollouts.concat(parts, pad_token_id=2)
-    ref_pd = by_hand(p0, model, mon._rollouts(both), tokens=True, method=res.method)  # the headline's method
+    keyed = dataclasses.replace(both, group=prompt_keys(both.prompt_ids, both.prompt_lengths))  # group_by="prompt"
+    ref_pd = by_hand(p0, model, keyed, tokens=True, method=res.method)  # the headline's method
     assert res.valid and res.tokens is not None and res.n_rows == ro.n_rows - res.n_dropped
     assert res.delta.value == pytest.approx(ref_pd.delta.value, rel=1e-6)
     assert res.delta_tok.value == pytest.approx(ref_pd.delta_tok.value, rel=1e-6)
