@@ -25,9 +25,25 @@ from isdelta.engine.masking import normalise_eos_ids
 from isdelta.engine.models import context_size
 from isdelta.engine.samples import Samples, prompt_seed
 from isdelta.engine.stops import StopStringCriterion, check_stop_strings, trim
-from isdelta.engine.transform import LogitTransform
+from isdelta.engine.transform import LogitTransform, is_integer
 
-__all__ = ["Samples", "check_context", "encode_prompts", "prompt_seed", "sample"]
+__all__ = [
+    "MAX_NUM_SAMPLES",
+    "SEED_MAX",
+    "Samples",
+    "check_context",
+    "check_sample_options",
+    "encode_prompts",
+    "prompt_seed",
+    "sample",
+]
+
+# G is drawn for one prompt in one batch of G rows (HF: one generate call; vLLM: one request's n):
+# vLLM refuses n above VLLM_MAX_N_SEQUENCES (16384 by default), and one decoding step of 16384 rows
+# holds 16384 × V float32 logits (3.2 GB at SmolLM2's V = 49152) before any other buffer.
+MAX_NUM_SAMPLES = 16384
+# seeds go to numpy's SeedSequence (non-negative integers only) and torch.manual_seed (64-bit)
+SEED_MAX = 2**63 - 1
 
 Prompt = str | Sequence[dict]
 
@@ -136,6 +152,7 @@ def sample(
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf' or 'vllm'; got {backend!r}.")
     _check_args(num_samples, max_new_tokens, transform, prompt_batch_size, token_budget)
+    check_sample_options(seed=seed)
     stop_strings = check_stop_strings(stop_strings)
     eos = _default_eos_ids(model, tokenizer, eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -217,13 +234,34 @@ def _check_args(num_samples, max_new_tokens, transform, prompt_batch_size, token
             f"transform must be an isdelta LogitTransform; got {type(transform).__name__}. "
             "Build one with LogitTransform(temperature=..., top_k=..., top_p=...)."
         )
-    for name, v in [
-        ("num_samples", num_samples),
-        ("max_new_tokens", max_new_tokens),
-        ("token_budget", token_budget),
-    ] + ([("prompt_batch_size", prompt_batch_size)] if prompt_batch_size is not None else []):
-        if int(v) != v or v < 1:
+    check_sample_options(num_samples=num_samples, max_new_tokens=max_new_tokens)
+    for name, v in [("token_budget", token_budget)] + (
+        [("prompt_batch_size", prompt_batch_size)] if prompt_batch_size is not None else []
+    ):
+        if not is_integer(v) or v < 1:
             raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+
+
+def check_sample_options(*, num_samples: int | None = None, max_new_tokens: int | None = None, seed=None) -> None:
+    """ValueError unless each option given is in the range :func:`sample` can draw with.
+
+    ``num_samples`` in [1, ``MAX_NUM_SAMPLES``]; ``max_new_tokens`` >= 1 (the model's context is
+    checked against the prompts by :func:`check_context`); ``seed`` in [0, ``SEED_MAX``].
+    """
+    if num_samples is not None and (not is_integer(num_samples) or not 1 <= num_samples <= MAX_NUM_SAMPLES):
+        raise ValueError(
+            f"num_samples must be an integer in [1, {MAX_NUM_SAMPLES}]; got {num_samples!r}. The G samples of a "
+            f"prompt are drawn as one batch of G rows: vLLM refuses more than {MAX_NUM_SAMPLES}, and at "
+            f"{MAX_NUM_SAMPLES} rows one decoding step's float32 logits already take 3.2 GB at a 49152-token "
+            "vocabulary. Draw more prompts instead (the estimators use every prompt's samples)."
+        )
+    if max_new_tokens is not None and (not is_integer(max_new_tokens) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+    if seed is not None and (not is_integer(seed) or not 0 <= seed <= SEED_MAX):
+        raise ValueError(
+            f"seed must be an integer in [0, 2**63 - 1]; got {seed!r}. It seeds numpy's SeedSequence, which "
+            "takes non-negative integers only, and torch.manual_seed, which takes 64-bit ones."
+        )
 
 
 def _default_eos_ids(model, tokenizer, eos_token_ids) -> tuple[int, ...]:

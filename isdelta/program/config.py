@@ -11,19 +11,28 @@ builds it from the library's frozen dataclass, and ``section.options(...)`` conv
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from isdelta.program.errors import ConfigError
 
-__all__ = ["ModelConfig", "Section", "apply_overrides", "format_errors", "load_yaml_config", "options_section"]
+__all__ = [
+    "ModelConfig",
+    "Section",
+    "apply_overrides",
+    "checked_by",
+    "format_errors",
+    "load_yaml_config",
+    "options_section",
+]
 
 # where a model can be put: torch device strings the programs support
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
@@ -124,11 +133,7 @@ def options_section(
         fields[f.name] = (hints[f.name], default)
 
     def check(cls, value, info):
-        try:
-            options(**{info.field_name: value})  # the dataclass's own checks of this one value
-        except TypeError as e:  # pydantic reports ValueErrors with the key path
-            raise ValueError(str(e)) from e
-        return value
+        return _check_one(options, info.field_name, value)
 
     def to_options(self, **values):
         return options(**{f.name: getattr(self, f.name) for f in keys}, **values)
@@ -143,6 +148,35 @@ def options_section(
     )
     section.options = to_options
     return section
+
+
+def checked_by(check: Callable[..., Any] | str) -> AfterValidator:
+    """A key whose range the library declares: ``Annotated[float, checked_by(LogitTransform)]``.
+
+    Each value is passed to ``check`` as the one keyword named like the key (a library dataclass,
+    or a function that raises ``ValueError``), so the range and its reason live in the library,
+    once, and the config error names the key path. ``check`` may be ``"module:name"``, imported
+    when a value is first checked (a config module that must not import torch at import time).
+    """
+
+    def validate(value, info):
+        target = check
+        if isinstance(target, str):
+            module, _, name = target.partition(":")
+            target = getattr(importlib.import_module(module), name)
+        return _check_one(target, info.field_name, value)
+
+    return AfterValidator(validate)
+
+
+def _check_one(check: Callable[..., Any], name: str, value):
+    """``value`` after ``check(name=value)`` accepted it; a TypeError or ArithmeticError becomes a
+    ValueError (which pydantic reports with the key path; others would escape it)."""
+    try:
+        check(**{name: value})
+    except (TypeError, ArithmeticError) as e:  # e.g. int(inf) in a check
+        raise ValueError(str(e)) from e
+    return value
 
 
 # ---------------------------------------------------------------------------- reading configs
@@ -172,7 +206,8 @@ def format_errors(err: ValidationError, root: type[BaseModel]) -> str:
             continue
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if isinstance(got, (dict, list)) or e["type"] == "missing" else f" (got {got!r})"
+        said = isinstance(got, (dict, list)) or e["type"] == "missing" or "; got " in msg  # a library check says it
+        shown = "" if said else f" (got {got!r})"
         lines.append(f"{path}: {msg}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

@@ -15,18 +15,25 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from isdelta.engine.transform import LogitTransform
 from isdelta.program import ModelConfig, Section, load_yaml_config, options_section
+from isdelta.program.config import checked_by
 from isdelta.tokens.options import TokenOptions
 
 __all__ = ["RunConfig", "config_hash", "load_config"]
+
+# ranges the library declares, checked by it (the messages give each range's reason)
+_STEP = checked_by("isdelta.training.update:check_step_options")  # lr, steps
+_SAMPLE = checked_by("isdelta.engine.sampling:check_sample_options")  # num_samples, seed
+_TRANSFORM = checked_by(LogitTransform)  # temperature, top_k, top_p
 
 
 class UpdateConfig(Section):
     loss: Literal["sft", "reinforce"] = "reinforce"
     reward: Literal["boxed_match", "answer_match"] = "answer_match"  # reinforce only
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(1e-4, gt=0)
-    steps: int = Field(1, ge=1)
+    lr: Annotated[float, _STEP] = 1e-4
+    steps: Annotated[int, _STEP] = 1
 
 
 class DataConfig(Section):
@@ -40,11 +47,11 @@ class DataConfig(Section):
 
 
 class SamplingConfig(Section):
-    num_samples: int = Field(8, ge=2, description="G: samples per prompt (SNIS needs >= 2)")
-    max_new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    num_samples: Annotated[int, _SAMPLE] = Field(8, ge=2, description="G: samples per prompt (SNIS needs >= 2)")
+    max_new_tokens: int = Field(96, ge=1)  # checked against each prompt and the model's context before sampling
+    temperature: Annotated[float, _TRANSFORM] = 1.0
+    top_k: Annotated[int | None, _TRANSFORM] = None  # 0 or null: off
+    top_p: Annotated[float, _TRANSFORM] = 1.0
     stop_strings: tuple[Annotated[str, Field(min_length=1)], ...] = ()  # an empty one would stop at once
     prompts_per_batch: int = Field(8, ge=1)
     # hf: HF generate on p0 itself; vllm: vLLM (a proposal q ≠ p0: both entropies importance-weighted,
@@ -60,6 +67,22 @@ class SamplingConfig(Section):
             if not vllm_available():
                 raise ValueError(f"vllm is not installed in this Python environment; {INSTALL_HINT}")
         return v
+
+    @model_validator(mode="after")
+    def _vllm_takes_it(self) -> SamplingConfig:
+        """vLLM refuses some values the HF back end takes (a temperature above 2): say so before it starts."""
+        if self.backend == "vllm":
+            from isdelta.engine.vllm_sampling import check_vllm_options
+
+            try:
+                check_vllm_options(transform=self.transform(), num_samples=self.num_samples)
+            except ValueError as e:
+                raise ValueError(f"sampling.{e}") from None
+        return self
+
+    def transform(self) -> LogitTransform:
+        """The sampling transform of these keys (the library's type, checked there)."""
+        return LogitTransform(self.temperature, self.top_k, self.top_p)
 
 
 class EngineSection(Section):
@@ -90,6 +113,9 @@ class EstimatorConfig(Section):
         return self
 
 
+MAX_SWEEP = 1000.0  # the largest |α| of probe.sweep: α scales the update, α = 1 is the step itself
+
+
 class ProbeConfig(Section):
     gradient: bool = True  # parameter-space ΔH₁ = <∇H(θ0), θ1 − θ0> (one backward pass)
     sweep: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # α: p_α = θ0 + α(θ1 − θ0), same samples
@@ -99,6 +125,14 @@ class ProbeConfig(Section):
     def _finite_sweep(self) -> ProbeConfig:
         if not self.sweep or not all(math.isfinite(a) for a in self.sweep):
             raise ValueError("probe.sweep must be a non-empty list of finite step sizes, e.g. [0.5, 1, 2]")
+        far = [a for a in self.sweep if abs(a) > MAX_SWEEP]
+        if far:
+            raise ValueError(
+                f"probe.sweep: {far[0]:g} is past ±{MAX_SWEEP:g}. α scales the update (α = 1 is the step taken; the "
+                "default brackets it, 0.25 … 4): θ0 + α(θ1 − θ0) that far out is no update the first-order ΔH₁ "
+                "describes, p0's samples cannot weigh it, and its weights overflow float32 (α = 1e30). Use step "
+                f"sizes within ±{MAX_SWEEP:g}"
+            )
         return self
 
 
@@ -123,7 +157,7 @@ class OutputConfig(Section):
 
 
 class RunConfig(Section):
-    seed: int = 0
+    seed: Annotated[int, _SAMPLE] = 0
     model: ModelConfig
     updated: ModelConfig | None = None
     update: UpdateConfig | None = None
@@ -151,6 +185,13 @@ class RunConfig(Section):
             _check_checkpoints(self)
         if self.sampling.backend != "hf":
             _check_proposal_stages(self)
+        if self.update is not None:
+            from isdelta.training.update import check_lr_fits
+
+            try:
+                check_lr_fits(self.update.lr, self.model.dtype)
+            except FloatingPointError as e:
+                raise ValueError(f"update.lr: {e} (model.dtype: {self.model.dtype})") from None
         return self
 
 

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from isdelta import program
+from isdelta.engine.vllm_errors import SamplerEngineError
 from isdelta.outputs import atomic_write
 from isdelta.program import OutputFolder, stage, stamp_of
 from isdelta.program.folder import MANIFEST
@@ -154,6 +155,13 @@ def _run(cfg: RunConfig, folder, records: list[dict], shard: Shard, out: Path, i
         with stage("load p0", timings):
             model0, tok = model_cfg.load("model")
         check_prompts(cfg, model0, tok, records)  # before the first sample is drawn
+        V = SplitLM.of(model0).vocab_size
+        if cfg.tokens is not None and cfg.tokens.top_k > V:
+            raise RunError(
+                f"tokens.top_k {cfg.tokens.top_k} exceeds the model's vocabulary of {V} tokens",
+                "it is how many tokens each position lists",
+                f"set tokens.top_k ≤ {V}",
+            )
         with stage("sample", timings):
             rollouts, texts, stopped, transform, names, token_logq = p0_sample_stage(
                 cfg, model0, tok, records, folder, timings, shard.chunks, identity=ids["model"]
@@ -382,7 +390,9 @@ PROGRAM = program.Program(
     execute=run,
     errors={
         # never reported as a measured ΔH = 0: the update did not move the model at all
-        ZeroUpdateError: (3, "the update did not change the model, so there is no ΔH to measure: ")
+        ZeroUpdateError: (3, "the update did not change the model, so there is no ΔH to measure: "),
+        # vLLM's own failure (a model shape its kernels refuse, a dead engine process): named, with the fallback
+        SamplerEngineError: (2, ""),
     },
     progress=progress,
 )

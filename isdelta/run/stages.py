@@ -341,19 +341,26 @@ def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, o
         fused=cfg.engine.fused,
         progress=False,
     )
-    return run_probe(
-        model0,
-        parameter_delta(model0, model1),
-        rollouts,
-        s0,
-        alphas=list(p.sweep),
-        gradient=p.gradient,
-        per_token=p.per_token,
-        engine_config=ecfg,
-        estimator_kw=dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip),
-        out_dir=out,
-        plots=cfg.output.plots,
-    )
+    try:
+        return run_probe(
+            model0,
+            parameter_delta(model0, model1),
+            rollouts,
+            s0,
+            alphas=list(p.sweep),
+            gradient=p.gradient,
+            per_token=p.per_token,
+            engine_config=ecfg,
+            estimator_kw=dict(weights=e.weights, prompts=e.prompts, level=e.level, clip=e.clip),
+            out_dir=out,
+            plots=cfg.output.plots,
+        )
+    except FloatingPointError as e:  # the engine's "non-finite logits" at some θ0 + α(θ1 − θ0)
+        raise RunError(
+            f"probe: scoring the sweep gave NaN/inf logits ({str(e).split(':')[0]})",
+            f"θ0 + α·(θ1 − θ0) at α up to {max(map(abs, p.sweep)):g} moves the weights so far that the logits overflow",
+            "lower probe.sweep's largest |α|" + (" or update.lr" if cfg.update is not None else ""),
+        ) from None
 
 
 def tokens_stage(cfg: RunConfig, model0, model1, tok, records, rollouts, transform, folder, p1_id: str) -> dict:

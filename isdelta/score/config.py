@@ -13,17 +13,22 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from isdelta.program import ModelConfig, Section, load_yaml_config
+from isdelta.program.config import checked_by
 from isdelta.score.stats import KEY_STATS
 
 __all__ = ["ScoreConfig", "load_score_config", "parse_key"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# ranges the library declares, checked by it when a value is read (imported then: this module
+# stays free of torch); the messages give each range's reason
+_TRANSFORM = checked_by("isdelta.engine.transform:LogitTransform")  # temperature, top_k, top_p
+_SAMPLE = checked_by("isdelta.engine.sampling:check_sample_options")  # seed
 
 
 class ScoreModel(ModelConfig):
     # the run's model section plus a name (folder and column label) and the scoring temperature
     name: str | None = Field(None, description="default: the path's last part, plus -T<t> when t != 1")
-    temperature: float = Field(1.0, gt=0)  # scores logits / T: the tempered distribution's entropy
+    temperature: Annotated[float, _TRANSFORM] = 1.0  # scores logits / T: the tempered distribution's entropy
 
 
 class ScoreData(Section):
@@ -87,11 +92,11 @@ class AnswerOutcome(Section):
     reward: str = "answer_match"  # a rule of isdelta.training.REWARDS (answer_match, boxed_match)
     chat: bool = True  # render the prompt with the tokenizer's chat template
     max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)  # the sampling transform (isdelta.engine.LogitTransform)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Annotated[float, _TRANSFORM] = 1.0  # the sampling transform (isdelta.engine.LogitTransform)
+    top_k: Annotated[int | None, _TRANSFORM] = None  # 0 or null: off
+    top_p: Annotated[float, _TRANSFORM] = 1.0
     stop_strings: tuple[Annotated[str, Field(min_length=1)], ...] = ()
-    seed: int = 0
+    seed: Annotated[int, _SAMPLE] = 0
 
 
 class PredictorConfig(Section):

@@ -8,13 +8,15 @@ texts (:mod:`isdelta.score.shards`).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
-from isdelta.program import stage
+from isdelta.program import ProgramError, stage
+from isdelta.program.identity import model_identity
 from isdelta.program.ranks import say, split
 
-__all__ = ["model_store", "placed", "score_models", "score_one"]
+__all__ = ["check_finite", "model_store", "placed", "score_models", "score_one"]
 
 
 def model_store(cfg, out: Path, i: int, corpus_hash: str = ""):
@@ -25,7 +27,9 @@ def model_store(cfg, out: Path, i: int, corpus_hash: str = ""):
     # what the scores depend on: the model entry and the data section (the name is the folder
     # itself; engine.token_budget / chunk_texts are left out: scores do not depend on batching)
     key = {"model": m.model_dump(mode="json", exclude={"name"}), "data": cfg.data.model_dump(mode="json")}
-    return ModelStore(out / "models" / cfg.names[i], stamp_of(key), corpus_hash)
+    # to be written: the weights' content identity too (a model rewritten in place is rescored)
+    identity = model_identity(m, f"models.{i}") if corpus_hash else ""
+    return ModelStore(out / "models" / cfg.names[i], stamp_of(key), corpus_hash, identity)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -101,6 +105,7 @@ def score_one(cfg, name: str, m, model, tok, store, n_done: int, span: tuple[int
     from isdelta.score.scorer import Encoder, max_positions, score_chunk
     from isdelta.score.store import stamp_of
 
+    key = f"models.{cfg.names.index(name)}"
     engine = LogProbEngine(
         EngineConfig(temperature=m.temperature, include_eos=True, token_budget=cfg.engine.token_budget, progress=False)
     )
@@ -114,7 +119,11 @@ def score_one(cfg, name: str, m, model, tok, store, n_done: int, span: tuple[int
     seconds, n_texts, n_tokens = 0.0, 0, 0
     for chunk in chunked(records, cfg.engine.chunk_texts):
         t0 = time.perf_counter()
-        rows = score_chunk(model, engine, encoder, chunk)
+        try:
+            rows = score_chunk(model, engine, encoder, chunk)
+        except FloatingPointError as e:  # the engine's "non-finite logits"
+            raise _non_finite(key, m, str(e).split(":")[0], "the model's logits are NaN/inf") from None
+        check_finite(rows, key, m)  # before anything of the chunk is saved
         seconds += time.perf_counter() - t0
         store.append(rows)
         n_texts += len(rows)
@@ -145,3 +154,29 @@ def score_one(cfg, name: str, m, model, tok, store, n_done: int, span: tuple[int
     }
     store.finish(info)
     return info
+
+
+def check_finite(rows: list[dict], key: str, m) -> None:
+    """ProgramError (exit 2) when a scored text's statistics are NaN or inf: the chunk is not saved,
+    and no summary reports a corpus of NaN as measured."""
+    for r in rows:
+        bad = [k for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
+        if r["n_tokens"] and bad:
+            shown = ", ".join(f"{k} {r[k]}" for k in bad[:3]) + (" …" if len(bad) > 3 else "")
+            raise _non_finite(key, m, f"text {r['id']!r} (corpus row {r['index']}) gave {shown}", "")
+
+
+def _non_finite(key: str, m, what: str, cause: str) -> ProgramError:
+    """The error for statistics that are not finite, with the likely cause for this model entry."""
+    T = m.temperature
+    why = cause or (
+        f"the engine's float32 statistics overflowed: the logits divided by the temperature {T:g} leave float32's "
+        "range (3.4e38; 1.8e19 for log p, which the varentropy squares): a model with exploding logits, or broken "
+        "weights"
+    )
+    if m.dtype == "float16":
+        fix = f"set {key}.dtype: float32 or bfloat16"
+    else:
+        fix = f"check the weights at {key}.path (at temperature {T:g}, logit gaps above {1.8e19 * T:.2g} overflow)"
+        fix += f", or raise {key}.temperature" if T < 1 else ""
+    return ProgramError(f"{key} ({m.path}): scoring failed, {what}", why, fix)

@@ -154,18 +154,25 @@ def _generate(cfg, i: int, pos: list[int], prompts: list[str], answers: list[str
     a = cfg.predictor.answer
     model, tok = cfg.models[i].load(f"models.{i}")
     chats = [[{"role": "user", "content": q}] for q in prompts] if a.chat else prompts
-    s = sample(
-        model,
-        tok,
-        chats,
-        num_samples=1,
-        transform=LogitTransform(a.temperature, a.top_k, a.top_p),
-        max_new_tokens=a.max_new_tokens,
-        stop_strings=a.stop_strings,
-        seed=a.seed,
-        token_budget=cfg.engine.token_budget,
-        progress=False,
-    )
+    try:
+        s = sample(
+            model,
+            tok,
+            chats,
+            num_samples=1,
+            transform=LogitTransform(a.temperature, a.top_k, a.top_p),
+            max_new_tokens=a.max_new_tokens,
+            stop_strings=a.stop_strings,
+            seed=a.seed,
+            token_budget=cfg.engine.token_budget,
+            progress=False,
+        )
+    except ValueError as e:  # the prompts against the model's context, or a prompt it cannot encode
+        raise ConfigError(
+            f"predictor.answer: models.{i} cannot answer the corpus's prompts",
+            str(e),
+            "lower predictor.answer.max_new_tokens, or shorten those prompts",
+        ) from None
     grade = REWARDS[a.reward]
     rows = []
     for p, q, ans, text, stop in zip(pos, prompts, answers, s.texts, s.stop_reason):

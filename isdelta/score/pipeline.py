@@ -31,7 +31,7 @@ import numpy as np
 
 from isdelta import program
 from isdelta.outputs import atomic_write, file_sha256, versions
-from isdelta.program import ConfigError, ExitCode, folder_lock, stage
+from isdelta.program import ConfigError, ExitCode, ProgramError, folder_lock, stage
 from isdelta.program.folder import MANIFEST, make_folder
 from isdelta.score.config import load_score_config
 from isdelta.score.corpus import CorpusError
@@ -170,6 +170,7 @@ def model_table(cfg, out: Path, infos: dict[str, dict]) -> dict[str, dict]:
             "temperature": cfg.models[i].temperature,
             **aggregate(cols, n_chars),
             "n_unscored": int((cols["n_tokens"] == 0).sum()),
+            "n_not_finite": _n_not_finite(cols),
             "throughput": infos[name]["throughput"],
         }
         curves[name] = cols[cfg.compare.stat if cfg.compare else "entropy_mean"]
@@ -179,6 +180,28 @@ def model_table(cfg, out: Path, infos: dict[str, dict]) -> dict[str, dict]:
         stat = cfg.compare.stat if cfg.compare else "entropy_mean"
         plot_sorted(out / "plots" / f"sorted_{stat}.png", curves, stat)
     return table
+
+
+def _n_not_finite(cols: dict[str, np.ndarray]) -> int:
+    """Scored texts with a NaN/inf statistic (bits_per_char aside: NaN when a text is not scored whole).
+
+    Scoring refuses them (:func:`isdelta.score.models.check_finite`); a folder written before it
+    did can still hold some."""
+    scored = cols["n_tokens"] > 0
+    stats = [v for k, v in cols.items() if k not in ("n_tokens", "bits_per_char")]
+    return int((scored & ~np.isfinite(np.vstack(stats)).all(0)).sum())
+
+
+def _check_summary(summary: dict, out: Path) -> None:
+    """ProgramError (exit 2) after the summary is written when a model's saved statistics are not finite."""
+    for name, r in summary["models"].items():
+        if r.get("n_not_finite"):
+            raise ProgramError(
+                f"{out / 'models' / name / 'stats.jsonl'}: {r['n_not_finite']} of {r['n_texts']} scored texts hold "
+                "NaN/inf statistics (saved by an isdelta that did not check them); summary.md shows them as n/a",
+                "the scores cannot be compared or binned",
+                f"delete {out / 'models' / name} to rescore that model",
+            )
 
 
 def check_corpus(cfg, corpus: Path) -> int:
@@ -193,6 +216,14 @@ def check_corpus(cfg, corpus: Path) -> int:
             f"compare: rank correlations need ≥ 3 texts, the corpus has {n}",
             fix="score a larger corpus, or set compare: null",
         )
+    c = cfg.curriculum
+    for key, value in (("bins", c and c.bins), ("cycles", c and c.cycles)):
+        if value and value > n:  # one shard per bin (and ramp); 1e30 of them cannot even be listed
+            raise ConfigError(
+                f"curriculum.{key}: {value} is more than the corpus's {n} texts",
+                f"a {'bin' if key == 'bins' else 'saw-tooth ramp'} holds whole texts, so all but {n} would be empty",
+                f"set curriculum.{key} to at most {n}",
+            )
     if cfg.predictor is not None:
         from isdelta.score.outcome import check_outcome_source
 
@@ -275,6 +306,7 @@ def _derived(cfg, out: Path, corpus: Path, corpus_hash: str, infos: dict, timing
     atomic_write(out / "summary.md", summary_markdown(summary))
     print(summary_markdown(summary))
     print(f"outputs: {out}/ (summary.md, models/*/stats.jsonl, curriculum/, compare/, predictor/, plots/)")
+    _check_summary(summary, out)
     return summary
 
 

@@ -8,7 +8,7 @@ import numpy as np
 __all__ = ["predictor_markdown", "summary_markdown"]
 
 
-def _fmt(x, spec: str = ".4f", why: str = "no scored tokens") -> str:
+def _fmt(x, spec: str = ".4f", why: str = "not finite") -> str:
     """A number, or ``n/a (why)``: summary.md never shows nan."""
     return f"n/a ({why})" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
@@ -34,11 +34,16 @@ def summary_markdown(summary: dict) -> str:
     ]
     for name, r in summary["models"].items():
         t = r["throughput"]
+        why = _why_missing(r)
+        whole = (
+            why if why != "not finite" or r.get("n_not_finite") else "no text scored whole: truncated, or prefix none"
+        )
+        idle = "no text scored in this run: resumed"
         lines.append(
             f"| {name} | {r['temperature']:g} | {r['n_texts']} | {r['n_tokens']} | "
-            f"{_fmt(r.get('entropy_per_token'))} | {_fmt(r.get('varentropy_per_token'))} | "
-            f"{_fmt(r.get('nll_per_token_bits'))} | {_fmt(r.get('bits_per_char'))} | "
-            f"{_fmt(t['texts_per_s'], '.1f')} | {_fmt(t['tokens_per_s'], '.0f')} |"
+            f"{_fmt(r.get('entropy_per_token'), why=why)} | {_fmt(r.get('varentropy_per_token'), why=why)} | "
+            f"{_fmt(r.get('nll_per_token_bits'), why=why)} | {_fmt(r.get('bits_per_char'), why=whole)} | "
+            f"{_fmt(t['texts_per_s'], '.1f', idle)} | {_fmt(t['tokens_per_s'], '.0f', idle)} |"
         )
     cur = summary.get("curriculum")
     if cur:
@@ -52,7 +57,8 @@ def summary_markdown(summary: dict) -> str:
             "|---|---|---|",
         ]
         for b, c in enumerate(cur["counts"]):
-            lines.append(f"| {b} | {c} | [{_fmt(cur['edges'][b])}, {_fmt(cur['edges'][b + 1])}] |")
+            lo, hi = (_fmt(cur["edges"][j], why="no text has a finite key") for j in (b, b + 1))
+            lines.append(f"| {b} | {c} | [{lo}, {hi}] |")
         for side in ("lowest", "highest"):
             lines += ["", f"{side.capitalize()} key:"] + [
                 f"- `{e['id']}` ({_fmt(e['key'], '.3f')}): {e['excerpt']!r}" for e in cur["extremes"][side]
@@ -83,6 +89,14 @@ def summary_markdown(summary: dict) -> str:
     if summary.get("predictor"):
         lines += [""] + predictor_markdown(summary["predictor"])
     return "\n".join(lines) + "\n"
+
+
+def _why_missing(r: dict) -> str:
+    """Why a model's corpus figure is not shown: nothing scored, or scored but not finite."""
+    if not r.get("n_tokens"):
+        return "no scored tokens"
+    n = r.get("n_not_finite")
+    return f"not finite in {n} of {r['n_texts']} scored texts" if n else "not finite"
 
 
 def _p(x) -> str:

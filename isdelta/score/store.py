@@ -3,7 +3,8 @@
 Layout of ``OUT/models/NAME/``::
 
     stamp         JSON: the hash of what the scores depend on (the model entry and the data
-                  section) and of the corpus file's content
+                  section), of the corpus file's content and of the model's files (its content
+                  identity: a model rewritten in place is rescored)
     stats.jsonl   one line per corpus text, in corpus order, appended one chunk at a time
     chunks.jsonl  per appended chunk: its end offset in stats.jsonl, its line count and sha256
     done.json     written when every text is scored: counts, timings, tokenizer fingerprint
@@ -48,11 +49,14 @@ class ModelStore:
         :func:`stamp_of` the settings the scores depend on.
     corpus : str
         Hash of the corpus file's content.
+    model : str
+        The model's content identity (:func:`isdelta.program.identity.model_identity`): scores of
+        a model whose files changed since are deleted and rescored, with a note.
     """
 
-    def __init__(self, folder: Path, settings: str = "", corpus: str = "") -> None:
+    def __init__(self, folder: Path, settings: str = "", corpus: str = "", model: str = "") -> None:
         self.folder = Path(folder)
-        self.stamp = {"version": _VERSION, "settings": settings, "corpus": corpus}
+        self.stamp = {"version": _VERSION, "settings": settings, "corpus": corpus, "model": model}
         self.stats_path = self.folder / "stats.jsonl"
         self.chunks_path = self.folder / "chunks.jsonl"
         self.done_path = self.folder / "done.json"
@@ -113,6 +117,13 @@ class ModelStore:
                 f"the content of data.path changed since (hash {old.get('corpus')} there, {self.stamp['corpus']} now)",
                 fix,
             )
+        if old.get("model") != self.stamp["model"] and self._has_scores():
+            note(
+                f"{self.folder}: the model's files changed since these texts were scored (content identity "
+                f"{old.get('model') or 'not recorded'} there, {self.stamp['model']} now) — deleting its scores; "
+                "every text will be rescored"
+            )
+            self.clear()
 
     def _stamp_in_done(self) -> bool:
         """A damaged stamp is rewritten when done.json shows these settings and this corpus."""

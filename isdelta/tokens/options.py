@@ -17,6 +17,19 @@ __all__ = ["RewardName", "TokenOptions"]
 RewardName = Literal["answer_match", "boxed_match"]
 
 
+# upper limits of the integer options, each with why more cannot work
+_LIMITS = (
+    ("top_k", 1000, "it is how many tokens the tables list per position and model"),
+    ("length_bins", 1000, "each bin is a stratum with its own intervals, and past that most bins would hold no row"),
+    (
+        "n_boot",
+        100_000,
+        "the intervals' Monte Carlo error is ~0.1% of their width at 10^5 resamples, and every "
+        "resample holds a weight per carrier row",
+    ),
+)
+
+
 @dataclass(frozen=True)
 class TokenOptions:
     """Options of :func:`~isdelta.tokens.compare_tokens` (defaults in one place, one comment each).
@@ -95,6 +108,9 @@ class TokenOptions:
             v = getattr(self, name)
             if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+        for name, most, why in _LIMITS:
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}; got {getattr(self, name)!r}: {why}.")
         for name in ("window", "n_random"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer; got {getattr(self, name)!r}.")

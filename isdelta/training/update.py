@@ -19,7 +19,9 @@ the reduction is explicit (:func:`isdelta.training.distributed.reduce_gradients`
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
+from numbers import Real
 from typing import Literal
 
 import numpy as np
@@ -28,12 +30,32 @@ from tqdm.auto import tqdm
 
 from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
+from isdelta.engine.transform import is_integer
 from isdelta.training.distributed import all_reduce_sum, reduce_gradients, world_size
 
-__all__ = ["UpdateResult", "ZeroUpdateError", "advantages", "update"]
+__all__ = [
+    "LR_MAX",
+    "LR_MIN",
+    "MAX_STEPS",
+    "UpdateResult",
+    "ZeroUpdateError",
+    "advantages",
+    "check_lr_fits",
+    "check_step_options",
+    "update",
+]
 
 LossName = Literal["sft", "reinforce"]
 OptimizerName = Literal["sgd", "adamw"]
+
+# The optimizers apply lr in the weights' float32: torch cannot convert an lr above float32's
+# largest value (3.4e38: "value cannot be converted to type float without overflow"), and one below
+# its smallest normal value (1.2e-38) is a subnormal or 0 there. A step that changes no weight at
+# all is refused after it is taken (ZeroUpdateError), whatever lr caused it.
+LR_MIN = float(torch.finfo(torch.float32).tiny)
+LR_MAX = float(torch.finfo(torch.float32).max)
+# the steps re-use one batch (no resampling): past this p1 is a model fit to that batch, not an update
+MAX_STEPS = 10_000
 
 
 class ZeroUpdateError(RuntimeError):
@@ -131,9 +153,9 @@ def update(
         Plain SGD (no momentum), or AdamW with ``weight_decay=0`` (decay would move the
         parameters without any signal from the batch).
     lr : float
-        Learning rate (> 0).
+        Learning rate, in [``LR_MIN``, ``LR_MAX``] (float32's normal range).
     steps : int
-        Optimizer steps on the same batch.
+        Optimizer steps on the same batch, in [1, ``MAX_STEPS``].
     engine_config : EngineConfig, optional
         How log-probs are computed: the transform (for ``reinforce`` it must be the sampling
         transform; default temperature 1, no truncation), ``include_eos`` and ``token_budget``
@@ -156,7 +178,8 @@ def update(
     Raises
     ------
     ZeroUpdateError
-        Every advantage is zero, or a step's gradient is zero: the update could not move p0.
+        Every advantage is zero, a step's gradient is zero, or the steps changed no weight (lr times
+        the gradient below the weights' floating-point resolution): the update did not move p0.
     """
     _check_args(loss, optimizer, lr, steps, rollouts)
     cfg = replace(engine_config or EngineConfig(), requires_grad=True, progress=False)
@@ -186,6 +209,8 @@ def update(
             "the model has no parameter with requires_grad=True: nothing to train. "
             "Unfreeze the parameters to update (p.requires_grad_(True))."
         )
+    for dtype in {p.dtype for p in params if p.is_floating_point()}:
+        check_lr_fits(lr, dtype)
     engine = LogProbEngine(cfg)
     # rows with zero weight add nothing to the gradient; drop them before batching
     batches = engine.micro_batches(rollouts, mask & (weights != 0).to(mask.device)[:, None])
@@ -224,6 +249,13 @@ def update(
         opt.zero_grad(set_to_none=True)  # free the gradient buffers
     _check_finite(params, lr, grad_norms[-1])
     change = float(sum(((p.detach().cpu().double() - p0.double()) ** 2).sum() for p, p0 in zip(params, theta0)) ** 0.5)
+    if change == 0.0:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+        raise ZeroUpdateError(
+            f"the step changed no weight: lr {lr:g} times a gradient of norm {grad_norms[-1]:.3g} is below the "
+            f"resolution of every {'/'.join(dtypes)} weight (2^-24 of its size in float32, 2^-8 in bfloat16), so "
+            "p1 = p0 bit for bit and ΔH would be 0 by construction, not by measurement. Raise lr."
+        )
     return UpdateResult(
         loss,
         tuple(losses),
@@ -246,14 +278,44 @@ def _check_args(loss, optimizer, lr, steps, rollouts) -> None:
         raise ValueError(f"loss must be 'sft' or 'reinforce'; got {loss!r}.")
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw'; got {optimizer!r}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0; got {lr!r}. (lr = 0 gives p1 = p0: ΔH = 0 by construction.)")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    check_step_options(lr=lr, steps=steps)
     if not isinstance(rollouts, Rollouts):
         raise TypeError(
             f"rollouts must be an isdelta Rollouts; got {type(rollouts).__name__}. "
             "Build one with Rollouts.from_token_lists or Rollouts.from_tensors."
+        )
+
+
+def check_step_options(*, lr: float | None = None, steps: int | None = None) -> None:
+    """ValueError unless each option given is in the range :func:`update` can step with:
+    ``lr`` in [``LR_MIN``, ``LR_MAX``] (float32's normal range), ``steps`` in [1, ``MAX_STEPS``]."""
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, Real) or not lr > 0 or not math.isfinite(lr):
+            raise ValueError(f"lr must be > 0 and finite; got {lr!r}. (lr = 0 gives p1 = p0: ΔH = 0 by construction.)")
+        if not LR_MIN <= lr <= LR_MAX:
+            why = "overflows" if lr > LR_MAX else "rounds to a subnormal or 0 and the step leaves p1 = p0"
+            raise ValueError(
+                f"lr must lie in [{LR_MIN:.2g}, {LR_MAX:.2g}] (float32's normal range); got {lr:g}: the optimizer "
+                f"applies it in the weights' float32, where it {why}. Typical learning rates are 1e-6 to 1e-3."
+            )
+    if steps is not None and (not is_integer(steps) or not 1 <= steps <= MAX_STEPS):
+        raise ValueError(
+            f"steps must be an integer in [1, {MAX_STEPS}]; got {steps!r}. The steps re-use one batch (no new "
+            f"samples), each a forward and backward pass over all of it: past {MAX_STEPS} p1 is a model fit to "
+            "that batch, not an update of p0. Take fewer steps, or a larger lr."
+        )
+
+
+def check_lr_fits(lr: float, dtype: torch.dtype | str) -> None:
+    """FloatingPointError when ``lr`` overflows weights of ``dtype`` (float16: above 65504), in which
+    the optimizer applies it."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    top = float(torch.finfo(dtype).max)
+    if lr > top:
+        name = str(dtype).removeprefix("torch.")
+        raise FloatingPointError(
+            f"lr {lr:g} overflows the {name} weights, in whose dtype the optimizer applies it (largest {top:g}). "
+            f"Lower lr below {top:g}, or load the model in float32 or bfloat16."
         )
 
 

@@ -35,6 +35,59 @@ KW = dict(num_samples=4, transform=TRANSFORM, max_new_tokens=24, stop_strings=("
 GAP_MEAN, GAP_MAX = 1e-3, 0.05  # nats; float32 on both sides: rounding-size differences only
 
 
+# ---------------------------------------------------------------------------- what vLLM refuses
+# first in the file: each starts (or refuses) before the module's SmolLM2 engine exists
+def test_values_vllm_would_refuse_or_alter_are_refused_before_it_starts(tmp_path):
+    import json
+
+    from isdelta.engine.vllm_sampling import check_vllm_options
+    from isdelta.program import ConfigError
+    from isdelta.run.config import load_config
+
+    with pytest.raises(ValueError, match=r"temperature 3 is above 2, the largest vLLM samples at"):
+        check_vllm_options(transform=LogitTransform(temperature=3.0))
+    with pytest.raises(ValueError, match=r"num_samples 20000 is above"):
+        check_vllm_options(num_samples=20000)
+    check_vllm_options(transform=LogitTransform(temperature=2.0), num_samples=16384)
+    raw = {"model": {"path": "m"}, "data": {"path": "builtin:math"}, "update": {"loss": "sft"}}
+    with pytest.raises(ConfigError, match=r"sampling\.temperature 3 is above 2.*sampling\.backend: hf"):
+        load_config(json.loads(json.dumps(raw)), ["sampling.backend=vllm", "sampling.temperature=3"])
+    assert load_config(raw, ["sampling.temperature=3"]).sampling.temperature == 3  # the HF back end takes it
+
+
+@pytest.fixture(scope="module")
+def head16_folder(tmp_path_factory, char_tok):
+    """A tiny Llama with head_dim 16 (hidden 64, 4 heads): vLLM starts on it, then its CPU attention
+    kernels refuse it at the first forward, in an engine process."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("head16")
+    LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "hidden_size": 64, "num_hidden_layers": 1})).save_pretrained(path)
+    char_tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="head_dim 16 is a limit of vLLM's CPU attention kernels")
+def test_an_engine_failure_names_vllm_its_version_and_the_root_cause(head16_folder, char_tok):
+    """Once "unexpected EngineDeadError: EngineCore encountered an issue ... a bug in isdelta"; the
+    real cause was printed only by vLLM's worker process."""
+    import vllm
+
+    from isdelta.engine.vllm_sampling import SamplerEngineError, load_vllm
+
+    with pytest.raises(SamplerEngineError) as info, load_vllm(head16_folder, dtype="float32") as v:
+        sample(v, char_tok, ["hi"], num_samples=2, transform=LogitTransform(), max_new_tokens=4, backend="vllm")
+    msg = str(info.value)
+    assert msg.startswith(f"vLLM {vllm.__version__} failed while sampling: ")
+    assert "RuntimeError: Unsupported CPU attention configuration: head_dim=16" in msg
+    assert "sampling.backend: hf" in msg and "EngineDeadError" not in msg
+    assert info.value.cause.startswith("RuntimeError: Unsupported CPU attention configuration")
+
+
+# ---------------------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, smollm2):
     """vLLM on SmolLM2's de-quantised weights, saved once as an HF folder."""

@@ -242,7 +242,9 @@ def test_a_model_rewritten_in_place_never_has_its_old_parts_reused(tmp_path, che
     rewrite_keeping_size_and_mtime(p1, other_weights)  # p1 ≠ p0
     cfg = load_config(write_cfg(tmp_path, checkpoint, update=None, updated={"path": str(p1)}))
     first = run(cfg)
-    rewrite_keeping_size_and_mtime(checkpoint if which == "model" else p1, other_weights if which == "model" else checkpoint)
+    rewrite_keeping_size_and_mtime(
+        checkpoint if which == "model" else p1, other_weights if which == "model" else checkpoint
+    )
     capsys.readouterr()
     again = run(cfg)
     err = capsys.readouterr().err
@@ -289,3 +291,10 @@ def test_plots_that_fail_are_left_out_of_a_report_that_says_so(tmp_path, checkpo
     assert report["problems"] and "the plots could not be drawn (IsADirectoryError" in report["problems"][0]
     assert "not in this report: the plots could not be drawn" in (tmp_path / "out" / "summary.md").read_text()
     assert "[isdelta] warning: the plots could not be drawn" in capsys.readouterr().err
+
+
+def test_a_probe_sweep_that_overflows_the_weights_names_the_key(tmp_path, checkpoint):
+    """probe.sweep [1000] after a large step: the swept weights' logits overflow. It ended in the
+    "bug in isdelta" line; now one line naming probe.sweep (issue 30, kind 10)."""
+    cfg = write_cfg(tmp_path, checkpoint, update={"lr": 1e10}, probe={"sweep": [1000.0], "per_token": False})
+    fails(cli(cfg), 2, "probe: scoring the sweep gave NaN/inf logits", "lower probe.sweep's largest |α|")

@@ -136,3 +136,47 @@ def test_a_known_perturbation_shows_in_the_report(scored, tmp_path, rng):
     md = (tmp_path / "summary.md").read_text()
     assert "## Sampler–scorer gap" in md and f"{d.mean():.3g} / {d.max():.3g}" in md and str(res.proposal) in md
     assert "Sampler–scorer gap" not in summary_markdown(res, meta, decision, tok[0])  # without q: no section
+
+
+@pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm importable (make vllm-setup; run under .venv-vllm)")
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="head_dim 16 is a limit of vLLM's CPU kernels")
+def test_a_vllm_failure_is_named_with_the_fallback_not_called_a_bug(tmp_path, char_tok):
+    """A model shape vLLM's CPU attention refuses (head_dim 16) ended in "unexpected EngineDeadError
+    … this is a bug in isdelta" (issue 30, kind 13): now one line naming vLLM, its version, the root
+    cause its engine process printed and the fallback, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import vllm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    model = tmp_path / "head16"
+    LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "hidden_size": 64, "num_hidden_layers": 1})).save_pretrained(model)
+    char_tok.save_pretrained(model)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = {
+        "model": {"path": str(model)},
+        "data": {"path": str(tmp_path / "data.jsonl")},
+        "update": {"loss": "sft", "lr": 1e-3},
+        "sampling": {"num_samples": 2, "max_new_tokens": 4, "backend": "vllm"},
+        "output": {"dir": str(tmp_path / "out"), "plots": False},
+    }
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(
+        [sys.executable, "-m", "isdelta.run", str(tmp_path / "cfg.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = next(x for x in res.stderr.splitlines() if x.startswith("error: "))
+    assert f"vLLM {vllm.__version__} failed while sampling" in line
+    assert "Unsupported CPU attention configuration: head_dim=16" in line and "sampling.backend: hf" in line
+    assert "bug in isdelta" not in res.stderr and "Traceback" not in line

@@ -339,7 +339,7 @@ def test_changed_model_settings_are_refused(tmp_path, checkpoint, capsys):
 # ---------------------------------------------------------------------------- config errors
 BASE = {"models": [{"path": "smollm2-135m-instruct"}], "data": {"path": "builtin:score_demo"}}
 BAD = [
-    ({"models": [{"path": "m", "temperature": 0}]}, r"models\.0\.temperature: .*greater than 0"),
+    ({"models": [{"path": "m", "temperature": 0}]}, r"models\.0\.temperature: temperature must be > 0; got 0"),
     ({"models": [{"path": "m", "colour": 1}]}, r"models\.0\.colour: unknown key\. Valid keys here: .*temperature"),
     ({"models": []}, r"models: List should have at least 1 item"),
     ({"models": [{"path": "m"}, {"path": "m"}]}, r"model names \['m'\] repeat: .*models\.N\.name"),

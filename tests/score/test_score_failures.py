@@ -42,10 +42,11 @@ def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
 
 
-def fails(res, code: int, *words: str) -> None:
+def fails(res, code: int, *words: str) -> str:
     assert res.returncode == code and "Traceback" not in res.stderr, res.stderr[-2000:]
     line = res.stderr[res.stderr.index("error: ") :]
     assert all(w in line for w in words), line
+    return line
 
 
 BAD_CORPUS = {
@@ -117,3 +118,130 @@ def test_a_run_folder_is_not_taken_for_a_score_folder_nor_the_reverse(tmp_path, 
     run_cfg = {"model": {"path": str(checkpoint)}, "data": {"path": str(data)}, "update": {"loss": "sft"}}
     with pytest.raises(RunError, match="holds an isdelta.score run"):
         run(load_config(run_cfg), tmp_path / "scored")
+
+
+# ---------------------------------------------------------------------------- statistics that are not finite
+def _scaled_checkpoint(checkpoint, tmp_path, scale: float | None, name: str):
+    """The test checkpoint with its LM head scaled so its logits reach ``scale`` (finite in
+    float32), or set to NaN (``scale`` None): weights whose statistics cannot be computed."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w.copy_(torch.full_like(w, float("nan")) if scale is None else w * (scale / w.abs().max() / 32))
+    path = tmp_path / name
+    model.save_pretrained(path)
+    for f in checkpoint.iterdir():  # the tokenizer's files
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("T", ["1e-6", "1e6", "1e-300"])
+def test_an_extreme_temperature_is_refused_before_any_model_loads(tmp_path, checkpoint, T):
+    """Once exit 0 with every statistic NaN (1e-300) or quietly meaningless (1e-6, 1e6)."""
+    res = cli(write_cfg(tmp_path, checkpoint), "--set", f"models.0.temperature={T}")
+    fails(res, 2, "models.0.temperature", "must lie in [0.01, 100]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_logits_that_overflow_at_the_temperature_fail_loudly_and_save_nothing(tmp_path, checkpoint):
+    """Logits of 1e37 are finite, but divided by T = 0.01 they overflow float32: every statistic
+    came out NaN, was saved, and the run exited 0 saying "no scored tokens"."""
+    huge = _scaled_checkpoint(checkpoint, tmp_path, 1e37, "huge")
+    models = [{"name": "a", "path": str(huge), "temperature": 0.01}]
+    res = cli(write_cfg(tmp_path, checkpoint, models=models, compare=None))
+    err = fails(res, 2, "models.0 (", "text 't0' (corpus row 0) gave ", " nan", "overflowed", "models.0.temperature")
+    assert "no scored tokens" not in res.stdout + err
+    assert not (tmp_path / "out" / "models" / "a" / "stats.jsonl").exists()  # nothing NaN is kept for a resume
+
+
+def test_nan_weights_name_the_model_entry(tmp_path, checkpoint):
+    broken = _scaled_checkpoint(checkpoint, tmp_path, None, "broken")
+    models = [{"name": "a", "path": str(checkpoint)}, {"name": "b", "path": str(broken)}]
+    fails(cli(write_cfg(tmp_path, checkpoint, models=models)), 2, "models.1", "NaN/inf", "check the weights")
+
+
+def test_saved_statistics_that_are_not_finite_are_shown_as_such_and_fail(tmp_path, checkpoint):
+    """A folder scored before scores were checked holds NaN statistics: summary.md says "not finite"
+    (never "no scored tokens") and the run does not exit 0."""
+    import hashlib
+
+    cfg = write_cfg(tmp_path, checkpoint, models=[{"name": "a", "path": str(checkpoint)}], compare=None)
+    score(load_score_config(cfg))
+    a = tmp_path / "out" / "models" / "a"
+    rows = [json.loads(x) for x in (a / "stats.jsonl").read_text().splitlines()]
+    for r in rows[:2]:
+        r.update({k: float("nan") for k in ("entropy_mean", "entropy_sum", "varentropy_mean", "nll_sum")})
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (a / "stats.jsonl").write_bytes(data)  # as an older isdelta wrote it: one chunk, its checksum
+    (a / "chunks.jsonl").write_text(
+        json.dumps({"end": len(data), "lines": len(rows), "sha256": hashlib.sha256(data).hexdigest()}) + "\n"
+    )
+    res = cli(cfg)
+    fails(res, 2, "models/a/stats.jsonl", "2 of 5 scored texts hold NaN/inf statistics", "delete")
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "n/a (not finite in 2 of 5 scored texts)" in md
+    assert "no scored tokens" not in md and not re.search(r"\bnan\b", md, re.I)
+
+
+def test_summary_gives_each_missing_figure_its_own_reason():
+    from isdelta.score.report import summary_markdown
+
+    base = {"temperature": 1.0, "throughput": {"texts_per_s": None, "tokens_per_s": None}}
+    models = {
+        "scored": {**base, "n_texts": 3, "n_tokens": 12, "entropy_per_token": 1.5, "bits_per_char": float("nan")},
+        "empty": {**base, "n_texts": 0, "n_tokens": 0},
+    }
+    md = summary_markdown({"name": "x", "corpus": "c", "models": models})
+    scored, empty = (next(x for x in md.splitlines() if x.startswith(f"| {n} ")) for n in ("scored", "empty"))
+    assert "1.5000" in scored and "n/a (no text scored whole" in scored and "no scored tokens" not in scored
+    assert "n/a (no text scored in this run: resumed)" in scored
+    assert empty.count("n/a (no scored tokens)") == 4
+
+
+def test_answers_longer_than_the_context_name_the_key(tmp_path, checkpoint):
+    """predictor.answer.max_new_tokens past the model's context (256): once "a bug in isdelta"."""
+    qa = [json.dumps({"id": i, "prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(4)]
+    predictor = {"outcome": "answer", "answer": {"max_new_tokens": 10**6, "chat": False}}
+    cfg = write_cfg(
+        tmp_path,
+        checkpoint,
+        qa,
+        predictor=predictor,
+        curriculum=None,
+        compare=None,
+        data={"path": str(tmp_path / "c.jsonl"), "text_field": "prompt"},
+    )
+    fails(cli(cfg), 2, "predictor.answer", "context of 256", "lower predictor.answer.max_new_tokens")
+
+
+def test_a_model_rewritten_in_place_is_rescored(tmp_path, checkpoint, capsys):
+    """The same command after the checkpoint was overwritten with other weights of the same size
+    and its old mtime (``cp -p``, a restore): its saved statistics are not reused (issue 30, kind 2)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    cfg = load_score_config(write_cfg(tmp_path, checkpoint))
+    score(cfg)
+    first = (tmp_path / "out" / "models" / "a" / "stats.jsonl").read_text()
+    torch.manual_seed(7)
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(tmp_path / "other")
+    target = checkpoint / "model.safetensors"
+    st = target.stat()
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    score(cfg)
+    err = capsys.readouterr().err
+    assert "the model's files changed since these texts were scored" in err
+    assert (tmp_path / "out" / "models" / "a" / "stats.jsonl").read_text() != first
+    capsys.readouterr()
+    score(cfg)  # unchanged since: everything reused
+    assert "changed since" not in capsys.readouterr().err
