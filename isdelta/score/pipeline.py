@@ -204,6 +204,9 @@ def _check_summary(summary: dict, out: Path) -> None:
             )
 
 
+MAX_EMPTY_SHARDS = 1000  # curriculum bins or ramps beyond the corpus's texts that are still written
+
+
 def check_corpus(cfg, corpus: Path) -> int:
     """Read the whole corpus once before any model loads (every record readable); its text count."""
     from isdelta.score.corpus import iter_records
@@ -218,10 +221,13 @@ def check_corpus(cfg, corpus: Path) -> int:
         )
     c = cfg.curriculum
     for key, value in (("bins", c and c.bins), ("cycles", c and c.cycles)):
-        if value and value > n:  # one shard per bin (and ramp); 1e30 of them cannot even be listed
+        # one shard file per bin (and ramp): a few empty ones are harmless (a small corpus with the
+        # default 4 bins), 1e30 of them cannot even be listed
+        if value and value > max(n, MAX_EMPTY_SHARDS):
             raise ConfigError(
                 f"curriculum.{key}: {value} is more than the corpus's {n} texts",
-                f"a {'bin' if key == 'bins' else 'saw-tooth ramp'} holds whole texts, so all but {n} would be empty",
+                f"a {'bin' if key == 'bins' else 'saw-tooth ramp'} holds whole texts and is a file of its own, so "
+                f"all but {n} of {value} files would be empty",
                 f"set curriculum.{key} to at most {n}",
             )
     if cfg.predictor is not None:
