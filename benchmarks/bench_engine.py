@@ -144,13 +144,6 @@ def parse_shape(s: str) -> tuple[int, int, int]:
         raise ValueError(f"shape {s!r}: expected ROWSxPROMPT+COMPLETION, e.g. 8x64+512") from None
 
 
-def commit() -> tuple[str, bool]:
-    """(short HEAD, whether the engine or this script has uncommitted changes)."""
-    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT, check=False).stdout
-    dirty = run("status", "--porcelain", "--", "isdelta/engine", "benchmarks/bench_engine.py")
-    return run("rev-parse", "--short", "HEAD").strip() or "unknown", bool(dirty.strip())
-
-
 # ====================================================================== worker side
 def rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -586,7 +579,7 @@ def run_model(args, name: str, shapes: list[str], meta: dict) -> Path:
     tmp = tempfile.TemporaryDirectory(prefix="bench_engine_")
     folder = Path(tmp.name) / "model"
     spec = prepare(name, folder)
-    sha, dirty = commit()  # the code these workers import (a long run can span a commit)
+    sha, dirty = _engine_commit()  # the code these workers import (a long run can span a commit)
     meta = dict(meta, commit=sha, dirty=dirty)
     workers = {m: Worker(m, spec, folder, args) for m in letters}
     try:
@@ -836,25 +829,27 @@ def _check_notes(N: int, P: int, C: int, rs: list[dict]) -> list[str]:
 
 
 # ====================================================================== main
+def _engine_commit() -> tuple[str, bool]:
+    """(short HEAD, whether the engine or this script has uncommitted changes)."""
+    from benchmarks.provenance import commit
+
+    return commit("isdelta/engine", "benchmarks/bench_engine.py")
+
+
 def meta_info(args) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
     import transformers
 
+    from benchmarks.provenance import device_name
+
     try:
         trl = version("trl")
     except PackageNotFoundError:
         trl = None
-    sha, dirty = commit()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if args.device.startswith("cuda"):
-        cpu = torch.cuda.get_device_name(0)
+    sha, dirty = _engine_commit()
+    cpu = device_name(args.device)
     return {
         "run_id": time.strftime("%Y%m%dT%H%M%S"),
         "device": args.device,

@@ -147,8 +147,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"fused_{args.device.split(':')[0]}.jsonl"
     run = time.strftime("%Y%m%dT%H%M%S")
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    from benchmarks.provenance import device_name
+
+    cpu = device_name(args.device)
     meta = {"run_id": run, "device": args.device, "cpu": cpu, "torch": torch.__version__}
     lines = [
         f"{args.device} ({cpu}), torch {torch.__version__}, run {run}",

@@ -138,8 +138,9 @@ def main() -> None:
         ident = folder_identity(folder, tmp / "cache", args.rounds)
     RESULTS.mkdir(parents=True, exist_ok=True)
     run = time.strftime("%Y%m%dT%H%M%S")
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    from benchmarks.provenance import device_name
+
+    cpu = device_name("cpu")
     meta = {"run_id": run, "device": "cpu", "cpu": cpu, "folder_bytes": size, "rounds": args.rounds}
     with (RESULTS / "identity_cpu.jsonl").open("a") as f:
         for name, s in speeds.items():

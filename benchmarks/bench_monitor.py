@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -62,13 +61,6 @@ TINY_LLAMA = dict(  # the tests' tiny Llama (tests/conftest.py): 2 layers, V = 9
     pad_token_id=2,
 )
 TARGET = 0.02  # the per-step checks' share of after()
-
-
-def commit() -> tuple[str, bool]:
-    """(short HEAD, whether the checked code or this script has uncommitted changes)."""
-    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT, check=False).stdout
-    paths = ["isdelta/engine", "isdelta/training", "benchmarks/bench_monitor.py"]
-    return run("rev-parse", "--short", "HEAD").strip() or "unknown", bool(run("status", "--porcelain", "--", *paths))
 
 
 def load(name: str, device: str, dtype: str):
@@ -229,15 +221,10 @@ def meta_info(args) -> dict:
     import torch
     import transformers
 
-    sha, dirty = commit()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if args.device.startswith("cuda"):
-        cpu = torch.cuda.get_device_name(0)
+    from benchmarks.provenance import commit, device_name
+
+    sha, dirty = commit("isdelta/engine", "isdelta/training", "benchmarks/bench_monitor.py")
+    cpu = device_name(args.device)
     return {
         "run_id": time.strftime("%Y%m%dT%H%M%S"),
         "device": args.device,
