@@ -278,13 +278,14 @@ def _report(
     try:
         res, per_prompt, gap, per_decision, decision, problems = _estimates(cfg, rows, support, timings)
     except ValueError as e:  # the estimators' input checks: what arrived and the fix
-        why, advice = str(e), "Take a smaller step (update.lr)."
+        smaller = "Take a smaller step (update.lr)" if cfg.update is not None else "Compare checkpoints closer together"
+        why, advice = str(e), f"{smaller}."
         if "-inf" in why and transform.truncates:  # both scored with one transform: p1's kept set moved
             why = (
                 "p1's top-k/top-p kept set leaves out tokens p0 sampled, so p1 gives those samples probability 0 "
                 "and p0's samples cannot weigh p1"
             )
-            advice = "Take a smaller step (update.lr), or sample without truncation (sampling.top_k, sampling.top_p)."
+            advice = f"{smaller}, or sample without truncation (sampling.top_k, sampling.top_p)."
         elif "-inf" in why:  # no top-k/top-p: only an overflow gives p = 0
             why = "p1 gives probability 0 to tokens p0 sampled, and no top-k/top-p is configured: its logits overflow"
         reason = f"the estimators refused these scores: {why}"
