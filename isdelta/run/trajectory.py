@@ -55,6 +55,7 @@ __all__ = [
 SEED_STRIDE = 1_000_003
 # how the checkpoints of a config are made when no training run saved them (the demo's recipe)
 MAKE_CHECKPOINTS = "python -m isdelta.run.make_checkpoints CONFIG.yaml --lr 1e-3 --growth 1.6"
+SAVE_MORE_OFTEN = "List checkpoints closer together (save more often)."
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,24 @@ def check_checkpoints(cfg: RunConfig, tok0, records: list[dict]) -> None:
 @dataclass(frozen=True)
 class Segment:
     """ΔH from checkpoint ``source`` to ``target`` on ``source``'s own samples: the sequence-level
-    estimate (``res``, with ESS and k̂) and the headline policy's verdict (``decision``)."""
+    estimate (``res``, with ESS and k̂) and the headline policy's verdict (``decision``).
+
+    When the estimators refuse the scores (e.g. ``target`` gives probability 0 to a sample of
+    ``source``: top-k/top-p kept sets that moved), ``res`` is None, ``decision`` is not valid with
+    the reason, and ``own`` holds the source's entropy from its own samples (no weight needed).
+    """
 
     source: int
     target: int
-    res: object  # EntropyDelta
+    res: object  # EntropyDelta, or None: refused
     decision: object  # Headline
+    own: tuple | None = None  # (H, H per token) of source, when res is None
+
+    def source_entropy(self) -> tuple:
+        """(H, H per token) of ``source`` from its own samples: plain means, no importance weight."""
+        if self.res is None:
+            return self.own
+        return self.res.h0_rb or self.res.h0, self.res.h0_tok_rb or self.res.h0_tok
 
 
 @dataclass(frozen=True)
@@ -171,8 +184,8 @@ def _zero(level: float):
 def base_point(first: Segment) -> Point:
     """The base's H from its own samples (a plain mean, no importance weight): the first direct
     segment's chosen method when valid, else its Rao–Blackwellised (or plain) SNIS H(p0)."""
-    d, res = first.decision, first.res
-    h, h_tok = (d.h0, d.h0_tok) if d.valid else (res.h0_rb or res.h0, res.h0_tok_rb or res.h0_tok)
+    d = first.decision
+    h, h_tok = (d.h0, d.h0_tok) if d.valid else first.source_entropy()
     lv = h.level
     return Point(0, "base", True, h, h_tok, _zero(lv), _zero(lv))
 
@@ -270,18 +283,18 @@ def _score(cfg, models, ck: Checkpoint, timings, rollouts, transform, folder, na
 def _segment(cfg: RunConfig, source: Checkpoint, target: Checkpoint, sa: dict, sb: dict, stopped, support: int):
     """ΔH(source → target) on source's samples, as the run estimates one pair: ``estimate``,
     the per-decision estimates and the headline policy."""
-    from isdelta.estimators import estimate, headline
+    from isdelta.estimators import Headline, estimate, headline
 
     args, kw = estimate_inputs(cfg, sa, sb, stopped)
     try:
         res = estimate(*args, **kw)
-        decision = headline(res, *token_estimates(cfg, sa, sb, support=support), support_size=support)
-    except ValueError as e:  # the estimators' input checks
-        raise RunError(
-            f"the estimators refused the scores of {target.key} on {source.key}'s samples",
-            str(e),
-            "list checkpoints closer together (save more often), or check the checkpoint",
-        ) from None
+    except ValueError as e:  # scores the estimators refuse: this segment is not valid, the horizon
+        own_args, own_kw = estimate_inputs(cfg, sa, sa, stopped)  # the source on itself: its own entropy
+        own = estimate(*own_args, **own_kw)
+        reason = f"the estimators refused the scores of {target.key} on {source.key}'s samples: {e}"
+        refused = Headline(False, "none", "no method: the scores were refused", reason, SAVE_MORE_OFTEN)
+        return Segment(source.k, target.k, None, refused, (own.h0_rb or own.h0, own.h0_tok_rb or own.h0_tok))
+    decision = headline(res, *token_estimates(cfg, sa, sb, support=support), support_size=support)
     return Segment(source.k, target.k, res, decision)
 
 

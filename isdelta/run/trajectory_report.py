@@ -47,7 +47,7 @@ def point_rows(points, cks, h: int | None) -> list[dict]:
             row.update({key: _num(e, "value"), f"{key}_se": _num(e, "se")})
             row.update({f"{key}_ci_low": _num(e, "ci_low"), f"{key}_ci_high": _num(e, "ci_high")})
         own = next((q.step for q in points if q.step is not None and q.step.source == p.k and q.k == p.k + 1), None)
-        own_h = None if own is None else (own.res.h0_rb or own.res.h0)  # a plain mean: no weights
+        own_h = None if own is None else own.source_entropy()[0]  # a plain mean: no weights
         row.update(h_own=_num(own_h, "value"), h_own_se=_num(own_h, "se"))
         d = None if seg is None or p.kind == "base" else seg.decision
         step = d.delta if d is not None and d.valid else None
@@ -165,7 +165,7 @@ def _segment_dict(seg, cks) -> dict:
         "to": cks[seg.target].name,
         "samples_of": cks[seg.source].name,
         "headline": seg.decision.to_dict(),
-        "estimate": seg.res.to_dict(),
+        "estimate": None if seg.res is None else seg.res.to_dict(),
     }
 
 

@@ -367,3 +367,18 @@ def test_a_checkpoint_rewritten_in_place_is_rescored(series, tmp_path, capsys):
     again = run(cfg)
     assert "direct.npz was computed from other inputs" in capsys.readouterr().err
     assert again["rows"][1]["delta"] == pytest.approx(first["rows"][2]["delta"])
+
+
+def test_a_checkpoint_whose_scores_the_estimators_refuse_is_the_horizon_not_an_error(series, tmp_path):
+    """top-k 2: far checkpoints keep other tokens than the base, so they give some of its samples
+    probability 0 (log p = −inf) and the estimators refuse those scores. Every part is saved by
+    then: the segment is not valid with the reason (the IS horizon), never an error every rerun
+    repeats (issue 30, kind 9)."""
+    root, paths = series
+    sampling = {"num_samples": 8, "max_new_tokens": 2, "prompts_per_batch": 3, "top_k": 2}
+    cfg = make_cfg(root, paths, out=str(tmp_path / "out"), sampling=sampling)
+    report = run(cfg)
+    refused = [r for r in report["rows"] if "estimators refused" in (r["reason"] or "")]
+    assert refused and not refused[0]["valid"] and "-inf" in refused[0]["reason"]
+    assert (tmp_path / "out" / "trajectory.md").exists()
+    assert run(cfg)["rows"] == report["rows"]  # the rerun reports from the saved parts the same way
