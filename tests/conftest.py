@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ import pytest
 # isdelta's cache (model identities) in a folder of the test run, for this process and the CLIs it
 # starts: the tests never write into the user's ~/.cache
 os.environ.setdefault("ISDELTA_CACHE_DIR", tempfile.mkdtemp(prefix="isdelta-test-cache-"))
+# ... except the de-quantised builtin models (gemma-3-270m: minutes to build), which live in a
+# git-ignored folder of the checkout and are kept between runs: a second `make test` reuses them
+os.environ.setdefault("ISDELTA_MODEL_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "models"))
 
 # the tiny Llama of tiny_llama and checkpoint: 2 layers, V = 96 (the char tokenizer's), pad = eos
 TINY_LLAMA = dict(
@@ -81,6 +85,15 @@ def smollm2():
     from isdelta.engine import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """Gemma 3 270M, the base model (slow: de-quantised once into .cache/models, 1–2 min on 2 cores,
+    then ~7 s to load). Only for tests marked slow."""
+    from isdelta.engine import load_model
+
+    return load_model("gemma-3-270m")
 
 
 @pytest.fixture(scope="session")

