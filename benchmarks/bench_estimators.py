@@ -23,10 +23,16 @@ for each weight scheme: median of warm calls, against a bare numpy SNIS (ΔH and
 :func:`bare_snis`) timed on the same arrays, interleaved call by call; and the cold first call in
 a fresh process.
 
+``target``: the speed target alone (issue 18: ≤ 5× bare SNIS): ``estimate(weights="psis")`` with
+entropy sums on N = 10⁶ rows in P = 10⁴ prompts of G = 100, and :func:`bare_snis` on the same
+arrays, interleaved call by call for ``--rounds`` rounds in this one process; × bare SNIS as the
+ratio of the medians and as the median (min–max) of the per-round ratios.
+
     python benchmarks/bench_estimators.py toy                  # ~8 min on 2 shared cores
     python benchmarks/bench_estimators.py toy --toy long --alphas 0.3 0.6 1.0 --S 64 256 1024 --reps 400
     python benchmarks/bench_estimators.py scores runs/demo     # seconds
     python benchmarks/bench_estimators.py timing               # ~1 min
+    python benchmarks/bench_estimators.py target               # ~10 s
 
 Results and their reading: benchmarks/README.md, section "Estimators".
 """
@@ -50,6 +56,8 @@ sys.path.insert(0, str(ROOT / "tests" / "estimators"))  # the toy lives beside t
 sys.path.insert(0, str(ROOT))
 
 from toy import TabularToy  # noqa: E402 (found through the path set just above)
+
+from benchmarks.provenance import commit  # noqa: E402 (ROOT is on the path from just above)
 
 # isdelta is imported inside the functions that call it, so that the `cold` child can time
 # the import of a process that has only numpy loaded.
@@ -78,11 +86,6 @@ ROWS_PER_CHUNK = 2**19  # sampled rows held at once (token arrays are [reps, P, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str:
-    out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=False)
-    return out.stdout.strip()
-
-
 def _cpu() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -94,15 +97,16 @@ def _cpu() -> str:
 
 
 def provenance() -> dict:
-    """Commit (and whether the estimator code differs from it), versions, machine."""
+    """Commit (and whether the estimator code or this script differ from it), versions, machine."""
     import scipy
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # arviz 0.2x announces its refactor on import
         import arviz
+    sha, dirty = commit("isdelta/estimators", "benchmarks/bench_estimators.py")
     return {
-        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
-        "estimators_dirty": bool(_git("status", "--porcelain", "--", "isdelta/estimators")),
+        "commit": sha,
+        "estimators_dirty": dirty,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "scipy": scipy.__version__,
@@ -527,16 +531,20 @@ def _median_time(fn, repeats: int) -> list[float]:
     return times
 
 
-def warm_records(sizes: list[int], gs: list[int], seed: int) -> list[dict]:
+def warm_records(
+    sizes: list[int], gs: list[int], seed: int, schemes=tuple(WEIGHTS), rounds: int | None = None
+) -> list[dict]:
     """Warm wall time of ``estimate`` per (N, G, scheme) and of :func:`bare_snis` on the same
-    arrays, interleaved call by call (a busy machine slows both alike), after one warm-up each."""
+    arrays, interleaved call by call (a busy machine slows both alike), after one warm-up each;
+    ``rounds`` rounds (default 5 from N = 5·10^5, else 9). × bare is the ratio of the medians and,
+    steadier on a shared machine, the median of the ratios within each round."""
     records = []
     for g in gs:
         for n in sizes:
             p = max(2, round(n / g))
             x = timing_rows(p, g, seed)
-            repeats = 5 if p * g >= 500_000 else 9
-            fns = {"bare": lambda x=x, g=g: bare_snis(x, g)} | {s: (lambda x=x, s=s: _call(x, s)) for s in WEIGHTS}
+            repeats = rounds or (5 if p * g >= 500_000 else 9)
+            fns = {"bare": lambda x=x, g=g: bare_snis(x, g)} | {s: (lambda x=x, s=s: _call(x, s)) for s in schemes}
             times: dict[str, list[float]] = {k: [] for k in fns}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -548,18 +556,43 @@ def warm_records(sizes: list[int], gs: list[int], seed: int) -> list[dict]:
                         fn()
                         times[k].append(time.perf_counter() - t0)
                 bare = float(np.median(times["bare"]))
-                for scheme in WEIGHTS:
+                for scheme in schemes:
                     res, ts = _call(x, scheme), times[scheme]
                     med = float(np.median(ts))
+                    per_round = np.divide(ts, times["bare"])  # this round's estimate / this round's bare
+                    none = float(np.median(times["none"])) if "none" in times else float("nan")
                     records.append({"part": "timing", "N": p * g, "G": g, "P": p, "weights": scheme,
                                     "repeats": repeats, "times_s": ts, "median_s": med, "min_s": min(ts),
                                     "bare_snis_s": bare, "bare_snis_times_s": times["bare"],
                                     "over_bare": med / bare, "rows_per_s": p * g / med,
-                                    "over_none": med / float(np.median(times["none"])),
-                                    "weights_used": res.weights_used,
+                                    "over_bare_rounds": float(np.median(per_round)),
+                                    "over_bare_rounds_range": [float(per_round.min()), float(per_round.max())],
+                                    "over_none": med / none, "weights_used": res.weights_used,
                                     "ess_frac": res.ess_frac, "khat": res.khat})  # fmt: skip
                     print(f"timing N={p * g} G={g} {scheme}: {med:.4f} s ({med / bare:.1f}× bare)", file=sys.stderr)
     return records
+
+
+def target_profile(calls: int, top: int = 25) -> str:
+    """cProfile of ``calls`` calls of the target's ``estimate``: the functions with the most
+    cumulative time, as a fenced block (cProfile's overhead inflates the times; compare shares)."""
+    import cProfile
+    import io
+    import pstats
+
+    x = timing_rows(10_000, 100, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _call(x, "psis")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            _call(x, "psis")
+        prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).strip_dirs().sort_stats("cumulative").print_stats(top)
+    body = "\n".join(line for line in out.getvalue().splitlines() if line.strip())
+    return f"\n\ncProfile of {calls} calls, by cumulative time:\n\n```\n{body}\n```"
 
 
 def cold_child(n_prompts: int, g: int, scheme: str) -> dict:
@@ -591,22 +624,32 @@ def cold_records(n: int, g: int) -> list[dict]:
     return records
 
 
-def timing_tables(warm: list[dict], cold: list[dict]) -> str:
+def warm_table(warm: list[dict]) -> str:
+    """One row per (N, G, scheme): times, rows / s, × bare SNIS (of the medians; median, min and max
+    of the per-round ratios), × none, ESS/S and k̂."""
     lines = [
         (
-            "| N | G | P | weights (where) | median s | min s | rows / s | bare SNIS ms | × bare SNIS | × none | ESS/S | k̂ |"
+            "| N | G | P | weights (where) | median s | min s | rows / s | bare SNIS ms | × bare SNIS | "
+            "× bare, per round: median (min–max) | × none | ESS/S | k̂ |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in warm:
         where = "pooled" if "pooled" in r["weights_used"] else "per prompt"
+        lo, hi = r["over_bare_rounds_range"]
         lines.append(
             f"| {r['N']} | {r['G']} | {r['P']} | {r['weights']} ({where}) | {r['median_s']:.4f} | "
-            f"{r['min_s']:.4f} | "
-            f"{r['rows_per_s']:.3g} | {r['bare_snis_s'] * 1e3:.2f} | {r['over_bare']:.1f} | {r['over_none']:.2f} | "
+            f"{r['min_s']:.4f} | {r['rows_per_s']:.3g} | {r['bare_snis_s'] * 1e3:.2f} | {r['over_bare']:.1f} | "
+            f"{r['over_bare_rounds']:.2f} ({lo:.2f}–{hi:.2f}) | "
+            f"{'–' if np.isnan(r['over_none']) else format(r['over_none'], '.2f')} | "
             f"{r['ess_frac']:.2f} | {r['khat']:.2f} |"
         )
-    lines += [
+    return "\n".join(lines)
+
+
+def timing_tables(warm: list[dict], cold: list[dict]) -> str:
+    lines = [
+        warm_table(warm),
         "",
         "Cold start (fresh interpreter, numpy already imported):",
         "",
@@ -645,6 +688,10 @@ def _parser() -> argparse.ArgumentParser:
                         dest="sizes")  # fmt: skip
     timing.add_argument("--G", type=int, nargs="+", default=[100, 8], dest="gs")
     timing.add_argument("--cold-N", type=int, default=10**4)
+    target = sub.add_parser("target", help="the speed target: psis with entropy sums, 10^6 rows, 10^4 prompts")
+    target.add_argument("--rounds", type=int, default=15, help="interleaved rounds of estimate and bare SNIS")
+    target.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                        help="then cProfile this many calls: where the time goes, by function")  # fmt: skip
     cold = sub.add_parser("cold", help="internal: one cold call in this fresh process")
     cold.add_argument("n_prompts", type=int)
     cold.add_argument("g", type=int)
@@ -667,6 +714,9 @@ def main() -> None:
     elif args.part == "scores":
         records = real_records(args.dir)
         tables = real_table(records)
+    elif args.part == "target":
+        records = warm_records([10**6], [100], seed=0, schemes=("psis",), rounds=args.rounds)
+        tables = warm_table(records) + (target_profile(args.profile) if args.profile else "")
     else:
         warm = warm_records(args.sizes, args.gs, seed=0)
         cold = cold_records(args.cold_N, args.gs[0])
@@ -675,7 +725,7 @@ def main() -> None:
     command = "python benchmarks/bench_estimators.py " + " ".join(sys.argv[1:])
     records = [{**r, **meta, "command": command} for r in records]
     head = (f"`{command}` ({seconds:.0f} s); commit {meta['commit']}"
-            f"{' (estimators modified)' if meta['estimators_dirty'] else ''}, {meta['machine']}, "
+            f"{' + uncommitted changes' if meta['estimators_dirty'] else ''}, {meta['machine']}, "
             f"{meta['device']}, {meta['dtype']}, numpy {meta['numpy']}, arviz {meta['arviz']}")  # fmt: skip
     write(args.out, part, records, head + "\n\n" + tables)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from isdelta.estimators.groups import Groups
 from isdelta.estimators.inputs import Rows
+from isdelta.estimators.moments import row_sums
 from isdelta.estimators.policy import Check, bounds
 from isdelta.estimators.prefix import LOG_MAX, PrefixRows, prefix_ess
 from isdelta.estimators.proposal import PROPOSAL_ESS, ProposalWeights
@@ -69,24 +70,29 @@ class PerPrompt:
     mean_ratio: np.ndarray
 
     @classmethod
-    def of(cls, rows: Rows, wts: Weights) -> PerPrompt:
+    def of(cls, rows: Rows, wts: Weights, kl: np.ndarray | None = None) -> PerPrompt:
+        """``kl`` when the caller has it; the mean ratio from ``wts`` when it carries it."""
         g = rows.groups
         log_r = rows.log_r if rows.log_r1q is None else rows.log_r1q
-        return cls(g.sum(wts.w * rows.log_r), g.mean_exp(log_r))
+        kl = g.sum(wts.w * rows.log_r) if kl is None else kl
+        return cls(kl, g.mean_exp(log_r) if wts.mean_ratio is None else wts.mean_ratio)
 
 
-def diagnose(rows: Rows, wts: Weights, pp: PerPrompt, u: np.ndarray | None = None) -> dict:
+def diagnose(rows: Rows, wts: Weights, pp: PerPrompt, u: np.ndarray | None = None, sums: dict | None = None) -> dict:
     """The diagnostic fields of :class:`EntropyDelta` (floats and ints); ``u`` the within-prompt
-    weights of expectations under p0 (None: uniform, the rows are p0's own samples)."""
+    weights of expectations under p0 (None: uniform, the rows are p0's own samples); ``sums``
+    those of ``moments.row_sums`` when the caller has them."""
     g = rows.groups
-    u = g.uniform if u is None else u
     kl_p, mean_ratio = pp.kl, pp.mean_ratio
     finite = np.isfinite(wts.khat)
     worst = float(np.max(wts.khat[finite])) if finite.any() else float("nan")
-    nonempty = rows.length > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_row0 = -rows.s0 / rows.length
-        per_row1 = -rows.s1 / rows.length
+    means = _row_means(row_sums(rows, wts.w, u, covariance=False) if sums is None else sums)
+    if means["n_empty"]:  # rows with L = 0: per-token NLLs over the others
+        u = g.uniform if u is None else u
+        nonempty = rows.length > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            means["nll0_tok"] = _ratio_mean(-rows.s0 / rows.length, u, nonempty, g)
+            means["nll1_tok"] = _ratio_mean(-rows.s1 / rows.length, wts.w, nonempty, g)
     ess = pooled_ess(wts.ess)
     return {
         "kl": float(kl_p.mean()),
@@ -101,14 +107,23 @@ def diagnose(rows: Rows, wts: Weights, pp: PerPrompt, u: np.ndarray | None = Non
         "s_min": min_sample_size(worst),
         "mean_ratio_min": float(mean_ratio.min()),
         "mean_ratio_max": float(mean_ratio.max()),
-        "mean_length": float(g.sum(u * rows.length).mean()),
-        "nll0_tok": _ratio_mean(per_row0, u, nonempty, g),
-        "nll1_tok": _ratio_mean(per_row1, wts.w, nonempty, g),
-        "no_stop_frac": None if rows.stopped is None else float(g.sum(u * ~rows.stopped).mean()),
+        **means,
         "n_rows": g.n_rows,
         "n_prompts": g.n_prompts,
-        "n_empty": int(np.sum(~nonempty)),
     }
+
+
+def _row_means(sums: dict) -> dict:
+    """mean_length = mean_p Σ u L, nll0_tok = mean_p Σ u (−S0/L), nll1_tok = mean_p Σ w̄ (−S1/L)
+    (``_ratio_mean``'s usual case, every row with L > 0), no_stop_frac and n_empty, from
+    ``moments.row_sums``."""
+    out = {
+        "mean_length": float(sums["u.length"].mean()),
+        "nll0_tok": -float(sums["u.s0/length"].mean()),  # (sums of S/L: negated exactly)
+        "nll1_tok": -float(sums["w.s1/length"].mean()),
+        "no_stop_frac": float(sums["u.stopped"].mean()) if "u.stopped" in sums else None,
+    }
+    return out | {"n_empty": sums["n_empty"]}
 
 
 def _khat_warnings(wts: Weights, d: dict) -> list[str]:

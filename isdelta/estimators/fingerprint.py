@@ -46,9 +46,7 @@ class RowsFingerprint:
     @classmethod
     def of(cls, groups: Groups, length: np.ndarray, log_p0: np.ndarray) -> RowsFingerprint:
         """From the prompt groups and the caller-order [N] lengths (stop token included) and S0."""
-        first = groups.starts if groups.order is None else groups.order[groups.starts]  # [P] caller index
-        label = groups.unsort(np.repeat(first, groups.sizes)).astype(np.int64)  # [N] caller order
-        digest = hashlib.blake2b(label.tobytes(), digest_size=16).hexdigest()
+        digest = _layout_digest(groups)
         return cls(groups.n_rows, groups.n_prompts, digest, np.asarray(length, dtype=np.int64), log_p0.copy())
 
     def to_dict(self) -> dict:
@@ -79,3 +77,24 @@ class RowsFingerprint:
                 f"({int(off.sum())} of {self.n_rows} rows differ by more than {S0_TOL:g} nats per token)"
             )
         return None
+
+
+def _layout_digest(groups: Groups) -> str:
+    """A digest of the partition of the rows (in the caller's order) into prompts.
+
+    Rows that come prompt after prompt (the engine's layout, whatever the ids) are their run
+    lengths, P numbers: hashing those rather than the [N] labels (blake2b of 8 MB: 13 ms at
+    N = 10^6, most of a bare SNIS) gives the same answer to "same partition?". Other layouts
+    hash each row's label, the caller index of its prompt's first row. The two never collide:
+    a partition is contiguous exactly when its labels never decrease, and the inputs differ in
+    length (8N against 4 + 8P bytes).
+    """
+    if groups.order is None:
+        runs = groups.sizes
+    else:
+        first = groups.order[groups.starts]  # [P] caller index of each prompt's first row
+        label = groups.unsort(np.repeat(first, groups.sizes)).astype(np.int64)  # [N] caller order
+        if not np.all(label[1:] >= label[:-1]):
+            return hashlib.blake2b(label, digest_size=16).hexdigest()
+        runs = np.diff(np.flatnonzero(np.diff(label, prepend=-1, append=label.shape[0] + 1)))
+    return hashlib.blake2b(b"runs" + runs.astype(np.int64).tobytes(), digest_size=16).hexdigest()

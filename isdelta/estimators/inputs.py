@@ -29,6 +29,7 @@ __all__ = [
     "group_codes",
     "layout",
     "prepare",
+    "prompt_groups",
 ]
 
 # Per-token log-probs are float32 in the engine; a sum of 10^4 of them that should be ≤ 0 can
@@ -49,6 +50,8 @@ class Rows:
     when q = p0 (no ``log_q``).
     ``fingerprint`` identifies the rows as the caller gave them (N, layout, lengths with the
     stop token, log p0 of the whole row): results of different rows are never combined.
+    ``delta`` = s1 − s0, the counted log-ratio δ', where it differs from ``log_r`` (some row's
+    stop token excluded); None where the two are the same floats.
     """
 
     groups: Groups
@@ -62,6 +65,7 @@ class Rows:
     log_r0q: np.ndarray | None = None
     log_r1q: np.ndarray | None = None
     fingerprint: RowsFingerprint | None = None
+    delta: np.ndarray | None = None
 
 
 # Appended to the errors that arise when per-row arrays come in the wrong order.
@@ -100,9 +104,9 @@ def as_rows(name: str, x, shape: tuple[int, ...] | None = None) -> np.ndarray:
 
 def check_finite(name: str, x: np.ndarray, hint: str = "") -> None:
     """Raise if any entry of ``x`` is nan or ±inf, listing the first offending rows."""
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.flatnonzero(bad)
+    finite = np.isfinite(x)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
         kinds = sorted({"nan" if np.isnan(v) else ("inf" if v > 0 else "-inf") for v in x[rows]})
         raise ValueError(
             f"{name}: expected finite values, got {rows.size} non-finite ({'/'.join(kinds)}) at "
@@ -148,6 +152,34 @@ def group_codes(group, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes in [0, P) and sorted labels for a ``group`` array of length n (None: 1)."""
     if group is None:
         return np.zeros(n, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    g = _ids(group, n)
+    if g.dtype.kind in "iuf" and n > 1 and bool(np.all(g[1:] >= g[:-1])):
+        # already prompt-major (the engine's layout): codes by counting changes, no sort
+        new = np.concatenate(([True], g[1:] != g[:-1]))
+        return np.cumsum(new) - 1, g[new]
+    try:
+        labels, codes = np.unique(g, return_inverse=True)
+    except TypeError as e:
+        raise ValueError(f"group: expected sortable prompt ids (ints or strings), got dtype {g.dtype}.") from e
+    return codes.reshape(-1).astype(np.int64), labels
+
+
+def prompt_groups(group, n: int) -> Groups:
+    """The prompt groups of a ``group`` array of length n (None: one prompt), ids checked as in
+    :func:`group_codes`. Numeric ids that already come prompt-major (the engine's layout) are
+    grouped where they change, without the [N] codes: ``make_groups(*group_codes(group, n))``."""
+    if group is not None and n > 1:
+        g = _ids(group, n)
+        if g.dtype.kind in "iuf":
+            starts = np.concatenate(([0], np.flatnonzero(g[1:] != g[:-1]) + 1))  # [P] where the id changes
+            # constant between changes: sorted exactly when the ids at the changes increase
+            if bool(np.all(g[starts[1:]] > g[starts[:-1]])):
+                return Groups(labels=g[starts], order=None, sizes=np.diff(starts, append=n), starts=starts)
+    return make_groups(*group_codes(group, n))
+
+
+def _ids(group, n: int) -> np.ndarray:
+    """``group`` as an array of n prompt ids: no nan, no float with a fraction."""
     g = np.asarray(group)
     if g.shape != (n,):
         raise ValueError(
@@ -162,15 +194,7 @@ def group_codes(group, n: int) -> tuple[np.ndarray, np.ndarray]:
             f"group: expected prompt ids (integers or strings), got floats with a fractional part "
             f"({g[i]:.6g} at row {i}): log-probs, lengths or entropies in group's place? {ORDER}."
         )
-    if g.dtype.kind in "iuf" and n > 1 and bool(np.all(g[1:] >= g[:-1])):
-        # already prompt-major (the engine's layout): codes by counting changes, no sort
-        new = np.concatenate(([True], g[1:] != g[:-1]))
-        return np.cumsum(new) - 1, g[new]
-    try:
-        labels, codes = np.unique(g, return_inverse=True)
-    except TypeError as e:
-        raise ValueError(f"group: expected sortable prompt ids (ints or strings), got dtype {g.dtype}.") from e
-    return codes.reshape(-1).astype(np.int64), labels
+    return g
 
 
 def check_group_sizes(groups: Groups) -> None:
@@ -198,10 +222,10 @@ def layout(log_p0, group, name: str = "log_p0") -> tuple[tuple[int, ...], np.nda
                 "prompt p), got an array; pass 1-D arrays [N] to group rows yourself."
             )
         n_prompts, g = shape
-        codes, labels = np.repeat(np.arange(n_prompts), g), np.arange(n_prompts)
+        starts = np.arange(n_prompts) * g  # row p is prompt p
+        groups = Groups(labels=np.arange(n_prompts), order=None, sizes=np.full(n_prompts, g), starts=starts)
     else:
-        codes, labels = group_codes(group, s0.size)
-    groups = make_groups(codes, labels)
+        groups = prompt_groups(group, s0.size)
     check_group_sizes(groups)
     return shape, s0, groups
 
@@ -314,12 +338,12 @@ def prepare(
     s1 = as_rows("log_p1", log_p1, shape)
     _check_logp("log_p0", s0)
     _check_logp("log_p1", s1)
-    length = _length(length, shape)
+    length, counted = _length(length, shape)
     lq = None if log_q is None else _log_q(log_q, shape)
     ent = list(_entropy_sums(entropy_sum0, entropy_sum1, shape))
     stop = _stopped(stopped, shape)
     eos = eos or {}
-    fingerprint = RowsFingerprint.of(groups, length, s0)  # before no_eos: whole rows, as per decision
+    fingerprint = RowsFingerprint.of(groups, counted, s0)  # before no_eos: whole rows, as per decision
     log_r = s1 - s0  # full sequences, EOS included: this is what the proposal p0 sampled
     s = [s0, s1]
     if include == "no_eos":
@@ -329,6 +353,10 @@ def prepare(
         raise ValueError(f"{', '.join(given)}: only used with include='no_eos', got include={include!r}.")
     _check_empty_rows(fingerprint.length, s0, s1)  # after no_eos's own, more specific, check of L = 0
     sort = groups.sort
+    delta = None
+    if include == "no_eos":
+        delta = s[1] - s[0]
+        delta = sort(delta) if np.any(delta != log_r) else None
     return Rows(
         groups=groups,
         log_r=sort(log_r),
@@ -342,12 +370,16 @@ def prepare(
         log_r0q=None if lq is None else sort(s0 - lq),
         log_r1q=None if lq is None else sort(s1 - lq),
         fingerprint=fingerprint,
+        delta=delta,
     )
 
 
 def _check_empty_rows(length: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
     """A row with L = 0 counts no token, so its log-probs (sums over no tokens) are 0."""
-    bad = (length == 0) & ((np.abs(s0) > LOGP_TOL) | (np.abs(s1) > LOGP_TOL))
+    empty = length == 0
+    if not empty.any():
+        return
+    bad = empty & ((np.abs(s0) > LOGP_TOL) | (np.abs(s1) > LOGP_TOL))
     if bad.any():
         rows = np.flatnonzero(bad)[:5].tolist()
         raise ValueError(
@@ -357,8 +389,8 @@ def _check_empty_rows(length: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> Non
         )
 
 
-def _length(length, shape) -> np.ndarray:
-    """Counted tokens per row, [N]: finite whole numbers ≥ 0."""
+def _length(length, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Counted tokens per row, [N]: finite whole numbers ≥ 0, as float64 and as int64."""
     arr = as_rows("length", length, shape)
     check_finite("length", arr)
     if arr.min() < 0:
@@ -367,11 +399,12 @@ def _length(length, shape) -> np.ndarray:
             f"length: expected counted tokens per row (≥ 0), got negative values at rows {rows}; "
             f"log-probs in its place? {ORDER}."
         )
-    frac = arr != np.round(arr)
-    if frac.any():
+    counted = arr.astype(np.int64)  # whole numbers are those the cast leaves unchanged (below 2^63)
+    frac = counted != arr
+    if frac.any() and (frac := arr != np.round(arr)).any():  # (round decides past 2^63)
         rows = np.flatnonzero(frac)[:5].tolist()
         raise ValueError(
             f"length: expected counted tokens per row (whole numbers), got fractional values at rows {rows} "
             f"(e.g. {arr[rows[0]]:.6g}); entropy sums in its place? {ORDER}."
         )
-    return arr
+    return arr, counted

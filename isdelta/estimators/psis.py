@@ -82,14 +82,14 @@ def psis(log_r: np.ndarray, flavour: Flavour | None = None) -> tuple[np.ndarray,
         cutoff = np.take_along_axis(x, order[:, -n_tail - 1 : -n_tail], 1)[:, 0]
         sizes = np.full(B, n_tail)
     khat = np.full(B, np.nan)
-    out = x.copy()
+    out = x  # a new array already; each batch below writes only rows that it alone reads
     for n in np.unique(sizes[sizes > 4]):  # one batch per tail size (0.x: ties shorten a tail)
         rows = np.flatnonzero(sizes == n)
         # the n largest values of each row, ascending, and where they sit: [R, n]; 0.x sorts
         # the tail values taken in row order, 1.x takes them from the whole row's sort (the
         # two place tied values differently, so each is followed exactly)
         idx = order[rows, S - n :]
-        tail = np.take_along_axis(x[rows], idx, 1)
+        tail = x[rows[:, None], idx]  # (gathers [R, n], not the rows' whole [R, S])
         tied = (np.diff(tail, axis=1) == 0).any(axis=1) if flavour == "arviz0" else np.zeros(len(rows), bool)
         if tied.any():
             t = rows[tied]
@@ -173,25 +173,38 @@ def pareto_smooth(
     whose ratios are all equal need no smoothing and have no tail: k̂ = nan, ratios kept.
     The smoothed values are shifted by a constant per fit; normalise afterwards.
     """
-    spread = groups.max(log_r) - groups.min(log_r)
-    out = log_r.copy()
     if per_prompt:
         khat = np.full(groups.n_prompts, np.nan)
-        fit = spread > 0
-        if fit.any():
-            for g in np.unique(groups.sizes[fit]):
-                sel = np.flatnonzero(fit & (groups.sizes == g))
-                idx = groups.starts[sel][:, None] + np.arange(g)  # [n_sel, G] row indices
-                log_w, khat[sel] = psis(log_r[idx])
-                out[idx] = log_w
+        fit = groups.max(log_r) > groups.min(log_r)
+        out = np.empty_like(log_r) if fit.all() else log_r.copy()  # every row below, or constant prompts kept
+        for g in np.unique(groups.sizes[fit]):
+            sel = np.flatnonzero(fit & (groups.sizes == g))
+            # blocks of ≈ BLOCK_ROWS rows: psis' temporaries (the tail fit's [R, m, n] grid the
+            # largest) stay in cache, which halves its time on 10^6 rows
+            for block in np.array_split(sel, min(sel.size, -(-sel.size * int(g) // BLOCK_ROWS))):
+                rows = _rows(groups, block, int(g))
+                log_w, khat[block] = psis(log_r[rows].reshape(block.size, g))
+                out[rows] = log_w.reshape(-1) if isinstance(rows, slice) else log_w
         fit_sizes, constant = groups.sizes.copy(), ~fit
     else:
-        khat = np.full(1, np.nan)
+        khat, out = np.full(1, np.nan), log_r.copy()
         if log_r.shape[0] >= MIN_TAIL_FIT and np.ptp(log_r) > 0:
             log_w, khat = psis(log_r[None, :])
             out = log_w[0]
         fit_sizes, constant = np.array([log_r.shape[0]]), np.array([np.ptp(log_r) == 0])
     return out, khat, fit_sizes, constant
+
+
+BLOCK_ROWS = 2**15  # rows per psis call in pareto_smooth (256 KiB per float64 [R, G] array)
+
+
+def _rows(groups: Groups, sel: np.ndarray, g: int) -> slice | np.ndarray:
+    """The rows of prompts ``sel`` (each of G = g rows): a slice when the prompts are consecutive
+    (no gather, no scatter), else their row indices [len(sel), G]."""
+    first = int(groups.starts[sel[0]])
+    if sel[-1] - sel[0] == sel.size - 1:  # consecutive prompts of one size: consecutive rows
+        return slice(first, first + sel.size * g)
+    return groups.starts[sel][:, None] + np.arange(g)
 
 
 def pooled_khat(log_r: np.ndarray, groups: Groups) -> tuple[float, int]:

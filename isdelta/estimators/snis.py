@@ -10,6 +10,7 @@ import numpy as np
 
 from isdelta.estimators import diagnostics, inputs
 from isdelta.estimators.inputs import Rows
+from isdelta.estimators.moments import first_order, ratio_estimates, row_sums
 from isdelta.estimators.proposal import ProposalWeights
 from isdelta.estimators.results import EntropyDelta, Estimate, EstimatorWarning
 from isdelta.estimators.uncertainty import (
@@ -182,15 +183,18 @@ def estimate(
             "prompts='fixed' or pass `group`."
         )
     if rows.log_r1q is None:  # x ~ p0: uniform H0 weights
-        wts, p0_wts, u = weigh(rows.log_r, rows.groups, weights, clip), None, rows.groups.uniform
+        wts, p0_wts, u = weigh(rows.log_r, rows.groups, weights, clip), None, None  # u: 1/G_p
     else:  # x ~ q: H1 weighted by p1/q, H0 by p0/q, the same scheme for both
         wts = weigh(rows.log_r1q, rows.groups, weights, clip)
         p0_wts = weigh(rows.log_r0q, rows.groups, weights, clip)
         u = p0_wts.w
-    fields = _estimates(rows, wts, u, prompts, level)
-    fields.update(_first_order(rows, wts, u, prompts, level))
-    per_prompt = diagnostics.PerPrompt.of(rows, wts)
-    diag = diagnostics.diagnose(rows, wts, per_prompt, u)
+    # every per-prompt sum in one pass over the rows (ΔH₁'s too when its terms lie within prompts)
+    sums = row_sums(rows, wts.w, u, covariance=rows.log_r0q is None and rows.delta is None)
+    fields = ratio_estimates(rows, wts.w, u, prompts, level, z_value(level), sums)
+    first, kl = _first_order(rows, wts, u, prompts, level, sums)
+    fields.update(first)
+    per_prompt = diagnostics.PerPrompt.of(rows, wts, kl)
+    diag = diagnostics.diagnose(rows, wts, per_prompt, u, sums)
     messages = diagnostics.collect_warnings(rows, wts, diag, per_prompt)
     q_fields = {}  # with q only: without it the result is exactly today's
     if p0_wts is not None:
@@ -211,57 +215,48 @@ def estimate(
     )
 
 
-def _to_estimate(lin: Linear, rows: Rows, prompts: str, level: float) -> Estimate:
+def _to_estimate(lin: Linear, rows: Rows, prompts: str, level: float, sign: float = 1.0) -> Estimate:
+    """The Estimate of ``sign`` × ``lin`` (the SE does not depend on the sign)."""
     se = standard_error(lin, rows.groups, prompts)
-    return Estimate.normal(lin.value, se, level, z_value(level))
+    return Estimate.normal(sign * lin.value, se, level, z_value(level))
 
 
-def _estimates(rows: Rows, wts: Weights, u: np.ndarray, prompts: str, level: float) -> dict:
-    """h0 … delta_tok and, with entropy sums, their ``_rb`` versions; ``u`` the H0 weights.
-
-    Without q, u = 1/G_p, the same float as w̄ when all ratios of a prompt are equal
-    (weights._normalized), so that p1 = p0 gives H1 == H0 bit for bit.
-    """
-    g = rows.groups
-    pairs = {"": (-rows.s0, -rows.s1)}
-    if rows.ent0 is not None:
-        pairs["_rb"] = (rows.ent0, rows.ent1)
-    out: dict = {f"{n}_rb": None for n in ("h0", "h1", "delta", "h0_tok", "h1_tok", "delta_tok")}
-    for suffix, (f0, f1) in pairs.items():
-        for tok, denom in (("", None), ("_tok", rows.length)):
-            with np.errstate(divide="ignore", invalid="ignore"):  # all rows L = 0: nan rate
-                h0 = weighted_ratio(u, f0, denom, g)
-                h1 = weighted_ratio(wts.w, f1, denom, g)
-            for name, lin in (("h0", h0), ("h1", h1), ("delta", h1 - h0)):
-                out[f"{name}{tok}{suffix}"] = _to_estimate(lin, rows, prompts, level)
-    return out
-
-
-def _first_order(rows: Rows, wts: Weights, u: np.ndarray, prompts: str, level: float) -> dict:
-    """ΔH₁ (function space) and the exact decomposition ΔĤ = cov_term + kl_term.
+def _first_order(
+    rows: Rows, wts: Weights, u: np.ndarray | None, prompts: str, level: float, sums: dict
+) -> tuple[dict, np.ndarray]:
+    """ΔH₁ (function space), the exact decomposition ΔĤ = cov_term + kl_term, and KL_p = Σ_{i∈p} w̄_i ℓ_i.
 
     δ' = S1' − S0' uses the counted log-probs; ℓ the full-sequence ratio. With
     include="all" they coincide and ΔH₁ = −Cov_p0(S0, δ) (DESIGN §6). With "no_eos" the
     functional E_p[−S'] also changes through the stop token's own log-prob, whose first-order
     change is E_p0[ℓ − δ']: ΔH₁ = −Cov_p0(S0', ℓ) − E_p0[δ' − ℓ]. With a proposal q, ``u`` = v̄
     (p0/q) weighs every expectation under p0, and ΔĤ = −Σ(w̄ − v̄)(S0 − S̄0) − Σ w̄ δ still
-    holds exactly (Σ_{i∈p}(w̄_i − v̄_i) = 0, so any centring S̄0 does).
+    holds exactly (Σ_{i∈p}(w̄_i − v̄_i) = 0, so any centring S̄0 does). ``sums``: ``row_sums``'s,
+    with the covariance's when the rows come from p0 and δ' = ℓ (the usual case).
     """
     g = rows.groups
-    delta = rows.s1 - rows.s0  # δ' [N]
-    s0_centred = rows.s0 - g.expand(g.mean(rows.s0) if rows.log_r0q is None else g.sum(u * rows.s0))
+    if "cov" in sums:  # the usual case: every term from the one pass over the rows
+        return first_order(sums, g, prompts, level, z_value(level)), sums["kl"]
+    u = g.uniform if u is None else u
+    kl = g.sum(wts.w * rows.log_r)
+    s0_bar = g.mean(rows.s0) if rows.log_r0q is None else g.sum(u * rows.s0)
+    s0_centred = g.shaped(rows.s0) - g.per_row(s0_bar)
     # −mean_p((r̃ − 1)(S0 − S̄0)) = −Σ_{i∈p} (w̄_i − 1/G_p)(S0_i − S̄0_p)
-    cov_term = -g.sum((wts.w - u) * s0_centred).mean()
-    kl_term = -g.sum(wts.w * delta).mean()
+    dw = g.shaped(wts.w - u)
+    dw *= s0_centred
+    cov_term = -g.sum(dw.reshape(-1)).mean()
+    kl_term = -kl.mean() if rows.delta is None else -g.sum(wts.w * rows.delta).mean()  # δ' = ℓ, or not
     if rows.log_r0q is None:
-        lin = covariance(rows.s0, rows.log_r, g, x_centred=s0_centred)
+        lin = covariance(rows.s0, rows.log_r, g, x_centred=s0_centred.reshape(-1))
     else:
         lin = weighted_covariance(rows.s0, rows.log_r, u, g)
-    lin = Linear(-lin.value, -lin.psi, -lin.z)
-    extra = delta - rows.log_r  # 0 exactly with include="all"
-    if np.any(extra != 0):
-        lin = lin - weighted_ratio(u, extra, None, g)
-    return {"delta1": _to_estimate(lin, rows, prompts, level), "cov_term": float(cov_term), "kl_term": float(kl_term)}
+    sign = -1.0  # ΔH₁ = −Cov
+    if rows.delta is not None:  # δ' ≠ ℓ: −Cov − E_p0[δ' − ℓ]
+        lin = Linear(-lin.value, -lin.psi, -lin.z) - weighted_ratio(u, rows.delta - rows.log_r, None, g)
+        sign = 1.0
+    fields = {"delta1": _to_estimate(lin, rows, prompts, level, sign), "cov_term": float(cov_term),
+              "kl_term": float(kl_term)}  # fmt: skip
+    return fields, kl
 
 
 _ROW_OPTIONS = (

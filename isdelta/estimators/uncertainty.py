@@ -39,7 +39,15 @@ import numpy as np
 
 from isdelta.estimators.groups import Groups
 
-__all__ = ["Linear", "covariance", "standard_error", "weighted_covariance", "weighted_ratio", "z_value"]
+__all__ = [
+    "Linear",
+    "covariance",
+    "fixed_standard_error",
+    "standard_error",
+    "weighted_covariance",
+    "weighted_ratio",
+    "z_value",
+]
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,15 @@ def covariance(x: np.ndarray, y: np.ndarray, groups: Groups, *, x_centred: np.nd
     covariance (its O(1/G) correction is ignored in the SE). ``x_centred``: x − x̄_p when the
     caller has it already.
     """
-    xc = x - groups.expand(groups.mean(x)) if x_centred is None else x_centred
-    yc = y - groups.expand(groups.mean(y))
+    shaped, per_row = groups.shaped, groups.per_row  # [P, G] views and [P, 1] when G is equal
+    xc = shaped(x) - per_row(groups.mean(x)) if x_centred is None else shaped(x_centred)
+    yc = shaped(y) - per_row(groups.mean(y))
     with np.errstate(over="ignore", invalid="ignore"):  # deviations past 1e154: ±inf / nan, as it is
-        u = xc * yc  # [N]
+        u = (xc * yc).reshape(-1)  # [N]
         cov_p = groups.sum(u) / (groups.sizes - 1)  # [P]
         value = float(cov_p.mean())
-        psi = u - groups.expand(groups.mean(u))
-        return Linear(value, psi, cov_p - value)
+        psi = shaped(u) - per_row(groups.mean(u))
+        return Linear(value, psi.reshape(-1), cov_p - value)
 
 
 def weighted_covariance(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: Groups) -> Linear:
@@ -120,11 +129,17 @@ def standard_error(lin: Linear, groups: Groups, prompts: str) -> float:
     with np.errstate(over="ignore", invalid="ignore"):
         if prompts == "sampled":
             return float(np.std(lin.z, ddof=1) / np.sqrt(n_prompts))
-        # ψ sums to 0 within each prompt (centred by construction: Σ_{i∈p} w_i (e_i − ē_p) = 0),
-        # so the one-pass form Σψ² − (Σψ)²/G loses no digits here and saves [N] temporaries
-        psi, g = lin.psi, groups.sizes
-        var_p = (groups.sum(psi * psi) - groups.sum(psi) ** 2 / g) / (g - 1)  # [P]
-        return float(np.sqrt(np.sum(np.maximum(var_p, 0.0) / g)) / n_prompts)
+        psi = lin.psi
+        return fixed_standard_error(groups.sum(psi * psi), groups.sum(psi), groups.sizes)
+
+
+def fixed_standard_error(sum_sq: np.ndarray, sum_: np.ndarray, sizes: np.ndarray) -> float:
+    """SE = √(Σ_p var_p(ψ)/G_p)/P (``prompts="fixed"``) from Σ_{i∈p} ψ_i² and Σ_{i∈p} ψ_i, [P] each."""
+    # ψ sums to 0 within each prompt (centred by construction: Σ_{i∈p} w_i (e_i − ē_p) = 0),
+    # so the one-pass form Σψ² − (Σψ)²/G loses no digits here and saves [N] temporaries
+    with np.errstate(over="ignore", invalid="ignore"):  # see standard_error
+        var_p = (sum_sq - sum_**2 / sizes) / (sizes - 1)  # [P]
+        return float(np.sqrt(np.sum(np.maximum(var_p, 0.0) / sizes)) / sizes.shape[0])
 
 
 def z_value(level: float) -> float:

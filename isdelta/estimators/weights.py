@@ -90,6 +90,9 @@ class Weights:
     description : str
         One line for reports, e.g.
         ``"psis, tail fit per prompt (100 prompts, G=25..40), then normalised per prompt"``.
+    mean_ratio : ndarray, float64, shape [P], or None
+        mean_{i∈p} r_i of the raw ratios (log-space mean, then exp: +inf past float64), a
+        by-product of normalising them; None in a Weights built by hand.
     """
 
     w: np.ndarray
@@ -102,6 +105,7 @@ class Weights:
     per_prompt: bool
     scheme: str
     description: str
+    mean_ratio: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def in_caller_order(self, groups: Groups, shape: tuple[int, ...]) -> Weights:
         """The row arrays unsorted to the caller's row order and reshaped to ``shape``."""
@@ -140,10 +144,40 @@ def _normalized(log_r: np.ndarray, groups: Groups) -> tuple[np.ndarray, np.ndarr
     are equal, so p1 = p0 yields ΔH = 0 exactly rather than a rounding residue. A weight that
     underflows here is below 1e-308 of the prompt's largest, i.e. zero in any representation.
     """
-    r = np.exp(log_r - groups.expand(groups.max(log_r)))
-    w = r / groups.expand(groups.sum(r))
-    with np.errstate(divide="ignore"):
-        return w, np.log(w)
+    norm = _Normalized.of(log_r, groups, with_log=True)
+    return norm.w, norm.log_w
+
+
+@dataclass(frozen=True)
+class _Normalized:
+    """w̄ of :func:`_normalized` with, from the same pass, log w̄, Σ_{i∈p} w̄_i² (both where asked
+    for) and log mean_{i∈p} r_i, [P]."""
+
+    w: np.ndarray
+    log_w: np.ndarray | None
+    sum_sq: np.ndarray | None
+    log_mean: np.ndarray
+
+    @classmethod
+    def of(cls, log_r: np.ndarray, groups: Groups, with_log: bool) -> _Normalized:
+        """Block by block (``Groups.blocks``: each block's temporaries stay in the CPU cache)."""
+        w = np.empty_like(log_r)
+        log_w = np.empty_like(log_r) if with_log else None
+        sum_sq = np.empty(groups.n_prompts) if with_log else None
+        log_sum, buf = np.empty(groups.n_prompts), groups.scratch(1)[0]
+        with np.errstate(divide="ignore"):
+            for ps, rs, bg in groups.blocks:
+                top = bg.max(log_r[rs])  # [p]
+                r = bg.shaped(w[rs])  # r, then w̄, written in place into w
+                np.subtract(bg.shaped(log_r[rs]), bg.per_row(top), out=r)
+                np.exp(r, out=r)
+                total = bg.sum(w[rs])
+                r /= bg.per_row(total)
+                log_sum[ps] = top + np.log(total)  # Groups.logsumexp (for finite ratios)
+                if with_log:
+                    sum_sq[ps] = bg.sum(np.multiply(w[rs], w[rs], out=buf[: rs.stop - rs.start]))
+                    np.log(w[rs], out=log_w[rs])
+        return cls(w, log_w, sum_sq, log_sum - np.log(groups.sizes))
 
 
 def ess_per_prompt(w: np.ndarray, groups: Groups) -> np.ndarray:
@@ -232,12 +266,16 @@ def weigh(log_r: np.ndarray, groups: Groups, scheme: str, clip_at: float | None)
         used = clip(log_r, clip_at)
     else:
         used = log_r
-    w, log_w = _normalized(used, groups)
+    norm = _Normalized.of(used, groups, with_log=True)
+    raw = norm if scheme == "none" else _Normalized.of(log_r, groups, with_log=False)
+    with np.errstate(over="ignore"):
+        mean_ratio = np.exp(raw.log_mean)
     return Weights(
-        w=w,
-        log_w=log_w,
-        w_raw=w if scheme == "none" else _normalized(log_r, groups)[0],
-        ess=ess_per_prompt(w, groups),
+        w=norm.w,
+        log_w=norm.log_w,
+        w_raw=raw.w,
+        ess=1.0 / norm.sum_sq,  # ess_per_prompt
+        mean_ratio=mean_ratio,
         khat=khat,
         fit_sizes=fit_sizes,
         constant=constant,

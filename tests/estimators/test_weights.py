@@ -250,3 +250,26 @@ def test_pooled_khat_fits_ratios_relative_to_their_prompt(rng):
     assert psis.pooled_khat(heavy, groups)[0] > k_light + 0.2
     small = make_groups(np.repeat([0, 1], 10), np.arange(2))
     assert math.isnan(psis.pooled_khat(rng.normal(size=20), small)[0])
+
+
+def test_pareto_smooth_in_blocks_equals_one_batch(rng, monkeypatch):
+    """Prompts go to psis in blocks of ~BLOCK_ROWS rows (gathered where they are not consecutive
+    rows of one size): any block size gives the same floats, constant prompts kept as they are."""
+    sizes = [30, 30, 45, 30, 45, 30]
+    codes = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))  # interleaved rows, sorted below
+    groups = make_groups(codes, np.arange(len(sizes)))
+    log_r = groups.sort(rng.normal(0.0, 0.7, codes.size))
+    log_r[groups.starts[3] : groups.starts[3] + 30] = -0.5  # a constant prompt: no tail fit
+    one = psis.pareto_smooth(log_r, groups, per_prompt=True)
+    monkeypatch.setattr(psis, "BLOCK_ROWS", 40)
+    blocks = psis.pareto_smooth(log_r, groups, per_prompt=True)
+    for a, b in zip(one, blocks):
+        np.testing.assert_array_equal(a, b)
+    assert np.isnan(one[1][3]) and one[3][3]
+
+
+def test_mean_ratio_is_the_log_space_mean_of_the_raw_ratios(rng):
+    groups = make_groups(np.repeat(np.arange(4), 30), np.arange(4))
+    log_r = rng.normal(0.0, 2.0, 120)
+    for scheme in ("none", "psis", "truncate"):
+        np.testing.assert_array_equal(weights.weigh(log_r, groups, scheme, None).mean_ratio, groups.mean_exp(log_r))
