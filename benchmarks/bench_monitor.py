@@ -25,6 +25,18 @@ p1 = p0 plus seeded noise (1e-4 × N(0, 1) per parameter), restored before every
     python benchmarks/bench_monitor.py --device cuda                 # on a GPU
     python benchmarks/bench_monitor.py --table benchmarks/results/monitor_cpu.jsonl   # a run's table again
 
+``--fused-steps K`` measures something else: what a step costs with the monitor's fused-or-eager
+decision (``isdelta/training/pinned.py``) against the one it had before, K steps of each,
+interleaved (before-monitor step, pinned-monitor step, …), p0 restored before every step:
+
+  per call   ``fused="auto"`` decided by each score call's own size (the monitor before the pin):
+             eager whenever one call stays below ``FUSE_MIN_LOGITS`` (2**30 logits on CPU).
+  pinned     decided once, at the first step, for ``MONITOR_STEPS`` steps of that size (p0 + p1),
+             and kept: its step 0 includes the compile (``--inductor-cache cold``: an empty
+             inductor cache, as on a new machine; ``warm``: whatever cache the machine has).
+
+    python benchmarks/bench_monitor.py --model smollm2-135m-instruct --fused-steps 4 --prompts 8 --samples 4 --completion 192
+
 One JSON line per measurement (device, dtype, threads, shapes, commit, every repeat's seconds and
 the median) appended to ``benchmarks/results/monitor_<device>.jsonl``; a markdown table of medians
 and ratios to ``after()`` is printed at the end.
@@ -195,6 +207,99 @@ def run_model(name: str, args, meta: dict, out) -> list[dict]:
     return records
 
 
+class PerCall:
+    """The monitor's engine before the pin (``training/pinned.py``): "auto" decided per call."""
+
+    fused = None
+
+    def __init__(self, config) -> None:
+        from isdelta.engine import LogProbEngine
+
+        self.engine = LogProbEngine(config)
+
+    def score(self, model, rollouts, passes: int):
+        return self.engine.score(model, rollouts)
+
+
+def run_fused(name: str, args, meta: dict, out) -> list[dict]:
+    """``--fused-steps``: seconds of before() + after() per step, per-call decision vs pinned."""
+    import torch
+
+    from isdelta.engine import EngineConfig, LogProbEngine, Rollouts
+    from isdelta.engine.split import SplitLM
+    from isdelta.training import EntropyMonitor
+
+    cuda = args.device.startswith("cuda")
+    model, eos, pad = load(name, args.device, args.dtype)
+    lm = SplitLM.of(model)
+    good, _ = make_batch(
+        lm.vocab_size, eos, pad, args.prompts, args.samples, args.prompt_len, args.completion, 0, args.device
+    )
+    p0 = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    noise = {k: 1e-4 * torch.randn(v.shape, generator=gen).to(v) for k, v in p0.items() if v.is_floating_point()}
+    cfg = EngineConfig(progress=False, token_budget=args.token_budget)
+    monitors = {
+        "per call": EntropyMonitor(model, engine_config=cfg),
+        "pinned": EntropyMonitor(model, engine_config=cfg),
+    }
+    monitors["per call"]._engine = PerCall(cfg)
+    rows = Rollouts.from_tensors(**{k: v[:2] for k, v in good.items()}, eos_token_ids=eos)
+    LogProbEngine(cfg, fused="off").score(model, rows)  # untimed: the head check (once per model)
+    times: dict[str, list[float]] = {k: [] for k in monitors}
+    snaps, loads = [], []
+    for _ in range(args.fused_steps):
+        for k, mon in monitors.items():
+            model.load_state_dict(p0)
+            t_before = timed(lambda mon=mon: snaps.append(mon.before(good)), cuda)
+            with torch.no_grad():
+                for key, v in model.state_dict().items():
+                    if key in noise:
+                        v.add_(noise[key])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a random batch: the policy may call the step unreadable
+                t_after = timed(lambda mon=mon: mon.after(snaps.pop()), cuda)
+            times[k].append(t_before + t_after)
+            loads.append(os.getloadavg()[0])
+        print(f"[bench_monitor] step {len(times['pinned']) - 1}: {times}", file=sys.stderr, flush=True)
+    model.load_state_dict(p0)
+    n_logits = int(good["completion_mask"].sum()) * lm.vocab_size
+    paths = {"per call": LogProbEngine(cfg).fuses(n_logits, lm.device), "pinned": monitors["pinned"].fused}
+    shape = {"model": name, "vocab": lm.vocab_size, "rows": args.prompts * args.samples, "completion": args.completion}
+    shape.update(tokens=int(good["completion_mask"].sum()), logits_per_call=n_logits, cache=args.inductor_cache)
+    shape.update(load=[min(loads), max(loads)])
+    records = []
+    for k, ts in times.items():
+        rec = {**meta, **shape, "measure": f"fused:{k}", "fused": bool(paths[k]), "seconds": ts}
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+        records.append(rec)
+    return records
+
+
+def fused_table(records: list[dict]) -> str:
+    """Per-step seconds of the two monitors: step 0, later steps, and the pinned one's ratio
+    (median over the later steps of pinned ÷ per call within the step, the two ran back to back)."""
+    rows = [
+        "| model (V) | counted tokens (× 2 calls a step) | logits a call | monitor | path | step 0 s "
+        "| later steps s (median) | later ÷ per call (median, range) | all steps s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in dict.fromkeys(r["model"] for r in records):
+        rs = {r["measure"].split(":")[1]: r for r in records if r["model"] == model}
+        base = rs["per call"]["seconds"][1:]
+        for k, r in rs.items():
+            later = r["seconds"][1:] or r["seconds"]
+            paired = [a / b for a, b in zip(later, base)] or [1.0]
+            rows.append(
+                f"| {model} ({r['vocab']}) | {r['tokens']} | {r['logits_per_call']:.2e} | {k} "
+                f"| {'fused' if r['fused'] else 'eager'} | {r['seconds'][0]:.2f} | {statistics.median(later):.2f} "
+                f"| {statistics.median(paired):.3f} ({min(paired):.2f}–{max(paired):.2f}) | {sum(r['seconds']):.1f} "
+                f"| {r['load'][0]:.1f}–{r['load'][1]:.1f} |"
+            )
+    return "\n".join(rows)
+
+
 def table(records: list[dict]) -> str:
     """Medians and ratios to after(), per model."""
     rows = ["| model | batch (P × G × C) | measure | median s | ÷ after() | target |", "|---|---|---|---|---|---|"]
@@ -253,6 +358,8 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=16384, help="EngineConfig.token_budget")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--fused-steps", type=int, help="measure K steps of the fused decision instead (see above)")
+    ap.add_argument("--inductor-cache", default="warm", choices=["warm", "cold"], help="with --fused-steps")
     ap.add_argument("--out", help="JSON-lines file (default results/monitor_<device>.jsonl)")
     ap.add_argument("--table", type=Path, help="print the table of this JSON-lines file's run and exit")
     ap.add_argument("--run", help="with --table: a run_id (default: the file's latest)")
@@ -262,9 +369,15 @@ def main() -> None:
         run = args.run or recs[-1]["run_id"]
         recs = [r for r in recs if r["run_id"] == run]
         head = f"{recs[0]['cpu']}, {recs[0]['dtype']}, {recs[0]['threads']} threads, commit {recs[0]['commit']}"
-        print(f"{head}{' (dirty)' * recs[0]['dirty']}, run {run} (medians of {recs[0]['repeats']})\n")
-        print(table(recs))
+        fused = [r for r in recs if r["measure"].startswith("fused:")]
+        how = f"{len(fused[0]['seconds'])} steps" if fused else f"medians of {recs[0]['repeats']}"
+        print(f"{head}{' (dirty)' * recs[0]['dirty']}, run {run} ({how})\n")
+        print(fused_table(fused) if fused else table(recs))
         return
+    if args.fused_steps and args.inductor_cache == "cold":  # before torch loads inductor
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -277,9 +390,17 @@ def main() -> None:
     with open(path, "a") as out:
         for name in args.model.split(","):
             print(f"[bench_monitor] {name} on {args.device} ({meta['threads']} threads) …", file=sys.stderr, flush=True)
-            records += run_model(name, args, meta, out)
-    print(f"{meta['cpu']}, {args.dtype}, {meta['threads']} threads, run {meta['run_id']} (medians of {args.repeats})\n")
-    print(table(records))
+            records += run_fused(name, args, meta, out) if args.fused_steps else run_model(name, args, meta, out)
+    if args.fused_steps:
+        print(
+            f"{meta['cpu']}, {args.dtype}, {meta['threads']} threads, run {meta['run_id']}, {args.fused_steps} steps\n"
+        )
+        print(fused_table(records))
+    else:
+        print(
+            f"{meta['cpu']}, {args.dtype}, {meta['threads']} threads, run {meta['run_id']} (medians of {args.repeats})\n"
+        )
+        print(table(records))
     print(f"\nwritten to {path}")
 
 

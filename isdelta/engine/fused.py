@@ -21,6 +21,23 @@ products e^d·d and e^d·d² of the fp32 values are exact in float64, so the onl
 are those of d and e^d themselves, on which H and Var depend smoothly, as in the eager path's
 centred sum. It cost 1.1 ms of 4.7 in an earlier measurement (fp32 accumulators: 3.6 ms).
 
+When it runs (``EngineConfig.fused``): "on" always, "off" never, "auto" when the compile pays.
+The engine resolves "auto" once per score call from the call's size alone (counted tokens × V,
+:func:`worth_fusing`), never from whether a kernel happens to be compiled already: p0 and p1 of
+one batch are one size (the same rows, one vocabulary), so they take one path, in one process or
+in two (a resumed run), and scoring one model twice stays bit-identical (ΔH = 0 exactly; the two
+paths agree to ~1e-5 relative, not bit for bit). "The kernel is compiled, so it is free now" would flip
+p1 onto the other path whenever anything compiled between the two calls, or when only p1's
+process had compiled. A caller that scores many batches of one kind decides once for all of
+them and pins the answer:
+
+- ``EntropyMonitor`` (``training/pinned.py``) decides at its first scored batch, as if the run
+  measured ``MONITOR_STEPS`` steps like it (p0 + p1: two score calls a step), then scores every
+  step with fused="on" or "off": p0 and p1 of one step, and of every later step, on one path.
+- The run (``run/scoring.py``) keeps the per-call rule and records the path each score file took
+  (a per-row ``fused`` array in the npz); p1, and the probe's sweep, take the path p0's file
+  records, also when p0 was scored by an earlier process.
+
 Sizes are symbolic (``dynamic=True``): one compiled kernel serves every chunk height and
 vocabulary size, so nothing recompiles per micro-batch, per last chunk or per model. Dynamo
 specialises a size of 1, so a one-row chunk is padded to two; one stop id and several are two
@@ -36,7 +53,7 @@ import warnings
 
 import torch
 
-__all__ = ["FUSE_MIN_LOGITS", "chunk_stats", "worth_fusing"]
+__all__ = ["FUSE_MIN_LOGITS", "MONITOR_STEPS", "available", "chunk_stats", "worth_fusing"]
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +68,34 @@ log = logging.getLogger(__name__)
 # GPU against tens of seconds of Triton compile, hence 2**40. Other devices: only with fused="on".
 FUSE_MIN_LOGITS = {"cpu": 2**30, "cuda": 2**40}
 
+# EntropyMonitor, fused="auto": the measured steps its first scored batch is taken to stand for.
+# It fuses when MONITOR_STEPS steps like it (two score calls a step, p0 and p1; one where the
+# trainer's old_logp stands in for p0) reach FUSE_MIN_LOGITS: ten steps must repay the compile by
+# the margin one call must show alone. The issue's case, a 16k-token step of SmolLM2 (V = 49152),
+# is 2 × 8.1e8 = 1.6e9 logits ≥ 2**30 in one step: at 5.4–6.3 ns a logit that step alone saves
+# 8.7–10 s (one thread) against the 3.1–10.8 s compile, and every later step as much again. The
+# bar, 2**30 / 10 = 1.1e8 logits a step (~1100 tokens a call at V = 49152, ~200 at 262144), is where
+# ten steps save 6–7 s, twice a warm compile; a run that stops sooner loses one compile at most.
+# Runs measure hundreds of steps: ten is a floor, not an estimate of their length.
+MONITOR_STEPS = 10
+
 _kernel = None  # the compiled _stats, built on first use
 _failed: set[str] = set()  # device types where torch.compile failed: eager from then on
 
 
-def worth_fusing(n_logits: int, device: torch.device) -> bool:
-    """Whether ``fused="auto"`` compiles for a score call of ``n_logits`` logits on ``device``."""
-    if device.type in _failed:
+def worth_fusing(n_logits: int, device: torch.device, calls: int = 1) -> bool:
+    """Whether compiling pays for ``calls`` score calls of ``n_logits`` logits each on ``device``:
+    ``n_logits · calls ≥ FUSE_MIN_LOGITS``. A function of the sizes and the device type only,
+    never of whether a kernel is compiled (the module docstring says why); False where
+    ``torch.compile`` failed, whose calls run eagerly anyway."""
+    if not available(device):
         return False
-    return n_logits >= FUSE_MIN_LOGITS.get(device.type, float("inf"))
+    return n_logits * calls >= FUSE_MIN_LOGITS.get(device.type, float("inf"))
+
+
+def available(device: torch.device) -> bool:
+    """False once ``torch.compile`` failed on this device type in this process: eager from then on."""
+    return device.type not in _failed
 
 
 def _stats(logits: torch.Tensor, targets: torch.Tensor, eos: torch.Tensor, temperature: torch.Tensor):
@@ -94,7 +130,8 @@ def chunk_stats(
     Naive equivalent: ``logp = log_softmax(logits.float() / T, -1)``; ``token_logp =
     logp.gather(-1, targets)``; ``H = −(p·logp).sum(-1)``; ``Var = (p·(logp + H)²).sum(-1)``;
     ``stop = −(p[:, eos]·logp[:, eos]).sum(-1)`` (``chunks.token_stats``; the tests
-    compare both with float64 logits at V = 49152, 50257, 128257 and 151936).
+    compare both with float64 logits at V = 3, 1021, 49152, 50257, 128257, 151936, 262144 and
+    262147, and a row of equal logits with log V).
 
     Parameters
     ----------

@@ -216,7 +216,7 @@ def _p1_stages(cfg, folder, model0, tok, rollouts, texts, records, transform, sa
     p1_id = stamp_of([samples_id, folder.digest("update.json"), models])
     with stage("score p1", timings):
         try:
-            s1 = score_stage(cfg, model1, rollouts, transform, folder, "scores1.npz", p1_id)
+            s1 = score_stage(cfg, model1, rollouts, transform, folder, "scores1.npz", p1_id, like=s0)
         except FloatingPointError as e:
             raise _non_finite(cfg, "p1", e) from None
     tokens = folder.load("tokens.json", p1_id, _read_json) if cfg.tokens is not None else None

@@ -261,8 +261,9 @@ class _Models:
         return self.held[ck.k]
 
 
-def _score(cfg, models, ck: Checkpoint, timings, rollouts, transform, folder, name: str, samples_id: str):
-    """``ck``'s scores on one sample set, saved as ``name`` (loads ``ck`` only when not saved)."""
+def _score(cfg, models, ck: Checkpoint, timings, rollouts, transform, folder, name: str, samples_id: str, like=None):
+    """``ck``'s scores on one sample set, saved as ``name`` (loads ``ck`` only when not saved);
+    ``like``: the source's scores of the same samples, whose path (fused or eager) these take."""
     inputs = stamp_of([samples_id, ck.identity()])
     folder.subfolder(str(Path(name).parent))
     saved = score_stage(cfg, None, rollouts, transform, folder, name, inputs)
@@ -270,7 +271,7 @@ def _score(cfg, models, ck: Checkpoint, timings, rollouts, transform, folder, na
         return saved
     try:
         with stage(f"score {ck.key} ({ck.name})", timings):
-            return score_stage(cfg, models.get(ck, timings), rollouts, transform, folder, name, inputs)
+            return score_stage(cfg, models.get(ck, timings), rollouts, transform, folder, name, inputs, like)
     except FloatingPointError as e:
         first = str(e).split(":")[0]
         raise RunError(
@@ -335,7 +336,7 @@ def run_trajectory(cfg: RunConfig, folder, records: list[dict]) -> dict:
     s0 = _score(cfg, models, cks[0], timings, rollouts, transform, folder, "scores0.npz", base_id)
     direct = []
     for ck in cks[1:]:
-        s1 = _score(cfg, models, ck, timings, rollouts, transform, folder, f"{ck.subdir}/direct.npz", base_id)
+        s1 = _score(cfg, models, ck, timings, rollouts, transform, folder, f"{ck.subdir}/direct.npz", base_id, s0)
         direct.append(_segment(cfg, cks[0], ck, s0, s1, stopped, support))
         if not direct[-1].decision.valid:
             break
@@ -347,7 +348,7 @@ def run_trajectory(cfg: RunConfig, folder, records: list[dict]) -> dict:
             continue
         ro, stp, tf, sid = _own_samples(cfg, models, cks[j], tok, records, folder, timings)
         sa = _score(cfg, models, cks[j], timings, ro, tf, folder, f"{cks[j].subdir}/self.npz", sid)
-        sb = _score(cfg, models, cks[j + 1], timings, ro, tf, folder, f"{cks[j].subdir}/next.npz", sid)
+        sb = _score(cfg, models, cks[j + 1], timings, ro, tf, folder, f"{cks[j].subdir}/next.npz", sid, sa)
         steps.append(_segment(cfg, cks[j], cks[j + 1], sa, sb, stp, support))
     points = chain(direct, steps, cfg.estimator.level, math.log(support))
     from isdelta.run.trajectory_report import write_trajectory

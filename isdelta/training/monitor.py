@@ -68,13 +68,14 @@ from typing import Any
 
 import torch
 
-from isdelta.engine.logprob import EngineConfig, LogProbEngine, check_fp32_weights
+from isdelta.engine.logprob import EngineConfig, check_fp32_weights
 from isdelta.engine.rollouts import Rollouts
 from isdelta.estimators import headline
 from isdelta.training.distributed import all_gather, world_size
 from isdelta.training.inputs import BATCH_KEYS, OLD_LOGP_GAP_WARN, InputChecks, snapshot_list
 from isdelta.training.model_state import free_memory, preserved
 from isdelta.training.options import MonitorConfig
+from isdelta.training.pinned import PinnedEngine
 from isdelta.training.rows import Snapshot, merge, row_sums, rows_of
 from isdelta.training.verdict import (
     MonitorError,
@@ -136,7 +137,8 @@ class EntropyMonitor:
     engine_config : EngineConfig, optional
         ``MonitorConfig.engine``: how rows are scored (the sampler's transform). With
         ``fp32=True`` (mixed-precision training with fp32 weights, small steps) a model whose
-        weights are not float32 is refused here, with a ValueError.
+        weights are not float32 is refused here, with a ValueError. ``fused="auto"`` is decided
+        once, at the first scored batch, for every step (:attr:`fused`).
     **options
         Any other field of :class:`MonitorConfig` (``weights``, ``clip``, ``level``, ``prompts``,
         ``every``, ``strict``, ``rao_blackwell``, ``group_by``, ``distributed``, ``per_decision``,
@@ -166,7 +168,7 @@ class EntropyMonitor:
         self._warned: set[str] = set()
         self._inputs = InputChecks(model, self.config, self._warn_once)  # stop ids outside the vocabulary raise
         self.eos_token_ids, self.pad_token_id = self._inputs.eos_token_ids, self._inputs.pad_token_id
-        self._engine = LogProbEngine(self.config.engine)
+        self._engine = PinnedEngine(self.config.engine)  # p0 and p1 of every step on one path
         self._n_steps = 0
         self._token = uuid.uuid4().hex  # marks this monitor's snapshots
 
@@ -174,6 +176,12 @@ class EntropyMonitor:
     def n_steps(self) -> int:
         """Steps completed (``after`` and ``skip`` calls)."""
         return self._n_steps
+
+    @property
+    def fused(self) -> bool | None:
+        """Whether every step is scored with the compiled chunk statistics (``training/pinned.py``):
+        decided at the first scored batch; None before it."""
+        return self._engine.fused
 
     def due(self) -> bool:
         """Whether the current step will be measured (``every``)."""
@@ -237,7 +245,7 @@ class EntropyMonitor:
         if old is not None and mode != "always":
             return {"log_p0": row_sums(old), "reused_old_logp": True}
         with preserved(self.model):
-            scores = self._engine.score(self.model, rollouts)
+            scores = self._engine.score(self.model, rollouts, passes=2)
         gap = None
         if old is not None:
             mask = scores.mask.to(old.device)
@@ -365,7 +373,7 @@ class EntropyMonitor:
         try:
             with preserved(self.model):
                 for s in snaps:
-                    sc = self._engine.score(self.model, s.rollouts)
+                    sc = self._engine.score(self.model, s.rollouts, passes=1)  # 2 if p0 was scored: pinned then
                     parts.append(rows_of(s, sc))
         except Exception as exc:
             free_memory(exc)
