@@ -28,8 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from isdelta.engine.chunks import token_stats
-from isdelta.engine.fused import chunk_stats, worth_fusing
+from isdelta.engine.fused import available, chunk_stats, worth_fusing
 from isdelta.engine.masking import position_ids as _position_ids
+from isdelta.engine.recompute import checkpointed_layers, head_stats
 from isdelta.engine.rollouts import Rollouts, _rows
 from isdelta.engine.scores import SequenceScores
 from isdelta.engine.split import SplitLM
@@ -51,7 +52,12 @@ class EngineConfig:
         longest first so an out-of-memory error happens on the first micro-batch.
     chunk_elems : most logits elements per LM-head chunk (2**23 fp32 = 32 MiB; 170 tokens at
         V = 49152).
-    requires_grad : keep the autograd graph (the gradient probe); off: ``torch.no_grad``.
+    requires_grad : keep the autograd graph (the update's loss, the gradient probe); off:
+        ``torch.no_grad``.
+    recompute : with ``requires_grad``, keep only each decoder layer's input and each LM-head
+        chunk's hidden states for the backward, which recomputes the rest one layer or one chunk
+        at a time (``recompute.py``): memory bounded by ``chunk_elems`` and one layer, never by
+        counted tokens × V, for one more forward in the backward. Off: keep everything.
     check_head : once per model, compare body + head against ``model(...).logits`` on one row, so
         an architecture that transforms logits in a way the engine does not know fails loudly.
     progress : show a progress bar over rows (auto-hidden when not on a terminal).
@@ -65,8 +71,12 @@ class EngineConfig:
     fused : the chunk statistics in one compiled pass over the vocabulary (``fused.py``).
         "auto": for a score call of at least ``fused.FUSE_MIN_LOGITS`` logits (2**30 on CPU,
         where the 3–11 s compile pays within the call); "on": always; "off": never. Top-k/top-p,
-        ``requires_grad`` and a failed compile stay eager. The paths agree to ~1e-6, not bit for
-        bit; the rule depends only on the call's size, so p0 and p1 of one batch take one path.
+        ``requires_grad`` and a failed compile stay eager. The paths agree to ~1e-5 relative, not
+        bit for bit, so p0 and p1 must take one: "auto" depends only on the call's size (the same
+        for both), never on whether a kernel is compiled yet. Callers that score many batches
+        decide once and pass "on"/"off": ``EntropyMonitor`` at its first scored batch, for all
+        its steps (``fused.MONITOR_STEPS``); the run records each score file's path and scores
+        p1 on p0's, also after a resume.
     """
 
     temperature: float = 1.0
@@ -76,6 +86,7 @@ class EngineConfig:
     token_budget: int = 16384
     chunk_elems: int = 2**23
     requires_grad: bool = False
+    recompute: bool = True
     check_head: bool = True
     progress: bool = True
     fp32: bool = False
@@ -166,6 +177,7 @@ class LogProbEngine:
             with (
                 torch.enable_grad() if cfg.requires_grad else torch.no_grad(),
                 torch.autocast(lm.device.type, enabled=False) if cfg.fp32 else contextlib.nullcontext(),
+                checkpointed_layers(lm.model, cfg.requires_grad and cfg.recompute),
             ):
                 if cfg.check_head:
                     self.check_head(lm, rollouts, mask)
@@ -175,12 +187,15 @@ class LogProbEngine:
             lm.model.train(was_training)
         return self._assemble(chunks, rollouts, mask, lm.device)
 
-    def fuses(self, n_logits: int, device: torch.device) -> bool:
-        """Whether a call of ``n_logits`` logits (counted tokens × V) takes the compiled statistics."""
+    def fuses(self, n_logits: int, device: torch.device, calls: int = 1) -> bool:
+        """Whether a score call of ``n_logits`` logits (counted tokens × V) takes the compiled
+        statistics; ``calls``: decide "auto" as for that many calls of that size (a caller that
+        pins the answer for all of them, ``fused.worth_fusing``). Asked after a call, it names the
+        path that call took (False once ``torch.compile`` failed on the device)."""
         cfg = self.config
-        if cfg.fused == "off" or cfg.requires_grad or cfg.transform.truncates:
+        if cfg.fused == "off" or cfg.requires_grad or cfg.transform.truncates or not available(device):
             return False
-        return cfg.fused == "on" or worth_fusing(n_logits, device)
+        return cfg.fused == "on" or worth_fusing(n_logits, device, calls)
 
     # ------------------------------------------------------------------ batching
     def micro_batches(self, rollouts: Rollouts, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -265,6 +280,9 @@ class LogProbEngine:
         temperature = torch.tensor([self.config.temperature], dtype=torch.float32, device=device)
         # Without a graph the results go into one preallocated buffer: small per-chunk tensors
         # kept alive between large freed ones fragment the CPU heap (RSS grew ~60 MiB a chunk).
+        if self.config.requires_grad and self.config.recompute and not fused:  # one chunk's memory, backward too
+            stats_of = lambda z, *c: token_stats(lm.final(z).float(), *c, self.config.transform)
+            return _Chunk(r_idx, cols, *head_stats(lm.head, h, step, stats_of, targets, r_idx, eos))
         out = None if self.config.requires_grad else torch.empty(4, M, dtype=torch.float32, device=device)
         parts = []
         for s in range(0, M, step):

@@ -2,11 +2,11 @@
 :class:`isdelta.program.OutputFolder`: a saved part is reused only when its checksum and inputs
 match, else it is recomputed).
 
-sample (p0's completions, saved chunk by chunk) → score (one model's arrays, saved) → make p1 (an
-in-process update step, or a second checkpoint) → estimate → probe → tokens. The models are two
-named states: ``model0`` is p0 and ``model1`` is p1 from the moment :func:`make_p1` returns; an
-in-process update is applied to a copy of p0 when a later stage still needs p0, and otherwise
-to p0's own weights (the caller then drops the name ``model0``).
+sample (p0's completions, saved chunk by chunk) → score (one model's arrays, saved:
+``scoring.py``) → make p1 (an in-process update step, or a second checkpoint) → estimate → probe
+→ tokens. The models are two named states: ``model0`` is p0 and ``model1`` is p1 from the moment
+:func:`make_p1` returns; an in-process update is applied to a copy of p0 when a later stage still
+needs p0, and otherwise to p0's own weights (the caller then drops the name ``model0``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from isdelta.outputs import atomic_write
 from isdelta.program import stage, stamp_of
 from isdelta.run.config import RunConfig
 from isdelta.run.data import RunError, sft_rollouts
+from isdelta.run.scoring import fused_path, score_stage
 
 __all__ = [
     "check_tokenizers",
@@ -155,30 +155,6 @@ def _concat_logq(parts, rollouts) -> np.ndarray | None:
     return np.concatenate(rows)
 
 
-def _read_npz(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return dict(z)
-
-
-def score_stage(cfg: RunConfig, model, rollouts, transform, folder, name: str, inputs: str) -> dict | None:
-    """Scores as numpy arrays, saved as ``name`` (npz) and reused on resume when verified;
-    None when no verified copy exists and ``model`` is None (the caller makes p1 first)."""
-    saved = folder.load(name, inputs, _read_npz)
-    if saved is not None or model is None:
-        return saved
-    from isdelta.engine import EngineConfig, LogProbEngine
-
-    # Always score whole sequences: the importance weights need the full ratio (p0 sampled the
-    # stop token too); engine.include_eos=false is applied in the estimator (include="no_eos").
-    ecfg = EngineConfig.from_transform(
-        transform, include_eos=True, token_budget=cfg.engine.token_budget, fused=cfg.engine.fused
-    )
-    arrays = LogProbEngine(ecfg).score(model, rollouts).to_numpy()
-    atomic_write(folder.path / name, lambda f: np.savez(f, **arrays))
-    folder.record(name, inputs=inputs)
-    return arrays
-
-
 def make_p1(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, keep_p0: bool, distributed=False):
     """``(model1, info)``: p1 from a second checkpoint, or p0 after the in-process update step.
 
@@ -226,6 +202,7 @@ def _update(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
             steps=u.steps,
             engine_config=ecfg,
             distributed=distributed,
+            reference=model0 if keep_p0 else None,
         )
     else:
         result = update(
@@ -237,6 +214,7 @@ def _update(cfg: RunConfig, model0, tok, rollouts, texts, records, transform, ke
             steps=u.steps,
             engine_config=EngineConfig(token_budget=cfg.engine.token_budget),
             distributed=distributed,
+            reference=model0 if keep_p0 else None,
         )
     info = {"kind": "update", **result.to_dict()}
     if u.loss == "reinforce":
@@ -338,7 +316,7 @@ def probe_stage(cfg: RunConfig, model0, model1, rollouts, s0: dict, transform, o
         transform,
         include_eos=cfg.engine.include_eos,
         token_budget=cfg.engine.token_budget,
-        fused=cfg.engine.fused,
+        fused=fused_path(s0, cfg.engine.fused),  # the sweep on p0's path: ΔH(α = 0) = 0 exactly
         progress=False,
     )
     try:

@@ -32,6 +32,7 @@ from isdelta.engine.logprob import EngineConfig, LogProbEngine
 from isdelta.engine.rollouts import Rollouts
 from isdelta.engine.transform import is_integer
 from isdelta.training.distributed import all_reduce_sum, reduce_gradients, world_size
+from isdelta.training.params import ZeroUpdateError, change_norm, check_finite, grad_norm, reference_params
 
 __all__ = [
     "LR_MAX",
@@ -56,10 +57,6 @@ LR_MIN = float(torch.finfo(torch.float32).tiny)
 LR_MAX = float(torch.finfo(torch.float32).max)
 # the steps re-use one batch (no resampling): past this p1 is a model fit to that batch, not an update
 MAX_STEPS = 10_000
-
-
-class ZeroUpdateError(RuntimeError):
-    """The update cannot move the model: ΔH would be 0 by construction, not by measurement."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +124,7 @@ def update(
     progress: bool = True,
     distributed: bool = False,
     process_group=None,
+    reference: torch.nn.Module | None = None,
 ) -> UpdateResult:
     """Train ``model`` in place on one batch: p0 → p1.
 
@@ -170,6 +168,10 @@ def update(
         process group it is the one-process update.
     process_group : torch.distributed.ProcessGroup, optional
         Default: the world.
+    reference : torch.nn.Module, optional
+        An untouched copy of ``model`` (p0, which the caller keeps anyway): ‖θ1 − θ0‖ and the
+        no-change check are taken against its parameters instead of a CPU copy made here, which
+        would hold one more copy of the trained weights for the whole call.
 
     Returns
     -------
@@ -214,7 +216,7 @@ def update(
     engine = LogProbEngine(cfg)
     # rows with zero weight add nothing to the gradient; drop them before batching
     batches = engine.micro_batches(rollouts, mask & (weights != 0).to(mask.device)[:, None])
-    theta0 = [p.detach().to("cpu", copy=True) for p in params]  # CPU: do not double device memory
+    theta0 = reference_params(model, params, reference)
     opt = _make_optimizer(optimizer, params, lr)
     was_training = model.training
     losses, grad_norms = [], []
@@ -241,14 +243,14 @@ def update(
             losses.append(total)
             if group is not False:
                 reduce_gradients(params, group)
-            grad_norms.append(_grad_norm(params))
+            grad_norms.append(grad_norm(params))
             opt.step()
     finally:
         model.train(was_training)
         bar.close()
         opt.zero_grad(set_to_none=True)  # free the gradient buffers
-    _check_finite(params, lr, grad_norms[-1])
-    change = float(sum(((p.detach().cpu().double() - p0.double()) ** 2).sum() for p, p0 in zip(params, theta0)) ** 0.5)
+    check_finite(params, lr, grad_norms[-1])
+    change = change_norm(params, theta0)
     if change == 0.0:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
         raise ZeroUpdateError(
@@ -377,38 +379,8 @@ def _accumulate(engine, model, rollouts, weights, batches, n_tokens, bar) -> tup
                 "excluded): its weights are broken or a previous step was too large; lower lr"
             )
             return total, f"non-finite loss on rows {rows[:8].tolist()}: {cause}."
-        if part.requires_grad:  # else no trained parameter reaches the loss: _grad_norm refuses
+        if part.requires_grad:  # else no trained parameter reaches the loss: grad_norm refuses
             part.backward()
         total += float(part.detach())
         bar.update(1)
     return total, None
-
-
-def _check_finite(params, lr: float, grad_norm: float) -> None:
-    """FloatingPointError when the step left a parameter NaN or inf (p1 would score as NaN, and
-    the engine could only guess at the cause)."""
-    bad = sum(1 for p in params if not torch.isfinite(p.detach()).all())
-    if bad:
-        raise FloatingPointError(
-            f"the update made {bad} of {len(params)} trained parameter tensors NaN or inf: lr {lr:g} "
-            f"times a gradient of norm {grad_norm:.3g} overflows the weights. Lower lr."
-        )
-
-
-def _grad_norm(params) -> float:
-    """Global L2 norm of the accumulated gradients; raises ZeroUpdateError when it is 0."""
-    sq = sum(float(p.grad.detach().double().square().sum()) for p in params if p.grad is not None)
-    norm = sq**0.5
-    if not np.isfinite(norm):
-        half = any(p.dtype == torch.float16 for p in params)
-        raise FloatingPointError(
-            f"the gradient norm is {norm}: the loss overflowed. Lower lr"
-            + (", or use float32/bfloat16 weights instead of float16." if half else ".")
-        )
-    if norm == 0.0:
-        raise ZeroUpdateError(
-            "the gradient is exactly zero: no trained parameter influences the counted tokens' "
-            "log-probs (all relevant parameters frozen?), so p1 = p0 and ΔH would be 0 by "
-            "construction, not by measurement. Unfreeze the parameters to train."
-        )
-    return norm

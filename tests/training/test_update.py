@@ -87,6 +87,20 @@ def test_sgd_step_moves_parameters_by_the_reported_norm(tiny_llama, rng):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_reference_p0_gives_the_same_step_and_norm_without_a_copy(tiny_llama, rng, optimizer):
+    _, _, ro = random_rollouts(rng)
+    a, b = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    ra = update(a, loss="sft", rollouts=ro, optimizer=optimizer, lr=1e-2, steps=2, **NO_BAR)
+    rb = update(b, loss="sft", rollouts=ro, optimizer=optimizer, lr=1e-2, steps=2, reference=tiny_llama, **NO_BAR)
+    assert torch.equal(flat_params(a), flat_params(b))
+    assert ra.param_change_norm == rb.param_change_norm > 0
+    assert torch.equal(flat_params(tiny_llama), flat_params(copy.deepcopy(tiny_llama)))  # left untouched
+    for bad in (b, torch.nn.Linear(2, 2)):  # the model itself, another architecture
+        with pytest.raises(ValueError, match="untouched copy of the model"):
+            update(copy.deepcopy(tiny_llama) if bad is not b else b, loss="sft", rollouts=ro, reference=bad, **NO_BAR)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_steps_decrease_the_sft_loss(tiny_llama, rng, optimizer):
     prompts, comps, ro = random_rollouts(rng)
     model = copy.deepcopy(tiny_llama)
