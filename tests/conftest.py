@@ -31,6 +31,42 @@ TINY_LLAMA = dict(
 )
 
 
+def one_layer_llama(vocab_size: int, max_position_embeddings: int = 64):
+    """A 1-layer Llama (hidden 16) of any vocabulary, random weights, eval mode: vocabulary-size
+    tests (V = 49152, 262144) where the body's cost must not matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The engine's calls of the compiled chunk statistics (their logits' shapes), a list that grows."""
+    import isdelta.engine.fused as fused_mod
+    import isdelta.engine.logprob as logprob_mod
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return fused_mod.chunk_stats(*args)
+
+    monkeypatch.setattr(logprob_mod, "chunk_stats", spy)
+    return calls
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261123)

@@ -236,13 +236,20 @@ class _GradOnly:
             p.requires_grad_(self.saved[n])
 
 
-def _dot(grads, dirs) -> float:
-    """Σ_params ⟨g, d⟩ in float64, one parameter at a time (no flattened copy of either)."""
+_BLOCK = 1 << 22  # elements per block of the sums below: a [262144, 640] embedding is 40 of them
+
+
+def _dot(grads, dirs, dtype: torch.dtype | None = None) -> float:
+    """Σ_params ⟨g, d⟩ summed in float64, a block of each parameter at a time (no flattened copy,
+    no whole-tensor temporary); products in ``dtype`` (default: the wider of the two, ≥ float32)."""
     total = 0.0
     for g, d in zip(grads, dirs):
         if g is not None:
-            dtype = torch.promote_types(torch.promote_types(g.dtype, d.dtype), torch.float32)
-            total += float(torch.sum(g.to(dtype) * d.to(g.device, dtype), dtype=torch.float64))
+            t = dtype or torch.promote_types(torch.promote_types(g.dtype, d.dtype), torch.float32)
+            g, d = g.detach().reshape(-1), d.detach().reshape(-1)
+            for s in range(0, g.numel(), _BLOCK):
+                a, b = g[s : s + _BLOCK].to(t), d[s : s + _BLOCK].to(g.device, t)
+                total += float(torch.sum(a * b, dtype=torch.float64))
     return total
 
 
@@ -375,7 +382,7 @@ def _result(out, labels, codes, s, length, direction, include, per_token, n_back
     lam = float(np.mean(np.bincount(codes, weights=length) / sizes))
     h_tok = h0 / lam if lam > 0 else math.nan
     tok = (out[0] + h_tok * out[1]) / lam if per_token else None  # [P] (A_p + h B_p)/Λ
-    norm = math.sqrt(sum(float(d.detach().double().square().sum()) for d in direction.values()))
+    norm = math.sqrt(_dot(direction.values(), direction.values(), torch.float64))
     return GradientDelta(
         delta1=_mean_se(out[0], level),
         delta1_tok=None if tok is None else _mean_se(tok, level),

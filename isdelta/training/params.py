@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["ZeroUpdateError", "change_norm", "check_finite", "grad_norm", "reference_params"]
+__all__ = ["BLOCK", "ZeroUpdateError", "change_norm", "check_finite", "grad_norm", "reference_params", "sum_sq"]
 
 
 class ZeroUpdateError(RuntimeError):
@@ -31,12 +31,28 @@ def reference_params(model, params, reference) -> list[torch.Tensor]:
     return theta0
 
 
+# elements per block of the float64 sums below: 32 MiB of temporaries, whatever a parameter's size
+# (a whole-tensor .double() of Gemma-3's [262144, 640] embedding is 1.3 GB, three of them live)
+BLOCK = 1 << 22
+
+
+def sum_sq(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """Σ (a − b)² (Σ a² without ``b``) in float64, a block of ``BLOCK`` elements at a time; ``b``
+    may live on another device (each block is moved, never the whole tensor)."""
+    a = a.detach().reshape(-1)
+    b = None if b is None else b.detach().reshape(-1)
+    total = 0.0
+    for s in range(0, a.numel(), BLOCK):
+        x = a[s : s + BLOCK].to(torch.float64, copy=True)
+        if b is not None:
+            x -= b[s : s + BLOCK].to(x.device, torch.float64)
+        total += float(x.square_().sum())
+    return total
+
+
 def change_norm(params, theta0) -> float:
-    """‖θ1 − θ0‖₂ in float64, one parameter at a time (no flattened copy)."""
-    sq = 0.0
-    for p, p0 in zip(params, theta0):
-        sq += float((p.detach().double() - p0.to(p.device).double()).square().sum())
-    return sq**0.5
+    """‖θ1 − θ0‖₂ in float64, in blocks of each parameter (no flattened or float64 copy)."""
+    return sum(sum_sq(p, p0) for p, p0 in zip(params, theta0)) ** 0.5
 
 
 def check_finite(params, lr: float, grad_norm: float) -> None:
@@ -52,7 +68,7 @@ def check_finite(params, lr: float, grad_norm: float) -> None:
 
 def grad_norm(params) -> float:
     """Global L2 norm of the accumulated gradients; raises ZeroUpdateError when it is 0."""
-    sq = sum(float(p.grad.detach().double().square().sum()) for p in params if p.grad is not None)
+    sq = sum(sum_sq(p.grad) for p in params if p.grad is not None)
     norm = sq**0.5
     if not np.isfinite(norm):
         half = any(p.dtype == torch.float16 for p in params)

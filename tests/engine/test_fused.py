@@ -15,6 +15,7 @@ import torch
 
 from isdelta.engine import EngineConfig, LogitTransform, LogProbEngine, Rollouts, fused
 from isdelta.engine.chunks import token_stats
+from tests.conftest import one_layer_llama
 
 # inductor's CPU code needs a C++ compiler; without one the engine runs its eager path (tested in
 # test_logprob.py), and there is nothing compiled here to test
@@ -145,23 +146,9 @@ def test_the_engine_at_v_262144_with_a_one_row_last_chunk():
     """Gemma 3's vocabulary through the whole engine, both paths, against float64 statistics of the
     model's own logits: chunks of M − 1 rows then one (the default 2**23 elements would be 32
     rows), near-uniform rows (random weights: H ≈ log V, the worst case for long fp32 sums)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     V = 262144
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = one_layer_llama(V)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (3, 5)]
     comps = [torch.randint(3, V, (n,), generator=g).tolist() for n in (6, 4, 5, 3)]

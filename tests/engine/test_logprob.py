@@ -12,6 +12,7 @@ import isdelta.engine.chunks as chunks_mod
 import isdelta.engine.fused as fused_mod
 import isdelta.engine.logprob as logprob_mod
 from isdelta.engine import EngineConfig, LogitTransform, LogProbEngine, Rollouts, completion_mask
+from tests.conftest import one_layer_llama
 
 TOL = 1e-5  # fp32
 TRANSFORMS = [
@@ -343,23 +344,9 @@ def test_entropy_is_accurate_at_a_real_vocabulary_size(rng, fused):
     """V = 49152 (SmolLM2's) with near-uniform rows, the worst case for a long fp32 sum: entropy
     and varentropy within fp32's own limit of the float64 reference (a flat fp32 dot along V was
     off by ~9e-5 nats here), on the eager and on the compiled path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     V = 49152
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = one_layer_llama(V)
     ro = random_rollouts(rng, P=2, G=2, V=V, max_comp=6)[2]
     s = LogProbEngine(EngineConfig(progress=False, fused=fused)).score(model, ro)
     att = ro.attention_mask
@@ -384,19 +371,6 @@ def test_row_dot_equals_the_plain_sum_for_any_width():
 
 # ---------------------------------------------------------------------- the compiled path (fused.py)
 FUSED_TRANSFORMS = [LogitTransform(), LogitTransform(temperature=0.7), LogitTransform(temperature=1.6)]
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the engine's calls of the compiled chunk statistics."""
-    calls = []
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return fused_mod.chunk_stats(*args)
-
-    monkeypatch.setattr(logprob_mod, "chunk_stats", spy)
-    return calls
 
 
 @pytest.mark.parametrize("transform", FUSED_TRANSFORMS, ids=str)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import isdelta.engine.fused as fused_mod
-import isdelta.engine.logprob as logprob_mod
 from isdelta.engine import LogitTransform, Rollouts
 from isdelta.run.scoring import fused_path, score_stage
 
@@ -48,30 +47,18 @@ def rollouts(rng) -> Rollouts:
     return Rollouts.from_token_lists(prompts, comps, eos_token_ids=2, pad_token_id=2)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    seen = []
-
-    def spy(*args):
-        seen.append(args[0].shape)
-        return fused_mod.chunk_stats(*args)
-
-    monkeypatch.setattr(logprob_mod, "chunk_stats", spy)
-    return seen
-
-
 def score(cfg, model, ro, folder, name, like=None):
     return score_stage(cfg, model, ro, LogitTransform(), folder, name, "inputs", like)
 
 
 @pytest.mark.parametrize("p0_fused", ["auto", "on"])
 def test_p1_takes_the_path_p0_recorded_in_a_process_whose_rule_says_otherwise(
-    tiny_llama, rng, tmp_path, calls, monkeypatch, p0_fused
+    tiny_llama, rng, tmp_path, fused_calls, monkeypatch, p0_fused
 ):
     ro, folder = rollouts(rng), Folder(tmp_path)
     s0 = score(config(p0_fused), tiny_llama, ro, folder, "scores0.npz")  # auto: eager at this size
     assert s0["fused"].shape == (ro.n_rows,) and bool(s0["fused"].all()) is (p0_fused == "on")
-    n0 = len(calls)
+    n0 = len(fused_calls)
     assert (n0 > 0) is (p0_fused == "on")
     # the resumed process: a kernel compiled or not, and "auto" now saying the opposite of p0's path
     monkeypatch.setitem(fused_mod.FUSE_MIN_LOGITS, "cpu", 1 if p0_fused == "auto" else 2**62)
@@ -79,7 +66,7 @@ def test_p1_takes_the_path_p0_recorded_in_a_process_whose_rule_says_otherwise(
     saved.parts.add("scores0.npz")
     s0 = score(config(), None, ro, saved, "scores0.npz")  # read back, as a resumed run does
     s1 = score(config(), tiny_llama, ro, saved, "scores1.npz", like=s0)
-    assert np.array_equal(s1["fused"], s0["fused"]) and (len(calls) > n0) is (p0_fused == "on")
+    assert np.array_equal(s1["fused"], s0["fused"]) and (len(fused_calls) > n0) is (p0_fused == "on")
     for f in FIELDS:  # p1 = p0: bit-identical, so ΔH = 0 exactly
         assert np.array_equal(s1[f], s0[f]), f
 

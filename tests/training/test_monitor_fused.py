@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import isdelta.engine.fused as fused_mod
-import isdelta.engine.logprob as logprob_mod
 from isdelta.engine import EngineConfig, LogProbEngine, Rollouts
 from isdelta.training import EntropyMonitor
 
@@ -44,24 +43,11 @@ def n_logits(ro: Rollouts) -> int:
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """The engine's calls of the compiled chunk statistics, as a list that grows."""
-    seen = []
-
-    def spy(*args):
-        seen.append(args[0].shape)
-        return fused_mod.chunk_stats(*args)
-
-    monkeypatch.setattr(logprob_mod, "chunk_stats", spy)
-    return seen
-
-
-@pytest.fixture
 def model(tiny_llama):
     return copy.deepcopy(tiny_llama)
 
 
-def test_a_step_too_small_for_one_call_fuses_for_the_whole_run(model, rng, calls, monkeypatch):
+def test_a_step_too_small_for_one_call_fuses_for_the_whole_run(model, rng, fused_calls, monkeypatch):
     """Break-even between one call and ten steps: the engine's per-call "auto" stays eager, the
     monitor compiles at its first step, and keeps that path after the rule would say otherwise."""
     ro = rollouts(rng)
@@ -70,31 +56,31 @@ def test_a_step_too_small_for_one_call_fuses_for_the_whole_run(model, rng, calls
     mon = EntropyMonitor(model, engine_config=ENGINE)
     assert mon.fused is None
     snap = mon.before(ro)
-    assert mon.fused is True and calls, "p0 did not take the compiled statistics"
-    n_p0 = len(calls)
+    assert mon.fused is True and fused_calls, "p0 did not take the compiled statistics"
+    n_p0 = len(fused_calls)
     monkeypatch.setitem(fused_mod.FUSE_MIN_LOGITS, "cpu", 2**62)  # the rule changes between p0 and p1
     res = mon.after(snap)
-    assert len(calls) == 2 * n_p0, "p1 left p0's path"
+    assert len(fused_calls) == 2 * n_p0, "p1 left p0's path"
     assert res.valid and res.delta.value == 0.0 and res.delta_snis.value == 0.0  # p1 = p0: bit-identical
     mon.after(mon.before(rollouts(rng, P=2, G=3)))  # a later, smaller step: still compiled
-    assert len(calls) > 2 * n_p0 and mon.fused is True
+    assert len(fused_calls) > 2 * n_p0 and mon.fused is True
 
 
-def test_an_eager_monitor_stays_eager_when_a_kernel_is_compiled_meanwhile(model, rng, calls):
+def test_an_eager_monitor_stays_eager_when_a_kernel_is_compiled_meanwhile(model, rng, fused_calls):
     """The rule never reads "is a kernel compiled": a compile between p0 and p1 (another engine,
     the trainer) or between steps changes nothing, so p1 = p0 still gives ΔH = 0 exactly."""
     ro = rollouts(rng)
     mon = EntropyMonitor(model, engine_config=ENGINE)
     snap = mon.before(ro)
-    assert mon.fused is False and calls == []
+    assert mon.fused is False and fused_calls == []
     LogProbEngine(ENGINE, fused="on").score(model, ro)  # compiled now, in this process
-    assert calls
-    n = len(calls)
+    assert fused_calls
+    n = len(fused_calls)
     res = mon.after(snap)
-    assert len(calls) == n and mon.fused is False
+    assert len(fused_calls) == n and mon.fused is False
     assert res.valid and res.delta.value == 0.0 and res.delta_snis.value == 0.0
     mon.after(mon.before(ro))
-    assert len(calls) == n
+    assert len(fused_calls) == n
 
 
 def test_reused_old_logp_counts_one_scored_call_a_step(model, rng, monkeypatch):
@@ -113,11 +99,11 @@ def test_reused_old_logp_counts_one_scored_call_a_step(model, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("fused", ["on", "off"])
-def test_on_and_off_are_kept_as_given(model, rng, calls, fused):
+def test_on_and_off_are_kept_as_given(model, rng, fused_calls, fused):
     ro = rollouts(rng)
     mon = EntropyMonitor(model, engine_config=EngineConfig(progress=False, fused=fused))
     res = mon.after(mon.before(ro))
-    assert mon.fused is (fused == "on") and bool(calls) is (fused == "on")
+    assert mon.fused is (fused == "on") and bool(fused_calls) is (fused == "on")
     assert res.delta.value == 0.0
 
 
