@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo trajectory-demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-all test-fast lint format clean
+.PHONY: setup demo demo-gemma trajectory-demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-all test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ demo-vllm: $(VSTAMP)
 
 demo: $(STAMP)
 	$(PY) -m isdelta.run configs/demo.yaml
+
+# the demo on the second builtin, Gemma-3-270M base (V = 262,144, plain prompts): the first use
+# de-quantises it once into the model cache (1–2 min), then ~10 min on 2 CPU cores
+demo-gemma: $(STAMP)
+	$(PY) -m isdelta.run configs/demo_gemma.yaml
 
 # ΔH along 5 SFT checkpoints of SmolLM2 (configs/trajectory_demo.yaml): makes the checkpoints
 # (kept once made by the same recipe), then runs the trajectory (a few minutes on 2 CPU cores)
