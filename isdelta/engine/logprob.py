@@ -280,7 +280,7 @@ class LogProbEngine:
         temperature = torch.tensor([self.config.temperature], dtype=torch.float32, device=device)
         # Without a graph the results go into one preallocated buffer: small per-chunk tensors
         # kept alive between large freed ones fragment the CPU heap (RSS grew ~60 MiB a chunk).
-        if self.config.requires_grad and self.config.recompute and not fused:  # one chunk's memory, backward too
+        if self.config.requires_grad and self.config.recompute:  # one chunk's memory, backward too (never fused)
             stats_of = lambda z, *c: token_stats(lm.final(z).float(), *c, self.config.transform)
             return _Chunk(r_idx, cols, *head_stats(lm.head, h, step, stats_of, targets, r_idx, eos))
         out = None if self.config.requires_grad else torch.empty(4, M, dtype=torch.float32, device=device)

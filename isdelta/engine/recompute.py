@@ -16,11 +16,13 @@ and the backward recomputes one chunk or one layer at a time from them: the peak
 [m, V] buffers (``chunk_elems``) plus one layer's activations, whatever M is. The price is one
 more forward of the body and the head during the backward (measured in ``benchmarks/bench_memory.py``).
 
-Both use ``torch.utils.checkpoint`` (non-reentrant). The layers are the model's own
-``GradientCheckpointingLayer`` blocks (every transformers decoder layer): wrapped for the call
-only, whatever mode the model is in (HF's own switch acts only in train mode, and the engine
-scores in eval mode so that dropout is off), and restored afterwards. The values are the same
-as without recomputation: the same operations on the same inputs, run again.
+The layers are the model's own ``GradientCheckpointingLayer`` blocks (every transformers decoder
+layer), recomputed by ``torch.utils.checkpoint`` (non-reentrant): wrapped for the call only,
+whatever mode the model is in (HF's own switch acts only in train mode, and the engine scores in
+eval mode so that dropout is off), and restored afterwards. The LM head goes through
+:class:`_HeadStats`, which also adds each chunk's share of the head's [V, D] gradient into one
+buffer in place. The values are the same as without recomputation: the same operations on the
+same inputs, run again.
 """
 
 from __future__ import annotations

@@ -131,22 +131,11 @@ class Enumerable:
 @pytest.fixture(scope="session")
 def enumerable() -> Enumerable:
     """The enumerable tiny Llama (1 layer, V = 6), random weights with a sharpened head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import one_layer_llama
 
+    assert STOP == 2  # one_layer_llama's eos = pad
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        bos_token_id=1,
-        eos_token_id=STOP,
-        pad_token_id=STOP,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = one_layer_llama(V, max_position_embeddings=32)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # far from uniform: entropies move visibly
     return Enumerable(model)
