@@ -38,6 +38,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import truth_long  # noqa: E402 (benchmarks/ on the path first)
 
 # name: (loss, optimizer, lr)
 STEPS = {
@@ -76,8 +78,8 @@ def score(model, rollouts, path: Path) -> dict:
     return arrays
 
 
-def draw(model, tok, prompts, n: int, seed: int, max_new_tokens: int, path: Path):
-    """Samples of ``model`` (saved; reloaded when they exist)."""
+def draw(model, tok, prompts, n: int, seed: int, max_new_tokens: int, path: Path, transform=None):
+    """Samples of ``model`` (saved; reloaded when they exist), at temperature 1 unless ``transform``."""
     from isdelta.engine import LogitTransform, Samples, sample
 
     if path.exists():
@@ -87,7 +89,7 @@ def draw(model, tok, prompts, n: int, seed: int, max_new_tokens: int, path: Path
         tok,
         prompts,
         num_samples=n,
-        transform=LogitTransform(),
+        transform=transform or LogitTransform(),
         max_new_tokens=max_new_tokens,
         seed=seed,
         progress=False,
@@ -113,13 +115,13 @@ def train_batches(model0, tok, out: Path, args):
     return sft, (rl.rollouts, rewards)
 
 
-def make_p1(model0, name: str, batches):
+def make_p1(model0, name: str, batches, steps: dict | None = None):
     import torch
 
     from isdelta.engine import EngineConfig
     from isdelta.training import update
 
-    loss, optimizer, lr = STEPS[name]
+    loss, optimizer, lr = (steps or STEPS)[name]
     model1 = copy.deepcopy(model0)
     torch.manual_seed(0)
     if loss == "sft":
@@ -147,6 +149,20 @@ def make_p1(model0, name: str, batches):
     return model1, info.to_dict()
 
 
+def suite(args) -> tuple[list, dict]:
+    """(the measured prompts, the steps) of ``--suite``."""
+    if args.suite == "long":
+        return truth_long.prompts(args.prompts), truth_long.LONG_STEPS
+    return [chat(r["prompt"]) for r in records()[: args.prompts]], STEPS
+
+
+def log_time(out: Path, phase: str, seconds: float, **extra) -> None:
+    """One line per finished phase in ``out/timings.jsonl`` (the cost of each phase, for the notes)."""
+    with open(out / "timings.jsonl", "a") as f:
+        f.write(json.dumps({"phase": phase, "seconds": round(seconds, 1), **extra}) + "\n")
+    print(f"[truth] {phase} done ({seconds:.0f} s)", file=sys.stderr, flush=True)
+
+
 def phase_sample(args) -> None:
     import torch
 
@@ -156,7 +172,7 @@ def phase_sample(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model0, tok = load_model("smollm2-135m-instruct")
-    prompts = [chat(r["prompt"]) for r in records()[: args.prompts]]
+    prompts, steps = suite(args)
     t0 = time.perf_counter()
     pool = draw(model0, tok, prompts, args.pool, POOL_SEED, args.new_tokens, out / "pool.pt")
     truth0 = draw(model0, tok, prompts, args.truth, TRUTH_SEED, args.new_tokens, out / "truth_p0.pt")
@@ -164,18 +180,23 @@ def phase_sample(args) -> None:
         score(model0, pool.rollouts, out / "pool_p0.npz")
     if not (out / "truth_p0.npz").exists():
         score(model0, truth0.rollouts, out / "truth_p0.npz")
-    print(f"[truth] p0 ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    batches = train_batches(model0, tok, out, args)
-    for name in args.steps or STEPS:
+        log_time(out, "p0", time.perf_counter() - t0, rows=len(pool.texts) + len(truth0.texts))
+    t0 = time.perf_counter()
+    if args.suite == "long":
+        batches = truth_long.train_batches(model0, tok, out.parent, records(), TRAIN_SEED, draw)
+    else:
+        batches = train_batches(model0, tok, out, args)
+    for name in args.steps or steps:
         if (out / f"pool_{name}.npz").exists() and (out / f"truth_{name}.npz").exists():
             continue
         t0 = time.perf_counter()
-        model1, info = make_p1(model0, name, batches)
+        model1, info = make_p1(model0, name, batches, steps)
         truth1 = draw(model1, tok, prompts, args.truth, TRUTH_SEED, args.new_tokens, out / f"truth_{name}.pt")
+        t1 = time.perf_counter()
         score(model1, truth1.rollouts, out / f"truth_{name}.npz")
         score(model1, pool.rollouts, out / f"pool_{name}.npz")
         (out / f"update_{name}.json").write_text(json.dumps(info, indent=2, default=str))
-        print(f"[truth] {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        log_time(out, name, time.perf_counter() - t0, sampling=round(t1 - t0, 1))
         del model1
 
 
@@ -254,6 +275,8 @@ def replicate_estimates(p0: dict, p1: dict, rows: np.ndarray) -> dict:
             out[m] = toks[m].delta
             out_tok[m] = toks[m].delta_tok
         verdict = headline(rb, toks["cv"], toks["pd"], toks["pd_sn"])
+        base = without_sequence_check(lambda: headline(rb, toks["cv"], toks["pd"], toks["pd_sn"]))
+        grid = truth_long.threshold_grid(lambda: headline(rb, toks["cv"], toks["pd"], toks["pd_sn"]))
     res = {m: (e.value, e.se, e.ci_low, e.ci_high, out_tok[m].value, out_tok[m].se) for m, e in out.items()}
     order = np.argsort(a["group"], kind="stable")  # the pool is prompt-major already
     groups = make_groups(*np.unique(a["group"], return_inverse=True)[::-1])
@@ -273,13 +296,60 @@ def replicate_estimates(p0: dict, p1: dict, rows: np.ndarray) -> dict:
         "h0": rb.h0_rb.value,
         "h0_tok": rb.h0_tok_rb.value,
         "g_min": rb.g_min,
+        **{f"terms_khat_{m}": _nan(toks[m].terms_khat) for m in ("cv", "pd", "pd_sn")},
+        **{f"terms_khat_tok_{m}": _nan(toks[m].terms_khat_tok) for m in ("cv", "pd", "pd_sn")},
+        "mean_length0": toks["pd"].mean_length0,
+        "mean_length1": toks["pd"].mean_length1,
+        "length_ess_frac": length_ess_frac(a, b),
+        "max_length": int(a["mask"].shape[1]),
     }
-    return {"estimates": res, "diag": diag, "verdict": verdict.to_dict()}
+    return {"estimates": res, "diag": diag, "verdict": slim(verdict), "base": slim(base), "grid": grid}
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def slim(h) -> dict:
+    """A headline's verdicts, method, reason and picked estimates (not every check)."""
+    d = h.to_dict()
+    return {k: d[k] for k in ("valid", "valid_tok", "method", "reason", "delta", "delta_tok")}
+
+
+def without_sequence_check(call):
+    """``call()`` with the headline's sequence-level gap check switched off (threshold inf): the
+    verdict the policy gave before issue 26, for calibrating that check's threshold."""
+    from isdelta.estimators import checks
+
+    names = ("TERMS_KHAT", "TERMS_KHAT_TOK", "LENGTH_SHIFT")
+    keep = {k: getattr(checks, k) for k in names}
+    for k in names:
+        setattr(checks, k, math.inf)
+    try:
+        return call()
+    finally:
+        for k, v in keep.items():
+            setattr(checks, k, v)
+
+
+def length_ess_frac(a: dict, b: dict) -> float:
+    """Smallest per-prompt ESS / G of the length statistic: (Σ_i r_i L_i)² / Σ_i (r_i L_i)² over its
+    value at r ≡ 1 (1 when the weights do not move the lengths' mass; small when a few long or
+    short rows carry the weighted length)."""
+    out = []
+    for p in np.unique(a["group"]):
+        sel = a["group"] == p
+        lr = (b["logp"] - a["logp"])[sel]
+        r, L = np.exp(lr - lr.max()), a["length"][sel].astype(float)
+        ess_w = (r * L).sum() ** 2 / max(((r * L) ** 2).sum(), 1e-300)
+        ess_1 = L.sum() ** 2 / max((L**2).sum(), 1e-300)
+        out.append(ess_w / ess_1)
+    return float(min(out))
 
 
 def phase_analyse(args) -> None:
     out = Path(args.out)
-    names = [n for n in (args.steps or STEPS) if (out / f"pool_{n}.npz").exists()]
+    names = [n for n in (args.steps or suite(args)[1]) if (out / f"pool_{n}.npz").exists()]
     with np.load(out / "pool_p0.npz") as z:
         pool0 = dict(z)
     with np.load(out / "truth_p0.npz") as z:
@@ -299,17 +369,19 @@ def phase_analyse(args) -> None:
                 rows = np.concatenate([np.flatnonzero(g == p)[r * G : (r + 1) * G] for p in prompts])
                 rep = replicate_estimates(pool0, pool1, rows)
                 verdicts.append(rep)
-                replicates.append({"step": name, "G": G, "set": r, "truth": truth, **rep})
+                replicates.append({"step": name, "G": G, "set": r, "length": args.new_tokens, "truth": truth, **rep})
                 for m in METHODS:
                     per_method[m].append(rep["estimates"][m])
             summary = summarise(name, G, truth, per_method, verdicts)
+            summary["length"] = args.new_tokens
             rows_out.append(summary)
             print(json.dumps({k: summary[k] for k in ("step", "G", "truth", "sets")}), file=sys.stderr, flush=True)
     results = ROOT / "benchmarks" / "results"
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    with open(results / "truth.jsonl", "w") as f:
+    tag = "truth" if args.suite == "math" else f"truth_long_L{args.new_tokens}"
+    with open(results / f"{tag}.jsonl", "w") as f:
         for r in rows_out:
             f.write(json.dumps({**r, "commit": commit}) + "\n")
     with open(out / "replicates.jsonl", "w") as f:
@@ -317,7 +389,7 @@ def phase_analyse(args) -> None:
             f.write(json.dumps(r, default=float) + "\n")
     lines = map_markdown(rows_out) + ["", "Every method (coverage without and with the truth's SE):", ""]
     lines += markdown(rows_out)
-    (results / "truth.md").write_text("\n".join(lines) + "\n")
+    (results / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -333,7 +405,12 @@ def summarise(name: str, G: int, truth: dict, per_method: dict, verdicts: list[d
         v, se = v[ok], se[ok]
         covers = np.abs(v - t) <= z * se
         covers_joint = np.abs(v - t) <= z * np.sqrt(se**2 + t_se**2)
+        vt = np.array([e[4] for e in ests])[ok]
+        st = np.array([e[5] for e in ests])[ok]
+        covers_tok = np.abs(vt - truth["delta_tok"]) <= z * np.sqrt(st**2 + truth["se_tok"] ** 2)
         methods[m] = {
+            "coverage_tok_joint": float(covers_tok.mean()) if len(v) else None,
+            "sd_over_se_tok": float(vt.std(ddof=1) / st.mean()) if len(v) > 1 else None,
             "n": int(ok.sum()),
             "coverage": float(covers.mean()) if len(v) else None,
             "coverage_joint": float(covers_joint.mean()) if len(v) else None,
@@ -353,7 +430,9 @@ def summarise(name: str, G: int, truth: dict, per_method: dict, verdicts: list[d
                 abs(est["value"] - t) <= z * math.sqrt(est["se"] ** 2 + t_se**2)
             )
     diag = {k: float(np.nanmedian([rep["diag"][k] for rep in verdicts])) for k in verdicts[0]["diag"]}
+    levels = {key: level_summary([rep[key] for rep in verdicts], truth) for key in ("verdict", "base")}
     return {
+        "levels": levels,
         "step": name,
         "G": G,
         "sets": len(verdicts),
@@ -368,6 +447,28 @@ def summarise(name: str, G: int, truth: dict, per_method: dict, verdicts: list[d
             "reasons": sorted({c["reason"].split(":")[0] for c in chosen if not c["valid"]}),
         },
     }
+
+
+def level_summary(chosen: list[dict], truth: dict) -> dict:
+    """The policy's two verdicts on the sets of one step × G: how often each level is valid, how
+    often its interval covers the truth (joint with the truth's SE), the mean SE, the methods."""
+    z = 1.959963984540054
+    out = {}
+    for level, key, t, t_se in (("seq", "valid", "delta", "se"), ("tok", "valid_tok", "delta_tok", "se_tok")):
+        picked = [(c["method"], c[t]) for c in chosen if c[key] and c[t] is not None]
+        hits = [abs(e["value"] - truth[t]) <= z * math.hypot(e["se"], truth[t_se]) for _, e in picked]
+        by_method: dict = {}
+        for (m, _), h in zip(picked, hits):
+            by_method.setdefault(m, []).append(h)
+        out[level] = {
+            "valid_frac": len(picked) / len(chosen),
+            "covered": int(sum(hits)),
+            "n_valid": len(picked),
+            "coverage_joint": float(np.mean(hits)) if hits else None,
+            "mean_se": float(np.mean([e["se"] for _, e in picked])) if picked else None,
+            "methods": {m: {"n": len(h), "coverage_joint": float(np.mean(h))} for m, h in by_method.items()},
+        }
+    return out
 
 
 def map_markdown(rows: list[dict]) -> list[str]:
@@ -607,8 +708,16 @@ def phase_bf16(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=("sample", "analyse", "calibrate", "policy", "bf16"))
-    ap.add_argument("--out", default=str(ROOT / "runs" / "truth"), help="arrays (resumable)")
+    ap.add_argument("phase", choices=("sample", "analyse", "calibrate", "policy", "bf16", "lengths"))
+    ap.add_argument(
+        "--suite",
+        choices=("math", "long"),
+        default="math",
+        help="math: 20-token arithmetic answers; long: writing prompts (truth_long.py)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="arrays (resumable); default runs/truth, or runs/truth_long/L<new-tokens>"
+    )
     ap.add_argument("--steps", nargs="*", help=f"subset of {list(STEPS)}")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=20)
@@ -617,12 +726,15 @@ def main() -> None:
     ap.add_argument("--G", type=int, nargs="*", default=[8, 16, 64])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "runs" / ("truth" if args.suite == "math" else f"truth_long/L{args.new_tokens}"))
     phases = {
         "sample": phase_sample,
         "analyse": phase_analyse,
         "calibrate": phase_calibrate,
         "policy": phase_policy,
         "bf16": phase_bf16,
+        "lengths": truth_long.phase_lengths,
     }
     phases[args.phase](args)
 

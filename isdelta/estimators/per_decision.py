@@ -38,6 +38,7 @@ from isdelta.estimators.diagnostics import (
 from isdelta.estimators.groups import Groups
 from isdelta.estimators.prefix import LOG_MAX, PrefixRows, expand, prepare, sn_weights
 from isdelta.estimators.proposal import token_proposal
+from isdelta.estimators.psis import MIN_TAIL_FIT, psis
 from isdelta.estimators.results import TOKEN_ESTIMATES as ESTIMATES
 from isdelta.estimators.results import Estimate, EstimatorWarning, TokenDelta
 from isdelta.estimators.uncertainty import Linear, standard_error, z_value
@@ -194,7 +195,10 @@ def estimate_tokens(
         for k, lin in lins.items()
         if k in ESTIMATES
     }
-    diag = token_diagnostics(tok)
+    diag = token_diagnostics(tok) | {
+        "terms_khat": terms_khat(lins["delta"].psi),
+        "terms_khat_tok": terms_khat(lins["delta_tok"].psi),
+    }
     messages = token_warnings(diag, tok)
     broken = broken_bounds(ests, support_size, tok.mask.shape[1])
     if broken:
@@ -219,6 +223,21 @@ def estimate_tokens(
         out_of_bounds=tuple(str(c) for c in broken),
         fingerprint=tok.fingerprint,
     )
+
+
+def terms_khat(psi: np.ndarray) -> float | None:
+    """Pareto k̂ of the per-row influence terms |ψ_i| (one tail fit over all rows, ψ centred within
+    prompts): the tail of what the estimate averages. Above 1/2 the terms' variance is infinite
+    and the normal interval has no footing; above 0.7 the tail is too heavy for the sample to hold
+    (Vehtari et al. 2024, §3). None when there are fewer than ``MIN_TAIL_FIT`` nonzero terms (no
+    fit: ψ ≡ 0 when p1 = p0); inf when a term is not finite."""
+    if not np.isfinite(psi).all():
+        return math.inf
+    a = np.abs(psi)
+    a = a[a > 0]
+    if a.size < MIN_TAIL_FIT or not np.ptp(np.log(a)) > 0:
+        return None
+    return float(psis(np.log(a)[None, :])[1][0])
 
 
 # The p1 terms weigh by ρ = e^{log ρ}. When a prefix log-ratio passes LOG_MAX they are computed

@@ -339,6 +339,9 @@ class TokenDelta:
         e.g. "H(p1) per sequence vs 12 positions · log|support| 1.3e+194 ✗ (needs ≤ 130)");
         empty when none. ``headline`` refuses this method whenever it is not empty (the same
         checks are among its own).
+    terms_khat, terms_khat_tok : float or None
+        Pareto k̂ of the per-row terms of ΔH per sequence and per token (``per_decision.terms_khat``;
+        None: fewer than 25 nonzero terms): ``headline``'s sequence- and token-level checks.
     fingerprint : RowsFingerprint or None
         What identifies the rows (as ``EntropyDelta.fingerprint``).
     """
@@ -368,6 +371,8 @@ class TokenDelta:
     proposal: ProposalWeights | None = None
     max_length: int | None = None
     out_of_bounds: tuple[str, ...] = ()
+    terms_khat: float | None = None
+    terms_khat_tok: float | None = None
     fingerprint: RowsFingerprint | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -392,17 +397,14 @@ class TokenDelta:
         """A readable table: estimates in nats and bits, then weight diagnostics, warnings."""
         head = table_head(self.delta.level)
         lines = [
-            (
-                f"isdelta tokens: {self.n_prompts} prompts, {self.n_rows} rows; "
-                f"method={self.method}; prompts={self.prompts}"
-            ),
+            f"isdelta tokens: {self.n_prompts} prompts, {self.n_rows} rows; method={self.method}; prompts={self.prompts}",
             f"control variate: {self.beta}",
             "",
             head,
             "-" * (len(head) + 14),
             *(_row(_LABELS[name], getattr(self, name)) for name in TOKEN_ESTIMATES),
             "",
-            (f"mean length {self.mean_length0:.2f} tokens under p0, {self.mean_length1:.2f} estimated under p1"),
+            f"mean length {self.mean_length0:.2f} tokens under p0, {self.mean_length1:.2f} estimated under p1",
             (
                 f"prefix-weight ESS: min {self.prefix_ess_min:.1f} "
                 f"(ESS/G {self.prefix_ess_frac_min:.3f}); max |log ρ| {self.max_log_rho:.3g}; "

@@ -21,7 +21,10 @@ How it hooks in (checked against TRL 1.16's ``GRPOTrainer`` and transformers' ``
 EOS) and, when TRL computes them, ``old_per_token_logps``. It is wrapped on the trainer instance
 (no subclass needed). ``on_step_end`` runs after ``optimizer.step()`` and before the trainer
 logs, so ΔH lands in the same log line as the step's loss and rewards; GRPO's averaging skips
-the NaN of invalid steps and ``entropy/valid`` becomes the fraction of valid steps.
+the NaN of invalid steps and ``entropy/valid`` becomes the fraction of valid steps. Two verdicts
+are logged (:meth:`isdelta.training.MonitorResult.scalars`): ``entropy/valid`` for ΔH per
+sequence and ``entropy/valid_tok`` for the per-token rate; on long completions a step may log
+only the per-token headline (``entropy/delta_tok``, its SE and CI) with the per-sequence ones NaN.
 
 The rows must be samples of p0, the model before the step. GRPO generates every
 ``steps_per_generation × num_iterations`` micro-batches and reuses the rollouts in between; only

@@ -36,31 +36,36 @@ def _short(check_name: str) -> str:
 @dataclass(frozen=True)
 class Shown:
     """The rules for one run: ``log_support`` = ln V, ``max_tokens`` = M, and ``rejected``:
-    method -> why the headline policy refused it (absent: it passed)."""
+    method -> why the headline policy refused it (absent: it passed); ``rejected_tok``: the same
+    for its per-token figures (only the checks that gate the per-token level: a method refused
+    per sequence alone still shows its per-token rates)."""
 
     log_support: float
     max_tokens: int
     rejected: dict[str, str] = field(default_factory=dict)
+    rejected_tok: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, decision, support: int, max_tokens: int) -> Shown:
         """From the headline policy's verdict (its checks per method)."""
-        rejected = {}
+        rejected, rejected_tok = {}, {}
         for method, checks in decision.checks.items():
-            failed = list(dict.fromkeys(_short(c.name) for c in checks if not c.passed))
-            if failed:
-                rejected[method] = ", ".join(failed)
+            for out, kept in ((rejected, checks), (rejected_tok, [c for c in checks if "per sequence" not in c.name])):
+                failed = list(dict.fromkeys(_short(c.name) for c in kept if not c.passed))
+                if failed:
+                    out[method] = ", ".join(failed)
         if "all" in rejected:  # k̂ > 1: no method survives
-            rejected = {m: rejected["all"] for m in ("cv", "pd", "pd_sn", "snis", "snis_rb")}
-        return cls(math.log(support), int(max_tokens), rejected)
+            rejected = rejected_tok = {m: rejected["all"] for m in ("cv", "pd", "pd_sn", "snis", "snis_rb")}
+        return cls(math.log(support), int(max_tokens), rejected, rejected_tok)
 
     @property
     def seq_max(self) -> float:
         return self.max_tokens * self.log_support
 
-    def method_reason(self, method: str) -> str | None:
-        """Why ``method``'s importance-weighted figures are not shown (None: they are)."""
-        reason = self.rejected.get(method)
+    def method_reason(self, method: str, per_token: bool = False) -> str | None:
+        """Why ``method``'s importance-weighted figures (``per_token``: its per-token ones) are not
+        shown (None: they are)."""
+        reason = (self.rejected_tok if per_token else self.rejected).get(method)
         return None if reason is None else f"{method} rejected: {reason}"
 
     def reason(self, key: str, value: float, method: str, h0: float | None = None) -> str | None:
@@ -69,7 +74,7 @@ class Shown:
         if value is None or not math.isfinite(value):
             return "not finite"
         base = key.removesuffix("_rb")
-        if key not in _UNWEIGHTED and (why := self.method_reason(method)):
+        if key not in _UNWEIGHTED and (why := self.method_reason(method, base.endswith("_tok"))):
             return why
         top = self.log_support if base.endswith("_tok") else self.seq_max
         if key in _SEQ | _TOK:

@@ -224,6 +224,11 @@ def headline_lines(res, decision, shown: Shown | None = None) -> list[str]:
     """Two lines for the terminal and summary.md: the headline (or plainly that there is no valid
     one, why, and what would make it readable), and sequence-level SNIS beside it (or, when the
     policy rejected it too, why its numbers are not shown)."""
+    if decision.valid_tok and not decision.valid:  # long completions: the per-token rate alone holds
+        return [
+            f"ΔH per token = {decision.delta_tok} — {decision.method} ({decision.why})",
+            f"ΔH per sequence: not valid on these samples — {decision.reason} {decision.advice}",
+        ]
     if not decision.valid:
         return [
             f"ΔH: not valid on these samples — {decision.reason}",

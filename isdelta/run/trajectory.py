@@ -5,7 +5,7 @@ from the base ``model`` (checkpoint 0) through each checkpoint k = 1 … K::
 
     direct   base samples ──scored under──▶ p0, p1, …, p_{h−1}       ΔH(0→k), one sample set
     ─────────────────────── IS horizon h: the first k whose direct estimate the headline policy
-                            (DESIGN.md §5.4) declares not valid
+                            (DESIGN.md §5.4) declares not valid per sequence
     chained  p_{h−1}'s own samples ──▶ p_{h−1}, p_h                   ΔH(h−1→h)
              p_h's own samples     ──▶ p_h, p_{h+1}                   ΔH(h→h+1)  …
 
@@ -14,8 +14,19 @@ from the base ``model`` (checkpoint 0) through each checkpoint k = 1 … K::
 Each segment is estimated as the run estimates one pair (``estimate``, ``estimate_tokens`` and
 the headline policy, on the same code path), so every number carries a CI, ESS, k̂ and the chosen
 method. The sample sets are independent (each checkpoint samples with its own seed), so the
-variances of the chain add. A segment that is itself not valid stops the chain: that row and
-every later one is marked not valid with the reason, never a number that only looks like one.
+variances of the chain add.
+
+Every row has two verdicts, one per level of the policy: ``valid`` (per sequence) and
+``valid_tok`` (per token), chained separately (:mod:`isdelta.run.trajectory_chain`). The horizon
+is where the per-sequence level fails; where the base's samples still hold per token there, that
+row keeps its direct per-token value and the per-token chain starts from it. A segment not valid
+at a level stops that level's chain: that row and every later one are marked not valid at that
+level with the reason, never a number that only looks like one; the other level goes on.
+
+The own-sample check: where checkpoint k sampled itself (the source of a chained step), its row's
+H at each level (weighted or chained) is compared with the plain mean over its own samples;
+z = |Δ| / √(SE² + SE_own²) above :func:`own_sample_z` (Bonferroni over the two levels: ≤ 1 − level
+false alarms per row) makes that level of the row, and of every chained row built on it, not valid.
 
 Saved parts (resumed, verified, like the run's): ``samples/`` and ``scores0.npz`` (the base),
 and per checkpoint ``checkpoints/KK-NAME/``: ``direct.npz`` (it, scored on the base samples),
@@ -30,13 +41,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from isdelta.program import ConfigError, ModelConfig, stage, stamp_of
 from isdelta.program.identity import model_identity
 from isdelta.run.config import RunConfig
 from isdelta.run.data import RunError, check_context, check_prompts, prompt_lengths
 from isdelta.run.stages import estimate_inputs, sample_stage, score_stage, token_estimates
+from isdelta.run.trajectory_chain import Point, Segment, chain, horizon, own_sample_z
 
 __all__ = [
     "Checkpoint",
@@ -46,6 +57,7 @@ __all__ = [
     "check_checkpoints",
     "checkpoint_list",
     "horizon",
+    "own_sample_z",
     "run_trajectory",
 ]
 
@@ -118,129 +130,6 @@ def check_checkpoints(cfg: RunConfig, tok0, records: list[dict]) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"{ck.key}.path: cannot read its config", str(e), "check the checkpoint") from None
         check_context(cfg, lengths, context_size(config), f"{ck.key}'s")
-
-
-# --------------------------------------------------------------------------- the chain (pure)
-@dataclass(frozen=True)
-class Segment:
-    """ΔH from checkpoint ``source`` to ``target`` on ``source``'s own samples: the sequence-level
-    estimate (``res``, with ESS and k̂) and the headline policy's verdict (``decision``).
-
-    When the estimators refuse the scores (e.g. ``target`` gives probability 0 to a sample of
-    ``source``: top-k/top-p kept sets that moved), ``res`` is None, ``decision`` is not valid with
-    the reason, and ``own`` holds the source's entropy from its own samples (no weight needed).
-    """
-
-    source: int
-    target: int
-    res: object  # EntropyDelta, or None: refused
-    decision: object  # Headline
-    own: tuple | None = None  # (H, H per token) of source, when res is None
-
-    def source_entropy(self) -> tuple:
-        """(H, H per token) of ``source`` from its own samples: plain means, no importance weight."""
-        if self.res is None:
-            return self.own
-        return self.res.h0_rb or self.res.h0, self.res.h0_tok_rb or self.res.h0_tok
-
-
-@dataclass(frozen=True)
-class Point:
-    """One row of the trajectory: checkpoint ``k``'s entropy and its change from the base.
-
-    ``kind`` says how it was reached: "base", "direct" (the base's samples) or "chained" (a sum of
-    consecutive steps from the anchor h − 1). ``step`` is the segment that reached it (direct: the
-    base → k estimate; chained: the (k−1) → k one). ``h``, ``h_tok``, ``delta``, ``delta_tok`` are
-    None when ``valid`` is False, and ``reason`` says why.
-    """
-
-    k: int
-    kind: Literal["base", "direct", "chained"]
-    valid: bool
-    h: object = None  # Estimate, per sequence
-    h_tok: object = None  # Estimate, per token
-    delta: object = None  # Estimate, ΔH from the base, per sequence
-    delta_tok: object = None  # Estimate, per token
-    step: Segment | None = None
-    reason: str | None = None
-
-
-def _add(a, b, level: float):
-    """a + b for independent estimates: values add, SEs add in quadrature (a normal CI)."""
-    from scipy.stats import norm
-
-    from isdelta.estimators import Estimate
-
-    z = float(norm.ppf((1 + level) / 2))
-    return Estimate.normal(a.value + b.value, math.hypot(a.se, b.se), level, z)
-
-
-def _zero(level: float):
-    from isdelta.estimators import Estimate
-
-    return Estimate(0.0, 0.0, 0.0, 0.0, level)
-
-
-def base_point(first: Segment) -> Point:
-    """The base's H from its own samples (a plain mean, no importance weight): the first direct
-    segment's chosen method when valid, else its Rao–Blackwellised (or plain) SNIS H(p0)."""
-    d = first.decision
-    h, h_tok = (d.h0, d.h0_tok) if d.valid else first.source_entropy()
-    lv = h.level
-    return Point(0, "base", True, h, h_tok, _zero(lv), _zero(lv))
-
-
-def _out_of_bounds(h: float, h_tok: float, log_support: float | None) -> str | None:
-    """Why a chained level is impossible (entropy ≥ 0; per token ≤ ln|support|), else None."""
-    if h < 0 or h_tok < 0:
-        which = [f"H = {v:.4g} per {unit}" for v, unit in ((h, "sequence"), (h_tok, "token")) if v < 0]
-        return f"{' and '.join(which)} is negative"
-    if log_support is not None and h_tok > log_support:
-        return f"H per token {h_tok:.4g} is above ln|support| = {log_support:.4g}"
-    return None
-
-
-def chain(direct: list[Segment], steps: list[Segment], level: float, log_support: float | None = None) -> list[Point]:
-    """The trajectory's rows from the direct segments (base → k, k = 1 … h, the last one the first
-    not valid, or all K valid) and the consecutive ones past the horizon ((h−1) → h, …, (K−1) → K).
-
-    The anchor is h − 1 (the base itself when h = 1): H and ΔH of a chained row are the anchor's
-    plus the sum of the steps, their SEs the root sum of squares (independent sample sets). A step
-    that is not valid, or a chained level outside the physical bounds (H < 0, or per token above
-    ``log_support``), ends the chain: its row and every later one are not valid.
-    """
-    points = [base_point(direct[0])]
-    for seg in direct:
-        d = seg.decision
-        if not d.valid:
-            break
-        points.append(Point(seg.target, "direct", True, d.h1, d.h1_tok, d.delta, d.delta_tok, seg))
-    broken = None  # the first step that was not valid: every row from it on is not valid
-    for seg in steps:
-        prev, d = points[-1], seg.decision
-        if seg.source != prev.k or seg.target != prev.k + 1:
-            raise ValueError(f"chain: step {seg.source}→{seg.target} does not follow checkpoint {prev.k}")
-        if broken is None and not d.valid:
-            broken = f"step {seg.source}→{seg.target} (not valid)"
-            points.append(Point(seg.target, "chained", False, step=seg, reason=f"{broken}: {d.reason}"))
-        elif broken is not None:
-            why = f"the chain broke at {broken}, so this level is unknown"
-            points.append(Point(seg.target, "chained", False, step=seg, reason=why))
-        else:
-            h, h_tok = _add(prev.h, d.delta, level), _add(prev.h_tok, d.delta_tok, level)
-            delta, delta_tok = _add(prev.delta, d.delta, level), _add(prev.delta_tok, d.delta_tok, level)
-            if why := _out_of_bounds(h.value, h_tok.value, log_support):  # each step valid, their sum not
-                broken = f"step {seg.source}→{seg.target} (its sum out of bounds)"
-                why = f"the chained {why}: the steps' errors added up past a physical bound"
-                points.append(Point(seg.target, "chained", False, step=seg, reason=why))
-                continue
-            points.append(Point(seg.target, "chained", True, h, h_tok, delta, delta_tok, seg))
-    return points
-
-
-def horizon(direct: list[Segment]) -> int | None:
-    """The IS horizon: the first checkpoint whose direct estimate is not valid (None: none)."""
-    return next((s.target for s in direct if not s.decision.valid), None)
 
 
 # --------------------------------------------------------------------------- the stages

@@ -342,8 +342,9 @@ class EntropyMonitor:
             tuple(notes) + warned,
             tokens=tokens,
             headline=chosen,
+            valid_tok=failure is None or (chosen is not None and chosen.valid_tok),
         )
-        self._report(failure, step)
+        self._report(failure, step, result.valid_tok)
         return result
 
     def _support_size(self) -> int | None:
@@ -393,12 +394,12 @@ class EntropyMonitor:
             return None, (failure if failure is not None else ("; ".join(errors), None))
         return merge([p["rows"] for p in parts]), None
 
-    def _report(self, failure, step: int) -> None:
-        """strict: raise; else warn once per kind of failure."""
+    def _report(self, failure, step: int, valid_tok: bool = False) -> None:
+        """strict: raise (unless the per-token level holds); else warn once per kind of failure."""
         if failure is None:
             return
         reason, exc = failure
-        if self.config.strict:
+        if self.config.strict and not valid_tok:
             if exc is not None:
                 raise exc
             raise MonitorError(f"EntropyMonitor step {step}: {reason}")

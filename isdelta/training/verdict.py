@@ -110,8 +110,9 @@ class MonitorResult:
     ----------
     step : int
     valid : bool
-        False when the step could not be measured, or the headline policy found no method whose
-        preconditions hold on the step's samples (``headline.reason``, ``headline.advice``).
+        The per-sequence verdict: False when the step could not be measured, or the headline
+        policy found no method whose preconditions hold on the step's samples, or only its
+        per-token level holds (``headline.reason``, ``headline.advice``).
     reason : str or None
         Why ``valid`` is False (with what would make the step readable, when known).
     estimate : EntropyDelta or None
@@ -133,6 +134,10 @@ class MonitorResult:
     headline : Headline or None
         The policy's choice (:func:`isdelta.estimators.headline`): the method, why, and the
         estimates ``delta``, ``delta_tok``, ``h0``, ``h1``… that this result reports.
+    valid_tok : bool
+        The per-token verdict: True whenever ``valid`` is, and also when only the per-token
+        level holds (long completions whose sequence-level weights cannot be read): then
+        ``delta_tok``, ``h0_tok``, ``h1_tok`` are reported and the per-sequence ones are None.
     """
 
     step: int
@@ -147,14 +152,20 @@ class MonitorResult:
     warnings: tuple[str, ...] = ()
     tokens: TokenDelta | None = None
     headline: Headline | None = None
+    valid_tok: bool | None = None  # None: the same as ``valid``
+
+    def __post_init__(self) -> None:
+        if self.valid_tok is None or self.valid:
+            object.__setattr__(self, "valid_tok", bool(self.valid or self.valid_tok))
 
     @property
     def method(self) -> str:
-        """The headline's estimator: "cv", "pd", "pd_sn", "snis_rb", "snis", or "none" (not valid)."""
-        return self.headline.method if self.headline is not None and self.valid else "none"
+        """The headline's estimator: "cv", "pd", "pd_sn", "snis_rb", "snis", or "none" (no level valid)."""
+        return self.headline.method if self.headline is not None and self.valid_tok else "none"
 
     def _pick(self, name: str) -> Estimate | None:
-        return getattr(self.headline, name) if self.headline is not None and self.valid else None
+        ok = self.valid_tok if name.endswith("_tok") else self.valid
+        return getattr(self.headline, name) if self.headline is not None and ok else None
 
     @property
     def delta(self) -> Estimate | None:
@@ -163,7 +174,7 @@ class MonitorResult:
 
     @property
     def delta_tok(self) -> Estimate | None:
-        """ΔH per token (entropy rate, nats) by ``method``; None when the step is not valid."""
+        """ΔH per token (entropy rate, nats) by ``method``; None when ``valid_tok`` is False."""
         return self._pick("delta_tok")
 
     @property
@@ -184,24 +195,27 @@ class MonitorResult:
         """A flat ``{name: float}`` for any logger (nats; NaN where there is no valid number).
 
         Keys (after ``prefix``): the headline ``delta``, ``delta_se``, ``delta_ci_low``,
-        ``delta_ci_high``, ``delta_tok``, ``delta_tok_ci_low``, ``delta_tok_ci_high``, ``h0``,
+        ``delta_ci_high``, ``delta_tok``, ``delta_tok_se``, ``delta_tok_ci_low``, ``delta_tok_ci_high``, ``h0``,
         ``h1`` and per token ``h0_tok``, ``h1_tok`` (the figure trainers log as ``entropy``), by
         ``method``, itself logged as a number (``method``: 0 none, 1 snis, 2 snis_rb, 3 pd_sn,
         4 cv, 5 pd; :data:`isdelta.estimators.METHOD_CODES`); beside them sequence-level SNIS
         ``delta_snis``, ``delta_snis_se``, ``delta_snis_ci_low``, ``delta_snis_ci_high``,
         ``delta_tok_snis``; ``direct`` and ``path_shift`` (per-decision split of ΔH, NaN without
         it), ``delta1`` (first-order prediction), ``kl``, ``ess_frac``, ``khat``,
-        ``prefix_ess_frac`` (smallest prefix-weight ESS/G), ``valid``, ``per_decision``,
-        ``rao_blackwell`` (1.0 / 0.0), ``n_rows``, ``seconds``. Estimates are NaN when the
-        result is invalid (a logger that averages over steps must not mix in unreliable
-        values); the diagnostics ``ess_frac``, ``khat`` and ``kl`` stay, as they say why.
+        ``prefix_ess_frac`` (smallest prefix-weight ESS/G), ``valid`` (the per-sequence verdict),
+        ``valid_tok`` (the per-token one), ``per_decision``, ``rao_blackwell`` (1.0 / 0.0),
+        ``n_rows``, ``seconds``. Estimates are NaN where their level is not valid (a logger that
+        averages over steps must not mix in unreliable values): with ``valid_tok`` = 1 and
+        ``valid`` = 0, only the per-token ones (``delta_tok``, ``h0_tok``, ``h1_tok``) have
+        values; the diagnostics ``ess_frac``, ``khat`` and ``kl`` stay, as they say why.
         """
         nan = float("nan")
         est, ok = self.estimate, self.valid and self.estimate is not None
+        ok_tok = self.valid_tok and self.estimate is not None
         tk = self.tokens if ok else None
 
         def val(e: Estimate | None, attr: str = "value") -> float:
-            return getattr(e, attr) if (ok and e is not None) else nan
+            return getattr(e, attr) if (ok_tok and e is not None) else nan  # _pick gates each level
 
         d, dt, ds = self.delta, self.delta_tok, self.delta_snis
         out = {
@@ -210,15 +224,16 @@ class MonitorResult:
             "delta_ci_low": val(d, "ci_low"),
             "delta_ci_high": val(d, "ci_high"),
             "delta_tok": val(dt),
+            "delta_tok_se": val(dt, "se"),
             "delta_tok_ci_low": val(dt, "ci_low"),
             "delta_tok_ci_high": val(dt, "ci_high"),
             **{k: val(self._pick(k)) for k in ("h0", "h1", "h0_tok", "h1_tok")},
-            "method": float(self.headline.code) if self.headline is not None and self.valid else 0.0,
-            "delta_snis": val(ds),
-            "delta_snis_se": val(ds, "se"),
-            "delta_snis_ci_low": val(ds, "ci_low"),
-            "delta_snis_ci_high": val(ds, "ci_high"),
-            "delta_tok_snis": val(self.delta_tok_snis),
+            "method": float(self.headline.code) if self.headline is not None and self.valid_tok else 0.0,
+            "delta_snis": val(ds) if ok else nan,
+            "delta_snis_se": val(ds, "se") if ok else nan,
+            "delta_snis_ci_low": val(ds, "ci_low") if ok else nan,
+            "delta_snis_ci_high": val(ds, "ci_high") if ok else nan,
+            "delta_tok_snis": val(self.delta_tok_snis) if ok else nan,
             "direct": val(tk.direct if tk else None),
             "path_shift": val(tk.path_shift if tk else None),
             "delta1": est.delta1.value if ok else nan,
@@ -227,6 +242,7 @@ class MonitorResult:
             "khat": est.khat if est is not None else nan,
             "prefix_ess_frac": tk.prefix_ess_frac_min if tk is not None else nan,
             "valid": float(self.valid),
+            "valid_tok": float(self.valid_tok),
             "per_decision": float(self.tokens is not None),
             "rao_blackwell": float(self.rao_blackwell),
             "n_rows": float(self.n_rows),
@@ -240,6 +256,7 @@ class MonitorResult:
         out.update(
             step=self.step,
             valid=self.valid,
+            valid_tok=self.valid_tok,
             reason=self.reason,
             n_dropped=self.n_dropped,
             old_logp_gap=self.old_logp_gap,
@@ -252,6 +269,8 @@ class MonitorResult:
         return out
 
     def __str__(self) -> str:
+        if self.valid_tok and not self.valid:
+            return f"step {self.step}: ΔH per token {self.delta_tok} ({self.method}); per sequence not valid ({self.reason})"
         if not self.valid:
             return f"step {self.step}: invalid ({self.reason})"
         line = f"step {self.step}: ΔH {self.delta} | per token {self.delta_tok}"

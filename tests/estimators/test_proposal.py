@@ -441,9 +441,10 @@ def _step(alpha_q: float, alpha1: float = 0.1, g: int = 64):
 def test_headline_reads_a_step_from_a_near_proposal_and_says_why():
     snis, cv, sn = _step(-0.05)
     h = headline(snis, cv, sn, support_size=4)
-    assert h.valid and h.method == "cv"
+    # cv, or pd_sn where the tail of cv's per-row terms is too heavy (issue 26's check)
+    assert h.valid and h.method in ("cv", "pd_sn")
     assert "ESS / S of p0/q (pooled)" in h.why and "mean ratio p1/q" in h.why
-    assert any(c.name == "prefix ESS / G of p0/q (smallest)" and c.passed for c in h.checks["cv"])
+    assert any(c.name == "prefix ESS / G of p0/q (smallest)" and c.passed for c in h.checks[h.method])
 
 
 def test_headline_refuses_a_step_whose_proposal_is_far_from_p0():

@@ -52,7 +52,14 @@ def row_sums(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def assert_valid_or_refused(h) -> None:
     if not h.valid:
-        assert h.method == "none" and h.reason and h.delta is None
+        assert h.reason and h.delta is None and h.h0 is None and h.h1 is None
+        if not h.valid_tok:
+            assert h.method == "none" and h.delta_tok is None
+            return
+        tok = [h.delta_tok, h.h0_tok, h.h1_tok]  # the per-token level alone: finite and bounded
+        assert all(math.isfinite(e.value) and math.isfinite(e.se) for e in tok), tok
+        assert 0 <= h.h1_tok.value <= math.log(SUPPORT) and h.delta_tok.value >= -h.h0_tok.value
+        assert not all(c.passed for c in h.checks[h.method])  # a sequence-level check failed
         return
     picked = [h.delta, h.delta_tok, h.h0, h.h1, h.h0_tok, h.h1_tok]
     assert all(math.isfinite(e.value) and math.isfinite(e.se) for e in picked), picked

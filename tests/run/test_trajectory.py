@@ -135,7 +135,7 @@ def test_chained_trajectory_matches_exact_entropies(result, char_tok):
     assert kinds[0] == "base" and "direct" in kinds and "chained" in kinds
     exact = [exact_entropy(p, char_tok) for p in paths]
     for r in rows:
-        assert r["valid"], r["reason"]
+        assert r["valid"] and r["valid_tok"], r["reason"]
         h, h_tok = exact[r["k"]]
         for key, truth in (("h", h), ("h_tok", h_tok), ("delta", h - exact[0][0]), ("delta_tok", h_tok - exact[0][1])):
             if r["kind"] == "base" and key.startswith("delta"):
@@ -147,6 +147,13 @@ def test_chained_trajectory_matches_exact_entropies(result, char_tok):
     assert [int(r["k"]) for r in csv_rows] == list(range(K + 1))
     assert [r["kind"] for r in csv_rows] == kinds
     assert float(csv_rows[-1]["h"]) == pytest.approx(rows[-1]["h"])
+    # the own-sample check ran wherever a checkpoint sampled itself past the base (the sources of
+    # the chained steps), and nowhere else
+    h = report["horizon"]
+    sampled = set(range(max(h - 1, 1), K))
+    assert {int(r["k"]) for r in csv_rows if r["own_z"] != ""} == sampled
+    assert {int(r["k"]) for r in csv_rows if r["own_z_tok"] != ""} == sampled
+    assert all(r["valid_tok"] == "True" for r in csv_rows)
     assert (root / "out" / "trajectory.png").stat().st_size > 0
     assert "◀ horizon" in (root / "out" / "trajectory.md").read_text()
 
@@ -193,38 +200,173 @@ def test_a_second_run_reuses_every_saved_part(result, monkeypatch):
     assert calls == [1] and third["rows"] == report["rows"]
 
 
+# --------------------------------------------------------------------------- chain() on hand-built segments
+# A series with known entropies: H(k) = 5 + 0.5·k per sequence, 1 + 0.1·k per token, every
+# estimate ± 0.1; a segment's own-sample means are its source's H unless a test moves them.
+def _est(v, se=0.1):
+    from isdelta.estimators import Estimate
+
+    return Estimate.normal(v, se, 0.95, 1.96)
+
+
+def _seg(a, b, level="both", own=None, reason="ESS too small"):
+    """The segment a → b, valid at ``level`` ("both", "tok": per token only, "none"), with the
+    source's own-sample means ``own`` = (H, H per token) (default: the true ones)."""
+    from isdelta.estimators import Headline
+    from isdelta.run.trajectory import Segment
+
+    h, h_tok = (lambda k: 5 + 0.5 * k), (lambda k: 1 + 0.1 * k)
+    tok = dict(delta_tok=_est(h_tok(b) - h_tok(a)), h0_tok=_est(h_tok(a)), h1_tok=_est(h_tok(b)))
+    if level == "both":
+        d = Headline(True, "cv", "", delta=_est(h(b) - h(a)), h0=_est(h(a)), h1=_est(h(b)), **tok)
+    elif level == "tok":
+        d = Headline(False, "cv", "", reason=reason, valid_tok=True, **tok)
+    else:
+        d = Headline(False, "none", "", reason=reason)
+    o_h, o_tok = own or (h(a), h_tok(a))
+    res = types.SimpleNamespace(h0=_est(o_h), h0_rb=None, h0_tok=_est(o_tok), h0_tok_rb=None)
+    res.__dict__.update(ess=29.0, ess_frac=0.9, khat=0.2, kl=0.01)  # the report's diagnostics
+    return Segment(a, b, res, d)
+
+
+def _rows(pts):
+    return [(p.k, p.kind, p.valid, p.valid_tok) for p in pts]
+
+
 def test_chain_stops_at_a_step_that_is_not_valid():
-    """A chained step the headline policy rejects ends the chain: that row and every later one are
-    not valid, with the reason, and carry no number."""
-    from isdelta.estimators import Estimate, Headline
-    from isdelta.run.trajectory import Segment, chain
+    """A chained step the headline policy rejects at both levels ends the chain: that row and
+    every later one are not valid, with the reason, and carry no number."""
+    from isdelta.run.trajectory import chain
 
-    def est(v, se=0.1):
-        return Estimate.normal(v, se, 0.95, 1.96)
-
-    res = types.SimpleNamespace(h0=est(5.0), h0_rb=None, h0_tok=est(1.0), h0_tok_rb=None)
-
-    def seg(a, b, valid, dv=0.5):
-        d = Headline(valid, "cv" if valid else "none", "", reason=None if valid else "ESS too small")
-        if valid:
-            d = Headline(True, "cv", "", delta=est(dv), delta_tok=est(dv / 5), h0=est(5.0), h1=est(5 + dv * b),
-                         h0_tok=est(1.0), h1_tok=est(1 + dv * b / 5))  # fmt: skip
-        return Segment(a, b, res, d)
-
-    direct = [seg(0, 1, True), seg(0, 2, False)]
-    pts = chain(direct, [seg(1, 2, True), seg(2, 3, False), seg(3, 4, True)], 0.95)
-    assert [(p.k, p.kind, p.valid) for p in pts] == [
-        (0, "base", True),
-        (1, "direct", True),
-        (2, "chained", True),
-        (3, "chained", False),
-        (4, "chained", False),
+    direct = [_seg(0, 1), _seg(0, 2, "none")]
+    pts = chain(direct, [_seg(1, 2), _seg(2, 3, "none"), _seg(3, 4)], 0.95)
+    assert _rows(pts) == [
+        (0, "base", True, True),
+        (1, "direct", True, True),
+        (2, "chained", True, True),
+        (3, "chained", False, False),
+        (4, "chained", False, False),
     ]
     assert pts[2].delta.value == pytest.approx(1.0) and pts[2].delta.se == pytest.approx(math.hypot(0.1, 0.1))
-    assert "step 2→3 (not valid): ESS too small" in pts[3].reason and pts[3].h is None
-    assert "chain broke at step 2→3" in pts[4].reason and pts[4].delta is None
+    assert pts[3].reason == "step 2→3 (not valid): ESS too small" and pts[3].h is None and pts[3].h_tok is None
+    assert "chain broke at step 2→3" in pts[4].reason and pts[4].delta is None and pts[4].delta_tok is None
     with pytest.raises(ValueError, match="does not follow"):
-        chain(direct, [seg(2, 3, True)], 0.95)
+        chain(direct, [_seg(2, 3)], 0.95)
+
+
+def test_a_step_valid_per_token_only_breaks_the_sequence_chain_and_keeps_the_token_chain():
+    """(a) Step 2→3 holds per token only: rows 3 and 4 lose H per sequence (the reason names the
+    level) and keep H per token, the sum of the steps: values add, SEs in quadrature."""
+    from isdelta.run.trajectory import chain
+
+    pts = chain([_seg(0, 1), _seg(0, 2, "none")], [_seg(1, 2), _seg(2, 3, "tok", reason="gap"), _seg(3, 4)], 0.95)
+    assert _rows(pts)[2:] == [(2, "chained", True, True), (3, "chained", False, True), (4, "chained", False, True)]
+    assert pts[3].reason == "per sequence: step 2→3 (not valid): gap"
+    assert pts[4].reason == "per sequence: the chain broke at step 2→3 (not valid), so this level is unknown"
+    for p in pts[3:]:
+        assert p.h is None and p.delta is None
+        assert p.h_tok.value == pytest.approx(1 + 0.1 * p.k) and p.delta_tok.value == pytest.approx(0.1 * p.k)
+        assert p.h_tok.se == pytest.approx(0.1 * math.sqrt(p.k))  # direct row 1, then k − 1 steps
+
+
+def test_a_horizon_the_base_reaches_per_token_keeps_its_direct_value_there():
+    """The horizon is where the per-sequence level fails; the direct segment's per-token value at
+    that row is reported (kind_tok "direct", its own SE) and the per-token chain starts there."""
+    from isdelta.run.trajectory import chain, horizon
+
+    direct = [_seg(0, 1), _seg(0, 2, "tok", reason="gap")]
+    assert horizon(direct) == 2
+    pts = chain(direct, [_seg(1, 2), _seg(2, 3)], 0.95)
+    assert _rows(pts) == [(0, "base", True, True), (1, "direct", True, True), (2, "chained", True, True), (3, "chained", True, True)]  # fmt: skip
+    assert [p.kind_tok for p in pts] == ["base", "direct", "direct", "chained"]
+    assert pts[2].h.se == pytest.approx(math.hypot(0.1, 0.1))  # per sequence: anchor 1 + step 1→2
+    assert pts[2].h_tok.se == pytest.approx(0.1) and pts[2].h_tok.value == pytest.approx(1.2)  # direct
+    assert pts[3].h_tok.se == pytest.approx(math.hypot(0.1, 0.1)) and pts[3].delta_tok.value == pytest.approx(0.3)
+    alone = chain(direct, [], 0.95)  # no chained step: the horizon's row is direct, per token only
+    assert _rows(alone)[2] == (2, "direct", False, True) and alone[2].h is None
+    assert alone[2].h_tok.value == pytest.approx(1.2) and "gap" in alone[2].reason
+
+
+def test_an_anchor_that_disagrees_with_its_own_samples_per_sequence_loses_that_level():
+    """(b) Checkpoint 1's own samples say H = 6.0 ± 0.1 and the base's samples weighted to it
+    5.5 ± 0.1: z = 0.5 / √0.02 = 3.54 > Φ⁻¹(1 − 0.05/4) = 2.24. Row 1 and the chained rows built on
+    it lose the per-sequence level, with both numbers, z and the threshold; per token (own samples
+    agree) every row stays valid."""
+    from isdelta.run.trajectory import chain
+
+    steps = [_seg(1, 2, own=(6.0, 1.1)), _seg(2, 3)]
+    pts = chain([_seg(0, 1), _seg(0, 2, "none")], steps, 0.95)
+    assert _rows(pts) == [(0, "base", True, True), (1, "direct", False, True), (2, "chained", False, True), (3, "chained", False, True)]  # fmt: skip
+    assert pts[1].own_z == pytest.approx(0.5 / math.sqrt(0.02)) and pts[1].own_z_tok == pytest.approx(0.0)
+    assert pts[1].reason == (
+        "per sequence: H per sequence 5.5 ± 0.1 from the base's samples disagrees with checkpoint 1's own samples "
+        "6 ± 0.1 (z = 3.54 > 2.24)"
+    )
+    assert pts[1].h is None and pts[1].h_tok.value == pytest.approx(1.1)
+    for p in pts[2:]:
+        assert "the anchor's H per sequence disagreed with its own samples" in p.reason and p.h is None
+        assert p.h_tok.value == pytest.approx(1 + 0.1 * p.k)
+    assert pts[0].own_z is None and pts[3].own is None  # the base is its own mean; k = 3 did not sample
+
+
+def test_own_samples_within_the_threshold_leave_the_row_valid():
+    """(c) Own samples 0.3 above the weighted value: z = 0.3 / √0.02 = 2.12 ≤ 2.24, valid."""
+    from isdelta.run.trajectory import chain
+
+    pts = chain([_seg(0, 1), _seg(0, 2, "none")], [_seg(1, 2, own=(5.8, 1.1)), _seg(2, 3)], 0.95)
+    assert all(p.valid and p.valid_tok for p in pts) and pts[1].reason is None
+    assert pts[1].own_z == pytest.approx(0.3 / math.sqrt(0.02)) and pts[2].own_z == pytest.approx(0.0)
+
+
+def test_a_chained_row_that_disagrees_per_token_ends_that_chain_and_keeps_the_other():
+    """(d) Checkpoint 2 (chained) samples H per token 1.6 against the chain's 1.2 ± 0.14: rows 2–4
+    lose the per-token level, their per-sequence level goes on (the sum of the steps)."""
+    from isdelta.run.trajectory import chain
+
+    steps = [_seg(1, 2), _seg(2, 3, own=(6.0, 1.6)), _seg(3, 4)]
+    pts = chain([_seg(0, 1), _seg(0, 2, "none")], steps, 0.95)
+    assert _rows(pts)[2:] == [(2, "chained", True, False), (3, "chained", True, False), (4, "chained", True, False)]
+    assert "disagrees with checkpoint 2's own samples 1.6 ± 0.1 (z = 2.31 > 2.24)" in pts[2].reason
+    assert pts[2].reason.startswith("per token: H per token 1.2 ± 0.14 from the chain")
+    for p in pts[3:]:
+        assert p.reason == (
+            "per token: the chain broke at k = 2 (its H per token disagreed with its own samples), so this level is unknown"
+        )
+        assert (
+            p.h_tok is None and p.h.value == pytest.approx(5 + 0.5 * p.k) and p.delta.value == pytest.approx(0.5 * p.k)
+        )
+
+
+def test_own_sample_threshold_is_bonferroni_over_the_two_levels():
+    """Each level's two-sided tail at the threshold is (1 − level)/2, so a row's ≤ 1 − level."""
+    from scipy.stats import norm
+
+    from isdelta.run.trajectory import own_sample_z
+
+    assert own_sample_z(0.95) == pytest.approx(2.2414, abs=1e-4)
+    for level in (0.9, 0.95, 0.99):
+        assert 2 * norm.sf(own_sample_z(level)) == pytest.approx((1 - level) / 2)
+    with pytest.raises(ValueError, match="level must lie in"):
+        own_sample_z(95)
+
+
+def test_the_report_marks_each_level(tmp_path):
+    """trajectory.csv's rows carry both verdicts and the z values; the table says which level
+    failed; the plot draws with one level missing on some rows."""
+    from isdelta.run.trajectory import chain
+    from isdelta.run.trajectory_report import plot_trajectory, point_rows, trajectory_markdown
+
+    pts = chain([_seg(0, 1), _seg(0, 2, "none")], [_seg(1, 2, own=(6.0, 1.1)), _seg(2, 3)], 0.95)
+    cks = [types.SimpleNamespace(name=f"c{k}", model=types.SimpleNamespace(path=f"p{k}")) for k in range(4)]
+    rows = point_rows(pts, cks, 2)
+    assert [(r["valid"], r["valid_tok"]) for r in rows] == [(True, True), (False, True), (False, True), (False, True)]
+    assert rows[1]["own_z"] == pytest.approx(3.5355, abs=1e-4) and rows[1]["h_own"] == 6.0
+    assert rows[3]["own_z"] is None and rows[0]["own_z"] is None and rows[2]["own_z_tok"] == pytest.approx(0.0)
+    md = "\n".join(trajectory_markdown(rows, 2, 0.95, "ESS too small"))
+    assert "| **no** / yes |" in md and "- k = 1: not valid per sequence: H per sequence 5.5" in md
+    assert "z > 2.24" in md and "| 3.54 / 0.00 |" in md
+    plot_trajectory(tmp_path / "t.png", rows, 2)
+    assert (tmp_path / "t.png").stat().st_size > 0
 
 
 BASE = {"model": {"path": "smollm2-135m-instruct"}, "data": {"path": "builtin:math"}}

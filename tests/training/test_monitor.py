@@ -359,6 +359,7 @@ def test_scalar_keys_and_bad_options(models, rng):
         "delta_ci_low",
         "delta_ci_high",
         "delta_tok",
+        "delta_tok_se",  # issue 26: documented additions; the earlier keys are unchanged
         "delta_tok_ci_low",
         "delta_tok_ci_high",
         "h0",
@@ -379,6 +380,7 @@ def test_scalar_keys_and_bad_options(models, rng):
         "khat",
         "prefix_ess_frac",
         "valid",
+        "valid_tok",
         "per_decision",
         "rao_blackwell",
         "n_rows",
