@@ -317,19 +317,10 @@ def slim(h) -> dict:
 
 
 def without_sequence_check(call):
-    """``call()`` with the headline's sequence-level gap check switched off (threshold inf): the
-    verdict the policy gave before issue 26, for calibrating that check's threshold."""
-    from isdelta.estimators import checks
-
-    names = ("TERMS_KHAT", "TERMS_KHAT_TOK", "LENGTH_SHIFT")
-    keep = {k: getattr(checks, k) for k in names}
-    for k in names:
-        setattr(checks, k, math.inf)
-    try:
+    """``call()`` with the checks issue 26 added switched off: the verdict the policy gave before
+    it, for calibrating their thresholds."""
+    with truth_long.thresholds(*(math.inf for _ in truth_long.NAMES)):
         return call()
-    finally:
-        for k, v in keep.items():
-            setattr(checks, k, v)
 
 
 def length_ess_frac(a: dict, b: dict) -> float:

@@ -17,6 +17,7 @@ temperature 1, no top-k / top-p.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -87,24 +88,32 @@ def grid_key(seq: float, tok: float, shift: float) -> str:
     return f"seq{seq:g}_tok{tok:g}_shift{shift:g}"
 
 
-def threshold_grid(call) -> dict:
-    """The headline ``call()`` under every candidate threshold: {key: (valid, valid_tok, method,
-    ΔH, SE, ΔH per token, SE)} (None where that level is not valid)."""
+@contextlib.contextmanager
+def thresholds(*values: float):
+    """The issue-26 thresholds (``NAMES``, in order) set to ``values`` inside the block, restored
+    after (inf switches a check off)."""
     from isdelta.estimators import checks
 
     keep = {k: getattr(checks, k) for k in NAMES}
-    out = {}
     try:
-        for combo in itertools.product(KHAT_SEQ, KHAT_TOK, SHIFT):
-            for k, v in zip(NAMES, combo):
-                setattr(checks, k, v)
-            h = call()
-            d = (h.delta.value, h.delta.se) if h.valid else (None, None)
-            t = (h.delta_tok.value, h.delta_tok.se) if h.valid_tok else (None, None)
-            out[grid_key(*combo)] = (h.valid, h.valid_tok, h.method, *d, *t)
+        for k, v in zip(NAMES, values):
+            setattr(checks, k, v)
+        yield
     finally:
         for k, v in keep.items():
             setattr(checks, k, v)
+
+
+def threshold_grid(call) -> dict:
+    """The headline ``call()`` under every candidate threshold: {key: (valid, valid_tok, method,
+    ΔH, SE, ΔH per token, SE)} (None where that level is not valid)."""
+    out = {}
+    for combo in itertools.product(KHAT_SEQ, KHAT_TOK, SHIFT):
+        with thresholds(*combo):
+            h = call()
+        d = (h.delta.value, h.delta.se) if h.valid else (None, None)
+        t = (h.delta_tok.value, h.delta_tok.se) if h.valid_tok else (None, None)
+        out[grid_key(*combo)] = (h.valid, h.valid_tok, h.method, *d, *t)
     return out
 
 
