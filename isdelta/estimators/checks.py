@@ -14,6 +14,7 @@ from isdelta.estimators.results import EntropyDelta, TokenDelta
 __all__ = [
     "LENGTH_SHIFT",
     "SUPPORT_MAX",
+    "TAIL_UNCHECKED_TOKENS",
     "TERMS_KHAT",
     "TERMS_KHAT_TOK",
     "Check",
@@ -40,6 +41,10 @@ TERMS_KHAT = 0.7
 TERMS_KHAT_TOK = 0.7
 LENGTH_SHIFT = 0.05  # the sequence level: |E_p1[L] / E_p0[L] − 1| ≤ max(5%, 1 token / E_p0[L])
 LENGTH_SHIFT_TOKENS = 1.0
+# the sequence level on long completions needs its tail checked: with fewer than MIN_TAIL_FIT (25)
+# nonzero per-row terms k̂ cannot be fitted, and completions averaging more than this many tokens
+# under p0 then refuse ΔH per sequence (at 512 tokens, G = 8 × 2 prompts, such sets covered 4 of 6)
+TAIL_UNCHECKED_TOKENS = 64.0
 PER_SEQUENCE = "per sequence"  # the bounds whose name says so gate the sequence level only
 SEQUENCE_ONLY = (
     "the per-token headline (delta_tok) is reported, ΔH per sequence is not. ΔH per sequence sums a "
@@ -158,10 +163,14 @@ def _terms_check(est, first: TokenDelta | None, tok: bool) -> list[Check]:
         return []
     own = est if isinstance(est, TokenDelta) else first
     k = own.terms_khat_tok if tok else own.terms_khat
-    if k is None:
-        return []
     unit = "per token" if tok else PER_SEQUENCE
     name = f"Pareto k̂ of {own.method}'s per-row terms of ΔH {unit} (their tail: the interval's footing)"
+    if k is None:
+        if tok or not (math.isfinite(TERMS_KHAT) and own.mean_length0 > TAIL_UNCHECKED_TOKENS):
+            return []
+        # too few rows for the fit, on completions long enough for the tail to matter: refused
+        name += f", not estimable (< 25 nonzero terms) at {own.mean_length0:.0f} tokens > {TAIL_UNCHECKED_TOKENS:g}"
+        return [Check(name, math.nan, "≤", TERMS_KHAT)]
     return [Check(name, k, "≤", TERMS_KHAT_TOK if tok else TERMS_KHAT)]
 
 

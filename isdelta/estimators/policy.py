@@ -62,7 +62,10 @@ completions p1 favours (a heavy tail: the interval's SE has no footing), and the
 tell which of its sets missed them. The per-token rate, a ratio of two sums over the same prefix
 weights, cancels most of that; it needs only k̂ of its own terms ≤ ``TERMS_KHAT_TOK``. SNIS weighs a
 whole completion by its full-sequence ratio, so it is never the per-token-only headline. The k̂
-checks need ``MIN_TAIL_FIT`` = 25 nonzero terms; with fewer rows they are left out. On the real
+checks need ``MIN_TAIL_FIT`` = 25 nonzero terms; with fewer rows they are left out, except that
+the sequence level is refused when its tail cannot be checked on completions averaging more than
+``TAIL_UNCHECKED_TOKENS`` = 64 tokens (at 512 tokens, G = 8 × 2 prompts, the sets kept without it
+covered 4 of 6). On the real
 model (``benchmarks/bench_truth.py --suite long``, 128 and 512 tokens) and on a bigram model with
 exact entropies (``tests/estimators/test_long_completions.py``): benchmarks/README.md, "Long
 completions".

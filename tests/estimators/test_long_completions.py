@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from isdelta.estimators import EstimatorWarning, estimate, estimate_tokens, headline
+from isdelta.estimators.checks import sequence_checks, token_checks
 
 V, P, G = 12, 4, 16
 STARTS = (1, 2, 3, 4)
@@ -153,3 +155,17 @@ def test_short_completions_of_the_same_model_keep_both_levels():
     assert np.mean([covers(h.delta, delta) for h in valid]) >= 0.85
     assert all(h.valid_tok for h in valid)
     assert math.isfinite(delta) and math.isfinite(delta_tok)
+
+
+def test_an_unchecked_tail_refuses_the_sequence_level_on_long_completions_only(long_step):
+    """Too few rows to fit k̂ of the per-sequence terms: refused when completions average more than
+    64 tokens (at 512 tokens and 16 rows the sets kept without a tail check covered 4 of 6), left
+    out below (short answers: nothing to refuse on)."""
+    _, toks, _ = long_step[0][0]
+    few = replace(toks[0], terms_khat=None, mean_length0=100.0, mean_length1=100.0)
+    failed = [c for c in sequence_checks(few, few) if not c.passed]
+    assert len(failed) == 1 and "not estimable (< 25 nonzero terms) at 100 tokens > 64" in failed[0].name
+    assert "per sequence" in failed[0].name  # gates the sequence level only
+    short = replace(few, mean_length0=40.0, mean_length1=40.0)
+    assert all(c.passed for c in sequence_checks(short, short))
+    assert token_checks(few, few) == [] or all(c.passed for c in token_checks(few, few))
