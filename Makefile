@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo demo-gemma trajectory-demo score-demo predictor-demo vllm-setup test-vllm demo-vllm test test-all test-fast lint format clean
+.PHONY: setup demo demo-gemma trajectory-demo score-demo predictor-demo vllm-setup test-vllm demo-vllm verl-setup test-verl test test-all test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,25 @@ test-vllm: $(VSTAMP)
 demo-vllm: $(VSTAMP)
 	$(VPY) -m isdelta.run configs/demo.yaml --set sampling.backend=vllm --set output.dir=runs/demo_vllm
 
+XVENV  := .venv-verl
+XPY    := $(XVENV)/bin/python
+XSTAMP := $(XVENV)/.installed
+
+# verl in its own environment: verl 0.9.1 needs transformers<5.11 (.venv resolves 5.24)
+$(XSTAMP): pyproject.toml
+	$(PYTHON) -m venv $(XVENV)
+	$(XPY) -m pip install -q --upgrade pip
+	$(XPY) -m pip install -q $(TORCH)
+	$(XPY) -m pip install -q -e ".[test,verl]"
+	touch $(XSTAMP)
+
+verl-setup: $(XSTAMP)
+
+# the verl adapter with verl's real actor worker on the CPU (tests/with_verl; skipped in `make test`)
+# and its framework-free half again beside verl's transformers
+test-verl: $(XSTAMP)
+	$(XPY) -m pytest -q -p no:cacheprovider tests/with_verl tests/integrations/test_verl_rows.py
+
 demo: $(STAMP)
 	$(PY) -m isdelta.run configs/demo.yaml
 
@@ -70,8 +89,8 @@ predictor-demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# what CI runs (.ci/run): the suite, then the vLLM tests in their own environment
-test-all: test test-vllm
+# what CI runs (.ci/run): the suite, then the vLLM and the verl tests in their own environments
+test-all: test test-vllm test-verl
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
@@ -85,4 +104,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format isdelta tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) $(VVENV)
+	rm -rf $(VENV) $(VVENV) $(XVENV)

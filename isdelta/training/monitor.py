@@ -70,21 +70,13 @@ import torch
 
 from isdelta.engine.logprob import EngineConfig, check_fp32_weights
 from isdelta.engine.rollouts import Rollouts
-from isdelta.estimators import headline
 from isdelta.training.distributed import all_gather, world_size
 from isdelta.training.inputs import BATCH_KEYS, OLD_LOGP_GAP_WARN, InputChecks, snapshot_list
 from isdelta.training.model_state import free_memory, preserved
 from isdelta.training.options import MonitorConfig
 from isdelta.training.pinned import PinnedEngine
 from isdelta.training.rows import Snapshot, merge, row_sums, rows_of
-from isdelta.training.verdict import (
-    MonitorError,
-    MonitorResult,
-    MonitorWarning,
-    describe,
-    estimate_rows,
-    estimate_rows_per_decision,
-)
+from isdelta.training.verdict import MonitorError, MonitorResult, MonitorWarning, describe, judge_rows
 
 __all__ = [
     "BATCH_KEYS",
@@ -296,54 +288,18 @@ class EntropyMonitor:
         t0 = time.perf_counter()
         rows, failure = self._p1_rows(snaps, step)
         rows, failure = self._exchange(rows, failure)
-        est, per_decision, rb, n_dropped, notes = None, [], False, 0, []
-        c = self.config
-        if failure is None:
-            est, rb, n_dropped, notes, failure = estimate_rows(
-                rows, weights=c.weights, clip=c.clip, prompts=c.prompts, level=c.level
-            )
-        if failure is None and rows.get("token_entropy0") is not None:
-            methods = tuple(dict.fromkeys((c.per_decision, "pd", "pd_sn")))  # the policy's order, cv first
-            per_decision, failure = estimate_rows_per_decision(rows, methods=methods, prompts=c.prompts, level=c.level)
-        chosen = None
-        if failure is None:
-            try:
-                chosen = headline(est, *per_decision, support_size=self._support_size())
-            except Exception as exc:
-                failure = (f"the headline policy failed: {describe(exc)}", exc)
-            else:
-                if not chosen.valid:
-                    failure = (f"{chosen.reason} {chosen.advice}", None)
-        notes = list(dict.fromkeys(n for s in snaps for n in s.notes)) + notes  # what the input checks did
-        seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
+        judged = judge_rows(rows, self.config, failure=failure, support_size=self._support_size())
+        notes = list(dict.fromkeys(n for s in snaps for n in s.notes))  # what the input checks did
         gaps = [s.old_logp_gap for s in snaps if s.old_logp_gap is not None]
         gap = max(gaps) if gaps else None
         if gap is not None and gap > OLD_LOGP_GAP_WARN:
-            notes.append(
+            judged.notes.append(
                 f"old_logp differs from the engine's log p0 by up to {gap:.3g} nats: the "
                 "trainer scores (or samples) with a different transform or dtype."
             )
-        n_rows = 0 if rows is None else len(rows["log_p0"]) - n_dropped
-        reason = None if failure is None else failure[0]
-        # the per-decision result the headline chose (its direct / path-shift split is logged), else the first
-        chosen_method = chosen.method if chosen is not None else None
-        tokens = next((t for t in per_decision if t.method == chosen_method), per_decision[0] if per_decision else None)
-        warned = (est.warnings if est is not None else ()) + (tokens.warnings if tokens is not None else ())
-        result = MonitorResult(
-            step,
-            failure is None,
-            reason,
-            est,
-            rb,
-            n_rows,
-            n_dropped,
-            seconds,
-            gap,
-            tuple(notes) + warned,
-            tokens=tokens,
-            headline=chosen,
-            valid_tok=failure is None or (chosen is not None and chosen.valid_tok),
-        )
+        seconds = time.perf_counter() - t0 + sum(s.seconds for s in snaps)
+        result = judged.result(step, notes=notes, seconds=seconds, gap=gap)
+        failure = judged.failure
         self._report(failure, step, result.valid_tok)
         return result
 

@@ -11,15 +11,33 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from isdelta.estimators import EntropyDelta, Estimate, EstimatorWarning, Headline, TokenDelta, estimate, estimate_tokens
+from isdelta.estimators import (
+    EntropyDelta,
+    Estimate,
+    EstimatorWarning,
+    Headline,
+    TokenDelta,
+    estimate,
+    estimate_tokens,
+    headline,
+)
 from isdelta.training.rows import TOKEN_FIELDS, multi_row_groups
 
-__all__ = ["MonitorError", "MonitorResult", "MonitorWarning", "describe", "estimate_rows", "estimate_rows_per_decision"]
+__all__ = [
+    "Judgement",
+    "MonitorError",
+    "MonitorResult",
+    "MonitorWarning",
+    "describe",
+    "estimate_rows",
+    "estimate_rows_per_decision",
+    "judge_rows",
+]
 
 Failure = tuple[str, BaseException | None]  # (reason, the exception when there was one)
 
@@ -67,6 +85,8 @@ def estimate_rows(rows: dict, *, weights: str, clip: float | None, prompts: str,
             return None, False, n_dropped, notes, (reason, None)
         r = {k: (None if v is None else v[keep]) for k, v in rows.items()}
         rb = r["entropy_sum0"] is not None
+        tq = r.get("token_logq")  # a proposal q ≠ p0 (verl's rollout log-probs): H0 by p0/q, H1 by p1/q
+        log_q = None if tq is None else np.where(r["mask"], tq, 0.0).sum(-1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EstimatorWarning)  # kept in est.warnings
             est = estimate(
@@ -81,6 +101,7 @@ def estimate_rows(rows: dict, *, weights: str, clip: float | None, prompts: str,
                 prompts=prompts,
                 level=level,
                 stopped=r["stopped"],
+                log_q=log_q,
             )
     except Exception as exc:
         return None, False, 0, notes, (f"estimation failed: {describe(exc)}", exc)
@@ -93,12 +114,81 @@ def estimate_rows_per_decision(rows: dict, *, methods: tuple[str, ...], prompts:
     keep = multi_row_groups(rows["group"])
     r = {k: rows[k][keep] for k in TOKEN_FIELDS + ("group",)}
     arrays = (r["token_logp0"], r["token_logp1"], r["token_entropy0"], r["token_entropy1"], r["mask"], r["group"])
+    tq = rows.get("token_logq")
+    tq = None if tq is None else tq[keep]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EstimatorWarning)  # kept in each result's warnings
-            return [estimate_tokens(*arrays, method=m, prompts=prompts, level=level) for m in methods], None
+            kw = {"prompts": prompts, "level": level, "token_logq": tq}
+            return [estimate_tokens(*arrays, method=m, **kw) for m in methods], None
     except Exception as exc:
         return [], (f"per-decision estimation failed: {describe(exc)}", exc)
+
+
+@dataclass
+class Judgement:
+    """Everything :func:`judge_rows` found on a step's rows; :meth:`result` makes the logged result."""
+
+    est: EntropyDelta | None = None
+    per_decision: list[TokenDelta] = field(default_factory=list)
+    rb: bool = False
+    n_rows: int = 0
+    n_dropped: int = 0
+    notes: list[str] = field(default_factory=list)
+    chosen: Headline | None = None
+    failure: Failure | None = None
+
+    def result(self, step: int, *, notes=(), seconds: float = 0.0, gap: float | None = None) -> MonitorResult:
+        """The step's :class:`MonitorResult`; ``notes`` (what the input checks did) lead its warnings."""
+        chosen, failure = self.chosen, self.failure
+        # the per-decision result the headline chose (its direct / path-shift split is logged), else the first
+        method = chosen.method if chosen is not None else None
+        pd = self.per_decision
+        tokens = next((t for t in pd if t.method == method), pd[0] if pd else None)
+        warned = (self.est.warnings if self.est is not None else ()) + (tokens.warnings if tokens is not None else ())
+        return MonitorResult(
+            step,
+            failure is None,
+            None if failure is None else failure[0],
+            self.est,
+            self.rb,
+            self.n_rows - self.n_dropped,
+            self.n_dropped,
+            seconds,
+            gap,
+            tuple(notes) + tuple(self.notes) + warned,
+            tokens=tokens,
+            headline=chosen,
+            valid_tok=failure is None or (chosen is not None and chosen.valid_tok),
+        )
+
+
+def judge_rows(rows: dict | None, config, *, failure: Failure | None = None, support_size: int | None = None):
+    """Estimate a step's merged rows and pick the headline (DESIGN.md §5.4): a :class:`Judgement`.
+
+    ``rows`` as :func:`isdelta.training.rows.merge` makes them (optionally with ``token_logq``
+    [N, C], a proposal's per-token log-probs); ``config`` a :class:`MonitorConfig` (``weights``,
+    ``clip``, ``prompts``, ``level``, ``per_decision``); ``failure`` a failure found before
+    estimating (then nothing is estimated). Never raises.
+    """
+    c = config
+    j = Judgement(n_rows=0 if rows is None else len(rows["log_p0"]), failure=failure)
+    if j.failure is None:
+        j.est, j.rb, j.n_dropped, j.notes, j.failure = estimate_rows(
+            rows, weights=c.weights, clip=c.clip, prompts=c.prompts, level=c.level
+        )
+    if j.failure is None and rows.get("token_entropy0") is not None:
+        methods = tuple(dict.fromkeys((c.per_decision, "pd", "pd_sn")))  # the policy's order, cv first
+        j.per_decision, j.failure = estimate_rows_per_decision(rows, methods=methods, prompts=c.prompts, level=c.level)
+    if j.failure is None:
+        try:
+            j.chosen = headline(j.est, *j.per_decision, support_size=support_size)
+        except Exception as exc:
+            j.failure = (f"the headline policy failed: {describe(exc)}", exc)
+        else:
+            if not j.chosen.valid:
+                j.failure = (f"{j.chosen.reason} {j.chosen.advice}", None)
+    return j
 
 
 # ---------------------------------------------------------------------------- the result

@@ -16,7 +16,7 @@ import torch
 
 from isdelta.engine import Rollouts
 from isdelta.training import EntropyMonitor, MonitorWarning
-from isdelta.training import monitor as monitor_module
+from isdelta.training import verdict as verdict_module
 from tests.training.test_monitor import ENGINE, naive_token_logp, perturb, random_rollouts, sampled_rollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads cost more than they save
@@ -272,7 +272,7 @@ def test_a_failing_headline_policy_gives_an_invalid_step(tiny_llama, rng, monkey
     def broken(*args, **kwargs):
         raise NameError("name '_bounds' is not defined (simulated)")
 
-    monkeypatch.setattr(monitor_module, "headline", broken)
+    monkeypatch.setattr(verdict_module, "headline", broken)  # judge_rows calls it
     mon = EntropyMonitor(copy.deepcopy(tiny_llama), engine_config=ENGINE)
     with pytest.warns(MonitorWarning, match="the headline policy failed: NameError"):
         res = mon.after(mon.before(ro))
