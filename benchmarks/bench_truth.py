@@ -375,9 +375,13 @@ def phase_analyse(args) -> None:
     with open(results / f"{tag}.jsonl", "w") as f:
         for r in rows_out:
             f.write(json.dumps({**r, "commit": commit}) + "\n")
-    with open(out / "replicates.jsonl", "w") as f:
-        for r in replicates:
-            f.write(json.dumps(r, default=float) + "\n")
+    kept = [out / "replicates.jsonl"]
+    if args.suite == "long":  # kept in results/ too: `lengths` recombines them without the arrays
+        kept.append(results / f"truth_long_replicates_L{args.new_tokens}.jsonl")
+    for path in kept:
+        with open(path, "w") as f:
+            for r in replicates:
+                f.write(json.dumps(r, default=float) + "\n")
     lines = map_markdown(rows_out) + ["", "Every method (coverage without and with the truth's SE):", ""]
     lines += markdown(rows_out)
     (results / f"{tag}.md").write_text("\n".join(lines) + "\n")

@@ -82,6 +82,7 @@ KHAT_TOK = (0.7, math.inf)
 SHIFT = (0.02, 0.05, 0.1, math.inf)
 NAMES = ("TERMS_KHAT", "TERMS_KHAT_TOK", "LENGTH_SHIFT")
 Z95 = 1.959963984540054
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def grid_key(seq: float, tok: float, shift: float) -> str:
@@ -145,9 +146,14 @@ def phase_lengths(args) -> None:
     """The long-answer table (length × step × G) and the calibration of the length checks, from
     every ``replicates.jsonl`` under ``runs/truth_long/L*``: results/truth_long.{md,json}."""
     root = Path(args.out).parent if Path(args.out).name.startswith("L") else Path(args.out)
-    reps = []
+    reps, have = [], set()
     for path in sorted(root.glob("L*/replicates.jsonl")):
         reps += [json.loads(x) for x in path.read_text().splitlines()]
+        have.add(path.parent.name)
+    # a length whose arrays are gone (a fresh checkout): the replicates analyse kept in results/
+    for path in sorted(RESULTS.glob("truth_long_replicates_L*.jsonl")):
+        if path.stem.rsplit("_", 1)[-1] not in have:
+            reps += [json.loads(x) for x in path.read_text().splitlines()]
     base_key = grid_key(math.inf, math.inf, math.inf)  # no length check: the policy before issue 26
     base = cells_of(reps, base_key)
     # a level of a cell is "honest" (light) where the base policy's intervals covered ≥ 90% of its
@@ -177,7 +183,7 @@ def phase_lengths(args) -> None:
             caught = sum(len(base[k][lvl]) - len(cells[k][lvl]) for k in heavy)
             row[f"{lvl}_detection"] = _rate(caught, sum(len(base[k][lvl]) for k in heavy))
         rows.append(row)
-    results = Path(__file__).resolve().parent / "results"
+    results = RESULTS
     (results / "truth_long_thresholds.json").write_text(json.dumps(rows, indent=1))
     from isdelta.estimators import checks
 
