@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from isdelta.estimators.proposal import PROPOSAL_ESS
+from isdelta.estimators.psis import MIN_TAIL_FIT
 from isdelta.estimators.results import EntropyDelta, TokenDelta
 
 __all__ = [
@@ -169,7 +170,7 @@ def _terms_check(est, first: TokenDelta | None, tok: bool) -> list[Check]:
         if tok or not (math.isfinite(TERMS_KHAT) and own.mean_length0 > TAIL_UNCHECKED_TOKENS):
             return []
         # too few rows for the fit, on completions long enough for the tail to matter: refused
-        name += f", not estimable (< 25 nonzero terms) at {own.mean_length0:.0f} tokens > {TAIL_UNCHECKED_TOKENS:g}"
+        name += f", not estimable (< {MIN_TAIL_FIT} nonzero terms) at {own.mean_length0:.0f} tokens > {TAIL_UNCHECKED_TOKENS:g}"
         return [Check(name, math.nan, "≤", TERMS_KHAT)]
     return [Check(name, k, "≤", TERMS_KHAT_TOK if tok else TERMS_KHAT)]
 
