@@ -50,6 +50,7 @@ a second backward per micro-batch (for B_p) on the same graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -236,6 +237,17 @@ class _GradOnly:
             p.requires_grad_(self.saved[n])
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside; each module's own train/eval mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 _BLOCK = 1 << 22  # elements per block of the sums below: a [262144, 640] embedding is 40 of them
 
 
@@ -353,6 +365,13 @@ def gradient_delta(
         raise TypeError(f"rollouts must be an isdelta Rollouts; got {type(rollouts).__name__}.")
     base = engine_config or EngineConfig()
     include = "all" if base.include_eos else "no_eos"
+    # the backward must run in the engine's forward mode (eval), or a checkpointed layer (TRL
+    # enables gradient checkpointing) recomputes another graph; every module's mode is restored
+    with _eval_mode(model0):
+        return _probe(model0, rollouts, direction, base, include, scores0, per_token, level)
+
+
+def _probe(model0, rollouts, direction, base, include, scores0, per_token, level) -> GradientDelta:
     arrays = whole_sequence_scores(model0, rollouts, base, scores0)
     labels, codes = prompt_codes(arrays["group"])
     s, length = counted(arrays, include)  # [N] S', L'

@@ -207,3 +207,27 @@ def test_parameter_delta_refuses_different_architectures(change, match):
     with pytest.raises(ValueError, match=match) as err:
         parameter_delta(_llama(), _llama(**change))
     assert "same architecture" in str(err.value) or "not the same architecture" in str(err.value)
+
+
+def test_gradient_checkpointing_in_train_mode_gives_the_same_probe(rng):
+    """TRL turns gradient checkpointing on and trains in train mode; the engine scores in eval mode,
+    so the backward has to run in it too (else the checkpoint recomputes another graph and fails)."""
+    import warnings
+
+    from tests.training.test_monitor import sampled_rollouts
+
+    model = _llama(vocab_size=96, num_hidden_layers=2, max_position_embeddings=64)
+    ro = sampled_rollouts(model.eval(), rng, P=2, G=3)
+    d = {
+        n: 1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for n, p in model.named_parameters()
+    }
+    plain = gradient_delta(model, ro, d, per_token=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' rename of the method
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.model.layers[0].eval()  # a mixed mode, restored module by module
+    ckpt = gradient_delta(model, ro, d, per_token=True)
+    assert ckpt.delta1.value == pytest.approx(plain.delta1.value, rel=1e-5, abs=1e-9)
+    assert ckpt.delta1_tok.value == pytest.approx(plain.delta1_tok.value, rel=1e-5, abs=1e-11)
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
