@@ -51,6 +51,7 @@ import torch
 from transformers import TrainerCallback
 
 from isdelta.engine.logprob import EngineConfig
+from isdelta.training.guard import EntropyGuard
 from isdelta.training.monitor import BATCH_KEYS, EntropyMonitor, MonitorResult, Snapshot
 
 __all__ = ["EntropyCallback", "attach", "engine_config_from_args"]
@@ -135,8 +136,10 @@ class EntropyCallback(TrainerCallback):
     ``step`` set to the trainer's ``global_step``.
     """
 
-    def __init__(self, trainer, monitor: EntropyMonitor) -> None:
+    def __init__(self, trainer, monitor: EntropyMonitor, guard: Mapping[str, Any] | None = None) -> None:
         self.trainer, self.monitor = trainer, monitor
+        self.guard_options = None if guard is None else dict(guard)
+        self.guard: EntropyGuard | None = None  # made at the first step (the trainer's optimizer exists then)
         self.results: list[MonitorResult] = []
         self._pending: list[Snapshot] = []
         self._skip_reason: str | None = None
@@ -198,6 +201,22 @@ class EntropyCallback(TrainerCallback):
         mask[empty, : min(mask.shape[1], int(args.max_completion_length))] = 1
         return mask
 
+    # ------------------------------------------------------------------ the guard
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """After backward and clipping: predict this step's ΔH and scale the lr (``guard=``)."""
+        if self.guard_options is not None:
+            if self.guard is None:
+                engine = self.monitor.config.engine
+                self.guard = EntropyGuard(self.trainer.model, self.trainer.optimizer, engine_config=engine,
+                                          strict=self.monitor.config.strict, **self.guard_options)  # fmt: skip
+            self.guard.prepare(self._pending)
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.guard is not None:
+            self.guard.finish()
+        return control
+
     # ------------------------------------------------------------------ p1
     def on_step_end(self, args, state, control, **kwargs):
         """Score p1 on the step's snapshots, estimate ΔH and hand the scalars to the trainer."""
@@ -218,7 +237,10 @@ class EntropyCallback(TrainerCallback):
             return control
         result = replace(result, step=int(state.global_step))
         self.results.append(result)
-        self._log(result.scalars())
+        scalars = result.scalars()
+        if self.guard is not None and self.guard.observe(result) is not None:
+            scalars |= self.guard.scalars()
+        self._log(scalars)
         return control
 
     def _log(self, scalars: dict[str, float]) -> None:
@@ -231,7 +253,9 @@ class EntropyCallback(TrainerCallback):
             self.trainer.log(scalars)
 
 
-def attach(trainer, *, token_budget: int | None = None, fp32: bool = False, **options) -> EntropyCallback:
+def attach(
+    trainer, *, token_budget: int | None = None, fp32: bool = False, guard: Mapping[str, Any] | None = None, **options
+) -> EntropyCallback:
     """Monitor ΔH of every optimizer step of a TRL ``GRPOTrainer`` (call before ``train()``).
 
     Parameters
@@ -243,6 +267,11 @@ def attach(trainer, *, token_budget: int | None = None, fp32: bool = False, **op
         Score the fp32 weights with autocast off (``EngineConfig.fp32``): set it when the trainer
         runs in bf16 mixed precision (``bf16=True``) on a float32 model and the steps are small
         (AdamW lr ≲ 1e-5), where bf16 rounding of the weights swamps the step.
+    guard : dict, optional
+        Hold each step's ΔH in a band (:class:`isdelta.training.EntropyGuard`): its options,
+        ``band`` required, e.g. ``guard={"band": (-0.02, float("inf"))}``. The prediction runs
+        after backward and clipping (``on_pre_optimizer_step``), the lr is scaled for that
+        step only, and ``entropy/guard_*`` join the step's log line.
     **options
         Any option of :class:`isdelta.training.MonitorConfig` but the engine (made from the
         trainer's sampling arguments) and the stop ids (the trainer's): ``every``, ``weights``,
@@ -278,6 +307,10 @@ def attach(trainer, *, token_budget: int | None = None, fp32: bool = False, **op
         **extra,
     )
     monitor = EntropyMonitor(trainer.model, engine_config=cfg, eos_token_ids=list(trainer.eos_token_ids), **options)
-    callback = EntropyCallback(trainer, monitor)
+    if guard is not None:  # its options are checked now, not at the first step
+        if not isinstance(guard, Mapping) or "band" not in guard:
+            raise TypeError(f'guard must be a dict of EntropyGuard options with "band"; got {guard!r}.')
+        EntropyGuard(trainer.model, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **guard)
+    callback = EntropyCallback(trainer, monitor, guard)
     trainer.add_callback(callback)
     return callback

@@ -1,9 +1,11 @@
-"""The training-loop side: the in-process update step (p0 → p1) and rule rewards (DESIGN.md §7)."""
+"""The training-loop side: the in-process update step (p0 → p1), rule rewards (DESIGN.md §7), the
+monitor (ΔH of each step) and the guard (a step's ΔH predicted and held in a band)."""
 
 from __future__ import annotations
 
 # EntropyMonitor: ΔH of each optimizer step inside any training loop (monitor.py, distributed.py)
 from isdelta.training.distributed import gather_rows
+from isdelta.training.guard import EntropyGuard, GuardDecision, step_direction
 from isdelta.training.monitor import (
     EntropyMonitor,
     MonitorConfig,
@@ -18,7 +20,9 @@ from isdelta.training.update import UpdateResult, ZeroUpdateError, advantages, u
 
 __all__ = [
     "REWARDS",
+    "EntropyGuard",
     "EntropyMonitor",
+    "GuardDecision",
     "MonitorConfig",
     "MonitorError",
     "MonitorResult",
@@ -31,5 +35,6 @@ __all__ = [
     "answer_match",
     "boxed_match",
     "gather_rows",
+    "step_direction",
     "update",
 ]

@@ -143,3 +143,33 @@ def test_a_large_adamw_step_never_logs_an_impossible_valid_number(model_dir, tmp
             assert h["entropy/delta"] is None and h["entropy/method"] == 0.0  # the NaN dropped by GRPO
             assert res.headline is not None and "needs" in res.reason and "would make it readable" in res.reason
     assert any(not r.valid for r in cb.results)  # the step was large enough to be unreadable
+
+
+def test_guard_is_one_argument_scales_the_step_and_logs_what_it_did(model_dir, tmp_path):
+    """attach(trainer, guard={"band": …}): the prediction runs before TRL's optimizer.step(), the
+    lr is scaled for that step only, and the guard's record joins the step's log line."""
+    trainer = grpo(model_dir, tmp_path, learning_rate=1e-3, lr_scheduler_type="constant")
+    cb = attach(trainer, guard={"band": (-1e-6, 1e-6), "z": 0.0})  # a band no step of lr 1e-3 fits in
+    train(trainer)
+    logs = [h for h in trainer.state.log_history if "entropy/guard_scale" in h]
+    assert [h["step"] for h in logs] == [1, 2] and len(cb.guard.history) == 2
+    for h, d in zip(logs, cb.guard.history):
+        assert h["entropy/guard_scale"] == pytest.approx(d.scale) and d.delta1 is not None
+        assert d.acted and 0 < d.scale < 1 and "outside" in d.reason
+        assert h["entropy/guard_delta1"] == pytest.approx(d.delta1)
+        assert abs(d.predicted) == pytest.approx(1e-6, rel=1e-6) or d.scale == cb.guard.min_scale
+    assert all(g["lr"] == 1e-3 for g in trainer.optimizer.param_groups)  # restored after each step
+    # the step taken was the scaled one: the measured ΔH is about scale × the unguarded step's
+    free = grpo(model_dir, tmp_path / "free", learning_rate=1e-3, lr_scheduler_type="constant", max_steps=1)
+    free_cb = attach(free)
+    train(free)
+    first = cb.results[0].delta_tok.value
+    assert abs(first) < 0.5 * abs(free_cb.results[0].delta_tok.value)
+
+
+def test_bad_guard_options_are_refused_at_attach(model_dir, tmp_path):
+    trainer = grpo(model_dir, tmp_path)
+    with pytest.raises(ValueError, match="contain 0"):
+        attach(trainer, guard={"band": (0.1, 0.2)})
+    with pytest.raises(TypeError, match="band"):
+        attach(trainer, guard={"z": 1.0})
