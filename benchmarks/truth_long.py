@@ -188,7 +188,7 @@ def phase_lengths(args) -> None:
     from isdelta.estimators import checks
 
     chosen = grid_key(checks.TERMS_KHAT, checks.TERMS_KHAT_TOK, checks.LENGTH_SHIFT)
-    lines = table(reps, cells_of(reps, chosen), base, chosen)
+    lines = table(reps, cells_of(reps, chosen), base, chosen, kind)
     lines += ["", "Thresholds (every candidate; worst cell and pooled coverage over the cells the truth can judge, "
               "its SE below the estimates'; false alarms: sets refused on cells the policy before issue 26 "
               "read honestly, coverage ≥ 90%; detection: on cells it read at ≤ 80%):", "",
@@ -227,32 +227,53 @@ def _pct(x) -> str:
     return "–" if x is None else f"{x:.0%}"
 
 
-def table(reps: list[dict], cells: dict, base: dict, key: str) -> list[str]:
+def agreement(values: list[float], ses: list[float], truth: float, truth_se: float) -> tuple[float, float]:
+    """(z, SD/SE) of a cell's valid sets: z of their mean against the truth, joint with the truth's
+    SE (the sets are disjoint, so the mean's SE is their SD / √n), and the spread of the estimates
+    over their mean reported SE. Where one truth error is shared by every set (truth-limited cells)
+    coverage is a single draw; z and SD/SE still test the estimates' bias and their SEs."""
+    if len(values) < 3:
+        return math.nan, math.nan
+    v = np.asarray(values, dtype=np.float64)
+    sd = float(v.std(ddof=1))
+    return float((v.mean() - truth) / math.hypot(truth_se, sd / math.sqrt(len(v)))), sd / float(np.mean(ses))
+
+
+def table(reps: list[dict], cells: dict, base: dict, key: str, kind: dict) -> list[str]:
     """The user's map with a length axis: per (length, step, G) the truth, the step's size, and
-    for each level whether the headline is valid, whether its interval covers, how readable."""
+    for each level whether the headline is valid, whether its interval covers (``†``: the truth's
+    SE exceeds the estimates', coverage is then one shared draw), how readable, and the agreement of
+    the valid sets' mean with the truth (z) and of their spread with their SEs (SD/SE)."""
     diag = {}
     for r in reps:
         diag.setdefault((r["length"], r["step"], r["G"]), []).append(r)
     out = [
         "| length | step | KL | ESS/S | mean L (p0) | truth ΔH per seq ± SE | per token ± SE | G | sets | "
-        r"per seq: valid · covers · SE/\|ΔH\| | per token: valid · covers · SE/\|ΔH\| | methods | "
-        "before issue 26, per seq: valid · covers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        r"per seq: valid · covers · SE/\|ΔH\| | per token: valid · covers · SE/\|ΔH\| | "
+        "z · SD/SE per seq | per token | methods | before issue 26, per seq: valid · covers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k in sorted(cells, key=lambda k: (k[0], list(LONG_STEPS).index(k[1]) if k[1] in LONG_STEPS else 99, k[2])):
         rs, c, b = diag[k], cells[k], base[k]
         t = rs[0]["truth"]
         med = {name: float(np.nanmedian([r["diag"][name] for r in rs])) for name in ("kl", "ess_frac", "mean_length0")}
-        level = []
-        for lvl, val in (("seq", "delta"), ("tok", "delta_tok")):
-            ses = [r["grid"][key][4 if lvl == "seq" else 6] for r in rs if r["grid"][key][0 if lvl == "seq" else 1]]
+        level, agree = [], []
+        for lvl, val, t_se, (iv, ie, ise) in (
+            ("seq", "delta", "se", (0, 3, 4)),
+            ("tok", "delta_tok", "se_tok", (1, 5, 6)),
+        ):
+            kept = [r["grid"][key] for r in rs if r["grid"][key][iv]]
+            ses = [g[ise] for g in kept]
             readable = f"{np.mean(ses) / abs(t[val]):.2f}" if ses and t[val] != 0 else "–"
-            level.append(f"{len(c[lvl]) / c['n']:.0%} · {_pct(_rate(sum(c[lvl]), len(c[lvl])))} · {readable}")
+            mark = "†" if kind[lvl].get(k) == "truth-limited" else ""
+            level.append(f"{len(c[lvl]) / c['n']:.0%} · {_pct(_rate(sum(c[lvl]), len(c[lvl])))}{mark} · {readable}")
+            z, ratio = agreement([g[ie] for g in kept], ses, t[val], t[t_se])
+            agree.append("–" if math.isnan(z) else f"{z:+.1f} · {ratio:.2f}")
         methods = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items())) or "–"
         before = f"{len(b['seq']) / b['n']:.0%} · {_pct(_rate(sum(b['seq']), len(b['seq'])))}"
         out.append(
             f"| {k[0]} | {k[1]} | {med['kl']:.3g} | {med['ess_frac']:.2f} | {med['mean_length0']:.0f} | "
             f"{t['delta']:+.2f} ± {t['se']:.2f} | {t['delta_tok']:+.4f} ± {t['se_tok']:.4f} | {k[2]} | {c['n']} | "
-            f"{level[0]} | {level[1]} | {methods} | {before} |"
+            f"{level[0]} | {level[1]} | {agree[0]} | {agree[1]} | {methods} | {before} |"
         )
     return out

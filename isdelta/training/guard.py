@@ -285,7 +285,7 @@ class EntropyGuard:
         """The largest s ≤ 1 that brings [lo, hi] (the corrected prediction ± z SE, at full step)
         inside the band: s·lo ≥ low and s·hi ≤ high (first order: the range scales with s)."""
         low, high = self.band
-        said = f"predicted [{lo:+.4g}, {hi:+.4g}] at full step (c·(ΔH₁ ∓ {self.z:g} SE))"
+        said = f"predicted [{lo:+.4g}, {hi:+.4g}] at full step (± {self.z:g} SE)"
         if low <= lo and hi <= high:
             return 1.0, f"{said}, inside the band [{low:g}, {high:g}]"
         scale = min(low / lo if lo < low else 1.0, high / hi if hi > high else 1.0)
