@@ -188,7 +188,7 @@ def phase_lengths(args) -> None:
     from isdelta.estimators import checks
 
     chosen = grid_key(checks.TERMS_KHAT, checks.TERMS_KHAT_TOK, checks.LENGTH_SHIFT)
-    lines = table(reps, cells_of(reps, chosen), base, chosen, kind)
+    lines = table(reps, cells_of(reps, chosen), base, chosen)
     lines += ["", "Thresholds (every candidate; worst cell and pooled coverage over the cells the truth can judge, "
               "its SE below the estimates'; false alarms: sets refused on cells the policy before issue 26 "
               "read honestly, coverage ≥ 90%; detection: on cells it read at ≤ 80%):", "",
@@ -211,10 +211,10 @@ def phase_lengths(args) -> None:
 def _kind(hits: list, ses: list, truth_se: float) -> str:
     """light (covered ≥ 90%), heavy (≤ 80%), between; "truth-limited" where the truth's SE exceeds
     the estimates' mean SE (one shared truth error then decides every set at once), "few" (< 4)."""
+    if ses and truth_se > np.mean(ses):
+        return "truth-limited"
     if len(hits) < 4:
         return "few"
-    if truth_se > np.mean(ses):
-        return "truth-limited"
     rate = float(np.mean(hits))
     return "light" if rate >= 0.9 else "heavy" if rate <= 0.8 else "between"
 
@@ -239,7 +239,7 @@ def agreement(values: list[float], ses: list[float], truth: float, truth_se: flo
     return float((v.mean() - truth) / math.hypot(truth_se, sd / math.sqrt(len(v)))), sd / float(np.mean(ses))
 
 
-def table(reps: list[dict], cells: dict, base: dict, key: str, kind: dict) -> list[str]:
+def table(reps: list[dict], cells: dict, base: dict, key: str) -> list[str]:
     """The user's map with a length axis: per (length, step, G) the truth, the step's size, and
     for each level whether the headline is valid, whether its interval covers (``†``: the truth's
     SE exceeds the estimates', coverage is then one shared draw), how readable, and the agreement of
@@ -265,7 +265,7 @@ def table(reps: list[dict], cells: dict, base: dict, key: str, kind: dict) -> li
             kept = [r["grid"][key] for r in rs if r["grid"][key][iv]]
             ses = [g[ise] for g in kept]
             readable = f"{np.mean(ses) / abs(t[val]):.2f}" if ses and t[val] != 0 else "–"
-            mark = "†" if kind[lvl].get(k) == "truth-limited" else ""
+            mark = "†" if ses and t[t_se] > np.mean(ses) else ""  # the truth's SE above the estimates
             level.append(f"{len(c[lvl]) / c['n']:.0%} · {_pct(_rate(sum(c[lvl]), len(c[lvl])))}{mark} · {readable}")
             z, ratio = agreement([g[ie] for g in kept], ses, t[val], t[t_se])
             agree.append("–" if math.isnan(z) else f"{z:+.1f} · {ratio:.2f}")
