@@ -206,9 +206,9 @@ class EntropyCallback(TrainerCallback):
         """After backward and clipping: predict this step's ΔH and scale the lr (``guard=``)."""
         if self.guard_options is not None:
             if self.guard is None:
-                engine = self.monitor.config.engine
-                self.guard = EntropyGuard(self.trainer.model, self.trainer.optimizer, engine_config=engine,
-                                          strict=self.monitor.config.strict, **self.guard_options)  # fmt: skip
+                cfg = self.monitor.config
+                opts = {"engine_config": cfg.engine, "strict": cfg.strict, **self.guard_options}
+                self.guard = EntropyGuard(self.trainer.model, self.trainer.optimizer, **opts)
             self.guard.prepare(self._pending)
         return control
 
