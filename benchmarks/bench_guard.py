@@ -56,24 +56,24 @@ def reward(prompts, completions, answer, **kwargs) -> list[float]:
     return [answer_match(t, a) for t, a in zip(texts, answer)]
 
 
-class Recorder:
+def recorder(path: Path):
     """A TrainerCallback that appends each logged step (isdelta's keys, TRL's reward, entropy and
     entropy_coef) to ``path`` as one JSON line."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and any(k.startswith("entropy/") for k in logs):
+                row = {"step": int(state.global_step), "time": time.time()}
+                for k, v in logs.items():
+                    if k.startswith("entropy/"):
+                        row[k.removeprefix("entropy/")] = v
+                    elif k in ("reward", "reward_std", "entropy", "entropy_coef"):
+                        row[f"trl_{k}"] = v
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
-        class _Recorder(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and any(k.startswith("entropy/") for k in logs):
-                    row = {"step": int(state.global_step), "time": time.time()}
-                    for k, v in logs.items():
-                        if k.startswith("entropy/") or k in ("reward", "reward_std", "entropy", "entropy_coef"):
-                            row[k.removeprefix("entropy/") if k.startswith("entropy/") else f"trl_{k}"] = v
-                    with open(path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-
-        return _Recorder()
+    return Recorder()
 
 
 def arm(
@@ -124,7 +124,7 @@ def arm(
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=cfg, train_dataset=data)
         attach(trainer, guard=guard)
-        trainer.add_callback(Recorder(path))
+        trainer.add_callback(recorder(path))
         t0 = time.perf_counter()
         trainer.train()
     print(f"[guard] {name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -28,12 +28,12 @@ prediction of the next full step (steps of one run resemble each other); where t
 c·ΔH₁ and their mean are combined by precision (ΔH₁'s between-prompt SE; the trend's spread over
 steps), which keeps a noisy ΔH₁ from letting a step through that the recent steps say is large.
 
-**The action.** The corrected prediction at full step, c·(ΔH₁ ± z·SE), inside ``band`` (low ≤ 0
-≤ high): the step is taken as the trainer set it (scale 1). Outside: the lr of every parameter
-group is multiplied by the largest s that brings that range inside the band, for this step only
-(clipped to [``min_scale``, 1]; the guard never enlarges a step), and restored after it. A step the guard cannot predict (too few rows per
-prompt, no gradient, an error) is taken unscaled, with the reason; nothing raises into the loop
-unless ``strict=True``.
+**The action.** The prediction of the full step ± z SE inside ``band`` (low ≤ 0 ≤ high): the step
+is taken as the trainer set it (scale 1). Outside: the lr of every parameter group is multiplied
+by the largest s that brings that range inside the band, for this step only (clipped to
+[``min_scale``, 1]; the guard never enlarges a step), and restored after it. A step the guard
+cannot predict (too few rows per prompt, no gradient, an error) is taken unscaled, with the
+reason; nothing raises into the loop unless ``strict=True``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from isdelta.engine.logprob import EngineConfig
 from isdelta.engine.rollouts import Rollouts
 from isdelta.probes.gradient import gradient_delta
 from isdelta.training.inputs import snapshot_list
+from isdelta.training.rows import multi_row_groups
 from isdelta.training.verdict import MonitorResult
 
 __all__ = ["EntropyGuard", "GuardDecision", "step_direction"]
@@ -99,8 +100,9 @@ class GuardDecision:
     ``correction``: the factor c in force; ``trend``: the measured ΔH per unit scale of the recent
     valid steps (None before two); ``predicted`` ± ``predicted_se``: the guard's prediction for
     the step it let through (c·ΔH₁ and the trend weighted by precision, times the scale);
-    ``scale``: the lr multiplier used (1: not acted); ``reason``: why it acted or not. After :meth:`EntropyGuard.observe`: ``measured`` (None unless the level was
-    valid), ``used`` (the measurement entered the correction), ``note``.
+    ``scale``: the lr multiplier used (1: not acted); ``reason``: why it acted or not. After
+    :meth:`EntropyGuard.observe`: ``measured`` (None unless the level was valid), ``used`` (the
+    measurement entered the correction), ``note``.
     """
 
     step: int
@@ -255,18 +257,9 @@ class EntropyGuard:
                 w1, w2 = 1.0 / max(full_se, 1e-300) ** 2, 1.0 / max(trend[1], 1e-300) ** 2
                 full, full_se = (w1 * full + w2 * trend[0]) / (w1 + w2), (w1 + w2) ** -0.5
             scale, reason = self._scale(full - self.z * full_se, full + self.z * full_se)
-            decision = GuardDecision(
-                n,
-                scale,
-                scale < 1.0,
-                reason,
-                d1,
-                se,
-                c,
-                scale * full,
-                scale * full_se,
-                None if trend is None else trend[0],
-            )
+            decision = GuardDecision(n, scale, scale < 1.0, reason, delta1=d1, delta1_se=se, correction=c,
+                                     predicted=scale * full, predicted_se=scale * full_se,
+                                     trend=None if trend is None else trend[0])  # fmt: skip
         groups = self.optimizer.param_groups
         self._kept_lr = [g["lr"] for g in groups]
         for g in groups:
@@ -351,8 +344,7 @@ def _rows(snapshots) -> Rollouts:
         if not parts:
             raise ValueError("the snapshots hold no rows (a step the monitor skipped)")
         ro = parts[0] if len(parts) == 1 else Rollouts.concat(parts)
-    _, inverse, counts = np.unique(ro.group.cpu().numpy(), return_inverse=True, return_counts=True)
-    keep = np.flatnonzero(counts[inverse] >= 2)
+    keep = np.flatnonzero(multi_row_groups(ro.group.cpu().numpy()))
     if len(keep) == 0:
         raise ValueError("no prompt has two rows: the probe's within-prompt covariance needs G ≥ 2")
     return ro if len(keep) == ro.n_rows else ro.select(torch.as_tensor(keep))
