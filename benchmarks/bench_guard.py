@@ -117,13 +117,14 @@ def arm(
         bf16=False,
         save_strategy="no",
         disable_tqdm=True,
+        gradient_checkpointing=False,  # a 135M model fits without it; TRL turns it on by default
         seed=args.seed,
         **(trl_extra or {}),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=cfg, train_dataset=data)
-        attach(trainer, guard=guard)
+        attach(trainer, guard=guard, fresh=args.fresh)
         trainer.add_callback(recorder(path))
         t0 = time.perf_counter()
         trainer.train()
@@ -139,20 +140,30 @@ def phase_calibrate(args) -> None:
 
 def phase_run(args) -> None:
     out = Path(args.out)
-    free = arm(out, "free", args, lr=args.lr)
+    # the free arm carries an observe-only guard: it never scales (band (−inf, inf)), so the run is
+    # the unguarded one, and its steps are calibration points at the run's lr
+    free = arm(out, "free", args, lr=args.lr, guard={"band": (-math.inf, math.inf)})
     target = args.entropy_target if args.entropy_target is not None else free[0]["h0_tok"]
     arm(out, "guard", args, lr=args.lr, guard={"band": (args.band, math.inf), "z": args.z})
-    adaptive = {"use_adaptive_entropy": True, "entropy_target": float(target), "entropy_coef": 0.0}
+    # TRL's coefficient starts at 0 and moves by entropy_coef_delta per step (0.005 by default,
+    # ≤ 0.04 after 8 steps); --entropy-coef-delta scales it to the run's length
+    adaptive = {"use_adaptive_entropy": True, "entropy_target": float(target), "entropy_coef": 0.0,
+                "entropy_coef_delta": args.entropy_coef_delta}  # fmt: skip
     arm(out, "trl_adaptive", args, lr=args.lr, trl_extra=adaptive)
 
 
 # ---------------------------------------------------------------------------- report
-def calibration_rows(out: Path) -> list[dict]:
+def calibration_runs(out: Path, run_lr: float) -> dict[float, list[dict]]:
+    """lr → steps of every observe-only run: the ``calibrate_lr*`` runs and the free arm."""
+    paths = {float(p.parent.name[len("calibrate_lr") :]): p for p in out.glob("calibrate_lr*/steps.jsonl")}
+    if (out / "free" / "steps.jsonl").exists() and run_lr not in paths:
+        paths[run_lr] = out / "free" / "steps.jsonl"
+    return {lr: [json.loads(x) for x in paths[lr].read_text().splitlines()] for lr in sorted(paths)}
+
+
+def calibration_rows(out: Path, run_lr: float) -> list[dict]:
     rows = []
-    for path in sorted(
-        out.glob("calibrate_lr*/steps.jsonl"), key=lambda p: float(p.parent.name[len("calibrate_lr") :])
-    ):
-        steps = [json.loads(x) for x in path.read_text().splitlines()]
+    for lr, steps in calibration_runs(out, run_lr).items():
         ok = [s for s in steps if s.get("valid_tok") == 1 and _finite(s.get("guard_delta1"))]
         p = np.array([s["guard_delta1"] for s in ok])
         m = np.array([s["delta_tok"] for s in ok])
@@ -162,7 +173,7 @@ def calibration_rows(out: Path) -> list[dict]:
         r2 = float(np.corrcoef(p, m)[0, 1] ** 2) if len(ok) > 2 else math.nan
         cover = float(np.mean(np.abs(m - p) <= Z95 * np.hypot(sp, sm))) if len(ok) else math.nan
         rows.append({
-            "lr": float(path.parent.name[len("calibrate_lr") :]), "steps": len(steps), "valid": len(ok),
+            "lr": lr, "steps": len(steps), "valid": len(ok),
             "kl": _median(steps, "kl"), "ess": _median(steps, "ess_frac"), "prefix_ess": _median(steps, "prefix_ess_frac"),
             "delta1": float(np.mean(p)) if len(ok) else math.nan, "measured": float(np.mean(m)) if len(ok) else math.nan,
             "slope": slope, "r2": r2, "coverage": cover,
@@ -183,7 +194,7 @@ def phase_report(args) -> None:
     out = Path(args.out)
     head, dirty = commit("benchmarks/bench_guard.py", "isdelta")
     where = f"commit {head}{' (uncommitted changes)' if dirty else ''}, {device_name()}"
-    cal = calibration_rows(out)
+    cal = calibration_rows(out, args.lr)
     lines = [
         f"ΔH₁ per token before each step (AdamW's direction) against the measured ΔH per token; {where}.", "",
         "| lr | steps | valid | KL (median) | ESS/S | prefix ESS/G | ΔH₁ (mean) | measured (mean) | "
@@ -267,6 +278,13 @@ def main() -> None:
     ap.add_argument(
         "--entropy-target", type=float, default=None, help="TRL's; default: the free arm's first H per token"
     )
+    ap.add_argument(
+        "--fresh",
+        type=int,
+        default=4,
+        help="read each step on this many new samples of p0 per prompt (0: the trained rows)",
+    )
+    ap.add_argument("--entropy-coef-delta", type=float, default=0.005, help="TRL's adaptive step (its default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

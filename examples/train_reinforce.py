@@ -5,8 +5,10 @@
 
 Each step samples G completions per prompt from the current model (p0), rewards them with
 ``answer_match`` (last number vs the answer), and takes one policy-gradient step with the
-group-mean baseline (``isdelta.training.update``), inside ``monitor.step``: the monitor scores the
-step's own samples under p0 before the update and under p1 after it, and estimates ΔH. Writes
+group-mean baseline (``isdelta.training.update``), inside ``monitor.step``: the monitor scores
+``--fresh`` new samples of p0 per prompt under p0 before the update and under p1 after it, and
+estimates ΔH (``--fresh 0`` reads the rows the step trained on, which carry the step's own
+self-influence: on SmolLM2 such readings were 3–4× too large, README "Own rows or fresh rows"). Writes
 ``steps.csv`` (one row per step: ΔH, CI, diagnostics, cumulative drift, timings) and
 ``drift.png`` (ΔH per step and the cumulative entropy drift) to ``--out``.
 
@@ -57,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=4, help="G, completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument(
+        "--fresh", type=int, default=4, help="new samples of p0 per prompt the monitor reads (0: the trained rows)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -97,7 +102,15 @@ def train_step(model, tok, prompts, answers, monitor, args, step: int) -> dict:
     group = samples.rollouts.group.tolist()
     rewards = np.array([REWARDS["answer_match"](t, answers[g]) for t, g in zip(samples.texts, group)])
     sample_s = time.perf_counter() - t0
-    with monitor.step(samples.rollouts) as s:
+    rows = samples.rollouts
+    if args.fresh:  # rows of p0 independent of the step (their sampling is part of the monitor's cost)
+        kw = {"num_samples": args.fresh, "max_new_tokens": args.max_new_tokens, "progress": False}
+        rows = sample(
+            model, tok, prompts, transform=LogitTransform(args.temperature), seed=args.seed + step + 10**6, **kw
+        )
+        rows = rows.rollouts
+    fresh_s = time.perf_counter() - t0 - sample_s
+    with monitor.step(rows) as s:
         t1 = time.perf_counter()
         try:
             update(
@@ -123,8 +136,8 @@ def train_step(model, tok, prompts, answers, monitor, args, step: int) -> dict:
         "valid": res.valid,
         "reason": res.reason,
         "step_s": step_s,
-        "monitor_s": res.seconds,
-        "overhead": res.seconds / step_s,
+        "monitor_s": res.seconds + fresh_s,
+        "overhead": (res.seconds + fresh_s) / step_s,
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any, Literal
 
 import torch
@@ -45,7 +46,7 @@ MAX_NUM_SAMPLES = 16384
 # seeds go to numpy's SeedSequence (non-negative integers only) and torch.manual_seed (64-bit)
 SEED_MAX = 2**63 - 1
 
-Prompt = str | Sequence[dict]
+Prompt = str | Sequence[dict] | Sequence[int]  # text, chat messages, or token ids as they are
 
 # generate() arguments that make its sampling distribution exactly the LogitTransform's: each
 # turns off a logit processor that a checkpoint's generation_config may switch on. Keys this
@@ -301,15 +302,26 @@ def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt as :func:`sample` feeds them (chat prompts rendered by
-    the chat template); ValueError naming the prompt's index when one cannot be encoded."""
+    the chat template; a list of ints is taken as already tokenized, e.g. a trainer's prompt
+    tokens); ValueError naming the prompt's index when one cannot be encoded."""
     if isinstance(prompts, (str, dict)) or len(prompts) == 0:
         got = f"{type(prompts).__name__}{'' if prompts else ' (empty)'}"
         raise ValueError(
-            "prompts must be a non-empty list of str or of chat message lists; got "
+            "prompts must be a non-empty list of str, of chat message lists or of token-id lists; got "
             f"{got}. Wrap a single prompt as [prompt]."
         )
     ids, texts = [], []
     for i, p in enumerate(prompts):
+        p = p.tolist() if isinstance(p, torch.Tensor) else p
+        if (
+            isinstance(p, Sequence)
+            and not isinstance(p, str)
+            and p
+            and all(isinstance(t, Integral) and is_integer(t) and t >= 0 for t in p)
+        ):
+            ids.append([int(t) for t in p])
+            texts.append(tokenizer.decode(ids[-1], skip_special_tokens=False))
+            continue
         if isinstance(p, str):
             text, special = p, True
         elif isinstance(p, Sequence) and all(isinstance(m, dict) and "role" in m for m in p):
@@ -322,7 +334,7 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[list[list[int]
             special = False  # the template already holds BOS and the role markers
         else:
             raise ValueError(
-                f"prompt {i} must be a str or a list of {{'role', 'content'}} dicts; "
+                f"prompt {i} must be a str, a list of {{'role', 'content'}} dicts or a list of token ids; "
                 f"got {type(p).__name__}: {str(p)[:80]!r}."
             )
         tok = tokenizer(text, add_special_tokens=special)["input_ids"]

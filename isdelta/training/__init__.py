@@ -5,6 +5,7 @@ from __future__ import annotations
 
 # EntropyMonitor: ΔH of each optimizer step inside any training loop (monitor.py, distributed.py)
 from isdelta.training.distributed import gather_rows
+from isdelta.training.fresh import distinct_prompts, fresh_rows
 from isdelta.training.guard import EntropyGuard, GuardDecision, step_direction
 from isdelta.training.monitor import (
     EntropyMonitor,
@@ -34,6 +35,8 @@ __all__ = [
     "advantages",
     "answer_match",
     "boxed_match",
+    "distinct_prompts",
+    "fresh_rows",
     "gather_rows",
     "step_direction",
     "update",

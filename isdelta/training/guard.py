@@ -2,7 +2,7 @@ r"""EntropyGuard: predict the ΔH of the step about to be taken, and scale it to
 
 In a loop that already runs the monitor, the guard replaces ``optimizer.step()``::
 
-    snap = monitor.before(batch)                      # p0 on the step's own samples
+    snap = monitor.before(fresh)                      # p0 on fresh rows of the batch's prompts
     loss.backward()                                   # (and any gradient clipping)
     decision = guard.step(snap)                       # predict, scale the lr, optimizer.step()
     result = monitor.after(snap)                      # the measured ΔH, with its verdict
@@ -12,9 +12,12 @@ In a loop that already runs the monitor, the guard replaces ``optimizer.step()``
 **The prediction.** The direction of the step is the optimizer's own: ``optimizer.step()`` is run
 once on the gradients the trainer left in ``.grad`` and undone bit for bit (parameters and
 optimizer state), so d = θ1 − θ0 is AdamW's preconditioned update (or SGD's, or any other),
-not the raw gradient. ΔH₁ = ⟨∇θ H(θ0), d⟩ comes from the score-function probe on the step's own
-samples (:func:`isdelta.probes.gradient_delta`: one extra backward, two per token), with its
-between-prompt SE. For SGD (with or without momentum), Adam and AdamW the step is proportional to
+not the raw gradient. ΔH₁ = ⟨∇θ H(θ0), d⟩ comes from the score-function probe on the snapshots'
+rows (:func:`isdelta.probes.gradient_delta`: one extra backward, two per token), with its
+between-prompt SE. Those rows should be samples of p0 the step did not train on
+(:func:`isdelta.training.fresh_rows`; TRL: ``attach(trainer, fresh=k)``): on the trained rows d
+holds each row's own gradient, and ΔH₁ read there carried that self-influence, 5–14× the ΔH₁ of
+fresh rows on SmolLM2 GRPO steps of 48 rows (:mod:`isdelta.training.fresh`). For SGD (with or without momentum), Adam and AdamW the step is proportional to
 the learning rate, so the step at lr × s moves by s·d and its first-order ΔH is s·ΔH₁.
 
 **The correction.** First order is not the truth: the measured ΔH of the last ``memory`` steps

@@ -116,7 +116,12 @@ class MonitorStep:
 
 # ---------------------------------------------------------------------------- the monitor
 class EntropyMonitor:
-    """Measure ΔH = H(p1) − H(p0) of each optimizer step on the step's own samples.
+    """Measure ΔH = H(p1) − H(p0) of each optimizer step on samples of p0 snapshotted before it.
+
+    Rows the step trains on give a reading biased by the step's self-influence (each row's own
+    gradient moved it): pass fresh rows of p0 for the batch's prompts where the number must be
+    unbiased (:func:`isdelta.training.fresh_rows`; on SmolLM2 GRPO steps of 48 rows the trained
+    rows read 3–4× the ΔH that fresh rows read).
 
     ``EntropyMonitor(model, engine_config=EngineConfig(temperature=0.9), weights="psis", ...)``.
 

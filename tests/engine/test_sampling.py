@@ -34,6 +34,20 @@ def capture_generate(model, monkeypatch) -> list[dict]:
     return calls
 
 
+def test_token_id_prompts_sample_as_the_text_they_encode(tiny_llama, char_tok):
+    """A trainer's prompt tokens (list of int, or a tensor) are fed as they are: the same rows,
+    the same tokens, as the text prompts they came from, under the same seed."""
+    by_text = draw(tiny_llama, char_tok)
+    ids = [r.prompt_ids[0][r.attention_mask[0, : r.prompt_len].bool()] for r in
+           (by_text.rollouts.select(torch.tensor([4 * p])) for p in range(3))]  # fmt: skip
+    by_ids = draw(tiny_llama, char_tok, prompts=[ids[0].tolist(), ids[1], ids[2].tolist()])
+    assert torch.equal(by_ids.rollouts.completion_ids, by_text.rollouts.completion_ids)
+    assert torch.equal(by_ids.rollouts.prompt_ids, by_text.rollouts.prompt_ids)
+    assert by_ids.texts == by_text.texts
+    with pytest.raises(ValueError, match="prompt 1 must be a str, a list of"):
+        draw(tiny_llama, char_tok, prompts=[[1, 2], [1.5, 2]])
+
+
 def test_rows_are_prompt_major(tiny_llama, char_tok):
     s = draw(tiny_llama, char_tok)
     ro, G = s.rollouts, 4

@@ -173,3 +173,46 @@ def test_bad_guard_options_are_refused_at_attach(model_dir, tmp_path):
         attach(trainer, guard={"band": (0.1, 0.2)})
     with pytest.raises(TypeError, match="band"):
         attach(trainer, guard={"z": 1.0})
+
+
+def test_fresh_rows_are_read_instead_of_the_trained_ones_and_leave_training_as_it_was(model_dir, tmp_path):
+    """attach(fresh=3): each step is read on 3 new samples of p0 per prompt of each micro-batch,
+    drawn before the step; the guard predicts on them too; the run trains exactly as without."""
+    trainer = grpo(model_dir, tmp_path, learning_rate=1e-3)
+    cb = attach(trainer, fresh=3, guard={"band": (-math.inf, math.inf)})
+    seen = []
+    original = cb.monitor.before
+    cb.monitor.before = lambda batch, old_logp=None: seen.append(batch) or original(batch, old_logp)
+    train(trainer)
+    assert len(seen) == 4  # 2 steps × 2 micro-batches
+    for ro in seen:  # new rows: 3 per distinct prompt, none of them the trained micro-batch's 8
+        assert ro.n_rows % 3 == 0 and ro.n_rows <= 12 and torch.bincount(ro.group).tolist() == [3] * (ro.n_rows // 3)
+    for res, d in zip(cb.results, cb.guard.history):
+        assert res.valid_tok and res.estimate.n_prompts == 4 and d.delta1 is not None
+        assert res.n_rows == sum(ro.n_rows for ro in seen[2 * (res.step - 1) : 2 * res.step])
+    plain = grpo(model_dir, tmp_path / "plain", learning_rate=1e-3)
+    train(plain)
+    for (n, a), b in zip(trainer.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_fresh_rows_failing_is_a_step_not_read_never_an_error(model_dir, tmp_path, monkeypatch):
+    import isdelta.integrations.trl as trl_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    trainer = grpo(model_dir, tmp_path, learning_rate=1e-3, max_steps=1)
+    cb = attach(trainer, fresh=2)
+    monkeypatch.setattr(trl_mod, "fresh_rows", broken)
+    train(trainer)
+    (res,) = cb.results
+    assert not res.valid and "sampling fresh rows of p0 failed: RuntimeError: out of memory" in res.reason
+    with pytest.raises(ValueError, match="fresh must be 0"):
+        attach(grpo(model_dir, tmp_path / "b"), fresh=1)
+    with pytest.warns(UserWarning, match="rows each step trains on"):
+        assert attach(grpo(model_dir, tmp_path / "c")).fresh == 0
+    quiet = grpo(model_dir, tmp_path / "d")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attach(quiet, fresh=0).fresh == 0
