@@ -121,6 +121,29 @@ def report(path: Path) -> list[str]:
     return out
 
 
+def plot(path: Path, png: Path) -> None:
+    """Each step's realised ΔH per token (fresh rows) against the three readings that could stand
+    for it: ΔH₁ on fresh rows, ΔH₁ on the trained rows, ΔH on the trained rows (±1.96 SE)."""
+    from isdelta.outputs import pyplot
+
+    plt = pyplot()
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    y, ye = np.array([r["delta_tok_fresh"] for r in rows]), np.array([r["delta_tok_se_fresh"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6.2, 5))
+    for key, label, c in (("d1_tok_fresh", "ΔH₁, fresh rows", "C0"), ("d1_tok_own", "ΔH₁, trained rows", "C3"),
+                          ("delta_tok_own", "ΔH, trained rows", "C2")):  # fmt: skip
+        x = np.array([r[key] for r in rows])
+        xe = np.array([r[key.replace("_tok", "_tok_se") if key.startswith("d1") else "delta_tok_se_own"] for r in rows])
+        ax.errorbar(x, y, xerr=1.96 * xe, yerr=1.96 * ye, fmt="o", color=c, label=label, alpha=0.8, capsize=2)
+    lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
+    ax.plot([lo, 0], [lo, 0], color="grey", lw=0.8, label="y = x")
+    ax.set(xlabel="reading, nats per token", ylabel="realised ΔH per token (fresh rows of p0)")
+    ax.set_title("One AdamW GRPO step on SmolLM2, per replicate and lr", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lr", type=float, default=3e-6)
@@ -135,7 +158,10 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only print the table of --out's rows")
     args = ap.parse_args()
     if args.report:
-        print("\n".join(report(Path(args.out))))
+        lines = report(Path(args.out))
+        print("\n".join(lines))
+        (RESULTS / "own_samples.md").write_text("\n".join(lines) + "\n")
+        plot(Path(args.out), RESULTS / "own_samples.png")
         return
     import torch
 

@@ -313,12 +313,7 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> tuple[list[list[int]
     ids, texts = [], []
     for i, p in enumerate(prompts):
         p = p.tolist() if isinstance(p, torch.Tensor) else p
-        if (
-            isinstance(p, Sequence)
-            and not isinstance(p, str)
-            and p
-            and all(isinstance(t, Integral) and is_integer(t) and t >= 0 for t in p)
-        ):
+        if isinstance(p, (list, tuple)) and p and all(isinstance(t, Integral) and is_integer(t) and t >= 0 for t in p):
             ids.append([int(t) for t in p])
             texts.append(tokenizer.decode(ids[-1], skip_special_tokens=False))
             continue
