@@ -35,6 +35,10 @@ GRPO shuffles a generation batch before splitting it into micro-batches, so one 
 are spread over micro-batches (and over ranks): groups are keyed by the prompt tokens, and a
 prompt with a single row in a step is left out.
 
+With ``attach(trainer, fresh=k)`` the snapshot of a micro-batch is k new samples of p0 for each
+of its distinct prompts (HF ``generate`` on the unwrapped model, the caller's RNG untouched), not
+its rows: rows the step trains on carry its self-influence (:mod:`isdelta.training.fresh`).
+
 The engine scores with the sampler's temperature, top-k and top-p, read from the trainer's
 arguments (and ``generation_kwargs``). Samplers isdelta cannot score exactly (min-p, repetition
 penalty, n-gram bans, …) are refused by :func:`attach`. Tool-calling rollouts (tokens written by
@@ -183,7 +187,7 @@ class EntropyCallback(TrainerCallback):
         batch = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
         batch["completion_mask"] = self._counted_mask(inputs)
         batch["eos_token_ids"] = list(self.trainer.eos_token_ids)
-        if self.fresh:
+        if self.fresh and self.monitor.due():  # (a step `every` skips draws nothing)
             self._observe_fresh(batch)
             return
         old = inputs.get("old_per_token_logps")
