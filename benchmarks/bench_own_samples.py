@@ -92,32 +92,38 @@ def report(path: Path) -> list[str]:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     keys = sorted({(r["lr"], r.get("generations", 8)) for r in rows})
     out = [
-        "| lr | own rows per prompt | replicates | KL own · fresh | ESS/S fresh | ΔH₁ own rows | ΔH₁ fresh rows | "
-        "ΔH own rows | ΔH fresh rows (the realised step) | own/fresh ΔH |",
+        "| lr | trained rows per prompt | replicates | KL trained · fresh | ESS/S fresh | ΔH₁ trained rows | "
+        "ΔH₁ fresh rows | ΔH trained rows (valid per token) | ΔH fresh rows: the realised step (valid) | "
+        "realised / ΔH₁ fresh |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def ms(xs):
+    def ms(xs, valid=None):
         xs = np.asarray(xs, dtype=np.float64)
-        se = xs.std(ddof=1) / np.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-        return f"{xs.mean():+.4f} ± {se:.4f}"
+        ok = np.ones(len(xs), bool) if valid is None else np.asarray(valid) == 1
+        tail = "" if valid is None else f" ({ok.sum()}/{len(xs)})"
+        if not ok.any():
+            return "not valid" + tail
+        se = xs[ok].std(ddof=1) / np.sqrt(ok.sum()) if ok.sum() > 1 else float("nan")
+        return f"{xs[ok].mean():+.4f} ± {se:.4f}{tail}"
 
     for lr, g in keys:
         rs = [r for r in rows if r["lr"] == lr and r.get("generations", 8) == g]
         col = {k: [r[k] for r in rs] for k in rs[0]}
-        ratio = np.mean(col["delta_tok_own"]) / np.mean(col["delta_tok_fresh"])
+        ratio = np.mean(col["delta_tok_fresh"]) / np.mean(col["d1_tok_fresh"])
         out.append(
             f"| {lr:g} | {g} | {len(rs)} | {np.mean(col['kl_own']):.3f} · {np.mean(col['kl_fresh']):.3f} | "
             f"{np.mean(col['ess_frac_fresh']):.2f} | {ms(col['d1_tok_own'])} | {ms(col['d1_tok_fresh'])} | "
-            f"{ms(col['delta_tok_own'])} | {ms(col['delta_tok_fresh'])} | {ratio:.1f} |"
+            f"{ms(col['delta_tok_own'], col['valid_tok_own'])} | {ms(col['delta_tok_fresh'], col['valid_tok_fresh'])} | "
+            f"{ratio:.2f} |"
         )
     ok = [r for r in rows if r.get("valid_tok_fresh") == 1]
     m, sm = (np.array([r[k] for r in ok]) for k in ("delta_tok_fresh", "delta_tok_se_fresh"))
     out += ["", "| prediction | steps | slope ΔH / ΔH₁ | R² | 95% interval covers ΔH |", "|---|---|---|---|---|"]
-    for name in ("fresh", "own"):
+    for name, label in (("fresh", "fresh"), ("own", "trained")):
         p, sp = (np.array([r[f"{k}_{name}"] for r in ok]) for k in ("d1_tok", "d1_tok_se"))
         slope, r2, cover = _fit(p, m, sp, sm)
-        out.append(f"| ΔH₁ on {name} rows | {len(ok)} | {slope:.2f} | {r2:.2f} | {cover:.0%} |")
+        out.append(f"| ΔH₁ on {label} rows | {len(ok)} | {slope:.2f} | {r2:.2f} | {cover:.0%} |")
     return out
 
 

@@ -8,7 +8,8 @@ Each step samples G completions per prompt from the current model (p0), rewards 
 group-mean baseline (``isdelta.training.update``), inside ``monitor.step``: the monitor scores
 ``--fresh`` new samples of p0 per prompt under p0 before the update and under p1 after it, and
 estimates ΔH (``--fresh 0`` reads the rows the step trained on, which carry the step's own
-self-influence: on SmolLM2 such readings were 3–4× too large, README "Own rows or fresh rows"). Writes
+self-influence: on SmolLM2 they read 3.3–3.5× the realised ΔH on two batches of three, README
+"Own rows or fresh rows"). Writes
 ``steps.csv`` (one row per step: ΔH, CI, diagnostics, cumulative drift, timings) and
 ``drift.png`` (ΔH per step and the cumulative entropy drift) to ``--out``.
 

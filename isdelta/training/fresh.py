@@ -2,10 +2,12 @@
 
 A trainer's step is computed from its batch, so the batch's rows are not independent of θ1: the
 step raises the log-prob of each row it rewards and lowers the others, partly through that
-row's own gradient, which no other sequence of p0 receives (its self-influence). ΔH read on
-those rows, and ΔH₁ read on them, carry that term: on SmolLM2 GRPO steps of 48 rows both were
-3–5× the ΔH that fresh rows of p0 read (``benchmarks/README.md``, "Own rows or fresh rows").
-The term shrinks like 1/(rows in the step), but not to zero. Rows sampled from p0 for the same
+row's own gradient, which no other sequence of p0 receives (its self-influence). ΔH and ΔH₁
+read on those rows carry that term: on SmolLM2 GRPO steps of 48 rows ΔH₁ read there was 4–14× the
+fresh rows' ΔH₁, ΔH 3.3–3.5× the realised ΔH on two batches of three, and at AdamW lr ≥ 1e-5 the
+trained rows read a KL of 0.9–4.2 and were refused where fresh rows read the step
+(``benchmarks/README.md``, "Trained rows or fresh rows"). The term shrinks as the rows per step
+grow, but not to zero. Rows sampled from p0 for the same
 prompts, with their own seed, are ordinary samples of p0 for the realised step, so the monitor's
 importance-sampling estimate and the guard's first-order prediction are unbiased on them.
 

@@ -16,7 +16,7 @@ not the raw gradient. ΔH₁ = ⟨∇θ H(θ0), d⟩ comes from the score-functi
 rows (:func:`isdelta.probes.gradient_delta`: one extra backward, two per token), with its
 between-prompt SE. Those rows should be samples of p0 the step did not train on
 (:func:`isdelta.training.fresh_rows`; TRL: ``attach(trainer, fresh=k)``): on the trained rows d
-holds each row's own gradient, and ΔH₁ read there carried that self-influence, 5–14× the ΔH₁ of
+holds each row's own gradient, and ΔH₁ read there carried that self-influence, 4–14× the ΔH₁ of
 fresh rows on SmolLM2 GRPO steps of 48 rows (:mod:`isdelta.training.fresh`). For SGD (with or without momentum), Adam and AdamW the step is proportional to
 the learning rate, so the step at lr × s moves by s·d and its first-order ΔH is s·ΔH₁.
 
