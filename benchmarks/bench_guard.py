@@ -225,7 +225,7 @@ def phase_report(args) -> None:
         acted = sum(x < 1 for x in scales)
         lines.append(
             f"| {name} | {len(steps)} | {len(ok)} | {cum:+.3f} ± {se:.3f} | {last_h:.3f} | {rew:.2f} | "
-            f"{acted if scales else '–'} | {np.mean(scales) if scales else math.nan:.2f} |"
+            f"{acted if scales else '–'} | {f'{np.mean(scales):.2f}' if scales else '–'} |"
         )
     (RESULTS / "guard_runs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

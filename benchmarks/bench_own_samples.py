@@ -104,13 +104,15 @@ def report(path: Path) -> list[str]:
         tail = "" if valid is None else f" ({ok.sum()}/{len(xs)})"
         if not ok.any():
             return "not valid" + tail
-        se = xs[ok].std(ddof=1) / np.sqrt(ok.sum()) if ok.sum() > 1 else float("nan")
-        return f"{xs[ok].mean():+.4f} ± {se:.4f}{tail}"
+        if ok.sum() == 1:
+            return f"{xs[ok].mean():+.4f}{tail}"
+        return f"{xs[ok].mean():+.4f} ± {xs[ok].std(ddof=1) / np.sqrt(ok.sum()):.4f}{tail}"
 
     for lr, g in keys:
         rs = [r for r in rows if r["lr"] == lr and r.get("generations", 8) == g]
         col = {k: [r[k] for r in rs] for k in rs[0]}
-        ratio = np.mean(col["delta_tok_fresh"]) / np.mean(col["d1_tok_fresh"])
+        read = np.array(col["valid_tok_fresh"]) == 1  # the realised step where fresh rows read it
+        ratio = np.mean(np.array(col["delta_tok_fresh"])[read]) / np.mean(np.array(col["d1_tok_fresh"])[read])
         out.append(
             f"| {lr:g} | {g} | {len(rs)} | {np.mean(col['kl_own']):.3f} · {np.mean(col['kl_fresh']):.3f} | "
             f"{np.mean(col['ess_frac_fresh']):.2f} | {ms(col['d1_tok_own'])} | {ms(col['d1_tok_fresh'])} | "
