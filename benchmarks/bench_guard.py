@@ -2,16 +2,20 @@
 step's ΔH against the measured ΔH, and one GRPO run with and without the guard, beside TRL's own
 adaptive entropy coefficient.
 
+    python benchmarks/bench_guard.py run --lr 1e-5 --steps 8 --prompts 6 --generations 6 --max-tokens 24 \
+        --fresh 4 --band -0.02 --entropy-coef-delta 0.05 --threads 1      # benchmarks/README.md's run
     python benchmarks/bench_guard.py calibrate --lrs 1e-6 3e-6 1e-5 3e-5 --steps 6
-    python benchmarks/bench_guard.py run --steps 30 --band -0.01
-    python benchmarks/bench_guard.py report
+    python benchmarks/bench_guard.py report --lr 1e-5
+
+Every step is read on ``--fresh`` new samples of p0 per prompt (``attach(trainer, fresh=k)``), not
+on the rows it trains on, whose self-influence biases both readings (``bench_own_samples.py``).
 
 ``calibrate``: one GRPO run per learning rate with an observe-only guard (band (−inf, inf): it
 predicts ΔH₁ of every step from AdamW's own direction and never scales), the monitor measuring
-each step. ``run``: three arms from the same seed: ``free`` (monitor only), ``guard`` (band
-(``--band``, inf) per token) and ``trl_adaptive`` (``use_adaptive_entropy`` with the target at the
-free arm's starting per-token entropy). Every step is appended to ``runs/guard/<arm>/steps.jsonl``
-as it ends (an arm with all its steps is not rerun; an interrupted one restarts). ``report``
+each step. ``run``: three arms from the same seed: ``free`` (the monitor and an observe-only
+guard, so its steps are calibration points too), ``guard`` (band (``--band``, inf) per token) and
+``trl_adaptive`` (``use_adaptive_entropy`` with the target at the free arm's starting per-token
+entropy). Every step is appended to ``runs/guard/<arm>/steps.jsonl`` as it ends (an arm with all its steps is not rerun; an interrupted one restarts). ``report``
 writes ``benchmarks/results/guard_calibration.md``, ``guard_runs.md`` and ``guard_runs.png``.
 
 Data: the 12 arithmetic prompts of ``isdelta/data/math.jsonl`` as chat messages, rewarded by
