@@ -6,9 +6,9 @@ row's own gradient, which no other sequence of p0 receives (its self-influence).
 read on those rows carry that term: on SmolLM2 GRPO steps of 48 rows ΔH₁ read there was 4–14× the
 fresh rows' ΔH₁, ΔH 3.3–3.5× the realised ΔH on two batches of three, and at AdamW lr ≥ 1e-5 the
 trained rows read a KL of 0.9–4.2 and were refused where fresh rows read the step
-(``benchmarks/README.md``, "Trained rows or fresh rows"). The term shrinks as the rows per step
-grow, but not to zero. Rows sampled from p0 for the same
-prompts, with their own seed, are ordinary samples of p0 for the realised step, so the monitor's
+(``benchmarks/README.md``, "Trained rows or fresh rows"). The term is each row's share of the
+step, so it should shrink roughly as 1/(rows per step); it is there at every batch size. Rows
+sampled from p0 for the same prompts, with their own seed, are ordinary samples of p0 for the realised step, so the monitor's
 importance-sampling estimate and the guard's first-order prediction are unbiased on them.
 
 Cost: ``num_samples`` completions per distinct prompt of the batch, with HF ``generate`` on the
