@@ -157,6 +157,15 @@ def phase_run(args) -> None:
 
 
 # ---------------------------------------------------------------------------- report
+def calibration_fit(p: np.ndarray, m: np.ndarray, sp: np.ndarray, sm: np.ndarray) -> tuple[float, float, float]:
+    """Measured m on predicted p (SEs sm, sp): the slope through the origin, R², and how often m
+    lies in p ± 1.96 √(sp² + sm²) (NaN where too few points)."""
+    slope = float(p @ m / (p @ p)) if len(p) and p @ p > 0 else math.nan
+    r2 = float(np.corrcoef(p, m)[0, 1] ** 2) if len(p) > 2 else math.nan
+    cover = float(np.mean(np.abs(m - p) <= Z95 * np.hypot(sp, sm))) if len(p) else math.nan
+    return slope, r2, cover
+
+
 def calibration_runs(out: Path, run_lr: float) -> dict[float, list[dict]]:
     """lr → steps of every observe-only run: the ``calibrate_lr*`` runs and the free arm."""
     paths = {float(p.parent.name[len("calibrate_lr") :]): p for p in out.glob("calibrate_lr*/steps.jsonl")}
@@ -173,9 +182,7 @@ def calibration_rows(out: Path, run_lr: float) -> list[dict]:
         m = np.array([s["delta_tok"] for s in ok])
         sp = np.array([s["guard_delta1_se"] for s in ok])
         sm = np.array([s["delta_tok_se"] for s in ok])
-        slope = float(p @ m / (p @ p)) if len(ok) and p @ p > 0 else math.nan
-        r2 = float(np.corrcoef(p, m)[0, 1] ** 2) if len(ok) > 2 else math.nan
-        cover = float(np.mean(np.abs(m - p) <= Z95 * np.hypot(sp, sm))) if len(ok) else math.nan
+        slope, r2, cover = calibration_fit(p, m, sp, sm)
         rows.append({
             "lr": lr, "steps": len(steps), "valid": len(ok),
             "kl": _median(steps, "kl"), "ess": _median(steps, "ess_frac"), "prefix_ess": _median(steps, "prefix_ess_frac"),

@@ -26,7 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from bench_guard import records  # noqa: E402
+from bench_guard import calibration_fit, records  # noqa: E402
 from provenance import commit, device_name  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -78,13 +78,6 @@ def replicate(model0, tok, args, seed: int) -> dict:
     return row
 
 
-def _fit(p: np.ndarray, m: np.ndarray, sp: np.ndarray, sm: np.ndarray) -> tuple[float, float, float]:
-    """Slope through the origin of m on p, R², and how often m lies in p ± 1.96 √(sp² + sm²)."""
-    slope = float(p @ m / (p @ p)) if p @ p > 0 else float("nan")
-    r2 = float(np.corrcoef(p, m)[0, 1] ** 2) if len(p) > 2 else float("nan")
-    return slope, r2, float(np.mean(np.abs(m - p) <= 1.959963984540054 * np.hypot(sp, sm)))
-
-
 def report(path: Path) -> list[str]:
     """The table of ``path``'s rows: per (lr, rows per prompt), the four per-token readings
     (mean over replicates ± their SE), KL on each row set, and the calibration of each ΔH₁
@@ -124,7 +117,7 @@ def report(path: Path) -> list[str]:
     out += ["", "| prediction | steps | slope ΔH / ΔH₁ | R² | 95% interval covers ΔH |", "|---|---|---|---|---|"]
     for name, label in (("fresh", "fresh"), ("own", "trained")):
         p, sp = (np.array([r[f"{k}_{name}"] for r in ok]) for k in ("d1_tok", "d1_tok_se"))
-        slope, r2, cover = _fit(p, m, sp, sm)
+        slope, r2, cover = calibration_fit(p, m, sp, sm)
         out.append(f"| ΔH₁ on {label} rows | {len(ok)} | {slope:.2f} | {r2:.2f} | {cover:.0%} |")
     return out
 

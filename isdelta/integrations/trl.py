@@ -316,8 +316,8 @@ def attach(
         before the step with HF ``generate`` under the sampler's transform, instead of on the
         rows the step trains on (0). Rows a step trained on carry that step's self-influence:
         on SmolLM2 GRPO steps of 48 rows, ΔH read on them was 3.3–3.5× the realised ΔH on two
-        batches of three and the guard's ΔH₁ 4–14× what fresh rows read (:mod:`isdelta.training.fresh`). Costs ``fresh`` generations per
-        prompt per step. Not given: the trained rows, with a warning saying so.
+        batches of three and the guard's ΔH₁ 4–14× what fresh rows read
+        (:mod:`isdelta.training.fresh`). Costs ``fresh`` generations per prompt per step. Not given: the trained rows, with a warning saying so.
     **options
         Any option of :class:`isdelta.training.MonitorConfig` but the engine (made from the
         trainer's sampling arguments) and the stop ids (the trainer's): ``every``, ``weights``,
@@ -368,7 +368,7 @@ def attach(
             stacklevel=2,
         )
     if fresh and (not isinstance(fresh, int) or isinstance(fresh, bool) or fresh < 2):
-        raise ValueError(f"fresh must be 0 (read the trained rows) or an int ≥ 2 (samples per prompt); got {fresh!r}.")
+        raise ValueError(f"fresh must be 0 (read the trained rows) or an int ≥ 2 per prompt; got {fresh!r}.")
     callback = EntropyCallback(trainer, monitor, guard, fresh)
     trainer.add_callback(callback)
     return callback

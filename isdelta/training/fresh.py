@@ -8,8 +8,9 @@ fresh rows' ΔH₁, ΔH 3.3–3.5× the realised ΔH on two batches of three, an
 trained rows read a KL of 0.9–4.2 and were refused where fresh rows read the step
 (``benchmarks/README.md``, "Trained rows or fresh rows"). The term is each row's share of the
 step, so it should shrink roughly as 1/(rows per step); it is there at every batch size. Rows
-sampled from p0 for the same prompts, with their own seed, are ordinary samples of p0 for the realised step, so the monitor's
-importance-sampling estimate and the guard's first-order prediction are unbiased on them.
+sampled from p0 for the same prompts, with their own seed, are ordinary samples of p0 for the
+realised step, so the monitor's importance-sampling estimate and the guard's first-order
+prediction are unbiased on them.
 
 Cost: ``num_samples`` completions per distinct prompt of the batch, with HF ``generate`` on the
 training model under the sampler's transform (the engine's ``temperature``, ``top_k``, ``top_p``).

@@ -17,8 +17,9 @@ rows (:func:`isdelta.probes.gradient_delta`: one extra backward, two per token),
 between-prompt SE. Those rows should be samples of p0 the step did not train on
 (:func:`isdelta.training.fresh_rows`; TRL: ``attach(trainer, fresh=k)``): on the trained rows d
 holds each row's own gradient, and ΔH₁ read there carried that self-influence, 4–14× the ΔH₁ of
-fresh rows on SmolLM2 GRPO steps of 48 rows (:mod:`isdelta.training.fresh`). For SGD (with or without momentum), Adam and AdamW the step is proportional to
-the learning rate, so the step at lr × s moves by s·d and its first-order ΔH is s·ΔH₁.
+fresh rows on SmolLM2 GRPO steps of 48 rows (:mod:`isdelta.training.fresh`). For SGD (with or
+without momentum), Adam and AdamW the step is proportional to the learning rate, so the step at
+lr × s moves by s·d and its first-order ΔH is s·ΔH₁.
 
 **The correction.** First order is not the truth: the measured ΔH of the last ``memory`` steps
 whose level the headline policy declared valid gives a factor c, the least-squares slope through
